@@ -1,0 +1,112 @@
+"""The toy pair's fixed parts: transformer configs, a word-level text encoder and a pixel "VAE".
+
+The toy pair uses the same diffusers class as Wan 2.1 (WanTransformer3DModel), so every export,
+engine and runtime path it exercises is the real one; only the sizes are small enough for a CPU.
+Latents are pixels: a video of 3 x F x 32 x 32 in [-1, 1] is its own latent (identity VAE).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Vocabulary of the procedural world (calibrate/toydata.py draws prompts from it).
+COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan")
+SHAPES = ("circle", "square", "triangle")
+DIRECTIONS = ("left", "right", "up", "down")
+FILLER_WORDS = ("a", "moving")
+VOCAB = ("<pad>", "<unk>") + FILLER_WORDS + COLOURS + SHAPES + DIRECTIONS
+
+TEXT_LEN = 8
+TEXT_DIM = 32
+TEXT_SEED = 20251231
+
+# Both share the Wan 2.1 architecture; "large" is ~10x the per-step FLOPs of "small".
+# Patch (1, 4, 4) on 32x32 pixels gives 8x8 tokens per frame.
+_COMMON = dict(
+    patch_size=(1, 4, 4),
+    in_channels=3,
+    out_channels=3,
+    text_dim=TEXT_DIM,
+    freq_dim=64,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=64,
+)
+TOY_LARGE_CONFIG = dict(_COMMON, num_attention_heads=4, attention_head_dim=48, ffn_dim=384, num_layers=4)
+TOY_SMALL_CONFIG = dict(_COMMON, num_attention_heads=2, attention_head_dim=32, ffn_dim=128, num_layers=2)
+
+WEIGHTS_DIR = Path(__file__).parent / "toy_weights"
+
+
+class ToyTextEncoder:
+    """Word tokens -> fixed embeddings, zero-padded to TEXT_LEN, like UMT5 output in Wan's pipeline.
+
+    The table is drawn once from a fixed numpy seed (PCG64 is stable across numpy versions), so the
+    encoder needs no weights file and both toy models see identical conditioning.
+    """
+
+    def __init__(self, text_len: int = TEXT_LEN, dim: int = TEXT_DIM, seed: int = TEXT_SEED):
+        self.text_len = text_len
+        self.dim = dim
+        rng = np.random.default_rng(seed)
+        table = rng.standard_normal((len(VOCAB), dim)).astype(np.float32)
+        table[0] = 0.0  # <pad>
+        self.table = torch.from_numpy(table)
+        self.index = {word: i for i, word in enumerate(VOCAB)}
+
+    def tokenize(self, prompt: str) -> list[int]:
+        words = prompt.lower().replace(",", " ").split()
+        ids = [self.index.get(w, 1) for w in words][: self.text_len]
+        return ids
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (embeddings [B, TEXT_LEN, TEXT_DIM] float32, mask [B, TEXT_LEN] int64)."""
+        embeds = torch.zeros(len(prompts), self.text_len, self.dim)
+        mask = torch.zeros(len(prompts), self.text_len, dtype=torch.int64)
+        for row, prompt in enumerate(prompts):
+            ids = self.tokenize(prompt)
+            if ids:
+                embeds[row, : len(ids)] = self.table[torch.tensor(ids)]
+                mask[row, : len(ids)] = 1
+        return embeds, mask
+
+
+@dataclass(frozen=True)
+class PixelVAE:
+    """Identity "VAE": the latent of a toy video is the video itself, in [-1, 1]."""
+
+    channels: int = 3
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents [B, 3, F, H, W] -> video [B, 3, F, H, W] in [-1, 1]."""
+        return latents.clamp(-1.0, 1.0)
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        return video
+
+
+def build_toy_transformer(size: str, dtype: torch.dtype = torch.float32):
+    """A toy transformer with random weights (size 'large' or 'small')."""
+    from diffusers import WanTransformer3DModel
+
+    config = {"large": TOY_LARGE_CONFIG, "small": TOY_SMALL_CONFIG}[size]
+    model = WanTransformer3DModel(**config).eval()
+    return model if dtype == torch.float32 else model.to(dtype)
+
+
+def trained_weights_available(weights_dir: Path = WEIGHTS_DIR) -> bool:
+    return all((weights_dir / size / "config.json").is_file() for size in ("large", "small"))
+
+
+def load_toy_transformer(size: str, weights_dir: Path = WEIGHTS_DIR, dtype: torch.dtype = torch.float32):
+    """The shipped trained toy transformer, or random weights if none are shipped yet."""
+    from diffusers import WanTransformer3DModel
+
+    path = Path(weights_dir) / size
+    if not (path / "config.json").is_file():
+        return build_toy_transformer(size, dtype)
+    return WanTransformer3DModel.from_pretrained(path, torch_dtype=dtype).eval()
