@@ -1,0 +1,66 @@
+"""The shared, preallocated tensors of one sampling shape.
+
+Both engines bind to these very tensors (decision 2 of the design card), the solver updates them
+in place, and a CUDA graph captured over them stays valid for every later request of the same
+shape: a request only copies its noise and text into them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from flowblend.engines.base import LATENTS, TEXT_EMBEDS, TEXT_MASK, TIMESTEP, VELOCITY
+
+
+@dataclass
+class SamplerBuffers:
+    latents: torch.Tensor          # [1, C, F, H, W] float32: the sample the solver moves
+    model_input: torch.Tensor      # [B, C, F, H, W] engine dtype (aliases `latents` when B=1 and float32)
+    text_embeds: torch.Tensor      # [B, L, D] engine dtype, row 0 conditional, row 1 unconditional
+    text_mask: torch.Tensor | None  # [B, L] int64, for families that take a mask
+    timestep_table: torch.Tensor   # [steps, B] float32
+    velocity: torch.Tensor         # [B, C, F, H, W] engine dtype: engine output
+    guided: torch.Tensor           # [1, C, F, H, W] float32: CFG-combined velocity (aliases `velocity` if possible)
+    state: dict[str, torch.Tensor] = field(default_factory=dict)  # solver history
+
+    @classmethod
+    def allocate(cls, latent_shape, text_shape, timesteps, cfg: bool, dtype: torch.dtype,
+                 device: torch.device, state_names=(), with_mask: bool = False) -> "SamplerBuffers":
+        batch = 2 if cfg else 1
+        f32 = torch.float32
+        latents = torch.zeros((1, *latent_shape), dtype=f32, device=device)
+        same = not cfg and dtype == f32
+        model_input = latents if same else torch.zeros((batch, *latent_shape), dtype=dtype, device=device)
+        velocity = torch.zeros((batch, *latent_shape), dtype=dtype, device=device)
+        table = torch.tensor(list(timesteps), dtype=f32, device=device)[:, None].repeat(1, batch).contiguous()
+        return cls(
+            latents=latents,
+            model_input=model_input,
+            text_embeds=torch.zeros((batch, *text_shape), dtype=dtype, device=device),
+            text_mask=torch.zeros((batch, text_shape[0]), dtype=torch.int64, device=device) if with_mask else None,
+            timestep_table=table,
+            velocity=velocity,
+            guided=velocity if same else torch.zeros_like(latents),
+            state={name: torch.zeros_like(latents) for name in state_names},
+        )
+
+    @property
+    def cfg(self) -> bool:
+        return self.velocity.shape[0] == 2
+
+    def engine_bindings(self) -> dict[str, torch.Tensor]:
+        out = {LATENTS: self.model_input, TIMESTEP: self.timestep_table,
+               TEXT_EMBEDS: self.text_embeds, VELOCITY: self.velocity}
+        if self.text_mask is not None:
+            out[TEXT_MASK] = self.text_mask
+        return out
+
+    def solver_tensors(self) -> dict[str, torch.Tensor]:
+        """Names the solver tables use: `velocity` there is the guided velocity."""
+        return {"latents": self.latents, "velocity": self.guided, **self.state}
+
+    def addresses(self) -> dict[str, int]:
+        """Data pointers of every buffer (tests assert they never change)."""
+        named = {**self.engine_bindings(), "latents32": self.latents, "guided": self.guided, **self.state}
+        return {k: v.data_ptr() for k, v in named.items()}

@@ -1,0 +1,159 @@
+"""The blended sampling loop: per step, pick the engine the plan names, guide, move the latents.
+
+All setup happens before the loop: solver table, buffers, bindings, per-step engine list and
+views. The loop body is a handful of in-place ops over those buffers and allocates nothing,
+which is what lets runtime/graph.py capture it whole.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flowblend.engines.base import Engine, FlowblendError
+
+from .buffers import SamplerBuffers
+from .plan import BlendPlan
+from .solvers import SOLVERS, SolverTable, apply_combine, make_solver_table
+
+
+@dataclass(frozen=True)
+class SamplerOptions:
+    """Everything besides engines and plan that fixes the numerics of a run."""
+
+    solver: str = "unipc"
+    shift: float = 3.0
+    guidance_scale: float = 5.0
+    mu: float | None = None  # dynamic shifting (LTX); replaces `shift` when given
+
+    def __post_init__(self):
+        if self.solver not in SOLVERS:
+            raise ValueError(f"unknown solver {self.solver!r}: choose one of {', '.join(SOLVERS)}")
+        if self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0 (1 disables CFG), got {self.guidance_scale}")
+        if self.shift <= 0:
+            raise ValueError(f"shift must be > 0, got {self.shift}")
+
+    @property
+    def cfg(self) -> bool:
+        return self.guidance_scale > 1.0  # diffusers' rule: CFG only above 1
+
+
+class Sampler:
+    """Runs a BlendPlan over two (or more) engines that share one set of buffers.
+
+    `Sampler(engines={"large": TorchEngine(m14b), "small": TorchEngine(m1b)}, plan=plan,
+    solver="unipc", shift=3.0, guidance_scale=5.0).sample(noise, prompt_embeds, negative_prompt_embeds)`
+    """
+
+    def __init__(self, engines: dict[str, Engine], plan: BlendPlan, solver: str = "unipc", shift: float = 3.0,
+                 guidance_scale: float = 5.0, mu: float | None = None, options: SamplerOptions | None = None,
+                 scheduler=None, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        self.options = options or SamplerOptions(solver, shift, guidance_scale, mu)
+        missing = sorted(set(plan.models) - set(engines))
+        if missing:
+            raise ValueError(f"plan {plan.label} uses {missing} but engines has only {sorted(engines)}: "
+                             "pass an engine for every model the plan names")
+        self.engines = engines
+        self.plan = plan
+        o = self.options
+        self.table: SolverTable = make_solver_table(o.solver, len(plan), o.shift, o.mu, scheduler=scheduler)
+        first = next(iter(engines.values()))
+        self.device = torch.device(device) if device is not None else getattr(first, "device", torch.device("cpu"))
+        self.dtype = dtype or getattr(first, "dtype", torch.float32)
+        self.needs_mask = any("text_mask" in e.input_names for e in engines.values())
+        self._step_engines = [engines[m] for m in plan.models]
+        self.buffers: SamplerBuffers | None = None
+        self._shape_key = None
+
+    # -- setup (once per shape) ---------------------------------------------------------------
+    def prepare(self, latent_shape, text_shape) -> SamplerBuffers:
+        """Allocate the shared buffers for a shape and bind every engine to them (no-op if unchanged)."""
+        key = (tuple(latent_shape), tuple(text_shape))
+        if key == self._shape_key:
+            return self.buffers
+        bufs = SamplerBuffers.allocate(latent_shape, text_shape, self.table.timesteps, self.options.cfg,
+                                       self.dtype, self.device, self.table.state_names, self.needs_mask)
+        for engine in self.engines.values():
+            engine.bind(bufs.engine_bindings())
+        self.buffers, self._shape_key = bufs, key
+        self._solver_tensors = bufs.solver_tensors()
+        self._v_cond, self._v_uncond = bufs.velocity[0:1], bufs.velocity[-1:]
+        self._step_ops = self.table.steps
+        return bufs
+
+    def load_request(self, noise, prompt_embeds, negative_prompt_embeds=None, prompt_mask=None,
+                     negative_prompt_mask=None) -> SamplerBuffers:
+        """Copy one request's noise and text into the static buffers (the only per-request writes)."""
+        if noise.dim() < 2 or noise.shape[0] != 1:
+            raise ValueError(f"noise must have batch 1, e.g. [1, C, F, H, W]; got shape {tuple(noise.shape)}")
+        if prompt_embeds.dim() == 2:
+            prompt_embeds = prompt_embeds[None]
+        if prompt_embeds.shape[0] != 1:
+            raise ValueError(f"prompt_embeds must be [1, L, D] (one prompt per call), got {tuple(prompt_embeds.shape)}")
+        if self.options.cfg and negative_prompt_embeds is None:
+            raise ValueError(f"guidance_scale={self.options.guidance_scale} > 1 needs negative_prompt_embeds "
+                             "(encode the negative prompt, \"\" by default), or set guidance_scale=1")
+        if self.needs_mask and prompt_mask is None:
+            raise ValueError("this model family takes a text mask: pass prompt_mask (and negative_prompt_mask)")
+        bufs = self.prepare(noise.shape[1:], prompt_embeds.shape[1:])
+        bufs.latents.copy_(noise)
+        bufs.text_embeds[0:1].copy_(prompt_embeds)
+        if self.options.cfg:
+            neg = negative_prompt_embeds[None] if negative_prompt_embeds.dim() == 2 else negative_prompt_embeds
+            if neg.shape[1:] != prompt_embeds.shape[1:]:
+                raise ValueError(f"negative_prompt_embeds {tuple(neg.shape)} must match prompt_embeds "
+                                 f"{tuple(prompt_embeds.shape)}: pad both to the same length")
+            bufs.text_embeds[1:2].copy_(neg)
+        if bufs.text_mask is not None:
+            bufs.text_mask[0:1].copy_(prompt_mask.reshape(1, -1))
+            if self.options.cfg:
+                bufs.text_mask[1:2].copy_((negative_prompt_mask if negative_prompt_mask is not None
+                                           else prompt_mask).reshape(1, -1))
+        for tensor in bufs.state.values():
+            tensor.zero_()
+        self._prepare_model_input()
+        return bufs
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _prepare_model_input(self) -> None:
+        bufs = self.buffers
+        if bufs.model_input is not bufs.latents:
+            bufs.model_input.copy_(bufs.latents)  # broadcasts over the CFG batch, casts to engine dtype
+
+    def _guide(self) -> None:
+        bufs = self.buffers
+        if bufs.cfg:  # uncond + g * (cond - uncond), as diffusers' pipelines
+            torch.sub(self._v_cond, self._v_uncond, out=bufs.guided)
+            bufs.guided.mul_(self.options.guidance_scale).add_(self._v_uncond)
+        elif bufs.guided is not bufs.velocity:
+            bufs.guided.copy_(bufs.velocity)
+
+    def step(self, i: int) -> None:
+        """One denoising step: engine, CFG combine, solver update, next model input."""
+        self._step_engines[i].run(i)
+        self._guide()
+        for op in self._step_ops[i]:
+            apply_combine(op, self._solver_tensors)
+        self._prepare_model_input()
+
+    def run_loop(self, progress: bool = False) -> None:
+        """All steps over the loaded request (what a whole-loop CUDA graph captures)."""
+        if not progress:
+            for i in range(len(self.plan)):
+                self.step(i)
+            return
+        from tqdm.auto import tqdm
+        with tqdm(total=len(self.plan), desc="denoising", unit="step") as bar:
+            for i, model in enumerate(self.plan.models):
+                bar.set_postfix_str(f"{model}")
+                self.step(i)
+                bar.update()
+
+    @torch.no_grad()
+    def sample(self, noise, prompt_embeds, negative_prompt_embeds=None, prompt_mask=None,
+               negative_prompt_mask=None, progress: bool = False) -> torch.Tensor:
+        """Denoise `noise` [1, C, F, H, W] under the plan; returns the final latents (float32, a copy)."""
+        self.load_request(noise, prompt_embeds, negative_prompt_embeds, prompt_mask, negative_prompt_mask)
+        self.run_loop(progress)
+        return self.buffers.latents.clone()
