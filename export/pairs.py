@@ -1,0 +1,252 @@
+"""Model-pair registry: what each family (wan, ltx, toy) is and how to load it through diffusers.
+
+A family fixes what both models of a pair must share (latent space, text conditioning, patching)
+and the defaults its diffusers pipeline uses (solver, shift, steps, guidance, video size). Loading
+returns the two transformers plus the shared prompt encoder and latent decoder; the runtime gets
+those as plain callables and never imports this module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from flowblend.engines.base import FlowblendError
+
+
+@dataclass(frozen=True)
+class PairFamily:
+    name: str
+    transformer_class: str
+    large: str  # default checkpoint (hub id or local path) of the large model
+    small: str
+    latent_channels: int
+    spatial_factor: int  # VAE spatial compression
+    temporal_factor: int  # VAE temporal compression (frames = factor * k + 1)
+    patch: tuple[int, int, int]  # transformer patch (t, h, w)
+    solver: str
+    shift: float
+    steps: int
+    guidance: float
+    height: int
+    width: int
+    frames: int
+    text_len: int
+    text_dim: int
+    takes_text_mask: bool = False
+    dynamic_shift: bool = False  # LTX: mu from the token count instead of a fixed shift
+    compat_fields: tuple[str, ...] = ()  # config fields both transformers must agree on
+    description: str = ""
+
+    @property
+    def pixel_multiple(self) -> int:
+        return self.spatial_factor * self.patch[1]
+
+    def check_video_shape(self, frames: int, height: int, width: int) -> None:
+        """Raise FlowblendError naming the fix if the VAE/transformer cannot take this video size."""
+        m = self.pixel_multiple
+        if height <= 0 or width <= 0 or height % m or width % m:
+            raise FlowblendError(f"{self.name}: height and width must be positive multiples of {m}, got "
+                                 f"{height}x{width}; try {max(m, round(height / m) * m)}x{max(m, round(width / m) * m)}")
+        k = self.temporal_factor
+        if frames < 1 or (frames - 1) % k:
+            lo = (max(frames, 1) - 1) // k * k + 1
+            raise FlowblendError(f"{self.name}: frames must be {k}k+1 for this VAE, got {frames}; try {lo} or {lo + k}")
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        self.check_video_shape(frames, height, width)
+        s, t = self.spatial_factor, self.temporal_factor
+        return (self.latent_channels, (frames - 1) // t + 1, height // s, width // s)
+
+    def sampler_kwargs(self, latent_shape) -> dict:
+        """Solver settings for a latent shape (LTX's dynamic shift depends on the token count)."""
+        if not self.dynamic_shift:
+            return {"solver": self.solver, "shift": self.shift}
+        tokens = latent_shape[1] * latent_shape[2] * latent_shape[3]
+        m = (1.15 - 0.5) / (4096 - 256)  # diffusers' calculate_shift defaults, as LTXPipeline
+        return {"solver": self.solver, "shift": 1.0, "mu": tokens * m + (0.5 - m * 256)}
+
+
+FAMILIES: dict[str, PairFamily] = {
+    "wan": PairFamily(
+        name="wan", transformer_class="WanTransformer3DModel",
+        large="Wan-AI/Wan2.1-T2V-14B-Diffusers", small="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+        latent_channels=16, spatial_factor=8, temporal_factor=4, patch=(1, 2, 2),
+        solver="unipc", shift=3.0, steps=50, guidance=5.0, height=480, width=832, frames=81,
+        text_len=512, text_dim=4096,
+        compat_fields=("in_channels", "out_channels", "text_dim", "patch_size"),
+        description="Wan 2.1 T2V 14B + 1.3B, shared UMT5-XXL and Wan VAE"),
+    "ltx": PairFamily(
+        name="ltx", transformer_class="LTXVideoTransformer3DModel",
+        large="Lightricks/LTX-Video-0.9.7-dev", small="Lightricks/LTX-Video-0.9.8-2B-distilled",
+        latent_channels=128, spatial_factor=32, temporal_factor=8, patch=(1, 1, 1),
+        solver="euler", shift=1.0, steps=40, guidance=3.0, height=512, width=704, frames=121,
+        text_len=128, text_dim=4096, takes_text_mask=True, dynamic_shift=True,
+        compat_fields=("in_channels", "out_channels", "caption_channels", "patch_size", "patch_size_t"),
+        description="LTX-Video 13B + 2B (0.9.7/0.9.8), shared T5-XXL and LTX VAE"),
+    "toy": PairFamily(
+        name="toy", transformer_class="WanTransformer3DModel", large="<shipped>", small="<shipped>",
+        latent_channels=3, spatial_factor=1, temporal_factor=1, patch=(1, 4, 4),
+        solver="unipc", shift=3.0, steps=20, guidance=4.0, height=32, width=32, frames=9,
+        text_len=8, text_dim=32,
+        compat_fields=("in_channels", "out_channels", "text_dim", "patch_size"),
+        description="two tiny Wan-architecture models trained on procedural shape videos (ships in the repo)"),
+}
+
+
+def get_family(name: str) -> PairFamily:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise FlowblendError(f"unknown pair {name!r}: choose one of {', '.join(FAMILIES)}") from None
+
+
+def check_compatible(family: PairFamily, large_config, small_config) -> None:
+    """Refuse a pair whose models cannot share latents and text conditioning; name the field."""
+    for key in family.compat_fields:
+        a, b = _as_tuple(large_config.get(key)), _as_tuple(small_config.get(key))
+        if a != b:
+            raise FlowblendError(f"incompatible {family.name} pair: {key} differs (large {a}, small {b}); both "
+                                 "models must share the latent space and text encoder")
+
+
+def _as_tuple(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
+@dataclass
+class LoadedPair:
+    """Both transformers of a pair and the parts they share, ready for engines and the pipeline."""
+
+    family: PairFamily
+    transformers: dict[str, torch.nn.Module]
+    encode_prompt: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor | None]]
+    decode: Callable[[torch.Tensor], torch.Tensor]  # latents -> video [B, 3, F, H, W] in [-1, 1]
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+def load_pair(name: str, large: str | None = None, small: str | None = None, dtype: torch.dtype = torch.float32,
+              device: str | torch.device = "cpu", allow_download: bool = False) -> LoadedPair:
+    """Load a pair from local paths or hub ids (the user's cache; no download unless allowed)."""
+    family = get_family(name)
+    if family.name == "toy":
+        return _load_toy(family, large, small, dtype, device)
+    large, small = large or family.large, small or family.small
+    models = {"large": _load_transformer(family, large, dtype, allow_download),
+              "small": _load_transformer(family, small, dtype, allow_download)}
+    check_compatible(family, dict(models["large"].config), dict(models["small"].config))
+    for m in models.values():
+        m.to(device)
+    shared = _SharedComponents(family, small, dtype, device, allow_download)
+    return LoadedPair(family, models, shared.encode, shared.decode, {"large": large, "small": small})
+
+
+def _check_source(source: str, allow_download: bool) -> None:
+    p = Path(source)
+    looks_local = source.startswith((".", "/", "~")) or p.exists()
+    if looks_local and not p.expanduser().exists():
+        raise FlowblendError(f"checkpoint path {source!r} does not exist: pass --large/--small with a diffusers "
+                             "checkpoint folder (containing transformer/) or a hub id in your local cache")
+
+
+def _load_transformer(family: PairFamily, source: str, dtype, allow_download: bool):
+    import diffusers
+
+    _check_source(source, allow_download)
+    cls = getattr(diffusers, family.transformer_class)
+    root = Path(source).expanduser()
+    subfolder = "transformer" if (not root.exists() or (root / "transformer").is_dir()) else None
+    try:
+        return cls.from_pretrained(str(root) if root.exists() else source, subfolder=subfolder, torch_dtype=dtype,
+                                   local_files_only=not allow_download).eval()
+    except (OSError, ValueError) as exc:
+        raise FlowblendError(f"cannot load {family.transformer_class} from {source!r}: {exc}. Point --large/--small "
+                             "at a local diffusers checkpoint, or pass --allow-download to fetch a hub id") from exc
+
+
+class _SharedComponents:
+    """Text encoder + VAE of a real pair, loaded lazily from the small model's checkpoint."""
+
+    def __init__(self, family, source, dtype, device, allow_download):
+        self.family, self.source, self.dtype, self.device = family, source, dtype, device
+        self.local_only = not allow_download
+        self._pipe = None
+
+    def _pipeline(self):
+        if self._pipe is None:
+            import diffusers
+
+            cls = diffusers.WanPipeline if self.family.name == "wan" else diffusers.LTXPipeline
+            try:
+                self._pipe = cls.from_pretrained(self.source, transformer=None, torch_dtype=self.dtype,
+                                                 local_files_only=self.local_only).to(self.device)
+            except (OSError, ValueError) as exc:
+                raise FlowblendError(f"cannot load the text encoder and VAE of {self.source!r}: {exc}") from exc
+        return self._pipe
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]):
+        pipe = self._pipeline()
+        if self.family.name == "wan":
+            embeds, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False,
+                                           max_sequence_length=self.family.text_len, device=self.device)
+            return embeds, None
+        embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False,
+                                                max_sequence_length=self.family.text_len, device=self.device)
+        return embeds, mask.long()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self._pipeline().vae
+        latents = latents.to(vae.dtype)
+        if self.family.name == "wan":
+            z = vae.config.z_dim
+            mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents)
+            std = torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(latents)
+            return vae.decode(latents * std + mean, return_dict=False)[0].float()
+        mean, std = vae.latents_mean.view(1, -1, 1, 1, 1).to(latents), vae.latents_std.view(1, -1, 1, 1, 1).to(latents)
+        latents = latents * std / vae.config.scaling_factor + mean
+        timestep = torch.zeros(latents.shape[0], device=latents.device, dtype=latents.dtype) \
+            if vae.config.timestep_conditioning else None
+        return vae.decode(latents, timestep, return_dict=False)[0].float()
+
+
+def _load_toy(family, large, small, dtype, device) -> LoadedPair:
+    from . import toy
+
+    models = {}
+    for size, override in (("large", large), ("small", small)):
+        if override:
+            models[size] = _load_transformer(family, override, dtype, False)
+        else:
+            models[size] = toy.load_toy_transformer(size, dtype=dtype)
+    check_compatible(family, dict(models["large"].config), dict(models["small"].config))
+    for m in models.values():
+        m.to(device)
+    encoder, vae = toy.ToyTextEncoder(), toy.PixelVAE()
+    source = "shipped" if toy.trained_weights_available() else "random (no shipped weights yet)"
+    return LoadedPair(family, models, lambda prompts: encoder.encode(prompts), vae.decode,
+                      {"large": large or source, "small": small or source})
+
+
+# Published architectures, for cost estimates without loading weights (`flowblend plan`).
+_WAN_COMMON = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256)
+_LTX_COMMON = dict(in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, caption_channels=4096)
+
+
+def reference_configs(name: str) -> dict[str, dict]:
+    """Transformer configs of a family's default large and small models."""
+    if name == "wan":
+        return {"large": dict(_WAN_COMMON, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40),
+                "small": dict(_WAN_COMMON, num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30)}
+    if name == "ltx":
+        return {"large": dict(_LTX_COMMON, num_attention_heads=32, attention_head_dim=128, num_layers=48),
+                "small": dict(_LTX_COMMON, num_attention_heads=32, attention_head_dim=64, num_layers=28)}
+    if name == "toy":
+        from .toy import TOY_LARGE_CONFIG, TOY_SMALL_CONFIG
+
+        return {"large": dict(TOY_LARGE_CONFIG), "small": dict(TOY_SMALL_CONFIG)}
+    get_family(name)
+    return {}

@@ -1,0 +1,32 @@
+"""Text -> latents -> video around a Sampler: encode once for both models, seed, sample, decode."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .sampler import Sampler
+
+
+@dataclass
+class BlendPipeline:
+    """Glue only (as a diffusers pipeline): the sampler moves latents, the callables encode and decode."""
+
+    sampler: Sampler
+    encode_prompt: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor | None]]
+    decode: Callable[[torch.Tensor], torch.Tensor]
+
+    @torch.no_grad()
+    def __call__(self, prompt: str, latent_shape, seed: int = 0, negative_prompt: str = "",
+                 progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (video [3, F, H, W] in [-1, 1], final latents)."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("prompt is empty: give the text to generate from")
+        embeds, mask = self.encode_prompt([prompt, negative_prompt])
+        noise = torch.randn((1, *latent_shape), generator=torch.Generator("cpu").manual_seed(seed))
+        kwargs = {}
+        if mask is not None:
+            kwargs = dict(prompt_mask=mask[0:1], negative_prompt_mask=mask[1:2])
+        latents = self.sampler.sample(noise, embeds[0:1], embeds[1:2], progress=progress, **kwargs)
+        return self.decode(latents)[0], latents
