@@ -71,6 +71,10 @@ class Sampler:
         """Allocate the shared buffers for a shape and bind every engine to them (no-op if unchanged)."""
         key = (tuple(latent_shape), tuple(text_shape))
         if key == self._shape_key:
+            # Engines may be shared with another Sampler (other plan, same models) that bound them to
+            # its own buffers since; binding is cheap (addresses only), so always take them back.
+            for engine in self.engines.values():
+                engine.bind(self.buffers.engine_bindings())
             return self.buffers
         bufs = SamplerBuffers.allocate(latent_shape, text_shape, self.table.timesteps, self.options.cfg,
                                        self.dtype, self.device, self.table.state_names, self.needs_mask)

@@ -75,3 +75,16 @@ def test_blended_runtime_equals_swapping_diffusers_loop(family, guidance, solver
             lll = ours
         if plan.spec == "SSS":
             assert ((ours - lll).norm() / lll.norm()).item() > 1e-3
+
+
+def test_samplers_sharing_engines_do_not_write_into_each_others_buffers():
+    models = tiny_pair("wan")
+    engines = {name: TorchEngine(m) for name, m in models.items()}
+    noise = torch.randn((1, *latent_shape("wan")), generator=torch.Generator().manual_seed(5))
+    text = torch.randn((1, *TEXT), generator=torch.Generator().manual_seed(6))
+    lll = Sampler(engines, BlendPlan.parse("LLL", 4), guidance_scale=1.0)
+    sss = Sampler(engines, BlendPlan.parse("SSS", 4), guidance_scale=1.0)
+    first = lll.sample(noise, text)
+    sss.sample(noise, text)
+    again = lll.sample(noise, text)  # engines were last bound to sss's buffers
+    assert torch.equal(first, again)
