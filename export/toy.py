@@ -23,7 +23,8 @@ TEXT_LEN = 8
 TEXT_DIM = 32
 TEXT_SEED = 20251231
 
-# Both share the Wan 2.1 architecture; "large" is ~10x the per-step FLOPs of "small".
+# Both share the Wan 2.1 architecture; "large" is ~7.6x the per-step FLOPs of "small" (Wan 14B/1.3B: ~6-10x).
+TOY_FRAMES = 9
 # Patch (1, 4, 4) on 32x32 pixels gives 8x8 tokens per frame.
 _COMMON = dict(
     patch_size=(1, 4, 4),
@@ -36,7 +37,7 @@ _COMMON = dict(
     eps=1e-6,
     rope_max_seq_len=64,
 )
-TOY_LARGE_CONFIG = dict(_COMMON, num_attention_heads=4, attention_head_dim=48, ffn_dim=384, num_layers=4)
+TOY_LARGE_CONFIG = dict(_COMMON, num_attention_heads=4, attention_head_dim=32, ffn_dim=256, num_layers=4)
 TOY_SMALL_CONFIG = dict(_COMMON, num_attention_heads=2, attention_head_dim=32, ffn_dim=128, num_layers=2)
 
 WEIGHTS_DIR = Path(__file__).parent / "toy_weights"

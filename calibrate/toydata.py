@@ -1,0 +1,108 @@
+"""Procedural toy videos: one coloured shape moving over a black background, as the prompt says.
+
+This is evaluation data (what the probes compare against) as much as training data, so it lives
+in calibrate/. Every video is a pure function of (prompt, seed): the ground truth of what a toy
+model should produce is known exactly, which is what makes the toy pair's quality measurable.
+Layout: float32 [3, F, H, W] in [-1, 1] (the toy latent space: the pixel "VAE" is the identity).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from flowblend.export.toy import COLOURS, DIRECTIONS, SHAPES
+
+# RGB in [0, 1]; pixels are 2 * rgb - 1
+COLOUR_RGB = {
+    "red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0),
+    "yellow": (1.0, 1.0, 0.0), "magenta": (1.0, 0.0, 1.0), "cyan": (0.0, 1.0, 1.0),
+}
+DIRECTION_VECTORS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
+RADIUS = (4.0, 7.0)  # half-extent of the shape, pixels
+SPEED = (0.8, 1.6)  # pixels per frame
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    colour: str
+    shape: str
+    direction: str
+
+    def __post_init__(self):
+        for value, options in ((self.colour, COLOURS), (self.shape, SHAPES), (self.direction, DIRECTIONS)):
+            if value not in options:
+                raise ValueError(f"{value!r} is not in the toy vocabulary {options}")
+
+    @property
+    def text(self) -> str:
+        return f"a {self.colour} {self.shape} moving {self.direction}"
+
+    @classmethod
+    def parse(cls, prompt: str) -> "PromptSpec":
+        words = prompt.lower().split()
+        pick = lambda options: next((w for w in words if w in options), None)  # noqa: E731
+        colour, shape, direction = pick(COLOURS), pick(SHAPES), pick(DIRECTIONS)
+        if None in (colour, shape, direction):
+            raise ValueError(f"prompt {prompt!r} needs a colour {COLOURS}, a shape {SHAPES} and a direction "
+                             f"{DIRECTIONS}, e.g. 'a red circle moving left'")
+        return cls(colour, shape, direction)
+
+
+def all_prompts() -> list[PromptSpec]:
+    """The whole vocabulary: 6 colours x 3 shapes x 4 directions."""
+    return [PromptSpec(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS]
+
+
+def shape_mask(shape: str, cx: float, cy: float, r: float, size: int) -> np.ndarray:
+    """Boolean [size, size] mask of a shape centred at (cx, cy) with half-extent r."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    if shape == "circle":
+        return (x - cx) ** 2 + (y - cy) ** 2 <= r * r
+    if shape == "square":
+        h = r * 0.85
+        return (np.abs(x - cx) <= h) & (np.abs(y - cy) <= h)
+    if shape == "triangle":  # apex up, base at the bottom
+        top, bottom = cy - r, cy + r
+        half_width = r * (y - top) / (2 * r)
+        return (y >= top) & (y <= bottom) & (np.abs(x - cx) <= half_width)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def trajectory(spec: PromptSpec, rng: np.random.Generator, frames: int, size: int):
+    """Radius and per-frame centres of a shape that stays fully inside the frame."""
+    r = rng.uniform(*RADIUS)
+    speed = rng.uniform(*SPEED)
+    dx, dy = DIRECTION_VECTORS[spec.direction]
+    travel = speed * (frames - 1)
+    lo, hi = r + 0.5, size - r - 0.5
+    # along the motion axis the start must leave room for the whole travel
+    start_along = rng.uniform(lo + travel, hi) if (dx < 0 or dy < 0) else rng.uniform(lo, hi - travel)
+    across = rng.uniform(lo, hi)
+    centres = []
+    for t in range(frames):
+        along = start_along + (dx + dy) * speed * t
+        centres.append((along, across) if dx != 0 else (across, along))
+    return r, centres
+
+
+def render(spec: PromptSpec, seed: int, frames: int = 9, size: int = 32) -> np.ndarray:
+    """float32 [3, F, size, size] in [-1, 1], deterministic in (spec, seed)."""
+    key = (COLOURS.index(spec.colour), SHAPES.index(spec.shape), DIRECTIONS.index(spec.direction))
+    rng = np.random.default_rng([seed, *key])
+    r, centres = trajectory(spec, rng, frames, size)
+    rgb = np.asarray(COLOUR_RGB[spec.colour], np.float32)
+    video = np.full((3, frames, size, size), -1.0, np.float32)
+    for t, (cx, cy) in enumerate(centres):
+        mask = shape_mask(spec.shape, cx, cy, r, size)
+        video[:, t][:, mask] = (2 * rgb - 1)[:, None]
+    return video
+
+
+def sample_batch(rng: np.random.Generator, batch: int, frames: int = 9, size: int = 32):
+    """A random training batch: (videos [B, 3, F, H, W], prompt texts)."""
+    vocab = all_prompts()
+    specs = [vocab[i] for i in rng.integers(0, len(vocab), batch)]
+    seeds = rng.integers(0, 2**31 - 1, batch)
+    videos = np.stack([render(s, int(seed), frames, size) for s, seed in zip(specs, seeds)])
+    return videos, [s.text for s in specs]
