@@ -28,4 +28,23 @@ def make_engines(backend: str, pair, device, dtype, **kwargs) -> dict:
         return torch_engines(pair, device, dtype)
     if backend not in BACKENDS:
         raise FlowblendError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    raise FlowblendError(f"backend {backend!r} is not wired into `generate` yet")
+    from flowblend.engines.build import locate_pair_engines
+
+    spec = spec_for_run(pair.family, kwargs["latent_shape"], kwargs["guidance"], dtype)
+    paths = locate_pair_engines(pair.family.name, backend, spec, kwargs["args"].artifacts)
+    if backend == "onnxruntime":
+        from flowblend.engines.ort_engine import OrtEngine
+
+        providers = ["CUDAExecutionProvider"] if str(device).startswith("cuda") else ["CPUExecutionProvider"]
+        return {name: OrtEngine(path, providers=providers, name=name) for name, path in paths.items()}
+    from flowblend.engines.trt_engine import TrtEngine
+
+    return {name: TrtEngine(path, name=name) for name, path in paths.items()}
+
+
+def spec_for_run(family, latent_shape, guidance: float, dtype: torch.dtype):
+    from flowblend.engines.iospec import IOSpec
+
+    name = {v: k for k, v in DTYPES.items()}[dtype]
+    return IOSpec(batch=2 if guidance > 1 else 1, latent=tuple(latent_shape), text_len=family.text_len,
+                  text_dim=family.text_dim, dtype=name, with_mask=family.takes_text_mask)

@@ -51,3 +51,24 @@ def resolve_video(args, family: PairFamily) -> tuple[int, int, int]:
 
 def family_of(args) -> PairFamily:
     return get_family(args.pair)
+
+
+def add_shape_args(p: argparse.ArgumentParser) -> None:
+    """Video size and CFG batch: what an exported graph and its engines are specialised for."""
+    add_video_args(p)
+    p.add_argument("--guidance", type=float, help="CFG scale the engines will serve (> 1: batch 2)")
+    p.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16")
+    p.add_argument("--artifacts", default="artifacts", help="artifact root (default ./artifacts)")
+
+
+def resolve_spec(args, family: PairFamily, dynamic: dict | None = None):
+    """The IOSpec for a family at the requested video size, CFG and dtype."""
+    from flowblend.engines.iospec import IOSpec
+
+    frames, height, width = resolve_video(args, family)
+    guidance = args.guidance if args.guidance is not None else family.guidance
+    if guidance < 0:
+        raise FlowblendError(f"guidance must be >= 0, got {guidance}")
+    return IOSpec(batch=2 if guidance > 1 else 1, latent=family.latent_shape(frames, height, width),
+                  text_len=family.text_len, text_dim=family.text_dim, dtype=args.dtype,
+                  with_mask=family.takes_text_mask, dynamic=dynamic or {})

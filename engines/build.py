@@ -1,0 +1,105 @@
+"""Build (or reuse) the engines of an exported pair into the engine store, and find them again.
+
+The export record (artifacts/<pair>/onnx/export.json) is the contract with export/: it names each
+ONNX graph, its sha256 and the IOSpec it was exported for. Engines are keyed by all of that plus,
+for TensorRT, the GPU and TensorRT version (engines/store.py).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .base import FlowblendError
+from .iospec import IOSpec
+from .store import EngineKey, EngineStore, file_sha256, gpu_identity, tensorrt_version
+
+TRT_INSTALL_HINT = ("install the extra on a machine with an NVIDIA GPU and driver: pip install 'flowblend[trt]' "
+                    "(tensorrt and cuda-python); or use --backend onnxruntime")
+
+
+def read_export(artifacts: str | Path, pair: str) -> tuple[dict, IOSpec, Path]:
+    onnx_dir = Path(artifacts) / pair / "onnx"
+    path = onnx_dir / "export.json"
+    if not path.is_file():
+        raise FlowblendError(f"no export found at {path}: run `flowblend export --pair {pair}` first")
+    record = json.loads(path.read_text())
+    return record, IOSpec.from_dict(record["spec"]), onnx_dir
+
+
+def checked_onnx(onnx_dir: Path, entry: dict, pair: str) -> Path:
+    """The ONNX file of an export entry, refused if missing, truncated or altered since export."""
+    path = onnx_dir / entry["file"]
+    if not path.is_file():
+        raise FlowblendError(f"{path} is missing: re-run `flowblend export --pair {pair}`")
+    if file_sha256(path) != entry["sha256"]:
+        raise FlowblendError(f"{path} does not match its export record (truncated or corrupted): "
+                             f"re-run `flowblend export --pair {pair}`")
+    return path
+
+
+def tensorrt_target() -> dict:
+    """GPU and TensorRT identity for TensorRT keys; FlowblendError saying what is missing otherwise."""
+    version = tensorrt_version()
+    if version is None:
+        raise FlowblendError(f"TensorRT is not installed (import tensorrt failed): {TRT_INSTALL_HINT}")
+    gpu = gpu_identity()
+    if gpu is None:
+        raise FlowblendError("TensorRT is installed but no CUDA GPU is visible (torch.cuda.is_available() is False); "
+                             "TensorRT engines are built on, and for, the GPU that will run them")
+    return {**gpu, "trt_version": version}
+
+
+def engine_key(pair: str, model: str, backend: str, spec: IOSpec, onnx_sha256: str,
+               target: dict | None = None) -> EngineKey:
+    return EngineKey(pair, model, backend, spec.dtype, spec.key(), onnx_sha256, **(target or {}))
+
+
+def build_onnxruntime_model(onnx_path: Path, out_path: Path) -> None:
+    """ORT's offline-optimized graph (constant folding, fusions): what a session would do at load."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(out_path)
+    ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+
+
+def build_pair_engines(pair: str, backend: str, artifacts: str | Path = "artifacts", force: bool = False,
+                       progress: bool = True, **trt_options) -> dict[str, tuple[Path, bool]]:
+    """Build or reuse every model's engine of an exported pair; returns {model: (path, built_now)}."""
+    from tqdm.auto import tqdm
+
+    record, spec, onnx_dir = read_export(artifacts, pair)
+    target = tensorrt_target() if backend == "tensorrt" else None
+    store = EngineStore(artifacts)
+    out = {}
+    for model in tqdm(list(record["models"]), desc=f"build {backend}", unit="model", disable=not progress):
+        entry = record["models"][model]
+        onnx_path = checked_onnx(onnx_dir, entry, pair)
+        key = engine_key(pair, model, backend, spec, entry["sha256"], target)
+        if backend == "onnxruntime":
+            builder = lambda tmp, src=onnx_path: build_onnxruntime_model(src, tmp)  # noqa: E731
+        elif backend == "tensorrt":
+            from .trt_build import build_plan_file
+
+            builder = lambda tmp, src=onnx_path: build_plan_file(src, spec, tmp, **trt_options)  # noqa: E731
+        else:
+            raise FlowblendError(f"unknown backend {backend!r}: choose onnxruntime or tensorrt")
+        out[model] = store.build(key, builder, {"onnx": entry["file"], "spec": spec.to_dict()}, force=force)
+    return out
+
+
+def locate_pair_engines(pair: str, backend: str, spec: IOSpec, artifacts: str | Path = "artifacts") -> dict[str, Path]:
+    """Paths of built engines for the runtime's spec, or a FlowblendError naming what to run."""
+    record, exported, onnx_dir = read_export(artifacts, pair)
+    if (exported.batch, exported.latent, exported.text_len, exported.dtype) != \
+            (spec.batch, spec.latent, spec.text_len, spec.dtype) and exported.static:
+        raise FlowblendError(
+            f"the {pair} export is for batch {exported.batch}, latents {exported.latent}, {exported.dtype} but this run "
+            f"needs batch {spec.batch}, latents {spec.latent}, {spec.dtype}; re-export with matching "
+            f"--frames/--height/--width/--guidance/--dtype, then `flowblend build`")
+    target = tensorrt_target() if backend == "tensorrt" else None
+    store = EngineStore(artifacts)
+    return {model: store.load(engine_key(pair, model, backend, exported, entry["sha256"], target))
+            for model, entry in record["models"].items()}
