@@ -135,8 +135,22 @@ class Sampler:
 
     def step(self, i: int) -> None:
         """One denoising step: engine, CFG combine, solver update, next model input."""
-        self._step_engines[i].run(i)
+        self.evaluate(i)
+        self.advance(i)
+
+    def evaluate(self, i: int, model: str | None = None) -> None:
+        """First half of step i: run an engine and CFG-combine into `buffers.guided`, latents untouched.
+
+        `model` runs another of `engines` on the same inputs instead of the plan's (calibration
+        compares both models' velocities at one latent); the last evaluate before `advance` is the
+        velocity the solver uses.
+        """
+        engine = self._step_engines[i] if model is None else self.engines[model]
+        engine.run(i)
         self._guide()
+
+    def advance(self, i: int) -> None:
+        """Second half of step i: solver update from `buffers.guided`, then the next model input."""
         for op in self._step_ops[i]:
             apply_combine(op, self._solver_tensors)
         self._prepare_model_input()
