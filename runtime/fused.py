@@ -1,0 +1,154 @@
+"""The fused step kernel (csrc/fused_step.cu) for the sampler, loaded with ctypes when it is built.
+
+A step of the PyTorch path is the CFG combine, each solver Combine and the cast into the model
+input: 4 to 8 elementwise launches over the whole latent. The kernel does all of it in one pass.
+It is an optimisation only: the PyTorch ops in runtime/sampler.py stay the reference and the
+fallback (CPU, or no library built: `cmake -S . -B build && cmake --build build`).
+
+The per-step arguments (pointers into the sampler's static buffers, the step's Combine table) are
+packed once per buffer set, so a step is one ctypes call on the current CUDA stream: capturable in
+a CUDA graph, and the graph keeps its own copy of the arguments.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+from flowblend.engines.base import FlowblendError
+
+from .buffers import SamplerBuffers
+from .solvers import Combine, SolverTable
+
+LIBRARY_NAME = "libflowblend_kernels.so"
+ABI_VERSION = 1  # FLOWBLEND_ABI_VERSION in csrc/fused_step.h
+MAX_SLOTS, MAX_OPS, MAX_TERMS = 8, 6, 6  # FLOWBLEND_MAX_* in csrc/fused_step.h
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+LATENTS_SLOT, VELOCITY_SLOT = "latents", "velocity"  # slots 0 and 1 of the C ABI
+
+
+class CombineStruct(ctypes.Structure):
+    """`flowblend_combine` of csrc/fused_step.h."""
+
+    _fields_ = [("target", ctypes.c_int32), ("num_terms", ctypes.c_int32),
+                ("source", ctypes.c_int32 * MAX_TERMS), ("coef", ctypes.c_float * MAX_TERMS)]
+
+
+OpsArray = CombineStruct * MAX_OPS
+SlotArray = ctypes.c_void_p * MAX_SLOTS
+_COMMON_ARGS = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_float, SlotArray, ctypes.c_int32,
+                OpsArray, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64]
+
+
+def library_candidates() -> list[Path]:
+    """Where a built library is looked for: the CMake build folder of a source checkout, then next to this module."""
+    here = Path(__file__).resolve().parent
+    return [here.parent / "build" / LIBRARY_NAME, here / LIBRARY_NAME]
+
+
+@functools.lru_cache(maxsize=None)
+def _open(path: str) -> ctypes.CDLL:
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError as exc:
+        raise FlowblendError(f"cannot load the fused-step library {path}: {exc}; rebuild it with "
+                             "`cmake -S . -B build && cmake --build build`, or delete it to use the PyTorch path") from exc
+    version = lib.flowblend_abi_version()
+    if version != ABI_VERSION:
+        raise FlowblendError(f"{path} has kernel ABI {version} but this flowblend needs {ABI_VERSION}: rebuild it "
+                             "with `cmake --build build`")
+    lib.flowblend_fused_step.argtypes = _COMMON_ARGS + [ctypes.c_void_p]
+    lib.flowblend_fused_step.restype = ctypes.c_int
+    lib.flowblend_fused_step_host.argtypes = list(_COMMON_ARGS)
+    lib.flowblend_fused_step_host.restype = ctypes.c_int
+    lib.flowblend_error_string.argtypes = [ctypes.c_int]
+    lib.flowblend_error_string.restype = ctypes.c_char_p
+    return lib
+
+
+def load_library(path: str | Path | None = None) -> ctypes.CDLL | None:
+    """The kernel library at `path`, else the first built one found, else None (use the PyTorch path)."""
+    if path is not None:
+        if not Path(path).is_file():
+            raise FlowblendError(f"fused-step library {path} does not exist: build it with "
+                                 "`cmake -S . -B build && cmake --build build`")
+        return _open(str(Path(path).resolve()))
+    for candidate in library_candidates():
+        if candidate.is_file():
+            return _open(str(candidate))
+    return None
+
+
+def slot_names(table: SolverTable) -> tuple[str, ...]:
+    """The C ABI's slot order: latents, guided velocity, then the solver's state buffers."""
+    return (LATENTS_SLOT, VELOCITY_SLOT) + tuple(table.state_names)
+
+
+def pack_step(ops: tuple[Combine, ...], slots: dict[str, int]):
+    """One step's Combines as the C struct array; the target's own term first, as `apply_combine` applies it."""
+    if len(ops) > MAX_OPS:
+        raise FlowblendError(f"a step has {len(ops)} solver ops; the fused kernel takes at most {MAX_OPS}")
+    packed = OpsArray()
+    for struct, op in zip(packed, ops):
+        own = [t for t in op.terms if t[0] == op.target]
+        terms = own[:1] + [t for t in op.terms if t[0] != op.target]
+        if len(terms) > MAX_TERMS:
+            raise FlowblendError(f"a solver op has {len(terms)} terms; the fused kernel takes at most {MAX_TERMS}")
+        struct.target, struct.num_terms = slots[op.target], len(terms)
+        for k, (name, coef) in enumerate(terms):
+            struct.source[k], struct.coef[k] = slots[name], coef
+    return packed, len(ops)
+
+
+class FusedSteps:
+    """The kernel's arguments for every step of one buffer set; `step(i)` runs step i's update.
+
+    `host=True` runs the library's host build of the same per-element code on CPU tensors (tests).
+    """
+
+    def __init__(self, lib: ctypes.CDLL, buffers: SamplerBuffers, table: SolverTable, guidance_scale: float,
+                 host: bool = False):
+        velocity = buffers.velocity
+        if velocity.dtype not in DTYPE_CODES:
+            raise FlowblendError(f"the fused kernel takes fp32/fp16/bf16 velocity, not {velocity.dtype}")
+        names = slot_names(table)
+        if len(names) > MAX_SLOTS:
+            raise FlowblendError(f"solver {table.name} needs {len(names)} buffers; the fused kernel takes {MAX_SLOTS}")
+        tensors = {LATENTS_SLOT: buffers.latents, **buffers.state}
+        for name, t in tensors.items():
+            if t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != buffers.latents.numel():
+                raise FlowblendError(f"buffer {name!r} must be a contiguous float32 tensor shaped like the latents")
+        self.buffers = buffers  # keeps every pointer below alive
+        self.device = velocity.device
+        self.host = host
+        self._fn = lib.flowblend_fused_step_host if host else lib.flowblend_fused_step
+        self._error_string = lib.flowblend_error_string
+        slots = SlotArray(*[tensors[n].data_ptr() if n in tensors else None for n in names])
+        index = {n: i for i, n in enumerate(names)}
+        model_input = None if buffers.model_input is buffers.latents else buffers.model_input.data_ptr()
+        common = (velocity.data_ptr(), velocity.shape[0], DTYPE_CODES[velocity.dtype], float(guidance_scale), slots,
+                  len(names))
+        self._args = []
+        for ops in table.steps:
+            packed, count = pack_step(ops, index)
+            self._args.append(common + (packed, count, model_input, buffers.latents.numel()))
+
+    def step(self, i: int) -> None:
+        """Guide, apply step i's Combines and refresh the model input, in one launch on the current stream."""
+        if self.host:
+            rc = self._fn(*self._args[i])
+        else:
+            rc = self._fn(*self._args[i], torch.cuda.current_stream(self.device).cuda_stream)
+        if rc != 0:
+            raise FlowblendError(f"fused step {i} failed: {self._error_string(rc).decode()} (code {rc}); "
+                                 "fall back to the PyTorch path by removing build/" + LIBRARY_NAME)
+
+
+def fused_steps_for(buffers: SamplerBuffers, table: SolverTable, guidance_scale: float) -> FusedSteps | None:
+    """FusedSteps for CUDA buffers when the library is built; None means: use the PyTorch ops."""
+    if not buffers.latents.is_cuda:
+        return None
+    lib = load_library()
+    return None if lib is None else FusedSteps(lib, buffers, table, guidance_scale)
