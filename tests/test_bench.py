@@ -1,0 +1,185 @@
+"""`flowblend bench` and its parts: outputs and their relations, error paths, memory tracking, the GPU script's dry run.
+
+Speed is never asserted: only what must hold whatever the machine (fields, ratios computed from the
+same measurements, FLOP ordering, memory terms against independently computed sizes).
+"""
+import importlib.util
+import json
+from pathlib import Path
+
+import imageio.v3 as iio
+import pytest
+import torch
+
+from flowblend.calibrate.bench import TINY_WAN, BenchOptions, measure_overhead, run_bench
+from flowblend.calibrate.memory import LiveTensorBytes
+from flowblend.cli.main import main
+from flowblend.engines.signature import signature_for
+from flowblend.export.pairs import load_pair
+from flowblend.export.toy import build_toy_transformer
+from flowblend.runtime.plan import BlendPlan
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 2
+FAST = ["--steps", str(STEPS), "--repeats", "1", "--warmup", "1", "--overhead-repeats", "1", "--no-progress"]
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def toy_bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    rc = main(["bench", "--pair", "toy", "--backend", "torch", "--backend", "tensorrt", "--out", str(out)] + FAST)
+    assert rc == 0
+    return out, json.loads((out / "bench.json").read_text())
+
+
+def test_bench_writes_json_markdown_and_png(toy_bench):
+    out, report = toy_bench
+    assert {"machine", "pair", "options", "flops", "cases", "skipped", "memory", "overhead", "targets", "command"} <= set(report)
+    png = iio.imread(out / "bench.png")
+    assert png.ndim == 3 and png.shape[0] > 100 and png.shape[1] > 100
+    md = (out / "bench.md").read_text()
+    for row in report["cases"]:
+        assert f"| {row['backend']} | {row['mode']} | {row['plan']} | {row['stages']} |" in md
+    assert "### Targets" in md and report["machine"]["cpu"] in md
+    assert report["command"].startswith("flowblend bench --pair toy")
+
+
+def test_bench_relations_hold(toy_bench):
+    _, report = toy_bench
+    rows = {r["plan"]: r for r in report["cases"] if r["backend"] == "torch"}
+    lll, lsl, sss = rows["LLL"], rows["LSL:0.4,0.2"], rows["SSS"]
+    assert lll["flops"] > lsl["flops"] > sss["flops"] > 0
+    assert lll["reference"] and lll["speedup_loop"] == pytest.approx(1.0) and lll["speedup_e2e"] == pytest.approx(1.0)
+    assert lll["ideal_speedup"] == pytest.approx(1.0) and sss["ideal_speedup"] > lsl["ideal_speedup"] > 1.0
+    for r in report["cases"]:
+        assert r["loop_s"]["min"] <= r["loop_s"]["median"] <= r["loop_s"]["max"]
+        assert r["e2e_s"]["median"] >= r["loop_s"]["median"] > 0
+        assert r["realized_fraction"] == pytest.approx(r["speedup_loop"] / r["ideal_speedup"])
+        plan = BlendPlan.parse(r["plan"], STEPS)
+        for model in ("large", "small"):  # the per-step pass timed every engine call the plan makes
+            assert r["step_ms"].get(model, {"n": 0})["n"] == plan.count(model) * report["options"]["repeats"]
+        assert 0 < r["engine_share"] <= 1
+    skipped = {s["backend"]: s["reason"] for s in report["skipped"]}
+    assert "CUDA" in skipped["tensorrt"]
+
+
+def test_bench_memory_terms_against_model_sizes(toy_bench):
+    _, report = toy_bench
+    mem = report["memory"]
+    for size in ("large", "small"):  # weights: parameters and buffers of a freshly built toy model, in fp32
+        model = build_toy_transformer(size)
+        expected = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+        assert mem["weights_bytes"][size] == expected
+    latent = report["pair"]["latent_shape"]
+    latent_bytes = 4 * torch.Size(latent).numel()
+    assert mem["shared_buffers_bytes"] >= 3 * latent_bytes  # latents, CFG model input and velocity at least
+    assert mem["bound_bytes"] == sum(mem["weights_bytes"].values()) + mem["large_activations_bytes"] + \
+        mem["shared_buffers_bytes"]
+    assert mem["large_activations_bytes"] > 0 and isinstance(mem["met"], bool)
+    names = [t["name"] for t in report["targets"]]
+    assert any("LSL" in n for n in names) and any("overhead" in n for n in names) and any("memory" in n for n in names)
+
+
+def test_readme_section_renders_from_the_json(toy_bench, tmp_path):
+    out, report = toy_bench
+    rc = load_script("bench_readme").main(["--json", str(out / "bench.json"), "--out", str(tmp_path / "b.md")])
+    text = (tmp_path / "b.md").read_text()
+    assert rc == 0 and report["command"] in text and report["machine"]["torch"] in text and "load average" in text
+    assert load_script("bench_readme").main(["--json", str(tmp_path / "missing.json"), "--out", str(tmp_path / "c.md")]) == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--backend", "cuda-magic"], "unknown backend"),
+    (["--mode", "graph"], "unknown mode"),
+    (["--plan-file", "no/such/plan.json"], "does not exist"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--frames", "0"], "frames must be"),
+])
+def test_bench_bad_input_is_a_one_line_error(tmp_path, capsys, extra, message):
+    rc = main(["bench", "--out", str(tmp_path / "o")] + FAST + extra)
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_bench_cuda_without_gpu(tmp_path, capsys):
+    assert main(["bench", "--device", "cuda", "--out", str(tmp_path)] + FAST) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_plan_file_is_benchmarked_and_step_mismatch_refused(tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    plan.write_text(BlendPlan.from_steps("LS").to_json())
+    rc = main(["bench", "--backend", "torch", "--plan-file", str(plan), "--out", str(tmp_path / "o")] + FAST[:-3]
+              + ["--overhead-repeats", "0", "--no-progress"])
+    report = json.loads((tmp_path / "o" / "bench.json").read_text())
+    assert rc == 0 and [r["stages"] for r in report["cases"]] == ["L2", "L1,S1"]  # LLL reference added
+    rc = main(["bench", "--plan-file", str(plan), "--steps", "3", "--out", str(tmp_path / "p"), "--no-progress"])
+    assert rc == 2 and "pass --steps 2" in capsys.readouterr().err
+
+
+def test_compile_failure_is_reported_not_fatal(monkeypatch):
+    class Broken(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.inner = module
+            self.input_names, self.output_names = module.input_names, module.output_names
+
+        def forward(self, *args):
+            raise RuntimeError("inductor exploded")
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: Broken(module))
+    options = BenchOptions(backends=("torch", "torch-compile"), plans=("LLL",), steps=STEPS, repeats=1,
+                           overhead_repeats=0, progress=False)
+    report = run_bench(load_pair("toy"), options)
+    assert {r["backend"] for r in report["cases"]} == {"torch"}
+    reason = next(s["reason"] for s in report["skipped"] if s["backend"] == "torch-compile")
+    assert "RuntimeError: inductor exploded" in reason
+
+
+def test_runtime_and_bare_loop_compute_the_same_latents():
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    modules = {m: signature_for(WanTransformer3DModel(**TINY_WAN[m]).eval()) for m in ("large", "small")}
+    result = measure_overhead(modules, BlendPlan.parse("LSL", 5), {"solver": "unipc", "shift": 3.0}, 4.0,
+                              TINY_WAN["latent"], TINY_WAN["text"], 2, torch.device("cpu"), "tiny Wan")
+    assert result["max_abs_diff_vs_bare"] < 1e-4
+    assert result["bare_loop_ms"] > 0 and result["runtime_loop_ms"] > 0 and result["repeats"] == 2
+
+
+def test_live_tensor_bytes_counts_new_storages_only():
+    a = torch.randn(100, 100)  # 40,000 bytes, made before the region: never counted
+    with torch.no_grad(), LiveTensorBytes() as live:
+        b = a @ a             # +40,000
+        c = b @ b             # +40,000 -> 80,000 live
+        del b                 # -40,000
+        a.add_(1.0)           # in place on an outside storage: nothing new
+        d = torch.empty(50, 100)  # +20,000 -> 60,000 live
+        view = c[:10]         # a view: same storage
+    assert live.peak == 80_000 and live.current == 60_000
+    del c, d, view
+
+
+def test_gpu_script_dry_run_and_argument_checks(tmp_path, capsys):
+    script = load_script("gpu_bench")
+    assert script.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu-bench.json").read_text())
+    assert report["model_depth"] == {"large": "2 of 2 layers", "small": "1 of 1 layers"}
+    assert {r["stages"] for r in report["cases"]} == {"L3", "L1,S1,L1"}
+    assert {s["mode"] for s in report["skipped"]} == {"step-graph", "loop-graph"}  # need CUDA
+    assert (tmp_path / "gpu-bench.md").is_file() and (tmp_path / "gpu-bench.png").is_file()
+    assert script.main(["--dry-run", "--layers-large", "9", "--out", str(tmp_path / "x")]) == 2
+    assert "--layers-large must be between 1 and 2" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert script.main(["--out", str(tmp_path / "y")]) == 2
+        assert "no CUDA GPU" in capsys.readouterr().err
