@@ -382,6 +382,73 @@ def bench_pair_by_name(name: str, options: BenchOptions, large: str | None = Non
     return run_bench(pair, options, baseline_rss=baseline)
 
 
+def _build_cases(pair, eager: dict, plans, options: BenchOptions, latent_shape, guidance: float,
+                 sampler_kwargs: dict) -> tuple[list[Case], list[dict]]:
+    """One Case per (backend, mode, plan) that can run here; the rest listed with the reason."""
+    device = torch.device(options.device)
+    cases, skipped = [], []
+    for backend in dict.fromkeys(("torch",) + tuple(options.backends)):
+        try:
+            engines = eager if backend == "torch" else make_engines(backend, pair, options, latent_shape, guidance)
+        except Unavailable as exc:
+            skipped.append({"backend": backend, "mode": "*", "reason": str(exc)})
+            continue
+        log: list = []
+        timed = {m: TimedEngine(e, m, log, device) for m, e in engines.items()}
+        for mode in dict.fromkeys(("loop",) + tuple(options.modes)):
+            try:
+                _check_mode(mode, device)
+            except Unavailable as exc:
+                skipped.append({"backend": backend, "mode": mode, "reason": str(exc)})
+                continue
+            for plan in plans:
+                make = lambda e: Sampler(e, plan, guidance_scale=guidance, device=device, dtype=options.dtype,  # noqa: E731
+                                         **sampler_kwargs)
+                cases.append(Case(backend, mode, plan, make(engines), make(timed), log))
+    return cases, skipped
+
+
+def _warm_up(cases: list[Case], pair, noise, options: BenchOptions, skipped: list, bar) -> list[Case]:
+    """Untimed runs; torch.compile compiles here and may fail here: its cases are then dropped and reported."""
+    device, runs, failed = torch.device(options.device), max(options.warmup, 1), set()
+    for case in cases:
+        bar.set_postfix_str(f"warm-up {case.backend} {case.plan.label}")
+        for _ in range(runs):
+            if case.backend in failed:
+                break
+            try:
+                _run_once(case, pair, noise, device, options.end_to_end)
+            except Exception as exc:  # noqa: BLE001 - a compiler failing is a result to report
+                if case.backend == "torch":
+                    raise
+                failed.add(case.backend)
+                first = (str(exc).strip().splitlines() or [""])[0][:300]
+                skipped.append({"backend": case.backend, "mode": case.mode,
+                                "reason": f"failed on first run: {type(exc).__name__}: {first}"})
+        bar.update(runs)
+    return [c for c in cases if c.backend not in failed]
+
+
+def _timed_passes(cases: list[Case], pair, noise, options: BenchOptions, bar) -> None:
+    """Pass 1 (loop and end to end, with peak memory) then pass 2 (per engine call), round-robin over cases."""
+    device = torch.device(options.device)
+    for _ in range(options.repeats):
+        for case in cases:
+            bar.set_postfix_str(f"timed {case.backend} {case.plan.label}")
+            with PeakMemory(device) as peak:
+                timing = _run_once(case, pair, noise, device, options.end_to_end)
+            for key, value in timing.items():
+                case.times[key].append(value)
+            if case.peak is None or (peak.rss_peak, peak.allocated_peak) > (case.peak.rss_peak, case.peak.allocated_peak):
+                case.peak = peak
+            bar.update()
+    for _ in range(options.repeats):
+        for case in cases:
+            bar.set_postfix_str(f"per-step {case.backend} {case.plan.label}")
+            _per_step_pass(case, pair, noise, device)
+            bar.update()
+
+
 def run_bench(pair, options: BenchOptions, baseline_rss: int | None = None) -> dict:
     """Measure every requested case on a loaded pair; returns the report (see write_outputs)."""
     from tqdm.auto import tqdm
@@ -407,60 +474,11 @@ def run_bench(pair, options: BenchOptions, baseline_rss: int | None = None) -> d
     blended_plan = next((p for p in plans if p.count("small") and p.count("large")), plans[-1])
     memory = _memory_budget(pair, eager, sampler_kwargs, guidance, noise, options, baseline_rss)
 
-    cases, skipped = [], []
-    for backend in dict.fromkeys(("torch",) + tuple(options.backends)):
-        try:
-            engines = eager if backend == "torch" else make_engines(backend, pair, options, latent_shape, guidance)
-        except Unavailable as exc:
-            skipped.append({"backend": backend, "mode": "*", "reason": str(exc)})
-            continue
-        log: list = []
-        timed = {m: TimedEngine(e, m, log, device) for m, e in engines.items()}
-        for mode in dict.fromkeys(("loop",) + tuple(options.modes)):
-            try:
-                _check_mode(mode, device)
-            except Unavailable as exc:
-                skipped.append({"backend": backend, "mode": mode, "reason": str(exc)})
-                continue
-            for plan in plans:
-                make = lambda e: Sampler(e, plan, guidance_scale=guidance, device=device, dtype=options.dtype,  # noqa: E731
-                                         **sampler_kwargs)
-                cases.append(Case(backend, mode, plan, make(engines), make(timed), log))
-
+    cases, skipped = _build_cases(pair, eager, plans, options, latent_shape, guidance, sampler_kwargs)
     units = len(cases) * (max(options.warmup, 1) + 2 * options.repeats) + 12 * options.overhead_repeats + 4
     bar = tqdm(total=units, desc="bench", unit="run", disable=not options.progress)
-    failed = set()
-    for case in cases:  # warm-up; torch.compile compiles here, and may fail here
-        bar.set_postfix_str(f"warm-up {case.backend} {case.plan.label}")
-        for _ in range(max(options.warmup, 1)):
-            if case.backend in failed:
-                break
-            try:
-                _run_once(case, pair, noise, device, options.end_to_end)
-            except Exception as exc:  # noqa: BLE001 - a compiler failing is a result to report
-                if case.backend == "torch":
-                    raise
-                failed.add(case.backend)
-                first = (str(exc).strip().splitlines() or [""])[0][:300]
-                skipped.append({"backend": case.backend, "mode": case.mode,
-                                "reason": f"failed on first run: {type(exc).__name__}: {first}"})
-        bar.update(max(options.warmup, 1))
-    cases = [c for c in cases if c.backend not in failed]
-    for _ in range(options.repeats):  # pass 1: round-robin over cases
-        for case in cases:
-            bar.set_postfix_str(f"timed {case.backend} {case.plan.label}")
-            with PeakMemory(device) as peak:
-                timing = _run_once(case, pair, noise, device, options.end_to_end)
-            for key, value in timing.items():
-                case.times[key].append(value)
-            if case.peak is None or peak.rss_peak > case.peak.rss_peak or peak.allocated_peak > case.peak.allocated_peak:
-                case.peak = peak
-            bar.update()
-    for _ in range(options.repeats):  # pass 2: per engine call
-        for case in cases:
-            bar.set_postfix_str(f"per-step {case.backend} {case.plan.label}")
-            _per_step_pass(case, pair, noise, device)
-            bar.update()
+    cases = _warm_up(cases, pair, noise, options, skipped, bar)
+    _timed_passes(cases, pair, noise, options, bar)
 
     overhead = []
     if options.overhead_repeats:
