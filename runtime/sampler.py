@@ -13,6 +13,7 @@ import torch
 from flowblend.engines.base import Engine, FlowblendError
 
 from .buffers import SamplerBuffers
+from .fused import fused_steps_for
 from .plan import BlendPlan
 from .solvers import SOLVERS, SolverTable, apply_combine, make_solver_table
 
@@ -25,6 +26,7 @@ class SamplerOptions:
     shift: float = 3.0
     guidance_scale: float = 5.0
     mu: float | None = None  # dynamic shifting (LTX); replaces `shift` when given
+    fused_kernel: bool = True  # on CUDA, runtime/fused.py's one-kernel step when the library is built
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
@@ -65,6 +67,7 @@ class Sampler:
         self._step_engines = [engines[m] for m in plan.models]
         self.buffers: SamplerBuffers | None = None
         self._shape_key = None
+        self._fused = None
 
     # -- setup (once per shape) ---------------------------------------------------------------
     def prepare(self, latent_shape, text_shape) -> SamplerBuffers:
@@ -84,6 +87,8 @@ class Sampler:
         self._solver_tensors = bufs.solver_tensors()
         self._v_cond, self._v_uncond = bufs.velocity[0:1], bufs.velocity[-1:]
         self._step_ops = self.table.steps
+        self._fused = fused_steps_for(bufs, self.table, self.options.guidance_scale) \
+            if self.options.fused_kernel else None
         return bufs
 
     def load_request(self, noise, prompt_embeds, negative_prompt_embeds=None, prompt_mask=None,
@@ -135,6 +140,10 @@ class Sampler:
 
     def step(self, i: int) -> None:
         """One denoising step: engine, CFG combine, solver update, next model input."""
+        if self._fused is not None:  # the last three in one CUDA kernel (same math, runtime/fused.py)
+            self._step_engines[i].run(i)
+            self._fused.step(i)
+            return
         self.evaluate(i)
         self.advance(i)
 
