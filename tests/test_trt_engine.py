@@ -1,0 +1,144 @@
+"""TrtEngine's binding logic against the recording TensorRT stand-in (tests/fake_tensorrt.py), on CPU.
+
+What a GPU run cannot show cheaply is checked here: every I/O tensor points at the runtime's shared
+buffers, the timestep input is re-pointed at row `step` of the table before each enqueue, both
+engines get one activation block sized to the larger need, and every failure is a clear error.
+"""
+import sys
+
+import pytest
+import torch
+
+import fake_tensorrt
+from flowblend.engines.base import FlowblendError
+from flowblend.engines.trt_engine import TrtEngine, share_activation_memory, shared_activation_bytes
+from flowblend.runtime.plan import BlendPlan
+from flowblend.runtime.sampler import Sampler
+
+LATENT, TEXT = (4, 3, 4, 6), (7, 16)
+IN, OUT = fake_tensorrt.TensorIOMode.INPUT, fake_tensorrt.TensorIOMode.OUTPUT
+HALF, FLOAT = fake_tensorrt.DataType.HALF, fake_tensorrt.DataType.FLOAT
+
+
+def plan_bytes(batch=2, dtype=HALF, frames=LATENT[1], device_memory=1 << 20, profile=None):
+    lat = (batch, LATENT[0], frames, *LATENT[2:])
+    io = [("latents", IN, dtype, lat), ("timestep", IN, FLOAT, (batch,)), ("text_embeds", IN, dtype, (batch, *TEXT)),
+          ("velocity", OUT, dtype, lat)]
+    return fake_tensorrt.make_plan(io, profile=profile, device_memory=device_memory)
+
+
+@pytest.fixture
+def trt(monkeypatch):
+    fake_tensorrt.reset()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt)
+    return fake_tensorrt
+
+
+def make_pair(large_bytes=3000, small_bytes=5000, **kw):
+    return {"large": TrtEngine(plan_bytes(device_memory=large_bytes, **kw), name="large", device="cpu"),
+            "small": TrtEngine(plan_bytes(device_memory=small_bytes, **kw), name="small", device="cpu")}
+
+
+def test_one_activation_block_sized_to_the_larger_engine(trt):
+    engines = make_pair(3000, 5000)
+    assert trt.events("create_execution_context") == [("create_execution_context", "USER_MANAGED")] * 2
+    assert shared_activation_bytes(engines.values()) == 5000
+    block = share_activation_memory(engines)
+    assert block.numel() >= 5000
+    given = trt.events("set_device_memory")
+    assert [(ptr, size) for _, ptr, size, _ in given] == [(block.data_ptr(), 5000)] * 2
+    assert {ctx for *_, ctx in given} == {id(engines["large"].context), id(engines["small"].context)}
+
+
+def test_every_step_points_the_timestep_at_its_row_and_enqueues_the_plans_engine(trt):
+    engines = make_pair()
+    share_activation_memory(engines)
+    plan = BlendPlan.parse("LSL:0.4,0.2", 6)
+    sampler = Sampler(engines, plan, guidance_scale=4.0)
+    assert (sampler.device, sampler.dtype) == (torch.device("cpu"), torch.float16)  # taken from the engines
+    text = torch.randn(1, *TEXT)
+    sampler.sample(torch.randn(1, *LATENT), text, text)
+    bufs = sampler.buffers
+    table = bufs.timestep_table
+    assert table.shape == (6, 2) and table.dtype == torch.float32
+    runs = trt.events("execute_async_v3")
+    assert len(runs) == 6
+    contexts = {id(e.context): name for name, e in engines.items()}
+    for step, (_, stream, addresses, ctx) in enumerate(runs):
+        assert contexts[ctx] == plan.models[step]
+        assert addresses["timestep"] == table.data_ptr() + step * table.stride(0) * table.element_size()
+        assert addresses["latents"] == bufs.model_input.data_ptr()
+        assert addresses["text_embeds"] == bufs.text_embeds.data_ptr()
+        assert addresses["velocity"] == bufs.velocity.data_ptr()
+    # a second request re-points nothing but the timestep: the shared buffers stay where they are
+    before = len(trt.events("set_tensor_address"))
+    sampler.sample(torch.randn(1, *LATENT), text, text)
+    new = trt.events("set_tensor_address")[before:]
+    assert [e[3] for e in new if e[1] == "timestep"][-6:] == [id(engines[m].context) for m in plan.models]
+    assert {e[2] for e in new if e[1] == "latents"} == {bufs.model_input.data_ptr()}
+
+
+def test_enqueue_failure_is_a_clear_error_naming_the_step(trt):
+    engines = make_pair()
+    share_activation_memory(engines)
+    sampler = Sampler(engines, BlendPlan.parse("LLL", 5), guidance_scale=4.0)
+    text = torch.randn(1, *TEXT)
+    trt.KNOBS.fail_enqueue_at = 3
+    with pytest.raises(FlowblendError, match="enqueue of engine 'large' failed at step 3"):
+        sampler.sample(torch.randn(1, *LATENT), text, text)
+
+
+def test_running_without_activation_memory_is_refused(trt):
+    engines = make_pair()
+    sampler = Sampler(engines, BlendPlan.parse("LLL", 2), guidance_scale=4.0)
+    text = torch.randn(1, *TEXT)
+    with pytest.raises(FlowblendError, match="share_activation_memory"):
+        sampler.sample(torch.randn(1, *LATENT), text, text)
+    with pytest.raises(FlowblendError, match="needs 5000 bytes"):
+        engines["small"].set_activation_memory(0, 4999)
+
+
+def test_buffers_that_do_not_match_the_plan_are_refused(trt):
+    text = torch.randn(1, *TEXT)
+    fp32 = Sampler(make_pair(), BlendPlan.parse("LLL", 2), guidance_scale=4.0, dtype=torch.float32)
+    with pytest.raises(FlowblendError, match="torch.float16 but the runtime buffer is torch.float32"):
+        fp32.sample(torch.randn(1, *LATENT), text, text)
+    no_cfg = Sampler(make_pair(), BlendPlan.parse("LLL", 2), guidance_scale=1.0)
+    with pytest.raises(FlowblendError, match="rebuild for this shape \\(batch 2 with CFG, 1 without\\)"):
+        no_cfg.sample(torch.randn(1, *LATENT), text)
+
+
+def test_dynamic_plan_takes_shapes_inside_its_profile_only(trt):
+    lat = lambda f: (2, LATENT[0], f, *LATENT[2:])  # noqa: E731
+    profile = {"latents": [lat(1), lat(3), lat(5)], "timestep": [(2,)] * 3, "text_embeds": [(2, *TEXT)] * 3}
+    engines = {m: TrtEngine(plan_bytes(frames=-1, profile=profile), name=m, device="cpu") for m in ("large", "small")}
+    share_activation_memory(engines)
+    sampler = Sampler(engines, BlendPlan.parse("LSL:0.4,0.2", 5), guidance_scale=4.0)
+    text = torch.randn(1, *TEXT)
+    sampler.sample(torch.randn(1, LATENT[0], 4, *LATENT[2:]), text, text)
+    assert ("set_input_shape", "latents", lat(4)) in trt.EVENTS
+    assert len(trt.events("execute_async_v3")) == 5
+    with pytest.raises(FlowblendError, match="outside the plan's profile .*--dynamic"):
+        sampler.sample(torch.randn(1, LATENT[0], 7, *LATENT[2:]), text, text)
+
+
+def test_unloadable_plans_and_missing_tensorrt_are_clear_errors(trt, tmp_path, monkeypatch):
+    with pytest.raises(FlowblendError, match="could not deserialize .*--force"):
+        TrtEngine(b"garbage", device="cpu")
+    with pytest.raises(FlowblendError, match="does not exist: run `flowblend build --backend tensorrt`"):
+        TrtEngine(tmp_path / "large.plan", device="cpu")
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(FlowblendError, match="TensorRT is not installed.*flowblend\\[trt\\]"):
+        TrtEngine(plan_bytes(), device="cpu")
+
+
+def test_generate_with_tensorrt_on_this_machine_says_what_is_missing(tmp_path, monkeypatch, capsys):
+    from flowblend.cli.main import main
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    code = main(["generate", "--backend", "tensorrt", "--prompt", "a red circle moving left", "--steps", "2",
+                 "--artifacts", str(tmp_path), "--out", str(tmp_path / "v.mp4"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "flowblend export" in err or "TensorRT is not installed" in err
+    assert not (tmp_path / "v.mp4").exists()
