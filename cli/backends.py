@@ -35,11 +35,14 @@ def make_engines(backend: str, pair, device, dtype, **kwargs) -> dict:
     if backend == "onnxruntime":
         from flowblend.engines.ort_engine import OrtEngine
 
-        providers = ["CUDAExecutionProvider"] if str(device).startswith("cuda") else ["CPUExecutionProvider"]
-        return {name: OrtEngine(path, providers=providers, name=name) for name, path in paths.items()}
-    from flowblend.engines.trt_engine import TrtEngine
+        return {name: OrtEngine(path, device=device, name=name) for name, path in paths.items()}
+    if not str(device).startswith("cuda"):
+        raise FlowblendError(f"TensorRT engines run on a CUDA device, not {device!r}: pass --device cuda")
+    from flowblend.engines.trt_engine import TrtEngine, share_activation_memory
 
-    return {name: TrtEngine(path, name=name) for name, path in paths.items()}
+    engines = {name: TrtEngine(path, name=name, device=device) for name, path in paths.items()}
+    share_activation_memory(engines)  # one activation block for both: they never run at the same time
+    return engines
 
 
 def spec_for_run(family, latent_shape, guidance: float, dtype: torch.dtype):

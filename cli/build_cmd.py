@@ -1,6 +1,8 @@
 """`flowblend build`: engines of an exported pair into the per-machine engine store."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from flowblend.engines.build import build_pair_engines
 
 
@@ -13,14 +15,60 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="rebuild even if a matching engine exists")
     p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level (0-5)")
     p.add_argument("--workspace-gib", type=float, default=8.0, help="TensorRT workspace limit")
+    p.add_argument("--no-verify", action="store_true",
+                   help="TensorRT: store engines without checking them against the FP32 PyTorch models")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    trt = {"opt_level": args.opt_level, "workspace_gib": args.workspace_gib} if args.backend == "tensorrt" else {}
+    trt = {}
+    if args.backend == "tensorrt":
+        trt = {"opt_level": args.opt_level, "workspace_gib": args.workspace_gib, "phase_progress": not args.no_progress,
+               "verify": None if args.no_verify else tensorrt_check(args.artifacts, args.pair)}
     results = build_pair_engines(args.pair, args.backend, args.artifacts, force=args.force,
                                  progress=not args.no_progress, **trt)
     for model, (path, built) in results.items():
         print(f"{model}: {'built' if built else 'reused'} {path}")
     return 0
+
+
+def tensorrt_check(artifacts: str, pair: str):
+    """`verify(onnx_path, plan_path)` for engines/trt_build.py: a plan against the FP32 PyTorch model.
+
+    The same seeded inputs, timesteps, metrics and thresholds as `flowblend verify` applies to the
+    ONNX graphs (export/verify.py); the pair is loaded on the first call, from the export's sources.
+    """
+    loaded = {}
+
+    def verify(onnx_path: Path, plan_path: Path):
+        import copy
+
+        import torch
+
+        from flowblend.engines.iospec import IOSpec
+        from flowblend.engines.signature import signature_for
+        from flowblend.engines.trt_engine import run_plan
+        from flowblend.export.onnx import read_export_record
+        from flowblend.export.pairs import load_pair
+        from flowblend.export.verify import THRESHOLDS, TIMESTEPS, Comparison, VerifyReport
+
+        if not loaded:
+            record = read_export_record(artifacts, pair)
+            # the toy pair records "shipped" rather than a path; real pairs record paths or hub ids
+            sources = {k: v for k, v in record.get("sources", {}).items()
+                       if pair != "toy" or Path(v).expanduser().exists()}
+            loaded.update(record=record, pair=load_pair(pair, sources.get("large"), sources.get("small")))
+        record, spec = loaded["record"], IOSpec.from_dict(loaded["record"]["spec"])
+        model = next(m for m, e in record["models"].items() if e["file"] == Path(onnx_path).name)
+        reference = signature_for(torch.nn.Module.float(copy.deepcopy(loaded["pair"].transformers[model]))).eval()
+        report = VerifyReport(f"{model} (TensorRT)", spec.dtype, THRESHOLDS[spec.dtype])
+        for t in TIMESTEPS:
+            inputs = spec.sample_inputs(timestep=t)
+            out = run_plan(plan_path, dict(zip(spec.input_names, inputs)))
+            with torch.no_grad():
+                ref = reference(*[x.float() if x.is_floating_point() else x for x in inputs]).float()
+            report.comparisons.append(Comparison.of(t, out.numpy(), ref.numpy()))
+        return report
+
+    return verify

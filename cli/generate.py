@@ -9,12 +9,15 @@ import torch
 
 from flowblend.engines.base import FlowblendError
 from flowblend.export.pairs import load_pair
+from flowblend.runtime.graph import GraphRunner
 from flowblend.runtime.pipeline import BlendPipeline
 from flowblend.runtime.sampler import Sampler
 from flowblend.runtime.video import save_video
 
 from .backends import BACKENDS, make_engines, parse_dtype
 from .common import add_pair_args, add_plan_args, add_video_args, family_of, resolve_plan, resolve_video
+
+GRAPH_MODES = {"whole": "whole", "per-step": "per_step", "none": "eager"}  # --graph spelling -> GraphRunner mode
 
 
 def register(sub) -> None:
@@ -34,6 +37,8 @@ def register(sub) -> None:
     p.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16")
     p.add_argument("--out", default="out.mp4", help="video path; with several prompts, an index is appended")
     p.add_argument("--artifacts", default="artifacts", help="artifact root for compiled backends")
+    p.add_argument("--graph", default="none", choices=GRAPH_MODES,
+                   help="CUDA graphs (--device cuda): the whole loop in one graph, one per step, or none")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -65,6 +70,8 @@ def run(args) -> int:
     plan = resolve_plan(args, family)
     frames, height, width = resolve_video(args, family)
     prompts = read_prompts(args)
+    if args.graph != "none" and not args.device.startswith("cuda"):
+        raise FlowblendError(f"--graph {args.graph} captures CUDA graphs: pass --device cuda, or drop --graph")
     outs = output_paths(args.out, len(prompts))
     dtype = parse_dtype(args.dtype)
     guidance = args.guidance if args.guidance is not None else family.guidance
@@ -80,7 +87,7 @@ def run(args) -> int:
     engines = make_engines(args.backend, pair, args.device, dtype, args=args, latent_shape=latent_shape,
                            guidance=guidance)
     sampler = Sampler(engines, plan, guidance_scale=guidance, device=args.device, dtype=dtype, **solver_kw)
-    pipe = BlendPipeline(sampler, pair.encode_prompt, pair.decode)
+    pipe = BlendPipeline(GraphRunner(sampler, mode=GRAPH_MODES[args.graph]), pair.encode_prompt, pair.decode)
     for prompt, out in zip(prompts, outs):
         start = time.perf_counter()
         video, _ = pipe(prompt, latent_shape, seed=args.seed, negative_prompt=args.negative_prompt,
@@ -89,7 +96,7 @@ def run(args) -> int:
         written = save_video(video, out)
         record = {"prompt": prompt, "seed": args.seed, "pair": family.name, "backend": args.backend,
                   "plan": plan.to_dict(), "guidance": guidance, **{k: v for k, v in solver_kw.items() if v is not None},
-                  "frames": frames, "height": height, "width": width, "dtype": args.dtype,
+                  "frames": frames, "height": height, "width": width, "dtype": args.dtype, "graph": args.graph,
                   "seconds": round(seconds, 4), "video": str(written), "sources": pair.sources}
         written.with_suffix(".json").write_text(json.dumps(record, indent=2))
         print(f"wrote {written} ({plan.label}, {seconds:.2f} s)")
