@@ -127,6 +127,7 @@ class Case:
     step_seconds: dict = field(default_factory=lambda: {"large": [], "small": []})
     engine_share: list = field(default_factory=list)
     peak: PeakMemory | None = None
+    first_run_s: float | None = None  # the first warm-up run: includes compilation for torch-compile
 
 
 def _sync(device: torch.device) -> None:
@@ -364,8 +365,11 @@ def machine_info(device: torch.device) -> dict:
         except ImportError:
             pass
     if device.type == "cuda":
+        from flowblend.runtime.fused import load_library
+
         info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
-                    capability=".".join(map(str, torch.cuda.get_device_capability(device))))
+                    capability=".".join(map(str, torch.cuda.get_device_capability(device))),
+                    fused_step_kernel=load_library() is not None)  # the Sampler uses it on CUDA when built
     return info
 
 
@@ -417,7 +421,9 @@ def _warm_up(cases: list[Case], pair, noise, options: BenchOptions, skipped: lis
             if case.backend in failed:
                 break
             try:
+                t0 = time.perf_counter()
                 _run_once(case, pair, noise, device, options.end_to_end)
+                case.first_run_s = case.first_run_s or time.perf_counter() - t0
             except Exception as exc:  # noqa: BLE001 - a compiler failing is a result to report
                 if case.backend == "torch":
                     raise
@@ -524,7 +530,8 @@ def _case_rows(cases: list[Case], per_step: dict, reference_plan: BlendPlan, fra
                "realized_fraction": (ref_loop / loop) / ideal, "seconds_per_frame": e2e / frames,
                "step_ms": {m: {k: (v * 1e3 if k != "n" else v) for k, v in _stats(s).items()}
                            for m, s in c.step_seconds.items() if s},
-               "engine_share": statistics.median(c.engine_share), "peak_rss_bytes": c.peak.rss_peak}
+               "engine_share": statistics.median(c.engine_share), "first_run_s": c.first_run_s,
+               "peak_rss_bytes": c.peak.rss_peak}
         if device.type == "cuda":
             row.update(max_allocated_bytes=c.peak.allocated_peak, max_reserved_bytes=c.peak.reserved_peak)
         rows.append(row)
@@ -585,7 +592,9 @@ def render_markdown(report: dict, heading: str = "##") -> str:
     lines = [f"{heading} Benchmark: {pair['name']} pair, {pair['frames']} frames {pair['width']}x{pair['height']}, "
              f"{pair['steps']} steps, CFG {pair['guidance']}", "",
              f"Machine: {hw}, {mach['cores']} cores ({mach['torch_threads']} torch threads), torch {mach['torch']}"
-             + (f", CUDA {mach['cuda']}" if "cuda" in mach else "") + f", {report['options']['dtype']}, "
+             + (f", CUDA {mach['cuda']}" if "cuda" in mach else "")
+             + (f", fused step kernel {'on' if mach['fused_step_kernel'] else 'off (not built)'}"
+                if "fused_step_kernel" in mach else "") + f", {report['options']['dtype']}, "
              f"{report['options']['device']}. Load average at start/end: "
              f"{report['load_average']['start'][0]:.2f} / {report['load_average']['end'][0]:.2f}.", "",
              f"Command: `{report.get('command', '(Python API)')}`", "",
@@ -613,6 +622,11 @@ def render_markdown(report: dict, heading: str = "##") -> str:
                      f"{r['e2e_s']['median']:.3f} | {r['seconds_per_frame']:.4f} | {ms(r, 'large')} | {ms(r, 'small')} | "
                      f"{1 - r['engine_share']:.1%} | "
                      f"{_peak(r)} |")
+    first = {}
+    for r in report["cases"]:
+        first[r["backend"]] = first.get(r["backend"], 0.0) + (r["first_run_s"] or 0.0)
+    lines.append("\nFirst (untimed) runs, all plans, per backend: " + ", ".join(f"{b} {t:.1f} s" for b, t in first.items())
+                 + " (torch-compile compiles there; the inductor cache makes later processes faster).")
     for s in report["skipped"]:
         lines.append(f"\nNot measured: {s['backend']} ({s['mode']}): {s['reason']}")
     lines += ["", f"{heading}# Targets", "", "| target | goal | measured | met |", "|---|---|---|---|"]
