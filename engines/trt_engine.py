@@ -109,8 +109,8 @@ class TrtEngine:
     def _check_buffer(self, name: str, tensor: torch.Tensor) -> None:
         want = self.dtypes[name]
         if tensor.dtype != want:
-            raise FlowblendError(f"{self.name}: engine tensor {name!r} is {want} but the runtime buffer is {tensor.dtype}; "
-                                 "build the engine from an export in the runtime's dtype (--dtype) or change it")
+            raise FlowblendError(f"{self.name}: engine tensor {name!r} is {want} but the runtime buffer is "
+                                 f"{tensor.dtype}; build the engine from an export in the runtime's dtype (--dtype)")
         if tensor.device != self.device:
             raise FlowblendError(f"{self.name}: buffer {name!r} is on {tensor.device} but the engine runs on "
                                  f"{self.device}; allocate the sampler on that device")
@@ -120,8 +120,8 @@ class TrtEngine:
     def _set_shape(self, name: str, shape: tuple[int, ...]) -> None:
         built = tuple(self.engine.get_tensor_shape(name))
         if len(built) != len(shape) or any(b not in (-1, s) for b, s in zip(built, shape)):
-            raise FlowblendError(f"{self.name}: engine input {name!r} has shape {list(built)} but the runtime buffer is "
-                                 f"{list(shape)}; rebuild for this shape (batch 2 with CFG, 1 without)")
+            raise FlowblendError(f"{self.name}: engine input {name!r} has shape {list(built)} but the runtime buffer "
+                                 f"is {list(shape)}; rebuild for this shape (batch 2 with CFG, 1 without)")
         if -1 in built and not self.context.set_input_shape(name, shape):
             lo, _, hi = self.engine.get_tensor_profile_shape(name, 0)
             raise FlowblendError(f"{self.name}: {name!r} shape {list(shape)} is outside the plan's profile "
@@ -141,7 +141,8 @@ class TrtEngine:
                 self._set_shape(name, tuple(tensor.shape))
         unresolved = self.context.infer_shapes()
         if unresolved:
-            raise FlowblendError(f"{self.name}: TensorRT cannot infer the shapes of {list(unresolved)} from the bound inputs")
+            raise FlowblendError(f"{self.name}: TensorRT cannot infer the shapes of {list(unresolved)} from the bound "
+                                 "inputs")
         for name in self.output_names:
             shape = tuple(self.context.get_tensor_shape(name))
             if shape != tuple(tensors[name].shape):
@@ -187,7 +188,8 @@ def share_activation_memory(engines: Mapping[str, object] | Iterable, device: to
     return block
 
 
-def run_plan(plan: str | Path | bytes, inputs: Mapping[str, torch.Tensor], device: torch.device | str = "cuda") -> torch.Tensor:
+def run_plan(plan: str | Path | bytes, inputs: Mapping[str, torch.Tensor],
+             device: torch.device | str = "cuda") -> torch.Tensor:
     """One forward of a plan on `inputs` (timestep shaped [B]); returns the velocity on the CPU (for checks)."""
     engine = TrtEngine(plan, name=Path(plan).stem if isinstance(plan, (str, Path)) else "plan", device=device)
     device = engine.device

@@ -53,8 +53,8 @@ def _open(path: str) -> ctypes.CDLL:
     try:
         lib = ctypes.CDLL(path)
     except OSError as exc:
-        raise FlowblendError(f"cannot load the fused-step library {path}: {exc}; rebuild it with "
-                             "`cmake -S . -B build && cmake --build build`, or delete it to use the PyTorch path") from exc
+        raise FlowblendError(f"cannot load the fused-step library {path}: {exc}; rebuild it with `cmake -S . -B "
+                             "build && cmake --build build`, or delete it to use the PyTorch path") from exc
     version = lib.flowblend_abi_version()
     if version != ABI_VERSION:
         raise FlowblendError(f"{path} has kernel ABI {version} but this flowblend needs {ABI_VERSION}: rebuild it "

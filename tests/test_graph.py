@@ -64,7 +64,7 @@ def wan_engines():
 
 def request(seed, shape=WAN_LATENT):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn((1, *shape), generator=g), torch.randn((1, *TEXT), generator=g), torch.randn((1, *TEXT), generator=g)
+    return tuple(torch.randn((1, *s), generator=g) for s in (shape, TEXT, TEXT))
 
 
 def rel(a, b):
@@ -140,7 +140,8 @@ def test_exception_mid_capture_ends_the_capture_and_fails_clearly(wan_engines):
 
 def test_interrupt_mid_capture_still_ends_the_capture(wan_engines):
     backend = FakeGraphBackend()
-    engines = {"large": FailingEngine(wan_engines["large"], backend, 0, KeyboardInterrupt), "small": wan_engines["small"]}
+    engines = {"large": FailingEngine(wan_engines["large"], backend, 0, KeyboardInterrupt),
+               "small": wan_engines["small"]}
     runner = GraphRunner(Sampler(engines, BlendPlan.parse("LLL", 3), guidance_scale=4.0), backend=backend)
     with pytest.raises(KeyboardInterrupt):
         runner.sample(*request(1))
@@ -189,7 +190,8 @@ def test_cache_key_names_everything_that_changes_the_graph(wan_engines):
     keys = {GraphRunner(Sampler(wan_engines, p, solver=s, guidance_scale=g), backend=FakeGraphBackend())
             .key(WAN_LATENT, TEXT)
             for p, s, g in [(plan, "unipc", 4.0), (plan, "euler", 4.0), (plan, "unipc", 5.0),
-                            (BlendPlan.parse("LLL", STEPS), "unipc", 4.0), (BlendPlan.parse("LSL:0.4,0.2", 8), "unipc", 4.0)]}
+                            (BlendPlan.parse("LLL", STEPS), "unipc", 4.0),
+                            (BlendPlan.parse("LSL:0.4,0.2", 8), "unipc", 4.0)]}
     assert len(keys) == 5
 
 
