@@ -19,7 +19,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from .base import TIMESTEP, VELOCITY, FlowblendError, check_bindings
+from .base import LATENTS, TIMESTEP, VELOCITY, FlowblendError, check_bindings
 
 TRT_INSTALL_HINT = ("install the extra on a machine with an NVIDIA GPU and driver: pip install 'flowblend[trt]' "
                     "(tensorrt and cuda-python); or use --backend onnxruntime")
@@ -87,7 +87,7 @@ class TrtEngine:
         self.input_names = tuple(inputs)
         self.output_names = tuple(n for n in names if n not in inputs)
         self.dtypes = {n: torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
-        self.dtype = self.dtypes[self.input_names[0]]  # the latents' dtype: what the sampler allocates
+        self.dtype = self.dtypes.get(LATENTS, self.dtypes[self.input_names[0]])  # what the sampler allocates
         self._activation = None  # (ptr, size, owner) of the block the runtime gave us
         self._timestep_rows: list[int] = []
 
@@ -102,7 +102,10 @@ class TrtEngine:
         if size < self.activation_bytes:
             raise FlowblendError(f"engine {self.name!r} needs {self.activation_bytes} bytes of activation memory, "
                                  f"got a block of {size}: size it with shared_activation_bytes(engines)")
-        self.context.set_device_memory(ptr, size)
+        if hasattr(self.context, "set_device_memory"):  # TensorRT >= 10.1
+            self.context.set_device_memory(ptr, size)
+        else:  # 10.0: the property, size implied by the engine
+            self.context.device_memory = ptr
         self._activation = (ptr, size, owner)
 
     # -- binding --------------------------------------------------------------------------------
@@ -195,7 +198,7 @@ def run_plan(plan: str | Path | bytes, inputs: Mapping[str, torch.Tensor],
     device = engine.device
     tensors = {n: t.to(device=device, dtype=engine.dtypes[n]).contiguous() for n, t in inputs.items()}
     tensors[TIMESTEP] = tensors[TIMESTEP].reshape(1, -1)  # a one-row timestep table
-    tensors[VELOCITY] = torch.empty(tuple(inputs[engine.input_names[0]].shape), dtype=engine.dtypes[VELOCITY],
+    tensors[VELOCITY] = torch.empty(tuple(inputs[LATENTS].shape), dtype=engine.dtypes[VELOCITY],
                                     device=device)
     engine.bind(tensors)
     share_activation_memory([engine])

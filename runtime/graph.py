@@ -209,7 +209,7 @@ class GraphRunner:
         self.current = entry
         if entry.state is GraphState.FAILED:
             raise FlowblendError(f"CUDA graph for this shape failed earlier ({entry.error}); use mode='eager'")
-        if entry.state is GraphState.IDLE:
+        if entry.state in (GraphState.IDLE, GraphState.WARMING):  # WARMING: a warm-up was interrupted
             self._capture(entry, request)
         entry.sampler.load_request(*request)
 
