@@ -1,0 +1,172 @@
+"""`flowblend calibrate divergence|plan`: measure where the small model can stand in, pick the boundaries.
+
+Thin layers over calibrate.divergence.measure_divergence and calibrate.boundaries.calibrate_plan.
+Every argument is checked (and every metric's weights loaded) before a model runs.
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+from flowblend.engines.base import FlowblendError
+
+from .common import add_pair_args, add_video_args, family_of, resolve_video
+
+DEFAULT_TOLERANCE = 0.5
+
+
+def register(sub) -> None:
+    p = sub.add_parser("calibrate", help="velocity divergence and automatic stage boundaries for a model pair")
+    cal = p.add_subparsers(dest="calibrate_command", required=True)
+    div = cal.add_parser("divergence", help="small-vs-large velocity divergence along LLL trajectories (JSON + PNG)")
+    _add_common(div)
+    div.set_defaults(func=run_divergence)
+    plan = cal.add_parser("plan", help="pick stage boundaries automatically, verified by quality metrics")
+    _add_common(plan)
+    plan.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                      help=f"fraction of the SSS->LLL quality gap a plan may lose, in (0, 1] (default {DEFAULT_TOLERANCE})")
+    plan.add_argument("--metric", choices=("toy", "dino", "clip"),
+                      help="per-video quality ranking the search: toy (exact mask IoU, toy pair; its default), "
+                           "dino (DINOv2 similarity to LLL; default otherwise), clip (text-video score)")
+    plan.add_argument("--dino", help="DINOv2 folder or hub id in your HF cache (default facebook/dinov2-small "
+                                     "when --metric dino); also adds FD-DINOv2")
+    plan.add_argument("--clip", help="CLIP folder or hub id in your HF cache: adds the CLIP text-video score")
+    plan.add_argument("--inception", help="torch-fidelity Inception weights file: adds frame FID")
+    plan.add_argument("--fvd-extractor", help="TorchScript video feature extractor ([N,3,F,H,W] -> [N,D]): adds FVD")
+    plan.add_argument("--threshold", type=float, help="divergence threshold for the seed plan (default: the median)")
+    plan.add_argument("--radius", type=int, help="boundary move per search step (default steps/10)")
+    plan.add_argument("--heldout-prompt", action="append", default=[], help="held-out prompt (repeatable)")
+    plan.add_argument("--heldout-prompt-file")
+    plan.add_argument("--heldout-seeds", type=int, nargs="+", help="held-out seeds (default: 1000 + each seed)")
+    plan.add_argument("--reduced-steps", type=int, help="also score LLL and the chosen plan at this step count")
+    plan.add_argument("--report", help="markdown report path (default OUT_DIR/calibration.md); PNGs go beside it")
+    plan.add_argument("--title", default="", help="report title")
+    plan.set_defaults(func=run_plan)
+
+
+def _add_common(p) -> None:
+    add_pair_args(p)
+    add_video_args(p)
+    p.add_argument("--prompt", action="append", default=[], help="calibration prompt (repeatable)")
+    p.add_argument("--prompt-file", help="file with one calibration prompt per line")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="noise seeds (default 0)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the family's)")
+    p.add_argument("--solver", choices=("unipc", "euler"), help="default: the family's")
+    p.add_argument("--shift", type=float, help="flow shift (default: the family's)")
+    p.add_argument("--guidance", type=float, help="CFG scale (default: the family's; 1 disables CFG)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out-dir", default="calibration", help="where JSON, plots and plan.json go (default ./calibration)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _read(prompts: list[str], path: str | None, what: str) -> list[str]:
+    out = list(prompts)
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise FlowblendError(f"{what} file {p} does not exist")
+        out += p.read_text().splitlines()
+    return [x.strip() for x in out if x.strip()]
+
+
+def _toy_default_prompts(offset: int) -> list[str]:
+    from flowblend.calibrate.toydata import all_prompts
+
+    return [s.text for s in all_prompts()[offset::6]]
+
+
+def resolve_prompts(args, family) -> list[str]:
+    prompts = _read(args.prompt, args.prompt_file, "prompt")
+    if not prompts and not args.prompt_file and family.name == "toy":
+        return _toy_default_prompts(0)  # 12 of the 72 toy prompts, every colour/shape/direction
+    if not prompts:
+        raise FlowblendError("no prompt given: pass --prompt \"...\" (repeatable) or --prompt-file with one per line")
+    return prompts
+
+
+def resolve_setup(args, family):
+    from flowblend.calibrate.divergence import SamplingSetup
+
+    steps = args.steps if args.steps is not None else family.steps
+    if steps < 1:
+        raise FlowblendError(f"--steps must be >= 1, got {steps}")
+    frames, height, width = resolve_video(args, family)
+    latent_shape = family.latent_shape(frames, height, width)
+    kw = family.sampler_kwargs(latent_shape)
+    if args.solver:
+        kw["solver"] = args.solver
+    if args.shift is not None:
+        kw["shift"], kw["mu"] = args.shift, None
+    guidance = args.guidance if args.guidance is not None else family.guidance
+    if guidance < 0:
+        raise FlowblendError(f"--guidance must be >= 0, got {guidance}")
+    return SamplingSetup(steps, kw["solver"], kw["shift"], guidance, tuple(latent_shape), kw.get("mu"))
+
+
+def _load(args, family):
+    from flowblend.engines.torch_engine import TorchEngine
+    from flowblend.export.pairs import load_pair
+
+    pair = load_pair(family.name, args.large, args.small, device=args.device, allow_download=args.allow_download)
+    engines = {name: TorchEngine(m, name=name) for name, m in pair.transformers.items()}
+    return pair, engines
+
+
+def run_divergence(args) -> int:
+    from flowblend.calibrate.boundaries import default_threshold, plan_from_divergence
+    from flowblend.calibrate.divergence import make_requests, measure_divergence, plot_divergence, save_curve
+
+    family = family_of(args)
+    setup = resolve_setup(args, family)
+    prompts = resolve_prompts(args, family)
+    pair, engines = _load(args, family)
+    requests = make_requests(pair.encode_prompt, prompts, args.seeds, setup.latent_shape)
+    curve, _ = measure_divergence(engines, requests, setup, progress=not args.no_progress)
+    out = Path(args.out_dir)
+    seed = plan_from_divergence(curve) if setup.steps >= 3 else None
+    json_path = save_curve(curve, out / "divergence.json")
+    png = plot_divergence(curve, out / "divergence.png", seed, default_threshold(curve))
+    mean = curve.mean("cosine_guided")
+    print("step  cosine(guided)  relL2(guided)  cosine(cond)")
+    for i in range(curve.steps):
+        print(f"{i:>4}  {mean[i]:>14.4f}  {curve.mean('rel_l2_guided')[i]:>13.4f}  {curve.mean('cosine_cond')[i]:>12.4f}")
+    if seed is not None:
+        print(f"divergence seed plan (small where cosine <= median {default_threshold(curve):.4g}): {seed.label}")
+    print(f"wrote {json_path} and {png}")
+    return 0
+
+
+def run_plan(args) -> int:
+    from flowblend.calibrate.boundaries import calibrate_plan, check_stage_steps, check_tolerance
+    from flowblend.calibrate.metrics import MetricSources, QualityMetrics
+    from flowblend.calibrate.report import write_outputs
+
+    family = family_of(args)
+    check_tolerance(args.tolerance)
+    setup = resolve_setup(args, family)
+    check_stage_steps(setup.steps)
+    if args.reduced_steps is not None:
+        check_stage_steps(args.reduced_steps)
+    prompts = resolve_prompts(args, family)
+    heldout = _read(args.heldout_prompt, args.heldout_prompt_file, "held-out prompt")
+    if args.heldout_prompt_file and not heldout:
+        raise FlowblendError(f"held-out prompt file {args.heldout_prompt_file} is empty: give one prompt per line")
+    if not heldout and family.name == "toy" and not (args.prompt or args.prompt_file):
+        heldout = _toy_default_prompts(3)  # 12 other toy prompts
+    heldout_seeds = args.heldout_seeds or [1000 + s for s in args.seeds]
+    metric = args.metric or ("toy" if family.name == "toy" else "dino")
+    metrics = QualityMetrics(metric, MetricSources(args.dino, args.clip, args.inception, args.fvd_extractor),
+                             toy=family.name == "toy")  # loads weights now: a missing one fails before sampling
+    pair, engines = _load(args, family)
+    result = calibrate_plan(pair, prompts, args.seeds, setup, metrics, args.tolerance, args.threshold, args.radius,
+                            heldout, heldout_seeds, args.reduced_steps, engines=engines, progress=not args.no_progress)
+    command = "flowblend " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["calibrate"] else ""
+    paths = write_outputs(result, Path(args.out_dir), Path(args.report) if args.report else None,
+                          args.title or f"Calibration: {family.name} pair", command)
+    c = result.chosen
+    lll = result.per_step_flops["large"] * setup.steps
+    print(f"chosen plan {c.plan.label} ({c.plan.spec}): {c.flops / lll:.1%} of LLL FLOPs, {metric} quality "
+          f"{c.quality:.4f}, retained {c.retained:.3f} (tolerance {result.tolerance:g})")
+    print(f"wrote {paths['plan']}, {paths['report']} (+ {paths['divergence_png'].name}, {paths['quality_png'].name})")
+    return 0
