@@ -13,6 +13,7 @@ from onnx import TensorProto, helper
 import fake_tensorrt
 from flowblend.cli.main import main
 from flowblend.engines import build as build_mod
+from flowblend.engines import store as store_mod
 from flowblend.engines.base import FlowblendError
 from flowblend.engines.iospec import IOSpec
 from flowblend.engines.store import EngineStore, file_sha256
@@ -56,11 +57,18 @@ def write_export(root, spec=SPEC, pair="toy", corrupt=False):
     return onnx_dir
 
 
+def pretend_gpu(monkeypatch, identity):
+    """Every name the build path asks "which GPU is this?" through answers `identity` (None: no GPU)."""
+    for module, name in ((build_mod, "gpu_identity"), (store_mod, "gpu_identity"), (store_mod, "current_gpu_identity")):
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, lambda: None if identity is None else dict(identity))
+
+
 @pytest.fixture
 def trt(monkeypatch):
     fake_tensorrt.reset()
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt)
-    monkeypatch.setattr(build_mod, "gpu_identity", lambda: dict(H100))
+    pretend_gpu(monkeypatch, H100)
     return fake_tensorrt
 
 
@@ -182,8 +190,7 @@ def test_progress_is_reported_per_builder_phase(tmp_path, trt, capsys):
 def test_plan_built_on_another_gpu_is_refused_with_a_rebuild_hint(tmp_path, trt, monkeypatch):
     write_export(tmp_path)
     build_mod.build_pair_engines("toy", "tensorrt", tmp_path, progress=False)
-    monkeypatch.setattr(build_mod, "gpu_identity", lambda: {"gpu_name": "NVIDIA A100-SXM4-80GB",
-                                                            "compute_capability": "8.0"})
+    pretend_gpu(monkeypatch, {"gpu_name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"})
     with pytest.raises(FlowblendError, match="gpu_name.*H100.*A100.*--backend tensorrt.*--force"):
         build_mod.locate_pair_engines("toy", "tensorrt", SPEC, tmp_path)
 
@@ -202,6 +209,7 @@ def test_cli_build_tensorrt_without_a_gpu_says_so(tmp_path, monkeypatch, capsys)
     fake_tensorrt.reset()
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    pretend_gpu(monkeypatch, None)
     assert main(["build", "--backend", "tensorrt", "--artifacts", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no CUDA GPU is visible" in err
