@@ -1,9 +1,10 @@
 """Exact quality probes for toy videos: read colour, shape and motion back from the pixels.
 
 No learned network: the procedural world is simple enough to measure directly, so a score is a
-fact about the video, not another model's opinion. Thresholds come from the renderer's own
-geometry (fill ratios of circle, square and triangle; see tests/test_probes.py, which checks
-them against rendered ground truth over the whole vocabulary).
+fact about the video, not another model's opinion. The shape probe compares the foreground with
+the renderer's own circle, square and triangle of the same area and centroid (template IoU), so
+ragged edges or a stray pixel in a generated video do not flip it (a bounding-box fill ratio did);
+tests/test_probes.py checks every probe against rendered ground truth over the whole vocabulary.
 """
 from __future__ import annotations
 
@@ -11,11 +12,9 @@ import numpy as np
 
 from flowblend.export.toy import COLOURS, SHAPES
 
-from .toydata import COLOUR_RGB, PromptSpec, render
+from .toydata import COLOUR_RGB, PromptSpec, render, shape_mask
 
 FOREGROUND_THRESHOLD = 0.0  # pixel value in [-1, 1]; the background is -1, every colour has a channel at +1
-# Fill ratio of the mask within its bounding box: square ~1, circle ~pi/4, triangle ~1/2.
-SHAPE_FILL_EDGES = (0.66, 0.93)  # < 0.66 triangle, < 0.93 circle, else square (rendered: 0.50-0.60, 0.72-0.85, 1.0)
 
 
 def _as_numpy(video) -> np.ndarray:
@@ -40,6 +39,8 @@ def read_colour(video: np.ndarray, masks: np.ndarray) -> str | None:
 
 
 def fill_ratio(mask: np.ndarray) -> float | None:
+    """Fraction of the mask's bounding box it fills (square ~1, circle ~pi/4, triangle ~1/2).
+    Kept as a diagnostic; read_shape uses template IoU, which one stray pixel cannot swing."""
     ys, xs = np.nonzero(mask)
     if len(xs) < 4:
         return None
@@ -47,13 +48,38 @@ def fill_ratio(mask: np.ndarray) -> float | None:
     return float(len(xs) / box)
 
 
-def read_shape(masks: np.ndarray) -> str | None:
-    ratios = [r for r in (fill_ratio(m) for m in masks) if r is not None]
-    if not ratios:
+def template_ious(mask: np.ndarray) -> dict[str, float] | None:
+    """IoU of the mask with each vocabulary shape of the same area and centroid, drawn by the
+    renderer itself (toydata.shape_mask). None if the frame has (almost) no foreground."""
+    ys, xs = np.nonzero(mask)
+    area = len(xs)
+    if area < 4:
         return None
-    r = float(np.median(ratios))
-    lo, hi = SHAPE_FILL_EDGES
-    return "triangle" if r < lo else ("circle" if r < hi else "square")
+    cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
+    size = mask.shape[0]
+    # renderer geometry: circle radius r; square half-side 0.85 r; triangle apex-up, base 2r and
+    # height 2r (area 2 r^2), centroid 1/3 r below the box centre
+    r_tri = np.sqrt(area / 2)
+    templates = {
+        "circle": shape_mask("circle", cx, cy, np.sqrt(area / np.pi), size),
+        "square": shape_mask("square", cx, cy, np.sqrt(area) / 2 / 0.85, size),
+        "triangle": shape_mask("triangle", cx, cy - r_tri / 3, r_tri, size),
+    }
+    return {name: float((t & mask).sum() / max(1, (t | mask).sum())) for name, t in templates.items()}
+
+
+def read_shape(masks: np.ndarray) -> str | None:
+    """The shape whose template overlaps the foreground best, summed over frames."""
+    totals = dict.fromkeys(SHAPES, 0.0)
+    seen = False
+    for m in masks:
+        ious = template_ious(m)
+        if ious is None:
+            continue
+        seen = True
+        for name, iou in ious.items():
+            totals[name] += iou
+    return max(totals, key=totals.get) if seen else None
 
 
 def centroid_track(masks: np.ndarray) -> np.ndarray:
@@ -173,4 +199,3 @@ def score_set(videos, specs: list[PromptSpec], reference=None) -> dict:
 
 
 SCORE_KEYS = ("semantic_acc", "colour_acc", "shape_acc", "direction_acc", "coherence", "frechet")
-_ = SHAPES  # the vocabulary the shape probe distinguishes

@@ -7,6 +7,10 @@ gets shipped (FP16 safetensors + config in export/toy_weights/<size>/).
 
     python scripts/train_toy.py --size large --steps 2000 --threads 2
     python scripts/train_toy.py --size small --steps 2000 --threads 1
+    python scripts/train_toy.py --plot                      # docs/toy-training-loss.png from the logs
+    python scripts/train_toy.py --eval --guidance 4 --shift 3 --sample-steps 20 --seeds 1
+        # sample every prompt of the vocabulary with the shipped weights (plain diffusers UniPC loop
+        # with CFG, independent of flowblend's runtime) and score with calibrate/probes.py
 """
 from __future__ import annotations
 
@@ -27,7 +31,15 @@ from flowblend.export.toy import TOY_FRAMES, WEIGHTS_DIR, ToyTextEncoder, build_
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", choices=("large", "small"), required=True)
+    p.add_argument("--size", choices=("large", "small"))
+    p.add_argument("--plot", action="store_true", help="plot the loss logs in --work to docs/toy-training-loss.png")
+    p.add_argument("--eval", action="store_true", help="sample and probe the shipped weights (see module doc)")
+    p.add_argument("--sizes", nargs="+", default=["large", "small"], help="--eval: which models")
+    p.add_argument("--guidance", type=float, nargs="+", default=[4.0], help="--eval: CFG scales")
+    p.add_argument("--shift", type=float, nargs="+", default=[3.0], help="--eval: UniPC flow_shift values")
+    p.add_argument("--sample-steps", type=int, nargs="+", default=[20], help="--eval: sampling steps")
+    p.add_argument("--seeds", type=int, default=1, help="--eval: seeds per prompt (x72 prompts)")
+    p.add_argument("--eval-out", default="artifacts/toy-train/eval.jsonl", help="--eval: results appended here")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -39,12 +51,23 @@ def parse_args():
     p.add_argument("--work", default="artifacts/toy-train", help="checkpoints and logs (resumed from)")
     p.add_argument("--out", default=str(WEIGHTS_DIR), help="where the FP16 EMA weights are saved")
     p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--sigma-sampling", choices=("shift", "logit-normal"), default="shift",
+                   help="shift: Wan-style s ~ U(0,1), sigma = s*k/(1+(k-1)*s) with k = --train-shift")
+    p.add_argument("--train-shift", type=float, default=3.0)
+    p.add_argument("--init-from", default=None,
+                   help="start (model and EMA weights only) from this checkpoint.pt; ignored when resuming")
     return p.parse_args()
 
 
-def sample_sigmas(rng: torch.Generator, n: int) -> torch.Tensor:
-    """Logit-normal noise levels (SD3's choice): most weight in the middle, none exactly at 0 or 1."""
-    return torch.sigmoid(torch.randn(n, generator=rng))
+def sample_sigmas(rng: torch.Generator, n: int, mode: str = "shift", shift: float = 3.0) -> torch.Tensor:
+    """Training noise levels. 'shift' (default): Wan's shifted-uniform, which puts as much weight on
+    the high noise levels the sampler spends its first steps at as the sampler does (shift 3: a
+    quarter of the samples above sigma 0.9). 'logit-normal' (SD3): mostly mid noise, hardly any above
+    0.9 -- the first toy run used it and its samples had no coherent layout (docs/toy-training.md)."""
+    if mode == "logit-normal":
+        return torch.sigmoid(torch.randn(n, generator=rng))
+    s = torch.rand(n, generator=rng)
+    return s * shift / (1 + (shift - 1) * s)
 
 
 def lr_at(step: int, args) -> float:
@@ -54,9 +77,98 @@ def lr_at(step: int, args) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+@torch.no_grad()
+def sample_videos(model, prompts: list[str], seeds: list[int], steps: int = 20, guidance: float = 4.0,
+                  shift: float = 3.0, frames: int = TOY_FRAMES, batch: int = 72) -> torch.Tensor:
+    """Reference sampler: what a diffusers Wan pipeline does (UniPC flow-prediction, CFG with the
+    empty prompt = zero embeddings), written out so it checks the weights independently of flowblend."""
+    from diffusers import UniPCMultistepScheduler
+
+    encoder = ToyTextEncoder()
+    out = []
+    for i in range(0, len(prompts), batch):
+        p, sd = prompts[i:i + batch], seeds[i:i + batch]
+        cond, _ = encoder.encode(p)
+        uncond = torch.zeros_like(cond)
+        latents = torch.stack([torch.randn(3, frames, 32, 32, generator=torch.Generator().manual_seed(s))
+                               for s in sd])
+        sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        flow_shift=shift, num_train_timesteps=1000)
+        sched.set_timesteps(steps)
+        for t in sched.timesteps:
+            n = len(p)
+            both = model(hidden_states=torch.cat([latents, latents]), timestep=t.float().expand(2 * n),
+                         encoder_hidden_states=torch.cat([cond, uncond]), return_dict=False)[0].float()
+            v_c, v_u = both[:n], both[n:]
+            v = v_u + guidance * (v_c - v_u) if guidance != 1.0 else v_c
+            latents = sched.step(v, t, latents, return_dict=False)[0]
+        out.append(latents.clamp(-1, 1))
+    return torch.cat(out)
+
+
+def run_eval(args):
+    from flowblend.calibrate.probes import score_set
+    from flowblend.calibrate.toydata import all_prompts
+    from flowblend.export.toy import load_toy_transformer
+
+    specs = [s for s in all_prompts() for _ in range(args.seeds)]
+    seeds = [1000 + i for i in range(len(specs))]
+    Path(args.eval_out).parent.mkdir(parents=True, exist_ok=True)
+    for size in args.sizes:
+        model = load_toy_transformer(size)  # FP16 on disk, FP32 here
+        for steps in args.sample_steps:
+            for shift in args.shift:
+                for g in args.guidance:
+                    t0 = time.time()
+                    videos = sample_videos(model, [s.text for s in specs], seeds, steps, g, shift)
+                    scores = score_set(list(videos), specs)
+                    row = {"size": size, "steps": steps, "shift": shift, "guidance": g, "videos": len(specs),
+                           "seconds": round(time.time() - t0, 1), **{k: round(v, 4) for k, v in scores.items()}}
+                    print(json.dumps(row), flush=True)
+                    with open(args.eval_out, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+
+
+def plot_losses(work: Path, out: Path = Path("docs/toy-training-loss.png"), window: int = 50):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for size in ("large", "small"):
+        path = work / size / "loss.jsonl"
+        if not path.exists():
+            continue
+        rows = {}
+        for line in path.read_text().splitlines():  # a resumed run may repeat steps: keep the last
+            r = json.loads(line)
+            rows[r["step"]] = r["loss"]
+        steps = np.array(sorted(rows))
+        loss = np.array([rows[s] for s in steps])
+        ax.plot(steps, loss, alpha=0.2, lw=0.6)
+        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], smooth, lw=1.5, color=ax.lines[-1].get_color(),
+                label=f"{size} (final {window}-step mean {smooth[-1]:.4f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("step (batch 16)")
+    ax.set_ylabel("flow-matching MSE (velocity)")
+    ax.set_title("Toy pair training loss")
+    ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
 def main():
     args = parse_args()
     torch.set_num_threads(args.threads)
+    if args.plot:
+        return plot_losses(Path(args.work))
+    if args.eval:
+        return run_eval(args)
+    if args.size is None:
+        raise SystemExit("--size large|small is required for training")
     work = Path(args.work) / args.size
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
@@ -73,6 +185,11 @@ def main():
         opt.load_state_dict(ckpt["opt"])
         start_step = ckpt["step"]
         print(f"resumed {args.size} from step {start_step}", flush=True)
+    elif args.init_from:
+        ckpt = torch.load(args.init_from, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        print(f"initialised {args.size} from {args.init_from} (its step {ckpt['step']})", flush=True)
     # data and noise streams are a function of (seed, step): a resumed run sees the same batches
     log = open(work / "loss.jsonl", "a")
     t0 = time.time()
@@ -85,7 +202,7 @@ def main():
         drop = torch.rand(args.batch, generator=torch_rng) < args.cfg_dropout
         embeds[drop] = 0.0
         noise = torch.randn(x0.shape, generator=torch_rng)
-        sigma = sample_sigmas(torch_rng, args.batch)
+        sigma = sample_sigmas(torch_rng, args.batch, args.sigma_sampling, args.train_shift)
         s = sigma.view(-1, 1, 1, 1, 1)
         x_t = (1 - s) * x0 + s * noise
         target = noise - x0
