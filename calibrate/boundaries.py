@@ -223,7 +223,7 @@ class PlanScorer:
         quality = float(np.mean(self.metrics.per_video(videos, self.references, self.prompts)))
         scores = self.metrics.set_scores(videos, self.references, self.prompts)
         if generated:  # sampling + decode wall time on this machine (LLL's videos come from the divergence pass)
-            scores["seconds"] = seconds
+            scores["wall_s"] = seconds
         result = Scored(plan, plan.flops(self.per_step), quality, role=role, scores=scores)
         if self.lll_quality is not None:
             result.retained = retained_fraction(quality, self.lll_quality, self.sss_quality)
@@ -273,6 +273,8 @@ def calibrate_plan(pair, prompts, seeds, setup, metrics, tolerance: float = 0.1,
     check_stage_steps(setup.steps)
     if reduced_steps is not None:
         check_stage_steps(reduced_steps)
+    if radius is not None and radius < 1:
+        raise FlowblendError(f"--radius {radius} must be >= 1 step: it is how far the search moves a boundary")
     engines = engines or {name: TorchEngine(m, name=name) for name, m in pair.transformers.items()}
     requests = make_requests(pair.encode_prompt, prompts, seeds, setup.latent_shape)
     heldout = make_requests(pair.encode_prompt, heldout_prompts, heldout_seeds or seeds, setup.latent_shape) \

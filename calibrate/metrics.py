@@ -28,6 +28,8 @@ from flowblend.engines.base import FlowblendError
 DEFAULT_DINO = "facebook/dinov2-small"
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 SIMILARITY_METRICS = ("toy", "dino", "clip")  # per-video scores a plan search can rank by
+METRIC_DESCRIPTIONS = {"toy": "foreground-mask IoU with the LLL video", "dino": "DINOv2 frame similarity to the LLL video",
+                       "clip": "CLIP text-video score"}
 
 
 def video_frames(video: torch.Tensor) -> torch.Tensor:

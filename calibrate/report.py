@@ -13,6 +13,7 @@ import numpy as np
 
 from .boundaries import CalibrationResult, Scored, default_threshold
 from .divergence import plot_divergence, write_atomic
+from .metrics import METRIC_DESCRIPTIONS
 
 ROLE_ORDER = ("LLL", "SSS", "paper default", "divergence seed", "chosen")
 
@@ -73,7 +74,7 @@ def plot_quality_vs_flops(result: CalibrationResult, path: Path) -> Path:
         ax.annotate(f"{s.role} @{len(s.plan)} steps", (s.flops / 1e9, s.quality), fontsize=7, color="tab:purple",
                     xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel("GFLOPs per video")
-    ax.set_ylabel(f"quality: {result.metric} similarity to LLL (mean)")
+    ax.set_ylabel(f"quality: {METRIC_DESCRIPTIONS.get(result.metric, result.metric)}", fontsize=8)
     ax.set_title(f"quality vs cost, {result.setup.steps} steps {result.setup.solver}", fontsize=10)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -91,6 +92,20 @@ def _curve_sentence(result: CalibrationResult) -> str:
     return (f"Mean cosine distance of the guided velocities: {mean[0]:.3g} at step 0, lowest {mean[lo]:.3g} at step "
             f"{lo}, {mean[-1]:.3g} at the last step (max {mean.max():.3g}); relative L2 {result.curve.mean('rel_l2_guided')[0]:.3g}"
             f" / {result.curve.mean('rel_l2_guided')[lo]:.3g} / {result.curve.mean('rel_l2_guided')[-1]:.3g} at the same steps.")
+
+
+def _summary(result: CalibrationResult, lll_flops: float) -> list[str]:
+    """One sentence per reference: cost and quality, calibration set and (where run) held out."""
+    out = []
+    held = {s.role: s for s in result.heldout}
+    for s in _sorted_refs(result.candidates):
+        if s.role == "divergence seed":
+            continue
+        h = held.get(s.role.split(" (")[0])
+        tail = f"; held out: quality {h.quality:.4g}, retained {h.retained:.3f}" if h is not None else ""
+        out.append(f"- {s.role} {s.plan.label}: {s.flops / 1e9:.4g} GFLOPs ({s.flops / lll_flops:.1%} of LLL), quality "
+                   f"{s.quality:.4g}, retained {s.retained:.3f}{tail}")
+    return out + [""]
 
 
 def _sorted_refs(items: list[Scored]) -> list[Scored]:
@@ -123,9 +138,9 @@ def markdown(result: CalibrationResult, paths: dict, title: str = "", command: s
     s = result.setup
     lll_flops = result.per_step_flops["large"] * s.steps
     c = result.chosen
-    extra = sorted({k for x in result.candidates for k in x.scores} - {"seconds"})
+    extra = sorted({k for x in result.candidates for k in x.scores} - {"wall_s"})
     keys = ["role", "stages", "large_steps", "small_steps", "gflops", "flops_vs_lll", "quality", "retained",
-            "accepted"] + extra + ["seconds"]
+            "accepted"] + extra + ["wall_s"]
     refs = [x.row(lll_flops) for x in _sorted_refs(result.candidates)]
     cands = [x.row(lll_flops) for x in sorted(result.candidates, key=lambda x: x.flops)]
     median = ", the median" if abs(result.threshold - default_threshold(result.curve)) < 1e-12 else ""
@@ -135,14 +150,15 @@ def markdown(result: CalibrationResult, paths: dict, title: str = "", command: s
     lines += [
         f"Setup: {s.steps} steps, {s.solver} solver, shift {s.shift:g}" + (f", mu {s.mu:.4g}" if s.mu is not None else "")
         + f", guidance {s.guidance:g}, latents {tuple(s.latent_shape)}; calibration set {len(result.prompts)} prompts x "
-        f"seeds {result.seeds}. Quality metric `{result.metric}`: mean per-video similarity to the LLL video of the same "
-        f"prompt and seed. Tolerance {result.tolerance:g}: a plan is accepted when it keeps at least "
+        f"seeds {result.seeds}. Quality metric `{result.metric}`: {METRIC_DESCRIPTIONS.get(result.metric, result.metric)}"
+        " (per video, same prompt and seed; mean over the set). Tolerance {result.tolerance:g}: a plan is accepted when it keeps at least "
         f"{1 - result.tolerance:.0%} of the SSS -> LLL quality gap (retained = (q - q_SSS) / (q_LLL - q_SSS)).", "",
         "## Chosen plan", "",
         f"**{c.plan.label}** ({c.plan.spec}): {c.plan.count('large')} large + {c.plan.count('small')} small steps, "
         f"{c.flops / 1e9:.4g} GFLOPs per video = {c.flops / lll_flops:.1%} of LLL ({1 - c.flops / lll_flops:.1%} fewer); "
         f"quality {c.quality:.4g}, retained {c.retained:.3f}. Plan file: `{paths['plan']}` "
-        f"(`flowblend generate --plan-file {paths['plan']}`).", "",
+        f"(`flowblend generate --plan-file {paths['plan']}`):", "", "```json", c.plan.to_json(), "```", "",
+        *_summary(result, lll_flops),
         "## Velocity divergence", "", f"![divergence]({Path(paths['divergence_png']).name})", "",
         _curve_sentence(result) + f" Divergence seed (small where the mean cosine distance <= {result.threshold:.3g}"
         f"{median}): {result.seed.label}.", "",
@@ -154,7 +170,7 @@ def markdown(result: CalibrationResult, paths: dict, title: str = "", command: s
         lines += ["## Held-out check", "",
                   f"Prompts and seeds not used for calibration: {len(result.heldout_prompts)} prompts x seeds "
                   f"{result.heldout_seeds}, scored against their own LLL videos.", "",
-                  table(h, [k for k in keys if k != "seconds"]), ""]
+                  table(h, [k for k in keys if k != "wall_s"]), ""]
         ho = next((x for x in result.heldout if x.role == "chosen"), None)
         if ho is not None:
             lines += [f"Chosen plan: retained {c.retained:.3f} on the calibration set, {ho.retained:.3f} held out "

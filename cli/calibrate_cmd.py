@@ -148,6 +148,8 @@ def run_plan(args) -> int:
     check_stage_steps(setup.steps)
     if args.reduced_steps is not None:
         check_stage_steps(args.reduced_steps)
+    if args.radius is not None and args.radius < 1:
+        raise FlowblendError(f"--radius {args.radius} must be >= 1 step: it is how far the search moves a boundary")
     prompts = resolve_prompts(args, family)
     heldout = _read(args.heldout_prompt, args.heldout_prompt_file, "held-out prompt")
     if args.heldout_prompt_file and not heldout:

@@ -118,6 +118,7 @@ def test_plan_on_tiny_wan_and_ltx_checkpoints(tmp_path, monkeypatch, dino_path, 
     (["--clip", "/no/such/clip"] + TOY_PROMPTS, "--clip PATH"),
     (["--steps", "2"] + TOY_PROMPTS, "too few to form three stages"),
     (["--reduced-steps", "1"] + TOY_PROMPTS, "too few to form three stages"),
+    (["--radius", "0"] + TOY_PROMPTS, "--radius 0 must be >= 1"),
     (["--pair", "wan"], "no prompt given"),
     (["--pair", "toy", "--metric", "toy", "--height", "30"] + TOY_PROMPTS, "multiples of 4"),
 ])
