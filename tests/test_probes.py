@@ -61,3 +61,20 @@ def test_noise_raises_frechet_distance(real):
     rng = np.random.default_rng(1)
     noisy = [np.clip(v + rng.normal(0, 0.4, v.shape), -1, 1).astype(np.float32) for v in real]
     assert score_set(noisy, SPECS)["frechet"] > 3 * score_set(real, SPECS)["frechet"]
+
+
+def test_shape_survives_ragged_edges(real):
+    """Generated shapes have ragged borders and stray pixels; the shape reading must not flip on them."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(2)
+    for v, s in list(zip(real, SPECS))[::3]:
+        v = v.copy()
+        fg = v.max(axis=0) > 0
+        for t in range(v.shape[1]):
+            edge = fg[t] ^ ndimage.binary_erosion(fg[t])
+            drop = edge & (rng.random(edge.shape) < 0.3)
+            v[:, t][:, drop] = -1.0
+            stray = rng.integers(0, 32, 2)
+            v[:, t, stray[0], stray[1]] = v[:, t][:, fg[t]][:, 0]
+        assert score_video(v, s)["shape_ok"], s.text
