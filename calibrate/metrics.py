@@ -130,7 +130,7 @@ class ToyMaskIoU:
 class InceptionFrames(nn.Module):
     """FID's InceptionV3 (torch-fidelity) from a local weights file; frames in [0, 1]."""
 
-    def __init__(self, weights: str):
+    def __init__(self, weights: str, features: int = 2048):
         super().__init__()
         try:
             from torchmetrics.image.fid import NoTrainInceptionV3
@@ -139,9 +139,9 @@ class InceptionFrames(nn.Module):
         if not Path(weights).expanduser().is_file():
             raise FlowblendError(f"Inception weights {weights!r} not found: pass --inception PATH to torch-fidelity's "
                                  "pt_inception-2015-12-05 weights file (no download is attempted)")
-        self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+        self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(features)],
                                       feature_extractor_weights_path=str(Path(weights).expanduser()))
-        self.num_features = 2048
+        self.num_features = features  # 2048 is FID's standard; 64/192/768 are earlier Inception layers
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         return self.net((frames * 255).round().to(torch.uint8))

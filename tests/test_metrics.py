@@ -190,3 +190,26 @@ def test_missing_weights_name_the_metric_and_the_fix(kwargs, flag):
     with pytest.raises(FlowblendError, match=flag.replace("-", r"\-").replace(".", r"\.")) as err:
         QualityMetrics(**kwargs)
     assert "\n" not in str(err.value)
+
+
+def test_fid_with_inception_weights_from_a_local_file(tmp_path, monkeypatch):
+    """Plumbing of frame FID through torch-fidelity's InceptionV3 loaded from a local file (random weights here)."""
+    fidelity = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3",
+                                   reason="FID with Inception needs the optional torch-fidelity package")
+    from flowblend.calibrate.metrics import InceptionFrames
+
+    with monkeypatch.context() as m:  # build once with random weights, without the download
+        m.setattr(fidelity, "load_state_dict_from_url", lambda *a, **k: {})
+        m.setattr(fidelity.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+        torch.manual_seed(0)
+        net = fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    weights = tmp_path / "pt_inception-random.pth"
+    torch.save(net.state_dict(), weights)
+    inception = InceptionFrames(str(weights), features=64)  # the pool-1 features: same path, far cheaper
+    a, b = _videos(2, seed=1), [v * 0.3 for v in _videos(2, seed=2)]
+    frames_a, frames_b = [video_frames(v) for v in a], [video_frames(v) for v in b]
+    fa = torch.cat([inception(f) for f in frames_a]).double().numpy()
+    fb = torch.cat([inception(f) for f in frames_b]).double().numpy()
+    assert fa.shape == (8, 64)
+    got = frechet_distance(frames_a, frames_b, inception)
+    assert got == pytest.approx(_scipy_frechet(fa, fb), rel=1e-2) and got > 0
