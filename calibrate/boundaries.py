@@ -135,12 +135,16 @@ def retained_fraction(quality: float, lll_quality: float, sss_quality: float) ->
 
 
 def search_cheapest(seed: BlendPlan, score: Callable[[BlendPlan], Scored], accept: Callable[[Scored], bool],
-                    radius: int = 1, max_rounds: int = 4) -> tuple[Scored, dict[tuple, Scored]]:
+                    radius: int = 1, max_rounds: int = 4, known: list[Scored] = ()) -> tuple[Scored, dict[tuple, Scored]]:
     """Local search over LSL boundaries from `seed`: score its neighbours, move to the cheapest
-    accepted plan, stop when that is the centre (or after max_rounds). Scores are memoised, so no
-    plan is generated twice. Returns the chosen plan and every plan scored."""
+    accepted plan, stop when that is the centre (or after max_rounds). Scores are memoised, and
+    `known` plans (LLL, SSS: already generated) are never generated again. Returns the chosen plan
+    and every plan scored."""
     steps = len(seed)
     scored: dict[tuple, Scored] = {}
+    for s in known:
+        s.accepted = accept(s)
+        scored[s.plan.models] = s
 
     def get(plan: BlendPlan) -> Scored:
         if plan.models not in scored:
@@ -193,7 +197,9 @@ class CalibrationResult:
     heldout_seeds: list[int] = field(default_factory=list)
 
     def role(self, role: str, rows: list[Scored] | None = None) -> Scored | None:
-        return next((s for s in (rows if rows is not None else self.candidates) if s.role == role), None)
+        """The scored plan with this role (also when it was chosen: role 'chosen (LLL)')."""
+        return next((s for s in (rows if rows is not None else self.candidates)
+                     if s.role == role or s.role == f"chosen ({role})"), None)
 
 
 class PlanScorer:
@@ -292,9 +298,7 @@ def calibrate_plan(pair, prompts, seeds, setup, metrics, tolerance: float = 0.1,
     seed = plan_from_divergence(curve, thr)
     radius = radius or max(1, round(setup.steps / 10))
     accept = lambda s: s.retained >= 1.0 - tolerance - 1e-12  # noqa: E731
-    chosen, scored = search_cheapest(seed, scorer.score, accept, radius, max_rounds)
-    scored[lll.plan.models], scored[sss.plan.models] = lll, sss
-    sss.accepted = accept(sss)
+    chosen, scored = search_cheapest(seed, scorer.score, accept, radius, max_rounds, known=[lll, sss])
     paper = BlendPlan.parse(PAPER_DEFAULT, setup.steps)
     if paper.models not in scored:
         scored[paper.models] = scorer.score(paper)

@@ -151,6 +151,7 @@ def test_calibrate_plan_end_to_end_on_tiny_pairs(tmp_path, dino_metrics, family,
     assert {"LLL", "SSS", "paper default"} <= roles and result.chosen in result.candidates
     lll, sss = result.role("LLL"), result.role("SSS")
     assert lll.quality == pytest.approx(1.0, abs=1e-5) and lll.retained == 1.0 and sss.retained == 0.0
+    assert "wall_s" not in lll.scores and "wall_s" in sss.scores  # LLL's videos come from the divergence pass
     accepted = [s for s in result.candidates if s.accepted]
     assert result.chosen.accepted and result.chosen.flops == min(s.flops for s in accepted)
     for s in result.candidates:  # accepted <=> keeps >= 1 - tolerance of the SSS->LLL gap
