@@ -21,6 +21,9 @@ def register(sub) -> None:
     cal = p.add_subparsers(dest="calibrate_command", required=True)
     div = cal.add_parser("divergence", help="small-vs-large velocity divergence along LLL trajectories (JSON + PNG)")
     _add_common(div)
+    div.add_argument("--pattern", choices=("LSL", "any"), default="LSL",
+                     help="seed plan printed: one middle small stage (LSL) or small at every quiet step (any)")
+    div.add_argument("--threshold", type=float, help="divergence threshold for the seed plan (default: the median)")
     div.set_defaults(func=run_divergence)
     plan = cal.add_parser("plan", help="pick stage boundaries automatically, verified by quality metrics")
     _add_common(plan)
@@ -124,15 +127,16 @@ def run_divergence(args) -> int:
     requests = make_requests(pair.encode_prompt, prompts, args.seeds, setup.latent_shape)
     curve, _ = measure_divergence(engines, requests, setup, progress=not args.no_progress)
     out = Path(args.out_dir)
-    seed = plan_from_divergence(curve) if setup.steps >= 3 else None
+    threshold = default_threshold(curve) if args.threshold is None else args.threshold
+    seed = plan_from_divergence(curve, threshold, args.pattern) if setup.steps >= 3 or args.pattern == "any" else None
     json_path = save_curve(curve, out / "divergence.json")
-    png = plot_divergence(curve, out / "divergence.png", seed, default_threshold(curve))
+    png = plot_divergence(curve, out / "divergence.png", seed, threshold)
     mean = curve.mean("cosine_guided")
     print("step  cosine(guided)  relL2(guided)  cosine(cond)")
     for i in range(curve.steps):
         print(f"{i:>4}  {mean[i]:>14.4f}  {curve.mean('rel_l2_guided')[i]:>13.4f}  {curve.mean('cosine_cond')[i]:>12.4f}")
     if seed is not None:
-        print(f"divergence seed plan (small where cosine <= median {default_threshold(curve):.4g}): {seed.label}")
+        print(f"divergence seed plan, {args.pattern} (small where cosine <= {threshold:.4g}): {seed.label}")
     print(f"wrote {json_path} and {png}")
     return 0
 

@@ -25,7 +25,10 @@ def test_divergence_toy_writes_json_and_plot(tmp_path, capsys):
     data = json.loads((out / "divergence.json").read_text())
     assert len(data["summary"]["cosine_guided"]["mean"]) == 4 and data["prompts"] == TOY_PROMPTS[1::2]
     assert (out / "divergence.png").stat().st_size > 1000
-    assert "divergence seed plan" in capsys.readouterr().out
+    assert "divergence seed plan, LSL" in capsys.readouterr().out
+    rc = main(["calibrate", "divergence", "--steps", "3", "--pattern", "any", "--threshold", "1e9", "--no-progress",
+               "--out-dir", str(out)] + TOY_PROMPTS[:2])
+    assert rc == 0 and "S3" in capsys.readouterr().out  # every step under an infinite threshold: all small
 
 
 def test_plan_toy_end_to_end_then_generate_with_the_plan_file(tmp_path, capsys):
