@@ -1,77 +1,61 @@
-"""`flowblend export` and `flowblend verify`: ONNX graphs of both transformers, checked against PyTorch."""
+"""`flowblend export`: both transformers of a pair to ONNX, verified against PyTorch before they land."""
 from __future__ import annotations
 
-import sys
-
 from flowblend.engines.base import FlowblendError
-from flowblend.engines.iospec import IOSpec
-from flowblend.export.onnx import EXTERNAL_DATA_THRESHOLD, export_pair, onnx_dir, read_export_record
+from flowblend.export.onnx import EXPORT_RECORD, EXTERNAL_DATA_THRESHOLD, export_pair, onnx_dir
 from flowblend.export.pairs import load_pair
-from flowblend.export.verify import verify_onnx
 
+from .backends import parse_dtype
 from .common import add_pair_args, add_shape_args, family_of, resolve_spec
+
+DYNAMIC_DIMS = ("frames", "height", "width")
 
 
 def register(sub) -> None:
     p = sub.add_parser("export", help="export both transformers of a pair to ONNX (verified by default)")
     add_pair_args(p)
     add_shape_args(p)
-    p.add_argument("--dynamic", default="", help="min/max latent dims for a dynamic profile, e.g. frames=1:9,height=4:8 "
-                                                  "(static shapes by default: fastest, required by CUDA graphs)")
+    p.add_argument("--dynamic", default="",
+                   help="min:max latent dims for a dynamic profile, e.g. frames=1:9,height=4:8 (default: static "
+                        "shapes, the fastest and what CUDA graphs need)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
     p.add_argument("--external-data-threshold", type=int, default=EXTERNAL_DATA_THRESHOLD,
-                   help="weights above this many bytes go to an external .data file (default 2 GiB)")
+                   help="weights of this many bytes or more go to an external .data file (default 2 GiB)")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run_export)
-
-    v = sub.add_parser("verify", help="re-check exported ONNX graphs against PyTorch (exit 1 below thresholds)")
-    add_pair_args(v)
-    v.add_argument("--artifacts", default="artifacts")
-    v.set_defaults(func=run_verify)
+    p.set_defaults(func=run)
 
 
 def parse_dynamic(text: str) -> dict:
+    """'frames=1:9,height=4:8' -> {"frames": (1, 9), "height": (4, 8)} (latent units)."""
     out = {}
-    for part in filter(None, text.split(",")):
+    for part in filter(None, (p.strip() for p in text.split(","))):
         try:
-            name, rng = part.split("=")
-            lo, hi = (int(x) for x in rng.split(":"))
+            name, bounds = part.split("=")
+            lo, hi = (int(x) for x in bounds.split(":"))
         except ValueError:
-            raise FlowblendError(f"--dynamic {part!r} must look like frames=1:9 (latent units)") from None
+            raise FlowblendError(f"--dynamic {part!r} must look like frames=1:9 (min:max in latent units)") from None
+        if name.strip() not in DYNAMIC_DIMS:
+            raise FlowblendError(f"--dynamic {name.strip()!r}: only {', '.join(DYNAMIC_DIMS)} can be dynamic")
         out[name.strip()] = (lo, hi)
     return out
 
 
-def run_export(args) -> int:
+def run(args) -> int:
     family = family_of(args)
-    spec = resolve_spec(args, family, parse_dynamic(args.dynamic))
-    from flowblend.cli.backends import parse_dtype
-
     parse_dtype(args.dtype)
+    if args.external_data_threshold <= 0:
+        raise FlowblendError("--external-data-threshold must be a positive byte count, got "
+                             f"{args.external_data_threshold}")
+    spec = resolve_spec(args, family, parse_dynamic(args.dynamic))
     pair = load_pair(family.name, args.large, args.small, allow_download=args.allow_download)
     record = export_pair(pair, spec, args.artifacts, verify=not args.no_verify,
                          external_data_threshold=args.external_data_threshold, progress=not args.no_progress)
+    out = onnx_dir(args.artifacts, family.name)
     for name, entry in record["models"].items():
-        check = entry.get("verify")
-        cos = f", verify min cosine {check['min_cosine']:.7f}" if check else ", not verified"
-        print(f"{name}: {onnx_dir(args.artifacts, family.name) / entry['file']} ({entry['bytes'] / 1e6:.1f} MB{cos})")
-    print(f"wrote {onnx_dir(args.artifacts, family.name) / 'export.json'}")
+        check = entry["verify"]
+        verdict = (f"verified: min cosine {check['min_cosine']:.7f}, max abs err {check['max_abs']:.2e}"
+                   if check else "NOT verified (--no-verify)")
+        data = " + external data" if entry["external_data"] else ""
+        print(f"{name}: {out / entry['file']}{data} ({entry['bytes'] / 1e6:.1f} MB, {spec.dtype}, {verdict})")
+    print(f"wrote {out / EXPORT_RECORD}; next: flowblend build --pair {family.name} --backend onnxruntime")
     return 0
-
-
-def run_verify(args) -> int:
-    family = family_of(args)
-    record = read_export_record(args.artifacts, family.name)
-    spec = IOSpec.from_dict(record["spec"])
-    pair = load_pair(family.name, args.large, args.small, allow_download=args.allow_download)
-    failed = 0
-    for name, entry in record["models"].items():
-        report = verify_onnx(onnx_dir(args.artifacts, family.name) / entry["file"], pair.transformers[name], spec)
-        print(report.summary())
-        failed += not report.passed
-    if failed:
-        print(f"flowblend verify: {failed} graph(s) below threshold; re-export (try --dtype fp32 or bf16)",
-              file=sys.stderr)
-        return 1
-    return 0
-

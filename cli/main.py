@@ -8,7 +8,8 @@ import sys
 from flowblend.engines.base import FlowblendError
 
 # One module per subcommand, each with register(subparsers).
-COMMAND_MODULES = ["generate", "plan_cmd", "demo_cmd", "export_cmd", "build_cmd", "bench_cmd", "calibrate_cmd"]
+COMMAND_MODULES = ["generate", "plan_cmd", "demo_cmd", "export_cmd", "build_cmd", "bench_cmd", "calibrate_cmd",
+                   "verify_cmd"]
 
 
 def build_parser() -> argparse.ArgumentParser:

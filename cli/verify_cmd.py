@@ -1,0 +1,33 @@
+"""`flowblend verify`: re-check a pair's exported ONNX graphs against its PyTorch models (exit 1 below threshold)."""
+from __future__ import annotations
+
+import sys
+
+from flowblend.export.pairs import load_pair
+from flowblend.export.verify import THRESHOLDS, checked_export, verify_export
+
+from .common import add_pair_args, family_of
+
+
+def register(sub) -> None:
+    p = sub.add_parser("verify", help="check exported ONNX graphs against PyTorch (exit 1 below thresholds)")
+    add_pair_args(p)
+    p.add_argument("--artifacts", default="artifacts", help="artifact root (default ./artifacts)")
+    p.add_argument("--device", default="cpu", help="where ONNX Runtime runs the graphs (cpu | cuda)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    family = family_of(args)
+    checked = checked_export(args.artifacts, family.name)  # a missing or damaged export fails before models load
+    pair = load_pair(family.name, args.large, args.small, allow_download=args.allow_download)
+    reports = verify_export(args.artifacts, pair, device=args.device, checked=checked)
+    for report in reports:
+        print(report.summary())
+    failed = [r.model for r in reports if not r.passed]
+    if failed:
+        limits = ", ".join(f"{d} >= {t}" for d, t in THRESHOLDS.items())
+        print(f"flowblend verify: {', '.join(failed)} failed (min cosine: {limits}; no NaN/Inf); re-export, "
+              "e.g. with --dtype fp32 or bf16", file=sys.stderr)
+        return 1
+    return 0
