@@ -158,7 +158,7 @@ def _compiled_engines(backend: str, pair, options: BenchOptions, latent_shape, g
     family = pair.family
     dtype = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[options.dtype]
     spec = IOSpec(batch=2 if guidance > 1 else 1, latent=tuple(latent_shape), text_len=family.text_len,
-                  text_dim=family.text_dim, dtype=dtype, with_mask=family.takes_text_mask)
+                  text_dim=family.text_dim, dtype=dtype, with_mask=family.takes_text_mask, patch=tuple(family.patch))
     try:
         if backend == "tensorrt":
             from flowblend.engines.trt_engine import TrtEngine as engine_class

@@ -19,8 +19,8 @@ COLOUR_RGB = {
     "yellow": (1.0, 1.0, 0.0), "magenta": (1.0, 0.0, 1.0), "cyan": (0.0, 1.0, 1.0),
 }
 DIRECTION_VECTORS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
-RADIUS = (4.0, 7.0)  # half-extent of the shape, pixels
-SPEED = (0.8, 1.6)  # pixels per frame
+RADIUS = (5.0, 7.0)  # half-extent of the shape, pixels (>= 5: a shape spans several 4x4 patches)
+SPEED = (1.2, 2.0)  # pixels per frame (>= 9.6 pixels of travel over 9 frames: a clear direction)
 
 
 @dataclass(frozen=True)

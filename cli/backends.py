@@ -50,4 +50,4 @@ def spec_for_run(family, latent_shape, guidance: float, dtype: torch.dtype):
 
     name = {v: k for k, v in DTYPES.items()}[dtype]
     return IOSpec(batch=2 if guidance > 1 else 1, latent=tuple(latent_shape), text_len=family.text_len,
-                  text_dim=family.text_dim, dtype=name, with_mask=family.takes_text_mask)
+                  text_dim=family.text_dim, dtype=name, with_mask=family.takes_text_mask, patch=tuple(family.patch))

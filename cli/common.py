@@ -71,4 +71,4 @@ def resolve_spec(args, family: PairFamily, dynamic: dict | None = None):
         raise FlowblendError(f"guidance must be >= 0, got {guidance}")
     return IOSpec(batch=2 if guidance > 1 else 1, latent=family.latent_shape(frames, height, width),
                   text_len=family.text_len, text_dim=family.text_dim, dtype=args.dtype,
-                  with_mask=family.takes_text_mask, dynamic=dynamic or {})
+                  with_mask=family.takes_text_mask, dynamic=dynamic or {}, patch=tuple(family.patch))

@@ -27,6 +27,8 @@ class IOSpec:
     with_mask: bool = False
     # dynamic dims for a min/opt/max profile: {"frames"|"height"|"width": (min, max)} in latent units
     dynamic: dict = field(default_factory=dict)
+    # latent frames/height/width one transformer token covers: a dynamic dim moves in these steps
+    patch: tuple[int, int, int] = (1, 1, 1)
 
     def __post_init__(self):
         if self.batch not in (1, 2):
@@ -38,7 +40,13 @@ class IOSpec:
             if dim not in ("frames", "height", "width") or not lo <= opt <= hi:
                 raise FlowblendError(f"dynamic {dim}=({lo}, {hi}) must be frames/height/width and contain "
                                      f"the export shape's {opt}")
+            step = self.dim_multiple(dim)
+            if lo % step or hi % step:
+                raise FlowblendError(f"dynamic {dim}=({lo}, {hi}): the transformer patches {step} latent {dim} "
+                                     f"at a time, so min and max must be multiples of {step}, e.g. "
+                                     f"{max(step, lo // step * step)}:{-(-hi // step) * step}")
         object.__setattr__(self, "latent", tuple(self.latent))
+        object.__setattr__(self, "patch", tuple(self.patch))
         object.__setattr__(self, "dynamic", {k: tuple(v) for k, v in self.dynamic.items()})
 
     @property
@@ -56,6 +64,10 @@ class IOSpec:
     @property
     def output_names(self) -> tuple[str, ...]:
         return (VELOCITY,)
+
+    def dim_multiple(self, name: str) -> int:
+        """How many latent units of frames/height/width one token covers."""
+        return self.patch[{"frames": 0, "height": 1, "width": 2}[name]]
 
     def _dim(self, name: str) -> int:
         return self.latent[{"frames": 1, "height": 2, "width": 3}[name]]
@@ -104,13 +116,15 @@ class IOSpec:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["dynamic"] = {k: list(v) for k, v in self.dynamic.items()}
+        d["patch"] = list(self.patch)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "IOSpec":
         return cls(batch=d["batch"], latent=tuple(d["latent"]), text_len=d["text_len"], text_dim=d["text_dim"],
                    dtype=d.get("dtype", "fp32"), with_mask=d.get("with_mask", False),
-                   dynamic={k: tuple(v) for k, v in d.get("dynamic", {}).items()})
+                   dynamic={k: tuple(v) for k, v in d.get("dynamic", {}).items()},
+                   patch=tuple(d.get("patch", (1, 1, 1))))
 
     def key(self) -> str:
         """Short text naming the shape profile, part of every artifact key."""

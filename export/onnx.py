@@ -94,7 +94,11 @@ def _dynamic_shapes(spec: IOSpec):
     from torch.export import Dim
 
     axis = {"frames": 2, "height": 3, "width": 4}
-    latents = {axis[name]: Dim(name, min=lo, max=hi) for name, (lo, hi) in spec.dynamic.items()}
+    latents = {}
+    for name, (lo, hi) in spec.dynamic.items():
+        step = spec.dim_multiple(name)  # a patched dim is step x a free one, as torch.export requires
+        latents[axis[name]] = (Dim(name, min=lo, max=hi) if step == 1
+                               else step * Dim(f"{name}_tokens", min=lo // step, max=hi // step))
     shapes = {LATENTS: latents, TIMESTEP: None, TEXT_EMBEDS: None}
     if spec.with_mask:
         shapes[TEXT_MASK] = None

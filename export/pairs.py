@@ -54,6 +54,12 @@ class PairFamily:
         if frames < 1 or (frames - 1) % k:
             lo = (max(frames, 1) - 1) // k * k + 1
             raise FlowblendError(f"{self.name}: frames must be {k}k+1 for this VAE, got {frames}; try {lo} or {lo + k}")
+        pt, latent_frames = self.patch[0], (frames - 1) // k + 1
+        if latent_frames % pt:
+            lo = max(pt, latent_frames // pt * pt)
+            raise FlowblendError(f"{self.name}: the transformer patches {pt} latent frames at a time, so frames must "
+                                 f"give a multiple of {pt} latent frames, got {frames}; try {(lo - 1) * k + 1} or "
+                                 f"{(lo + pt - 1) * k + 1}")
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         self.check_video_shape(frames, height, width)
@@ -88,7 +94,7 @@ FAMILIES: dict[str, PairFamily] = {
         description="LTX-Video 13B + 2B (0.9.7/0.9.8), shared T5-XXL and LTX VAE"),
     "toy": PairFamily(
         name="toy", transformer_class="WanTransformer3DModel", large="<shipped>", small="<shipped>",
-        latent_channels=3, spatial_factor=1, temporal_factor=1, patch=(1, 4, 4),
+        latent_channels=3, spatial_factor=1, temporal_factor=1, patch=(3, 4, 4),
         solver="unipc", shift=3.0, steps=20, guidance=4.0, height=32, width=32, frames=9,
         text_len=8, text_dim=32,
         compat_fields=("in_channels", "out_channels", "text_dim", "patch_size"),

@@ -22,7 +22,7 @@ from flowblend.export.pairs import LoadedPair, get_family
 from flowblend.export.verify import verify_export, verify_onnx
 from flowblend.runtime.plan import BlendPlan
 from flowblend.runtime.sampler import Sampler
-from tiny_models import TEXT, latent_shape, tiny_pair
+from tiny_models import TEXT, WAN_TINY, latent_shape, tiny_pair
 
 GUIDANCE = 4.0  # CFG: the graphs are exported for batch 2
 FLOAT, FLOAT16, DOUBLE = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE
@@ -204,6 +204,32 @@ def test_dynamic_profile_is_verified_at_min_opt_and_max(tmp_path):
     with torch.no_grad():
         want = diffusers_velocity("wan", models["small"], bufs["latents"], bufs["timestep"][0], bufs["text_embeds"],
                                   None)
+    assert torch.allclose(bufs["velocity"], want, atol=1e-4)
+
+
+def test_a_dim_patched_in_threes_is_exported_as_a_multiple_and_bad_profiles_refused(tmp_path):
+    """The toy pair patches 3 latent frames per token: its dynamic frames must move in threes."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**dict(WAN_TINY["small"], patch_size=(3, 2, 2))).eval()
+    latent = (4, 6, 4, 6)
+    with pytest.raises(FlowblendError, match="multiples of 3, e.g. 3:9"):
+        IOSpec(batch=2, latent=latent, text_len=TEXT[0], text_dim=TEXT[1], dynamic={"frames": (2, 8)},
+               patch=(3, 2, 2))
+    spec = IOSpec(batch=2, latent=latent, text_len=TEXT[0], text_dim=TEXT[1], dynamic={"frames": (3, 9)},
+                  patch=(3, 2, 2))
+    record = export_pair(loaded("wan", {"small": model}), spec, tmp_path, progress=False)
+    assert record["profile"]["latents"] == [[2, 4, 3, 4, 6], [2, 4, 6, 4, 6], [2, 4, 9, 4, 6]]
+    assert {c["shape"] for c in record["models"]["small"]["verify"]["comparisons"]} == {"min", "opt", "max"}
+    assert IOSpec.from_dict(record["spec"]).patch == (3, 2, 2)  # export.json keeps it for the engines side
+    engine = OrtEngine(tmp_path / "wan" / "onnx" / "small.onnx")
+    bufs = {"latents": torch.randn(2, 4, 9, 4, 6), "timestep": torch.full((1, 2), 700.0),
+            "text_embeds": torch.randn(2, *TEXT), "velocity": torch.zeros(2, 4, 9, 4, 6)}
+    engine.bind(bufs)
+    engine.run(0)
+    with torch.no_grad():
+        want = diffusers_velocity("wan", model, bufs["latents"], bufs["timestep"][0], bufs["text_embeds"], None)
     assert torch.allclose(bufs["velocity"], want, atol=1e-4)
 
 

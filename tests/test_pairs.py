@@ -16,11 +16,14 @@ def test_families_and_defaults():
     assert wan.latent_shape(81, 480, 832) == (16, 21, 60, 104)
     # LTX VAE: 8x temporal, 32x spatial, 128 channels
     assert ltx.latent_shape(121, 512, 704) == (128, 16, 16, 22)
+    # toy: pixels are latents; the transformer patches 3 frames at a time, so 3 and 12 frames work too
+    assert get_family("toy").latent_shape(12, 32, 64) == (3, 12, 32, 64)
 
 
 @pytest.mark.parametrize("family,frames,h,w,match", [
     ("wan", 80, 480, 832, "4k\\+1"), ("wan", 81, 481, 832, "multiples of 16"), ("ltx", 120, 512, 704, "8k\\+1"),
     ("ltx", 121, 500, 704, "multiples of 32"), ("toy", 9, 30, 32, "multiples of 4"),
+    ("toy", 7, 32, 32, "multiple of 3 latent frames, got 7; try 6 or 9"),  # patch (3, 4, 4)
 ])
 def test_bad_video_shapes_name_the_fix(family, frames, h, w, match):
     with pytest.raises(FlowblendError, match=match):
