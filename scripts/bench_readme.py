@@ -1,6 +1,9 @@
 """Render a README section from a `flowblend bench` JSON: the machine, the command, what was measured, the table.
 
-    python scripts/bench_readme.py [--json docs/bench-cpu.json] [--out docs/bench-cpu.md]
+    python scripts/bench_readme.py [--json docs/bench-cpu.json] [--out docs/bench-cpu.md] [--readme README.md]
+
+With --readme, the section also replaces what lies between the README's `<!-- bench:start -->` and
+`<!-- bench:end -->` markers, so the README's results are always the last run's, never retyped.
 
 The numbers are never typed in: they come from the JSON a real run wrote, and the section says on
 which machine, under which load and with which command they were measured.
@@ -41,6 +44,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", default="docs/bench-cpu.json")
     p.add_argument("--out", default="docs/bench-cpu.md")
+    p.add_argument("--readme", help="also splice the section between this file's bench:start/end markers")
     args = p.parse_args(argv)
     source = Path(args.json)
     if not source.is_file():
@@ -53,6 +57,26 @@ def main(argv=None) -> int:
     tmp.write_text(render_section(report))
     os.replace(tmp, out)
     print(f"wrote {out}")
+    if args.readme:
+        return splice(Path(args.readme), render_section(report))
+    return 0
+
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def splice(readme: Path, section: str) -> int:
+    text = readme.read_text()
+    if START not in text or END not in text or text.index(START) > text.index(END):
+        print(f"bench_readme: error: {readme} has no {START} ... {END} block: add the two markers where the "
+              "results belong", file=sys.stderr)
+        return 2
+    head, rest = text.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    tmp = readme.with_name(f".{readme.name}.tmp")
+    tmp.write_text(f"{head}{START}\n{section.rstrip()}\n{END}{tail}")
+    os.replace(tmp, readme)
+    print(f"updated {readme}")
     return 0
 
 

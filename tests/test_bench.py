@@ -93,6 +93,15 @@ def test_readme_section_renders_from_the_json(toy_bench, tmp_path):
     text = (tmp_path / "b.md").read_text()
     assert rc == 0 and report["command"] in text and report["machine"]["torch"] in text and "load average" in text
     assert load_script("bench_readme").main(["--json", str(tmp_path / "missing.json"), "--out", str(tmp_path / "c.md")]) == 2
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\nbefore\n<!-- bench:start -->\nstale numbers\n<!-- bench:end -->\nafter\n")
+    args = ["--json", str(out / "bench.json"), "--out", str(tmp_path / "d.md"), "--readme", str(readme)]
+    assert load_script("bench_readme").main(args) == 0
+    spliced = readme.read_text()
+    assert "stale numbers" not in spliced and text.strip() in spliced
+    assert spliced.startswith("# x\nbefore\n<!-- bench:start -->\n") and spliced.endswith("<!-- bench:end -->\nafter\n")
+    readme.write_text("no markers\n")
+    assert load_script("bench_readme").main(args) == 2 and readme.read_text() == "no markers\n"
 
 
 @pytest.mark.parametrize("extra, message", [
