@@ -151,7 +151,7 @@ def markdown(result: CalibrationResult, paths: dict, title: str = "", command: s
         f"Setup: {s.steps} steps, {s.solver} solver, shift {s.shift:g}" + (f", mu {s.mu:.4g}" if s.mu is not None else "")
         + f", guidance {s.guidance:g}, latents {tuple(s.latent_shape)}; calibration set {len(result.prompts)} prompts x "
         f"seeds {result.seeds}. Quality metric `{result.metric}`: {METRIC_DESCRIPTIONS.get(result.metric, result.metric)}"
-        " (per video, same prompt and seed; mean over the set). Tolerance {result.tolerance:g}: a plan is accepted when it keeps at least "
+        f" (per video, same prompt and seed; mean over the set). Tolerance {result.tolerance:g}: a plan is accepted when it keeps at least "
         f"{1 - result.tolerance:.0%} of the SSS -> LLL quality gap (retained = (q - q_SSS) / (q_LLL - q_SSS)).", "",
         "## Chosen plan", "",
         f"**{c.plan.label}** ({c.plan.spec}): {c.plan.count('large')} large + {c.plan.count('small')} small steps, "

@@ -164,6 +164,7 @@ def test_calibrate_plan_end_to_end_on_tiny_pairs(tmp_path, dino_metrics, family,
     assert plan.models == result.chosen.plan.models
     text = paths["report"].read_text()
     assert result.chosen.plan.label in text and "Held-out check" in text and "step reduction" in text
+    assert "Tolerance 0.3:" in text and "{" not in text.split("```")[0]  # every placeholder filled in
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "calibration-divergence.png", "calibration-quality-vs-flops.png", "calibration.json", "calibration.md",
         "plan.json"]
