@@ -54,6 +54,9 @@ def _session(path: Path, providers: list, threads: int = 0):
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.intra_op_num_threads = threads
+    # The two engines of a pair alternate; a session whose idle workers keep spinning steals the
+    # cores the other session's step needs.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), opts, providers=providers)
     except Exception as exc:  # noqa: BLE001 - ORT raises several types; all mean "cannot run this graph here"

@@ -39,6 +39,7 @@ def parse_args():
     p.add_argument("--shift", type=float, nargs="+", default=[3.0], help="--eval: UniPC flow_shift values")
     p.add_argument("--sample-steps", type=int, nargs="+", default=[20], help="--eval: sampling steps")
     p.add_argument("--seeds", type=int, default=1, help="--eval: seeds per prompt (x72 prompts)")
+    p.add_argument("--weights-dir", default=str(WEIGHTS_DIR), help="--eval: weights to score (default: shipped)")
     p.add_argument("--eval-out", default="artifacts/toy-train/eval.jsonl", help="--eval: results appended here")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=16)
@@ -55,7 +56,8 @@ def parse_args():
                    help="shift: Wan-style s ~ U(0,1), sigma = s*k/(1+(k-1)*s) with k = --train-shift")
     p.add_argument("--train-shift", type=float, default=3.0)
     p.add_argument("--init-from", default=None,
-                   help="start (model and EMA weights only) from this checkpoint.pt; ignored when resuming")
+                   help="start (model and EMA weights only) from this checkpoint.pt, or from a saved weights "
+                        "folder such as export/toy_weights/large (continued training); ignored when resuming")
     return p.parse_args()
 
 
@@ -115,7 +117,7 @@ def run_eval(args):
     seeds = [1000 + i for i in range(len(specs))]
     Path(args.eval_out).parent.mkdir(parents=True, exist_ok=True)
     for size in args.sizes:
-        model = load_toy_transformer(size)  # FP16 on disk, FP32 here
+        model = load_toy_transformer(size, Path(args.weights_dir))  # FP16 on disk, FP32 here
         for steps in args.sample_steps:
             for shift in args.shift:
                 for g in args.guidance:
@@ -185,6 +187,11 @@ def main():
         opt.load_state_dict(ckpt["opt"])
         start_step = ckpt["step"]
         print(f"resumed {args.size} from step {start_step}", flush=True)
+    elif args.init_from and Path(args.init_from).is_dir():
+        saved = type(model).from_pretrained(args.init_from, torch_dtype=torch.float32).state_dict()
+        model.load_state_dict(saved)
+        ema.load_state_dict(saved)
+        print(f"initialised {args.size} from the saved weights in {args.init_from}", flush=True)
     elif args.init_from:
         ckpt = torch.load(args.init_from, weights_only=False)
         model.load_state_dict(ckpt["model"])

@@ -167,3 +167,10 @@ def test_bf16_graph_on_the_cpu_provider_is_a_clear_error(tmp_path):
 def test_providers_argument_selects_the_device(tmp_path):
     engine = OrtEngine(write_graph(tmp_path / "g.onnx"), providers=["CPUExecutionProvider"])
     assert engine.device == torch.device("cpu") and engine.session.get_providers() == ["CPUExecutionProvider"]
+
+
+def test_idle_workers_do_not_spin_between_the_pairs_alternating_sessions(tmp_path):
+    engine = OrtEngine(write_graph(tmp_path / "g.onnx"), intra_op_threads=2)
+    opts = engine.session.get_session_options()
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert opts.intra_op_num_threads == 2
