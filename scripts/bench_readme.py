@@ -20,13 +20,19 @@ from flowblend.calibrate.bench import render_markdown
 
 
 def machine_state(report: dict) -> str:
-    """One sentence on how busy the machine was: other processes skew CPU timings."""
+    """One sentence on how busy the machine was: other processes skew CPU timings.
+
+    The load average at the end includes the benchmark's own threads; whatever stands above them
+    was other work. The start figure still carries the minute before the run, so it is only shown.
+    """
     cores = report["machine"]["cores"] or 1
+    threads = report["machine"].get("torch_threads") or cores
     start, end = report["load_average"]["start"][0], report["load_average"]["end"][0]
-    busy = max(start, end) > 0.5 * cores  # the benchmark itself adds up to the torch thread count
+    busy = end - min(threads, cores) > 0.5
     state = ("other processes were running (timings are noisier and slower than on an idle machine)" if busy
-             else "the machine was otherwise idle")
-    return f"1-minute load average {start:.2f} at the start and {end:.2f} at the end on {cores} cores: {state}."
+             else "no sign of other work beside the benchmark's own threads")
+    return (f"1-minute load average {start:.2f} at the start (it still carries the minute before) and {end:.2f} "
+            f"at the end (including the benchmark's {threads} threads) on {cores} cores: {state}.")
 
 
 def render_section(report: dict) -> str:

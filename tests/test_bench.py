@@ -192,3 +192,12 @@ def test_gpu_script_dry_run_and_argument_checks(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert script.main(["--out", str(tmp_path / "y")]) == 2
         assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_machine_state_counts_only_load_above_the_benchmarks_own_threads():
+    state = load_script("bench_readme").machine_state
+    machine = {"cores": 2, "torch_threads": 2}
+    assert "no sign of other work" in state({"machine": machine, "load_average": {"start": [0.9], "end": [1.97]}})
+    assert "other processes were running" in state({"machine": machine, "load_average": {"start": [0.1], "end": [3.2]}})
+    single = {"cores": 2, "torch_threads": 1}
+    assert "other processes were running" in state({"machine": single, "load_average": {"start": [0], "end": [1.9]}})
