@@ -55,6 +55,8 @@ def parse_args():
     p.add_argument("--sigma-sampling", choices=("shift", "logit-normal"), default="shift",
                    help="shift: Wan-style s ~ U(0,1), sigma = s*k/(1+(k-1)*s) with k = --train-shift")
     p.add_argument("--train-shift", type=float, default=3.0)
+    p.add_argument("--edge-weight", type=float, default=0.0,
+                   help="extra loss weight on pixels within 2 px of a shape's outline (where the shapes differ); 0 = plain MSE")
     p.add_argument("--init-from", default=None,
                    help="start (model and EMA weights only) from this checkpoint.pt, or from a saved weights "
                         "folder such as export/toy_weights/large (continued training); ignored when resuming")
@@ -70,6 +72,15 @@ def sample_sigmas(rng: torch.Generator, n: int, mode: str = "shift", shift: floa
         return torch.sigmoid(torch.randn(n, generator=rng))
     s = torch.rand(n, generator=rng)
     return s * shift / (1 + (shift - 1) * s)
+
+
+def outline_band(x0: torch.Tensor, width: int = 2) -> torch.Tensor:
+    """[B, 1, F, H, W] 1 within `width` px of the foreground's outline, else 0: where a circle, a
+    square and a triangle of one size and place differ, and so where the shape word has to act."""
+    fg = (x0.amax(dim=1, keepdim=True) > -0.5).float()
+    k = (1, 2 * width + 1, 2 * width + 1)
+    pool = lambda m: torch.nn.functional.max_pool3d(m, k, stride=1, padding=(0, width, width))  # noqa: E731
+    return pool(fg) - (1 - pool(1 - fg))
 
 
 def lr_at(step: int, args) -> float:
@@ -216,7 +227,10 @@ def main():
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
         pred = model(hidden_states=x_t, timestep=sigma * 1000, encoder_hidden_states=embeds, return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(pred, target)
+        if args.edge_weight:
+            loss = ((pred - target) ** 2 * (1 + args.edge_weight * outline_band(x0))).mean()
+        else:
+            loss = torch.nn.functional.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
