@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
 import json
 from pathlib import Path
 
@@ -24,21 +23,14 @@ import torch
 from flowblend.calibrate.probes import foreground_masks, read_shape
 from flowblend.calibrate.toydata import PromptSpec, all_prompts, render
 from flowblend.export.toy import SHAPES, WEIGHTS_DIR, ToyTextEncoder, load_toy_transformer
+from train_toy import sample_videos  # the --eval reference sampler; scripts/ is on sys.path when run
 
 SIGMAS = (0.2, 0.4, 0.6, 0.7, 0.8, 0.9)
 
 
-def _reference_sampler():
-    spec = importlib.util.spec_from_file_location("train_toy", Path(__file__).with_name("train_toy.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.sample_videos
-
-
 def generated_confusion(model, guidance: float) -> dict:
     specs = all_prompts()
-    videos = _reference_sampler()(model, [s.text for s in specs], [1000 + i for i in range(len(specs))],
-                                  20, guidance, 3.0)
+    videos = sample_videos(model, [s.text for s in specs], [1000 + i for i in range(len(specs))], 20, guidance, 3.0)
     counts = collections.Counter((s.shape, read_shape(foreground_masks(v.numpy()))) for v, s in zip(videos, specs))
     return {f"{want}->{got}": n for (want, got), n in sorted(counts.items(), key=str)}
 
