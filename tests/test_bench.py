@@ -5,6 +5,7 @@ same measurements, FLOP ordering, memory terms against independently computed si
 """
 import importlib.util
 import json
+import statistics
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -201,3 +202,25 @@ def test_machine_state_counts_only_load_above_the_benchmarks_own_threads():
     assert "other processes were running" in state({"machine": machine, "load_average": {"start": [0.1], "end": [3.2]}})
     single = {"cores": 2, "torch_threads": 1}
     assert "other processes were running" in state({"machine": single, "load_average": {"start": [0], "end": [1.9]}})
+
+
+def test_paired_speedup_cancels_drift_common_to_a_round():
+    from flowblend.calibrate.bench import paired_speedup
+
+    # the machine runs at 1x, 2x and 1.2x slowness in three rounds; the case is 2x faster in two of them
+    reference, case = [1.0, 2.0, 1.2], [0.5, 1.0, 0.8]
+    assert paired_speedup(reference, case) == pytest.approx(2.0)  # ratios 2, 2, 1.5
+    assert statistics.median(reference) / statistics.median(case) == pytest.approx(1.5)  # what drift does to medians
+    with pytest.raises(ValueError, match="differ in number"):
+        paired_speedup(reference, case[:2])
+
+
+def test_readme_lists_the_lsl_figure_of_every_run():
+    def report(measured):
+        return {"targets": [{"name": "LSL realized speedup / FLOP-ideal (eager, loop)", "measured": f"{measured} (x)"}]}
+
+    text = load_script("bench_readme").repeat_runs(report("97.4%"), [("a.json", report("94.3%")), ("b.json", report("95.9%")),
+                                                                     ("c.json", report("95.6%"))])
+    assert "94.3% (`a.json`)" in text and "Median of all 4: 95.8%" in text and "range 94.3-97.4%" in text
+    assert "met in 3 of 4" in text
+    assert load_script("bench_readme").repeat_runs(report("97.4%"), []) == ""
