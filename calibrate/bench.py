@@ -25,6 +25,7 @@ import torch
 
 from flowblend.engines.base import FlowblendError
 from flowblend.engines.torch_engine import TorchEngine
+from flowblend.runtime.graph import GraphRunner
 from flowblend.runtime.plan import BlendPlan
 from flowblend.runtime.sampler import Sampler
 from flowblend.runtime.solvers import scheduler_for
@@ -128,6 +129,7 @@ class Case:
     engine_share: list = field(default_factory=list)
     peak: PeakMemory | None = None
     first_run_s: float | None = None  # the first warm-up run: includes compilation for torch-compile
+    runner: GraphRunner | None = None  # graph modes: captures on the first run, then replays
 
 
 def _sync(device: torch.device) -> None:
@@ -198,16 +200,21 @@ def make_engines(backend: str, pair, options: BenchOptions, latent_shape, guidan
     return _compiled_engines(backend, pair, options, latent_shape, guidance)
 
 
+# bench mode -> runtime/graph.py mode: one graph per engine call (what existing TensorRT diffusion
+# pipelines capture) or the whole blended loop in one graph
+GRAPH_MODES = {"step-graph": "per_step", "loop-graph": "whole"}
+
+
 def _check_mode(mode: str, device: torch.device) -> None:
     if mode == "loop":
         return
     if device.type != "cuda":
         raise Unavailable("CUDA graphs need a CUDA device (--device cuda)")
-    try:
-        import flowblend.runtime.graph  # noqa: F401
-    except ImportError:
-        raise Unavailable("runtime/graph.py (CUDA graph capture, issue #4) is not in this checkout") from None
-    raise Unavailable("graph modes are not wired into the benchmark yet")
+
+
+def graph_backend(device: torch.device):
+    """The capture backend of graph modes: None = runtime/graph.py's torch.cuda.CUDAGraph backend."""
+    return None
 
 
 # -- measurement -----------------------------------------------------------------------------------
@@ -219,10 +226,11 @@ def _run_once(case: Case, pair, noise, device, end_to_end: bool, sampler: Sample
     _sync(device)
     t1 = time.perf_counter()
     masks = {} if mask is None else {"prompt_mask": mask[0:1], "negative_prompt_mask": mask[1:2]}
-    sampler.load_request(noise, embeds[0:1], embeds[1:2], **masks)
+    runner = case.runner if sampler is case.sampler else None  # the per-step pass runs eagerly
+    (runner.load if runner else sampler.load_request)(noise, embeds[0:1], embeds[1:2], **masks)
     _sync(device)
     t2 = time.perf_counter()
-    sampler.run_loop()
+    runner.replay() if runner else sampler.run_loop()
     _sync(device)
     t3 = time.perf_counter()
     if end_to_end:
@@ -408,7 +416,10 @@ def _build_cases(pair, eager: dict, plans, options: BenchOptions, latent_shape, 
             for plan in plans:
                 make = lambda e: Sampler(e, plan, guidance_scale=guidance, device=device, dtype=options.dtype,  # noqa: E731
                                          **sampler_kwargs)
-                cases.append(Case(backend, mode, plan, make(engines), make(timed), log))
+                case = Case(backend, mode, plan, make(engines), make(timed), log)
+                if mode in GRAPH_MODES:
+                    case.runner = GraphRunner(case.sampler, GRAPH_MODES[mode], backend=graph_backend(device))
+                cases.append(case)
     return cases, skipped
 
 
@@ -416,23 +427,23 @@ def _warm_up(cases: list[Case], pair, noise, options: BenchOptions, skipped: lis
     """Untimed runs; torch.compile compiles here and may fail here: its cases are then dropped and reported."""
     device, runs, failed = torch.device(options.device), max(options.warmup, 1), set()
     for case in cases:
-        bar.set_postfix_str(f"warm-up {case.backend} {case.plan.label}")
+        bar.set_postfix_str(f"warm-up {case.backend} {case.mode} {case.plan.label}")
         for _ in range(runs):
-            if case.backend in failed:
+            if (case.backend, case.mode) in failed:
                 break
             try:
                 t0 = time.perf_counter()
                 _run_once(case, pair, noise, device, options.end_to_end)
                 case.first_run_s = case.first_run_s or time.perf_counter() - t0
-            except Exception as exc:  # noqa: BLE001 - a compiler failing is a result to report
-                if case.backend == "torch":
+            except Exception as exc:  # noqa: BLE001 - a compiler or a capture failing is a result to report
+                if (case.backend, case.mode) == ("torch", "loop"):
                     raise
-                failed.add(case.backend)
+                failed.add((case.backend, case.mode))
                 first = (str(exc).strip().splitlines() or [""])[0][:300]
                 skipped.append({"backend": case.backend, "mode": case.mode,
                                 "reason": f"failed on first run: {type(exc).__name__}: {first}"})
         bar.update(runs)
-    return [c for c in cases if c.backend not in failed]
+    return [c for c in cases if (c.backend, c.mode) not in failed]
 
 
 def _timed_passes(cases: list[Case], pair, noise, options: BenchOptions, bar) -> None:
@@ -449,9 +460,10 @@ def _timed_passes(cases: list[Case], pair, noise, options: BenchOptions, bar) ->
                 case.peak = peak
             bar.update()
     for _ in range(options.repeats):
-        for case in cases:
+        for case in cases:  # a graph replays without returning to Python: per-step times come from "loop"
             bar.set_postfix_str(f"per-step {case.backend} {case.plan.label}")
-            _per_step_pass(case, pair, noise, device)
+            if case.runner is None:
+                _per_step_pass(case, pair, noise, device)
             bar.update()
 
 
@@ -543,8 +555,13 @@ def _case_rows(cases: list[Case], per_step: dict, reference_plan: BlendPlan, fra
                "realized_fraction": speedup_loop / ideal, "seconds_per_frame": e2e / frames,
                "step_ms": {m: {k: (v * 1e3 if k != "n" else v) for k, v in _stats(s).items()}
                            for m, s in c.step_seconds.items() if s},
-               "engine_share": statistics.median(c.engine_share), "first_run_s": c.first_run_s,
-               "peak_rss_bytes": c.peak.rss_peak}
+               "engine_share": statistics.median(c.engine_share) if c.engine_share else None,
+               "first_run_s": c.first_run_s, "peak_rss_bytes": c.peak.rss_peak}
+        if c.runner is not None:  # same noise and prompt as the eager loop of this backend and plan
+            eager = next((e for e in cases if (e.backend, e.mode, e.plan) == (c.backend, "loop", c.plan)), None)
+            if eager is not None:
+                row["max_abs_diff_vs_loop"] = float((c.runner.latents.float() - eager.sampler.buffers.latents.float())
+                                                    .abs().max())
         if device.type == "cuda":
             row.update(max_allocated_bytes=c.peak.allocated_peak, max_reserved_bytes=c.peak.reserved_peak)
         rows.append(row)
@@ -635,13 +652,18 @@ def render_markdown(report: dict, heading: str = "##") -> str:
                      f"{r['loop_s']['max']:.3f}) | {r['speedup_loop']:.2f}x ({r.get('speedup_loop_of_medians', r['speedup_loop']):.2f}x) | "
                      f"{r['realized_fraction']:.0%} | "
                      f"{r['e2e_s']['median']:.3f} | {r['seconds_per_frame']:.4f} | {ms(r, 'large')} | {ms(r, 'small')} | "
-                     f"{1 - r['engine_share']:.1%} | "
+                     f"{'-' if r['engine_share'] is None else format(1 - r['engine_share'], '.1%')} | "
                      f"{_peak(r)} |")
     first = {}
     for r in report["cases"]:
         first[r["backend"]] = first.get(r["backend"], 0.0) + (r["first_run_s"] or 0.0)
     lines.append("\nFirst (untimed) runs, all plans, per backend: " + ", ".join(f"{b} {t:.1f} s" for b, t in first.items())
                  + " (torch-compile compiles there; the inductor cache makes later processes faster).")
+    graphs = [r for r in report["cases"] if "max_abs_diff_vs_loop" in r]
+    if graphs:
+        lines.append("\nGraph replays against the eager loop (same noise and prompt), max abs difference of the final "
+                     "latents: " + ", ".join(f"{r['backend']} {r['mode']} {r['plan']} {r['max_abs_diff_vs_loop']:.1e}"
+                                              for r in graphs) + ".")
     for s in report["skipped"]:
         lines.append(f"\nNot measured: {s['backend']} ({s['mode']}): {s['reason']}")
     lines += ["", f"{heading}# Targets", "", "| target | goal | measured | met |", "|---|---|---|---|"]

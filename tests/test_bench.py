@@ -224,3 +224,49 @@ def test_readme_lists_the_lsl_figure_of_every_run():
     assert "94.3% (`a.json`)" in text and "Median of all 4: 95.8%" in text and "range 94.3-97.4%" in text
     assert "met in 3 of 4" in text
     assert load_script("bench_readme").repeat_runs(report("97.4%"), []) == ""
+
+
+class ReplayingGraphBackend:
+    """Stand-in for runtime/graph.py's CUDA backend: a "graph" re-runs the body it was captured with."""
+
+    def __init__(self):
+        self.captures, self.replays = [], 0
+
+    def warm_up(self, fn):
+        fn()
+
+    def begin_capture(self, body):
+        self.captures.append(body)
+        return body
+
+    def end_capture(self, graph):
+        pass
+
+    def is_capturing(self):
+        return False
+
+    def replay(self, graph):
+        self.replays += 1
+        graph()
+
+
+def test_graph_modes_run_through_the_graph_runner(monkeypatch):
+    """On CPU with a stand-in capture backend: graph cases capture once, replay per run, match the eager loop."""
+    import flowblend.calibrate.bench as bench
+
+    backends = []
+    monkeypatch.setattr(bench, "_check_mode", lambda mode, device: None)  # the real one asks for a CUDA device
+    monkeypatch.setattr(bench, "graph_backend", lambda device: backends.append(ReplayingGraphBackend()) or backends[-1])
+    pair = load_pair("toy")
+    options = BenchOptions(backends=("torch",), modes=("loop", "step-graph", "loop-graph"), plans=("LLL", "LSL:0.4,0.2"),
+                           steps=5, warmup=1, repeats=2, overhead_repeats=0, progress=False)
+    report = run_bench(pair, options)
+    graph_rows = [r for r in report["cases"] if r["mode"] != "loop"]
+    assert {(r["mode"], r["plan"]) for r in graph_rows} == {(m, p) for m in ("step-graph", "loop-graph")
+                                                             for p in ("LLL", "LSL:0.4,0.2")}
+    for r in graph_rows:
+        assert r["max_abs_diff_vs_loop"] <= 1e-6 and r["engine_share"] is None and r["step_ms"] == {}
+    # four runners in case order (step-graph LLL, LSL, loop-graph LLL, LSL); 5 steps; 1 warm-up + 2 timed runs
+    assert [len(b.captures) for b in backends] == [5, 5, 1, 1]
+    assert [b.replays for b in backends] == [15, 15, 3, 3]
+    assert "Graph replays against the eager loop" in bench.render_markdown(report)
