@@ -86,7 +86,10 @@ def build_pair_engines(pair: str, backend: str, artifacts: str | Path = "artifac
             builder = lambda tmp, src=onnx_path: build_plan_file(src, spec, tmp, **trt_options)  # noqa: E731
         else:
             raise FlowblendError(f"unknown backend {backend!r}: choose onnxruntime or tensorrt")
-        out[model] = store.build(key, builder, {"onnx": entry["file"], "spec": spec.to_dict()}, force=force)
+        metadata = {"onnx": entry["file"], "spec": spec.to_dict()}
+        if backend == "tensorrt":  # what changes the plan but not its key: a different setting rebuilds
+            metadata["build_settings"] = {k: trt_options[k] for k in ("opt_level", "workspace_gib") if k in trt_options}
+        out[model] = store.build(key, builder, metadata, force=force)
     return out
 
 

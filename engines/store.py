@@ -247,11 +247,19 @@ class EngineStore:
 
     def build(self, key: EngineKey, builder: Payload, metadata: dict | None = None,
               force: bool = False) -> tuple[Path, bool]:
-        """Reuse a valid engine for `key`, else write one; returns (path, built_now). Safe across processes."""
+        """Reuse a valid engine for `key`, else write one; returns (path, built_now). Safe across processes.
+
+        A `build_settings` entry in `metadata` (TensorRT's optimization level and workspace) is not part
+        of the key, since the runtime loads an engine without knowing how it was built; a stored engine
+        built with other settings is rebuilt instead of reused, so a new --opt-level takes effect."""
         with self.lock(key):
             if not force:
                 try:
-                    return self.load(key), False
+                    path = self.load(key)
+                    wanted = (metadata or {}).get("build_settings")
+                    stored = self.manifest(self.directory(key))["engines"][path.name].get("build_settings")
+                    if wanted is None or stored == wanted:
+                        return path, False
                 except FlowblendError:
                     pass  # missing, stale or damaged: (re)build below
             return self.write(key, builder, metadata), True

@@ -210,3 +210,13 @@ def test_two_forced_builds_of_one_key_never_interleave(tmp_path):
     content = path.read_bytes()
     assert len(set(content)) == 1 and len(content) == 64 * 1000 * 20  # one writer's bytes, not a mix
     assert not list(path.parent.glob("*.partial"))
+
+
+def test_other_build_settings_rebuild_instead_of_reusing(tmp_path):
+    store = EngineStore(tmp_path)
+    path, _ = store.build(ort_key(), b"o3", {"build_settings": {"opt_level": 3}})
+    assert store.build(ort_key(), b"again", {"build_settings": {"opt_level": 3}}) == (path, False)
+    assert store.build(ort_key(), b"o5", {"build_settings": {"opt_level": 5}}) == (path, True)
+    assert path.read_bytes() == b"o5"
+    assert store.manifest(path.parent)["engines"][path.name]["build_settings"] == {"opt_level": 5}
+    assert store.build(ort_key(), b"plain") == (path, False)  # a caller that names no settings reuses

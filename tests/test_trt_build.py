@@ -131,9 +131,15 @@ def test_build_goes_through_the_store_keyed_by_gpu_and_tensorrt(tmp_path, trt):
     lat = (2, 4, 3, 4, 6)
     assert ("set_shape", "latents", lat, lat, lat) in trt.EVENTS
     assert ("set_shape", "text_embeds", (2, 7, 16), (2, 7, 16), (2, 7, 16)) in trt.EVENTS
-    # second run: nothing rebuilt
-    again = build_mod.build_pair_engines("toy", "tensorrt", tmp_path, progress=False, verify=verify)
+    # second run with the same settings: nothing rebuilt
+    again = build_mod.build_pair_engines("toy", "tensorrt", tmp_path, progress=False, opt_level=2, workspace_gib=0.5,
+                                         verify=verify)
     assert not any(built for _, built in again.values()) and len(trt.events("build_serialized_network")) == 2
+    # another optimization level is not in the key (the runtime cannot know it) but must not reuse the old plan
+    other = build_mod.build_pair_engines("toy", "tensorrt", tmp_path, progress=False, opt_level=4, workspace_gib=0.5,
+                                         verify=verify)
+    assert all(built for _, built in other.values()) and len(trt.events("build_serialized_network")) == 4
+    assert {e["build_settings"]["opt_level"] for _, _, e in EngineStore(tmp_path).entries("toy")} == {4}
 
 
 def test_timing_cache_is_shared_by_builds_on_one_gpu(tmp_path, trt):
