@@ -57,12 +57,13 @@ def template_ious(mask: np.ndarray) -> dict[str, float] | None:
         return None
     cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
     size = mask.shape[0]
-    # renderer geometry: circle radius r; square half-side 0.85 r; triangle apex-up, base 2r and
-    # height 2r (area 2 r^2), centroid 1/3 r below the box centre
+    # renderer geometry: circle radius r; square half-side square_half_side x r (the template is
+    # drawn with half-side 1 x r_sq); triangle apex-up, base 2r and height 2r (area 2 r^2),
+    # centroid 1/3 r below the box centre
     r_tri = np.sqrt(area / 2)
     templates = {
         "circle": shape_mask("circle", cx, cy, np.sqrt(area / np.pi), size),
-        "square": shape_mask("square", cx, cy, np.sqrt(area) / 2 / 0.85, size),
+        "square": shape_mask("square", cx, cy, np.sqrt(area) / 2, size, square_half_side=1.0),
         "triangle": shape_mask("triangle", cx, cy - r_tri / 3, r_tri, size),
     }
     return {name: float((t & mask).sum() / max(1, (t | mask).sum())) for name, t in templates.items()}
@@ -153,17 +154,17 @@ FEATURE_SEED = 1234
 
 
 def video_features(videos) -> np.ndarray:
-    """Fixed encoder: 4x4 block means (layout), their frame differences (motion) and 4x4 block
-    standard deviations (edges and texture, where noise and blur show), projected to FEATURE_DIM
-    by a seeded Gaussian matrix. Deterministic, no training."""
+    """Fixed encoder: 4x4 block means (layout), their frame differences (motion) and the standard
+    deviations of 2x2 blocks averaged per 4x4 block (texture: where noise and blur show; 2x2 so a
+    large shape's edges weigh less against noise than in 4x4 blocks), projected to FEATURE_DIM by a
+    seeded Gaussian matrix. Deterministic, no training."""
     feats = []
     for video in videos:
         v = _as_numpy(video)
         c, f, h, w = v.shape
-        blocks = v.reshape(c, f, h // 4, 4, w // 4, 4)
-        pooled = blocks.mean(axis=(3, 5))
+        pooled = v.reshape(c, f, h // 4, 4, w // 4, 4).mean(axis=(3, 5))
         motion = np.diff(pooled, axis=1)
-        texture = blocks.std(axis=(3, 5))
+        texture = v.reshape(c, f, h // 2, 2, w // 2, 2).std(axis=(3, 5)).reshape(c, f, h // 4, 2, w // 4, 2).mean(axis=(3, 5))
         feats.append(np.concatenate([pooled.ravel(), motion.ravel(), 2 * texture.ravel()]))
     x = np.stack(feats)
     proj = np.random.default_rng(FEATURE_SEED).standard_normal((x.shape[1], FEATURE_DIM)) / np.sqrt(x.shape[1])

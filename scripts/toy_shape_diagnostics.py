@@ -67,12 +67,13 @@ def one_shot_shape(model, guidance: float, seed: int = 0) -> list[dict]:
 
 
 @torch.no_grad()
-def prior_shape_match(model, guidance: float, renders: int = 64, draws: int = 4) -> dict:
+def prior_shape_match(model, renders: int = 64, draws: int = 4) -> dict:
     """Does the text alone set the shape? At sigma = 1 the input is pure noise, so the model's x0
     prediction is its estimate of E[x0 | prompt]: for a model that binds the shape word, the mean
     of the real videos of that prompt (a blurred shape). Score: how often the prediction (mean over
     `draws` noises) is closer (MSE) to the named shape's data mean than to the other two shapes'
-    (same colour and direction); 1/3 if the shape word has no effect. Reading a thresholded mask
+    (same colour and direction); 1/3 if the shape word has no effect. Conditional prediction only:
+    a CFG-extrapolated x0 is not an estimate of the data mean. Reading a thresholded mask
     (one_shot_shape) cannot show this at high sigma: every prompt's posterior mean is a round blob."""
     encoder = ToyTextEncoder()
     specs = all_prompts()[::3]
@@ -90,8 +91,7 @@ def prior_shape_match(model, guidance: float, renders: int = 64, draws: int = 4)
         noise = torch.randn((draws, 3, 9, 32, 32), generator=torch.Generator().manual_seed(100 + i))
         t = torch.full((draws,), 1000.0)
         v_c = model(hidden_states=noise, timestep=t, encoder_hidden_states=cond, return_dict=False)[0]
-        v_u = model(hidden_states=noise, timestep=t, encoder_hidden_states=torch.zeros_like(cond), return_dict=False)[0]
-        x0 = (noise - (v_u + guidance * (v_c - v_u))).mean(0).numpy()
+        x0 = (noise - v_c).mean(0).numpy()
         err = {shape: float(np.mean((x0 - data_mean[(s.colour, shape, s.direction)]) ** 2)) for shape in SHAPES}
         best = min(err, key=err.get)
         shape_of[s.text] = best
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     report = {"weights": args.weights_dir, "size": args.size, "guidance": args.guidance,
               "generated_shape_confusion": generated_confusion(model, args.guidance),
               "one_shot_x0_shape": one_shot_shape(model, args.guidance),
-              "prior_shape_match": prior_shape_match(model, args.guidance)}
+              "prior_shape_match": prior_shape_match(model)}
     print(json.dumps(report, indent=1))
     return 0
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowblend.calibrate.toydata import sample_batch
+from flowblend.calibrate.toydata import GEOMETRIES, sample_batch
 from flowblend.export.toy import TOY_FRAMES, WEIGHTS_DIR, ToyTextEncoder, build_toy_transformer
 
 
@@ -33,6 +33,8 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=("large", "small"))
     p.add_argument("--plot", action="store_true", help="plot the loss logs in --work to docs/toy-training-loss.png")
+    p.add_argument("--stage-logs", nargs="+", metavar="SIZE=LOG[,LOG...]",
+                   help="--plot: the loss.jsonl of each training stage in order, e.g. large=a.jsonl,b.jsonl")
     p.add_argument("--eval", action="store_true", help="sample and probe the shipped weights (see module doc)")
     p.add_argument("--sizes", nargs="+", default=["large", "small"], help="--eval: which models")
     p.add_argument("--guidance", type=float, nargs="+", default=[4.0], help="--eval: CFG scales")
@@ -57,6 +59,8 @@ def parse_args():
     p.add_argument("--train-shift", type=float, default=3.0)
     p.add_argument("--edge-weight", type=float, default=0.0,
                    help="extra loss weight on pixels within 2 px of a shape's outline (where the shapes differ); 0 = plain MSE")
+    p.add_argument("--geometry", choices=tuple(GEOMETRIES), default="v2",
+                   help="training data: v2 (default, the toy world) or v1 (the smaller shapes of the first runs)")
     p.add_argument("--init-from", default=None,
                    help="start (model and EMA weights only) from this checkpoint.pt, or from a saved weights "
                         "folder such as export/toy_weights/large (continued training); ignored when resuming")
@@ -142,30 +146,47 @@ def run_eval(args):
                         f.write(json.dumps(row) + "\n")
 
 
-def plot_losses(work: Path, out: Path = Path("docs/toy-training-loss.png"), window: int = 50):
+def read_stage_logs(paths: list[Path]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Loss logs of consecutive training stages, stage k's steps offset to follow stage k-1's; also
+    the steps where each later stage starts."""
+    steps, losses, starts, offset = [], [], [], 0
+    for path in paths:
+        rows = {}
+        for line in Path(path).read_text().splitlines():  # a resumed run may repeat steps: keep the last
+            r = json.loads(line)
+            rows[r["step"]] = r["loss"]
+        if offset:
+            starts.append(offset)
+        steps += [offset + k for k in sorted(rows)]
+        losses += [rows[k] for k in sorted(rows)]
+        offset = steps[-1] + 1
+    return np.array(steps), np.array(losses), starts
+
+
+def plot_losses(work: Path, out: Path = Path("docs/toy-training-loss.png"), window: int = 50,
+                stage_logs: dict[str, list[Path]] | None = None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     for size in ("large", "small"):
-        path = work / size / "loss.jsonl"
-        if not path.exists():
+        paths = (stage_logs or {}).get(size) or [work / size / "loss.jsonl"]
+        if not all(Path(p).exists() for p in paths):
             continue
-        rows = {}
-        for line in path.read_text().splitlines():  # a resumed run may repeat steps: keep the last
-            r = json.loads(line)
-            rows[r["step"]] = r["loss"]
-        steps = np.array(sorted(rows))
-        loss = np.array([rows[s] for s in steps])
-        ax.plot(steps, loss, alpha=0.2, lw=0.6)
+        steps, loss, starts = read_stage_logs(paths)
+        raw = ax.plot(steps, loss, alpha=0.2, lw=0.6)[0]
+        for start in starts:  # where a later stage (continued training, other data or loss) begins
+            ax.axvline(start, ls=":", lw=0.8, color=raw.get_color())
         smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
-        ax.plot(steps[window - 1:], smooth, lw=1.5, color=ax.lines[-1].get_color(),
+        ax.plot(steps[window - 1:], smooth, lw=1.5, color=raw.get_color(),
                 label=f"{size} (final {window}-step mean {smooth[-1]:.4f})")
     ax.set_yscale("log")
     ax.set_xlabel("step (batch 16)")
-    ax.set_ylabel("flow-matching MSE (velocity)")
-    ax.set_title("Toy pair training loss")
+    ax.set_ylabel("flow-matching loss")
+    ax.set_title("Toy pair training loss" + (" (dotted: a new stage; --edge-weight stages weight the outline,\n"
+                                             "so their loss is not on the plain-MSE scale)" if stage_logs else ""),
+                 fontsize=10)
     ax.legend()
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -177,7 +198,11 @@ def main():
     args = parse_args()
     torch.set_num_threads(args.threads)
     if args.plot:
-        return plot_losses(Path(args.work))
+        stages = {}
+        for item in args.stage_logs or []:
+            size, _, logs = item.partition("=")
+            stages[size] = [Path(x) for x in logs.split(",")]
+        return plot_losses(Path(args.work), stage_logs=stages)
     if args.eval:
         return run_eval(args)
     if args.size is None:
@@ -214,7 +239,7 @@ def main():
     for step in range(start_step, args.steps):
         data_rng = np.random.default_rng([args.seed, step])
         torch_rng = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        videos, texts = sample_batch(data_rng, args.batch, frames=TOY_FRAMES)
+        videos, texts = sample_batch(data_rng, args.batch, frames=TOY_FRAMES, geometry=GEOMETRIES[args.geometry])
         x0 = torch.from_numpy(videos)
         embeds, _ = encoder.encode(texts)
         drop = torch.rand(args.batch, generator=torch_rng) < args.cfg_dropout

@@ -48,3 +48,20 @@ def test_unknown_words_are_refused():
         PromptSpec("purple", "circle", "left")
     with pytest.raises(ValueError, match="needs a colour"):
         PromptSpec.parse("a circle")
+
+
+@pytest.mark.parametrize("name,radius,speed", [("v1", (5.0, 7.0), (1.2, 2.0)), ("v2", (7.0, 9.5), (0.8, 1.3))])
+def test_geometries_draw_the_sizes_and_speeds_they_name(name, radius, speed):
+    from flowblend.calibrate.probes import centroid_track, foreground_masks
+    from flowblend.calibrate.toydata import GEOMETRIES
+
+    for seed in range(20):
+        v = render(PromptSpec("red", "circle", "right"), seed, geometry=GEOMETRIES[name])
+        masks = foreground_masks(v)
+        r = np.sqrt(masks[0].sum() / np.pi)  # the pixel circle's area is pi r^2 to within a pixel ring
+        assert radius[0] - 0.5 <= r <= radius[1] + 0.5
+        step = np.diff(centroid_track(masks)[:, 0]).mean()
+        assert speed[0] - 0.1 <= step <= speed[1] + 0.1
+    square = foreground_masks(render(PromptSpec("red", "square", "up"), 3, geometry=GEOMETRIES[name]))[0]
+    ys, xs = np.nonzero(square)
+    assert square.sum() == (np.ptp(xs) + 1) * (np.ptp(ys) + 1)  # axis-aligned and filled
