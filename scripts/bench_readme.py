@@ -55,13 +55,13 @@ def repeat_runs(main: dict, others: list[tuple[str, dict]]) -> str:
         row = next((t for t in report.get("targets", []) if t["name"].startswith("LSL realized")), None)
         return row and row["measured"].split(" ")[0]
 
-    rows = [(name, figure(r)) for name, r in others]
-    rows = [(name, f) for name, f in rows if f]
-    if not rows or figure(main) is None:
+    first = figure(main)
+    rows = [(name, f) for name, f in ((name, figure(r)) for name, r in others) if f]
+    if not rows or first is None:
         return ""
-    values = [float(f.rstrip("%")) for _, f in rows] + [float(figure(main).rstrip("%"))]
+    values = [float(f.rstrip("%")) for _, f in rows] + [float(first.rstrip("%"))]
     met = sum(v >= 95.0 for v in values)
-    return ("\n**The LSL figure across runs.** The run above measured " + figure(main) + "; further runs "
+    return ("\n**The LSL figure across runs.** The run above measured " + first + "; further runs "
             "(eager torch, LLL and LSL only, same repeats) measured " + ", ".join(f"{f} (`{n}`)" for n, f in rows)
             + f". Median of all {len(values)}: {statistics.median(values):.1f}%, "
             f"range {min(values):.1f}-{max(values):.1f}%; the 95% target was met in {met} of {len(values)}.\n")

@@ -270,3 +270,10 @@ def test_graph_modes_run_through_the_graph_runner(monkeypatch):
     assert [len(b.captures) for b in backends] == [5, 5, 1, 1]
     assert [b.replays for b in backends] == [15, 15, 3, 3]
     assert "Graph replays against the eager loop" in bench.render_markdown(report)
+
+
+def test_readme_refuses_a_missing_repeat_json(toy_bench, tmp_path, capsys):
+    out, _ = toy_bench
+    args = ["--json", str(out / "bench.json"), "--out", str(tmp_path / "e.md"), "--repeat-json", str(tmp_path / "nope.json")]
+    assert load_script("bench_readme").main(args) == 2 and not (tmp_path / "e.md").exists()
+    assert "--repeat-json" in capsys.readouterr().err
