@@ -51,6 +51,9 @@ def parse_args():
     p.add_argument("--cfg-dropout", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--compile", action="store_true",
+                   help="train through torch.compile (about 1.4x faster steps on CPU after a ~1 min compile; "
+                        "same weights layout, so checkpoints resume either way)")
     p.add_argument("--work", default="artifacts/toy-train", help="checkpoints and logs (resumed from)")
     p.add_argument("--out", default=str(WEIGHTS_DIR), help="where the FP16 EMA weights are saved")
     p.add_argument("--checkpoint-every", type=int, default=100)
@@ -170,11 +173,13 @@ def plot_losses(work: Path, out: Path = Path("docs/toy-training-loss.png"), wind
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    staged = False
     for size in ("large", "small"):
         paths = (stage_logs or {}).get(size) or [work / size / "loss.jsonl"]
         if not all(Path(p).exists() for p in paths):
             continue
         steps, loss, starts = read_stage_logs(paths)
+        staged = staged or bool(starts)
         raw = ax.plot(steps, loss, alpha=0.2, lw=0.6)[0]
         for start in starts:  # where a later stage (continued training, other data or loss) begins
             ax.axvline(start, ls=":", lw=0.8, color=raw.get_color())
@@ -184,9 +189,8 @@ def plot_losses(work: Path, out: Path = Path("docs/toy-training-loss.png"), wind
     ax.set_yscale("log")
     ax.set_xlabel("step (batch 16)")
     ax.set_ylabel("flow-matching loss")
-    ax.set_title("Toy pair training loss" + (" (dotted: a new stage; --edge-weight stages weight the outline,\n"
-                                             "so their loss is not on the plain-MSE scale)" if stage_logs else ""),
-                 fontsize=10)
+    ax.set_title("Toy pair training loss" + (" (dotted: a new stage)" if staged else "")
+                 + "\n--edge-weight runs weight the outline 5x: not on the plain-MSE scale", fontsize=10)
     ax.legend()
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -233,6 +237,7 @@ def main():
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         print(f"initialised {args.size} from {args.init_from} (its step {ckpt['step']})", flush=True)
+    forward = torch.compile(model) if args.compile else model
     # data and noise streams are a function of (seed, step): a resumed run sees the same batches
     log = open(work / "loss.jsonl", "a")
     t0 = time.time()
@@ -251,7 +256,7 @@ def main():
         target = noise - x0
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
-        pred = model(hidden_states=x_t, timestep=sigma * 1000, encoder_hidden_states=embeds, return_dict=False)[0]
+        pred = forward(hidden_states=x_t, timestep=sigma * 1000, encoder_hidden_states=embeds, return_dict=False)[0]
         if args.edge_weight:
             loss = ((pred - target) ** 2 * (1 + args.edge_weight * outline_band(x0))).mean()
         else:

@@ -34,3 +34,26 @@ def test_outline_band_is_the_pixels_within_two_of_the_outline():
         outside = ndimage.distance_transform_cdt(~fg[t], metric="chessboard")
         expected = np.where(fg[t], inside <= 2, outside <= 2)
         assert (band[t] == expected).all()
+
+
+def _train(tmp_path, name, *extra):
+    import sys
+    argv = ["train_toy.py", "--size", "small", "--steps", "2", "--batch", "2", "--edge-weight", "4",
+            "--work", str(tmp_path / name), "--out", str(tmp_path / f"{name}-weights"), *extra]
+    old, sys.argv = sys.argv, argv
+    try:
+        train_toy.main()
+    finally:
+        sys.argv = old
+    losses = [json.loads(line)["loss"] for line in (tmp_path / name / "small" / "loss.jsonl").read_text().splitlines()]
+    return losses, torch.load(tmp_path / name / "small" / "checkpoint.pt", weights_only=False)["model"]
+
+
+def test_compiled_training_takes_the_same_steps_as_eager(tmp_path):
+    """--compile must only change the speed: same batches, same losses, same updated weights."""
+    eager_losses, eager_weights = _train(tmp_path, "eager")
+    compiled_losses, compiled_weights = _train(tmp_path, "compiled", "--compile")
+    assert np.allclose(compiled_losses, eager_losses, rtol=1e-4)
+    for name, w in eager_weights.items():
+        torch.testing.assert_close(compiled_weights[name], w, rtol=1e-4, atol=1e-5, msg=name)
+    assert (tmp_path / "compiled-weights" / "small" / "config.json").exists()
