@@ -52,8 +52,9 @@ def parse_args():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--compile", action="store_true",
-                   help="train through torch.compile (about 1.4x faster steps on CPU after a ~1 min compile; "
-                        "same weights layout, so checkpoints resume either way)")
+                   help="train through torch.compile (a ~1 min compile; on the 2-core VM steps were 1.4x faster "
+                        "in a 40-step test, with no clear gain over the one-hour run; same weights layout, so "
+                        "checkpoints resume either way)")
     p.add_argument("--work", default="artifacts/toy-train", help="checkpoints and logs (resumed from)")
     p.add_argument("--out", default=str(WEIGHTS_DIR), help="where the FP16 EMA weights are saved")
     p.add_argument("--checkpoint-every", type=int, default=100)

@@ -40,11 +40,13 @@ def _train(tmp_path, name, *extra):
     import sys
     argv = ["train_toy.py", "--size", "small", "--steps", "2", "--batch", "2", "--edge-weight", "4",
             "--work", str(tmp_path / name), "--out", str(tmp_path / f"{name}-weights"), *extra]
-    old, sys.argv = sys.argv, argv
+    old, sys.argv, threads = sys.argv, argv, torch.get_num_threads()
     try:
         train_toy.main()
-    finally:
+    finally:  # main() sets the process's thread count and compiles: leave neither to later tests
         sys.argv = old
+        torch.set_num_threads(threads)
+        torch._dynamo.reset()
     losses = [json.loads(line)["loss"] for line in (tmp_path / name / "small" / "loss.jsonl").read_text().splitlines()]
     return losses, torch.load(tmp_path / name / "small" / "checkpoint.pt", weights_only=False)["model"]
 
