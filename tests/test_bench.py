@@ -17,7 +17,7 @@ from flowblend.calibrate.memory import LiveTensorBytes
 from flowblend.cli.main import main
 from flowblend.engines.signature import signature_for
 from flowblend.export.pairs import load_pair
-from flowblend.export.toy import build_toy_transformer
+from flowblend.export.toy import TOY_LARGE_CONFIG, TOY_SMALL_CONFIG, build_toy_transformer
 from flowblend.runtime.plan import BlendPlan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,8 +81,16 @@ def test_bench_memory_terms_against_model_sizes(toy_bench):
     latent = report["pair"]["latent_shape"]
     latent_bytes = 4 * torch.Size(latent).numel()
     assert mem["shared_buffers_bytes"] >= 3 * latent_bytes  # latents, CFG model input and velocity at least
-    assert mem["bound_bytes"] == sum(mem["weights_bytes"].values()) + mem["large_activations_bytes"] + \
-        mem["shared_buffers_bytes"]
+    # engine constants: Wan's rotary tables [1, tokens, 1, head_dim] x2 and, per step, temb [B, dim] and its
+    # modulation projection [B, 6, dim], all float32, for the steps of the blended plan
+    steps, batch = report["pair"]["steps"], 2
+    tokens = torch.Size(latent[1:]).numel() // (3 * 4 * 4)
+    for size, config in (("large", TOY_LARGE_CONFIG), ("small", TOY_SMALL_CONFIG)):
+        dim = config["num_attention_heads"] * config["attention_head_dim"]
+        expected = 4 * (2 * tokens * config["attention_head_dim"] + steps * batch * 7 * dim)
+        assert mem["engine_constants_bytes"][size] == expected, size
+    assert mem["bound_bytes"] == sum(mem["weights_bytes"].values()) + sum(mem["engine_constants_bytes"].values()) \
+        + mem["large_activations_bytes"] + mem["shared_buffers_bytes"]
     assert mem["large_activations_bytes"] > 0 and isinstance(mem["met"], bool)
     names = [t["name"] for t in report["targets"]]
     assert any("LSL" in n for n in names) and any("overhead" in n for n in names) and any("memory" in n for n in names)
@@ -165,6 +173,9 @@ def test_runtime_and_bare_loop_compute_the_same_latents():
                               TINY_WAN["latent"], TINY_WAN["text"], 2, torch.device("cpu"), "tiny Wan")
     assert result["max_abs_diff_vs_bare"] < 1e-4
     assert result["bare_loop_ms"] > 0 and result["runtime_loop_ms"] > 0 and result["repeats"] == 2
+    # the default engines (schedule constants split out) are timed too and compute the same latents
+    assert result["split_constants"] and result["runtime_split_loop_ms"] > 0
+    assert result["split_max_abs_diff_vs_bare"] < 1e-4
 
 
 def test_live_tensor_bytes_counts_new_storages_only():
@@ -224,6 +235,15 @@ def test_readme_lists_the_lsl_figure_of_every_run():
     assert "94.3% (`a.json`)" in text and "Median of all 4: 95.8%" in text and "range 94.3-97.4%" in text
     assert "met in 3 of 4" in text
     assert load_script("bench_readme").repeat_runs(report("97.4%"), []) == ""
+
+
+def test_readme_reads_the_lsl_figure_from_its_number():
+    def report(value):  # the display text is deliberately wrong: the number must win
+        return {"targets": [{"name": "LSL realized speedup / FLOP-ideal (eager, loop)", "measured": "50.0% (x)",
+                             "value": value}]}
+
+    text = load_script("bench_readme").repeat_runs(report(0.9612), [("a.json", report(0.9488))])
+    assert "measured 96.1%" in text and "94.9% (`a.json`)" in text and "met in 1 of 2" in text
 
 
 class ReplayingGraphBackend:

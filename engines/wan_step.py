@@ -1,0 +1,92 @@
+"""Wan's forward with its schedule constants taken out of the step.
+
+Every call of WanTransformer3DModel.forward recomputes the rotary tables (a function of the latent
+shape only) and the timestep embedding and its modulation projection (a function of the step's
+timestep only). The runtime knows both before the loop: the shape and the timestep table are fixed
+when an engine is bound. Computing them once per binding, as the solver table already is, removes
+about 25 small ops from every step, which is most of the per-call cost of a small model that has
+few layers (the toy small model: ~1 ms of ~8 ms on the 2-core CPU).
+
+The step below is WanTransformer3DModel.forward (diffusers 0.42) with those three values passed in;
+tests/test_wan_step.py checks it is bitwise equal to diffusers' own forward. Anything the split
+does not cover (image conditioning, Wan 2.2's per-token timesteps, a subclass with its own forward,
+accelerate hooks) keeps the plain forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class WanStepConstants:
+    """Per-binding inputs of every step: rotary tables and, per step, temb and its projection."""
+
+    rotary: tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [1, tokens, 1, head_dim]
+    temb: torch.Tensor                        # [steps, B, inner_dim]
+    timestep_proj: torch.Tensor               # [steps, B, 6, inner_dim]
+
+
+def supports_step_split(transformer: nn.Module) -> bool:
+    """True for a plain text-to-video WanTransformer3DModel, the case WanStep reproduces exactly."""
+    try:
+        from diffusers import WanTransformer3DModel
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        return False
+    config = getattr(transformer, "config", None)
+    return (type(transformer) is WanTransformer3DModel
+            and getattr(config, "image_dim", None) is None
+            and getattr(config, "added_kv_proj_dim", None) is None
+            and getattr(transformer.condition_embedder, "image_embedder", None) is None
+            and not hasattr(transformer, "_hf_hook"))
+
+
+class WanStep(nn.Module):
+    """`constants(latents, timestep_table, text_embeds)` once per binding, then `forward(..., step)` per step."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        if not supports_step_split(transformer):
+            raise TypeError(f"{type(transformer).__name__} is not a plain text-to-video WanTransformer3DModel")
+        self.transformer = transformer
+
+    @torch.no_grad()
+    def constants(self, latents: torch.Tensor, timestep_table: torch.Tensor,
+                  text_embeds: torch.Tensor) -> WanStepConstants:
+        """Computed exactly as forward computes them, one timestep row at a time (same shapes, same bits).
+
+        `text_embeds` only fixes the dtype of temb (forward casts it to the text's dtype); its
+        values are not used.
+        """
+        model = self.transformer
+        rotary = model.rope(latents)
+        temb, projections = [], []
+        for row in timestep_table:
+            step_temb, step_proj, _, _ = model.condition_embedder(row, text_embeds[:, :1], None)
+            temb.append(step_temb)
+            projections.append(step_proj.unflatten(1, (6, -1)))
+        return WanStepConstants(rotary, torch.stack(temb), torch.stack(projections))
+
+    def forward(self, latents: torch.Tensor, text_embeds: torch.Tensor, constants: WanStepConstants,
+                step: int) -> torch.Tensor:
+        model = self.transformer
+        batch_size, _, num_frames, height, width = latents.shape
+        p_t, p_h, p_w = model.config.patch_size
+
+        hidden_states = model.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()
+        encoder_hidden_states = model.condition_embedder.text_embedder(text_embeds)
+        temb, timestep_proj = constants.temb[step], constants.timestep_proj[step]
+        for block in model.blocks:
+            hidden_states = block(hidden_states, encoder_hidden_states, timestep_proj, constants.rotary)
+
+        shift, scale = (model.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
+        shift, scale = shift.to(hidden_states.device), scale.to(hidden_states.device)
+        hidden_states = (model.norm_out(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)
+        hidden_states = model.proj_out(hidden_states)
+
+        hidden_states = hidden_states.reshape(batch_size, num_frames // p_t, height // p_h, width // p_w,
+                                              p_t, p_h, p_w, -1)
+        hidden_states = hidden_states.permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return hidden_states.flatten(6, 7).flatten(4, 5).flatten(2, 3)
