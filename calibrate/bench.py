@@ -466,11 +466,18 @@ def _warm_up(cases: list[Case], pair, noise, options: BenchOptions, skipped: lis
     return [c for c in cases if (c.backend, c.mode) not in failed]
 
 
+def round_order(cases: list, round_index: int) -> list:
+    """The cases of one round, rotated by the round's index: each case is first as often as the others,
+    so no case always runs right after the same one (a fixed order can bias the paired ratios)."""
+    shift = round_index % len(cases) if cases else 0
+    return cases[shift:] + cases[:shift]
+
+
 def _timed_passes(cases: list[Case], pair, noise, options: BenchOptions, bar) -> None:
     """Pass 1 (loop and end to end, with peak memory) then pass 2 (per engine call), round-robin over cases."""
     device = torch.device(options.device)
-    for _ in range(options.repeats):
-        for case in cases:
+    for r in range(options.repeats):
+        for case in round_order(cases, r):
             bar.set_postfix_str(f"timed {case.backend} {case.plan.label}")
             with PeakMemory(device) as peak:
                 timing = _run_once(case, pair, noise, device, options.end_to_end)
@@ -479,8 +486,8 @@ def _timed_passes(cases: list[Case], pair, noise, options: BenchOptions, bar) ->
             if case.peak is None or (peak.rss_peak, peak.allocated_peak) > (case.peak.rss_peak, case.peak.allocated_peak):
                 case.peak = peak
             bar.update()
-    for _ in range(options.repeats):
-        for case in cases:  # a graph replays without returning to Python: per-step times come from "loop"
+    for r in range(options.repeats):
+        for case in round_order(cases, r):  # a graph replays without returning to Python: per-step times come from "loop"
             bar.set_postfix_str(f"per-step {case.backend} {case.plan.label}")
             if case.runner is None:
                 _per_step_pass(case, pair, noise, device)
@@ -550,9 +557,18 @@ def paired_speedup(reference: list[float], case: list[float]) -> float:
     A shared CPU drifts in speed by 10-20% over a run (the reference's loop spans 0.45-0.61 s in
     one toy run); cases of one round run back to back, so their ratio cancels what the round had
     in common, which a ratio of two medians taken over the whole run does not."""
+    return statistics.median(paired_ratios(reference, case))
+
+
+def paired_ratios(reference: list[float], case: list[float]) -> list[float]:
+    """Reference time / case time per round (what paired_speedup takes the median of)."""
     if len(reference) != len(case) or not case:
         raise ValueError(f"paired repeats differ in number: {len(reference)} vs {len(case)}")
-    return statistics.median(r / c for r, c in zip(reference, case))
+    return [r / c for r, c in zip(reference, case)]
+
+
+def _quartiles(values: list[float]) -> list[float] | None:
+    return [q for i, q in enumerate(statistics.quantiles(values, n=4)) if i != 1] if len(values) >= 2 else None
 
 
 def _case_rows(cases: list[Case], per_step: dict, reference_plan: BlendPlan, frames: int, device) -> list[dict]:
@@ -573,6 +589,8 @@ def _case_rows(cases: list[Case], per_step: dict, reference_plan: BlendPlan, fra
                "speedup_loop": speedup_loop, "speedup_e2e": paired_speedup(ref.times["e2e"], c.times["e2e"]),
                "speedup_loop_of_medians": ref_loop / loop,
                "realized_fraction": speedup_loop / ideal, "seconds_per_frame": e2e / frames,
+               "realized_quartiles": [q / ideal for q in _quartiles(paired_ratios(ref.times["loop"], c.times["loop"]))
+                                      or []] or None,
                "step_ms": {m: {k: (v * 1e3 if k != "n" else v) for k, v in _stats(s).items()}
                            for m, s in c.step_seconds.items() if s},
                "engine_share": statistics.median(c.engine_share) if c.engine_share else None,
@@ -594,7 +612,9 @@ def _targets(report: dict) -> list[dict]:
                None)
     if lsl:
         out.append({"name": "LSL realized speedup / FLOP-ideal (eager, loop)", "target": f">= {TARGETS['realized_fraction']:.0%}",
-                    "measured": f"{lsl['realized_fraction']:.1%} ({lsl['speedup_loop']:.2f}x of {lsl['ideal_speedup']:.2f}x)",
+                    "measured": f"{lsl['realized_fraction']:.1%} ({lsl['speedup_loop']:.2f}x of {lsl['ideal_speedup']:.2f}x"
+                    + (f"; rounds' quartiles {lsl['realized_quartiles'][0]:.0%}-{lsl['realized_quartiles'][1]:.0%}"
+                       if lsl.get("realized_quartiles") else "") + ")",
                     "value": lsl["realized_fraction"], "met": lsl["realized_fraction"] >= TARGETS["realized_fraction"]})
     if report["overhead"]:
         o = report["overhead"][0]
@@ -653,7 +673,7 @@ def render_markdown(report: dict, heading: str = "##") -> str:
              + (f". {report['note'][0].upper()}{report['note'][1:]}." if report.get("note") else "."), "",
              "Loop: the denoising loop alone; end to end: text encoding + loop + decode"
              + ("" if report["options"]["end_to_end"] else " (not measured: no text encoder / VAE, end to end = loop)")
-             + f". Medians of {report['options']['repeats']} repeats visited round-robin, after "
+             + f". Medians of {report['options']['repeats']} repeats visited round-robin (each round starts one case later), after "
              f"{max(report['options']['warmup'], 1)} warm-up run(s). Speedups are against eager PyTorch "
              f"{report['flops']['reference_plan']} measured in the same run: the median over repeats of the "
              "ratio within each round (\"of medians\": ratio of the two medians, for comparison); FLOP-ideal = LLL FLOPs / plan FLOPs "

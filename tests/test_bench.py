@@ -12,7 +12,7 @@ import imageio.v3 as iio
 import pytest
 import torch
 
-from flowblend.calibrate.bench import TINY_WAN, BenchOptions, measure_overhead, run_bench
+from flowblend.calibrate.bench import TINY_WAN, BenchOptions, measure_overhead, round_order, run_bench
 from flowblend.calibrate.memory import LiveTensorBytes
 from flowblend.cli.main import main
 from flowblend.engines.signature import signature_for
@@ -226,6 +226,13 @@ def test_paired_speedup_cancels_drift_common_to_a_round():
         paired_speedup(reference, case[:2])
 
 
+def test_realized_spread_is_the_quartiles_of_the_rounds():
+    from flowblend.calibrate.bench import _quartiles
+
+    assert _quartiles([5.0, 1.0, 3.0, 2.0, 4.0]) == [1.5, 4.5]  # statistics' default (exclusive) method
+    assert _quartiles([1.0]) is None
+
+
 def test_readme_lists_the_lsl_figure_of_every_run():
     def report(measured):
         return {"targets": [{"name": "LSL realized speedup / FLOP-ideal (eager, loop)", "measured": f"{measured} (x)"}]}
@@ -297,3 +304,10 @@ def test_readme_refuses_a_missing_repeat_json(toy_bench, tmp_path, capsys):
     args = ["--json", str(out / "bench.json"), "--out", str(tmp_path / "e.md"), "--repeat-json", str(tmp_path / "nope.json")]
     assert load_script("bench_readme").main(args) == 2 and not (tmp_path / "e.md").exists()
     assert "--repeat-json" in capsys.readouterr().err
+
+
+def test_rounds_rotate_which_case_goes_first():
+    cases = ["LLL", "LSL", "SSS"]
+    rounds = [round_order(cases, r) for r in range(6)]
+    assert [r[0] for r in rounds] == ["LLL", "LSL", "SSS", "LLL", "LSL", "SSS"]
+    assert all(sorted(r) == sorted(cases) for r in rounds) and round_order([], 3) == []
