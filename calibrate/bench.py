@@ -313,13 +313,17 @@ def measure_overhead(modules: dict, plan: BlendPlan, sampler_kwargs: dict, guida
             times[name].append(runs[name]()[0])
     b, s = statistics.median(times["bare"]), statistics.median(times["runtime"])
     split = statistics.median(times["split"]) if split_engines else None
+
+    def versus_bare(name: str) -> float:  # per round, as the bench's speedups: drift common to a round cancels
+        return 100 * (statistics.median(paired_ratios(times[name], times["bare"])) - 1)
     return {"size": label, "plan": plan.label, "latent_shape": list(latent_shape), "repeats": repeats,
-            "bare_loop_ms": 1e3 * b, "runtime_loop_ms": 1e3 * s, "overhead_percent": 100 * (s / b - 1),
+            "bare_loop_ms": 1e3 * b, "runtime_loop_ms": 1e3 * s, "overhead_percent": versus_bare("runtime"),
             "max_abs_diff_vs_bare": diffs["runtime"],
             "split_constants": split_engines,
             "runtime_split_loop_ms": 1e3 * split if split_engines else None,
-            "split_vs_bare_percent": 100 * (split / b - 1) if split_engines else None,
-            "split_max_abs_diff_vs_bare": diffs.get("split")}
+            "split_vs_bare_percent": versus_bare("split") if split_engines else None,
+            "split_max_abs_diff_vs_bare": diffs.get("split"),
+            "rounds_ms": {name: [1e3 * t for t in v] for name, v in times.items()}}
 
 
 def _tiny_wan_overhead(options: BenchOptions, sampler_kwargs: dict, guidance: float, steps: int, device) -> dict:
@@ -585,6 +589,7 @@ def _case_rows(cases: list[Case], per_step: dict, reference_plan: BlendPlan, fra
                "reference": c is ref, "large_steps": c.plan.count("large"), "small_steps": c.plan.count("small"),
                "flops": flops, "ideal_speedup": ideal,
                "loop_s": _stats(c.times["loop"]), "e2e_s": _stats(c.times["e2e"]),
+               "loop_rounds_s": list(c.times["loop"]),  # in round order: pairs with the reference's rounds
                "encode_s": statistics.median(c.times["encode"]), "decode_s": statistics.median(c.times["decode"]),
                "speedup_loop": speedup_loop, "speedup_e2e": paired_speedup(ref.times["e2e"], c.times["e2e"]),
                "speedup_loop_of_medians": ref_loop / loop,
@@ -728,7 +733,8 @@ def render_markdown(report: dict, heading: str = "##") -> str:
     if report["overhead"]:
         lines += ["", f"{heading}# Runtime overhead", "",
                   "The blended runtime (shared buffers, CFG combine, solver table) against a bare loop over the same "
-                  "modules (module call, CFG combine, diffusers scheduler step); interleaved repeats, medians. "
+                  "modules (module call, CFG combine, diffusers scheduler step); interleaved repeats, each round "
+                  "starting one variant later; loop times are medians, percentages the median of the per-round ratios. "
                   "\"Runtime\" runs each module's whole forward per step, so its difference to the bare loop is the "
                   "runtime's own overhead (the target); \"default\" is the engines as shipped, which for Wan compute "
                   "the rotary tables and timestep embeddings once per binding (bitwise the same velocities).", "",

@@ -311,3 +311,21 @@ def test_rounds_rotate_which_case_goes_first():
     rounds = [round_order(cases, r) for r in range(6)]
     assert [r[0] for r in rounds] == ["LLL", "LSL", "SSS", "LLL", "LSL", "SSS"]
     assert all(sorted(r) == sorted(cases) for r in rounds) and round_order([], 3) == []
+
+
+def test_pooled_realized_takes_every_runs_rounds():
+    def report(lll, lsl):
+        return {"cases": [{"backend": "torch", "mode": "loop", "plan": "LLL", "reference": True, "loop_rounds_s": lll},
+                          {"backend": "torch", "mode": "loop", "plan": "LSL:0.4,0.2", "reference": False,
+                           "ideal_speedup": 1.5, "loop_rounds_s": lsl}],
+                "targets": [{"name": "LSL realized speedup / FLOP-ideal (eager, loop)", "measured": "x", "value": 0.9}]}
+
+    # per-round ratios / 1.5: run a 0.90, 1.00, 0.80; run b 0.96, 0.96 -> pooled median 0.96 of 5 rounds
+    a, b = report([1.35, 1.5, 1.2], [1.0, 1.0, 1.0]), report([1.44, 2.88], [1.0, 2.0])
+    pooled = load_script("bench_readme").pooled_realized([a, b])
+    assert pooled["rounds"] == 5 and pooled["median"] == pytest.approx(0.96)
+    assert pooled["low"] <= pooled["median"] <= pooled["high"] and pooled["low"] >= 0.8 - 1e-9 and pooled["high"] <= 1.0 + 1e-9
+    text = load_script("bench_readme").repeat_runs(a, [("b.json", b)])
+    assert "Pooling the 5 paired rounds of all 2 runs: median 96.0%" in text
+    del a["cases"][1]["loop_rounds_s"]  # reports from before the per-round times: no pooled figure
+    assert load_script("bench_readme").pooled_realized([a, b]) is None
