@@ -371,7 +371,7 @@ def _memory_budget(pair, engines: dict, plan: BlendPlan, sampler_kwargs: dict, g
         what = "max_memory_allocated during the blended loop"
     else:
         activations, measured = forward_live.peak, static + blended_live.peak
-        what = "weights + buffers + peak live tensors created during the blended loop"
+        what = "weights + engine constants + buffers + peak live tensors created during the blended loop"
     return {"plan": plan.label, "weights_bytes": weights, "engine_constants_bytes": constants,
             "large_activations_bytes": activations,
             "shared_buffers_bytes": buffers, "bound_bytes": static + activations, "measured_bytes": measured,
@@ -633,6 +633,14 @@ def _targets(report: dict) -> list[dict]:
     return out
 
 
+def _measured_what(memory: dict) -> str:
+    """How the measured figure was taken (reports before engine constants existed say it without them)."""
+    what = memory["measured"]
+    if any((memory.get("engine_constants_bytes") or {}).values()) and "engine constants" not in what:
+        what = what.replace("weights + ", "weights + engine constants + ", 1)
+    return what
+
+
 def _lsl_label(report: dict) -> str:
     return BlendPlan.parse("LSL:0.4,0.2", report["pair"]["steps"]).label
 
@@ -725,7 +733,7 @@ def render_markdown(report: dict, heading: str = "##") -> str:
                  + ", ".join(f"{k} {v / 2**10:.0f} KiB" for k, v in constants.items()) if any(constants.values()) else "")
               + f"; large-model activations {_mib(m['large_activations_bytes'])}; shared buffers "
               f"{_mib(m['shared_buffers_bytes'])}; bound {_mib(m['bound_bytes'])}; measured {_mib(m['measured_bytes'])} "
-              f"({m['measured']}). Resident memory: {_mib(rss['loaded_bytes'])} with the pair loaded, "
+              f"({_measured_what(m)}). Resident memory: {_mib(rss['loaded_bytes'])} with the pair loaded, "
               f"+{_mib(rss['first_large_forward_growth_bytes'])} during the large model's first forward (allocator "
               f"caches and one-time kernel setup included), peak {_mib(rss['blended_peak_bytes'])} in the blended loop"
               + (f", {_mib(rss['process_growth_bytes'])} above the process before loading the pair."
