@@ -16,7 +16,6 @@ import torch
 
 from flowblend.engines.torch_engine import TorchEngine
 from flowblend.export.pairs import LoadedPair, load_pair
-from flowblend.runtime.pipeline import BlendPipeline
 from flowblend.runtime.plan import BlendPlan
 from flowblend.runtime.sampler import Sampler
 from flowblend.runtime.video import save_video, to_frames
@@ -62,7 +61,6 @@ def generate_plans(pair: LoadedPair, plans: list[BlendPlan], prompts: list[str],
     results = []
     for plan in plans:
         sampler = Sampler(engines, plan, guidance_scale=guidance, **kwargs)
-        pipe = BlendPipeline(sampler, pair.encode_prompt, pair.decode)
         loop_time, videos = 0.0, []
         start = time.perf_counter()
         for prompt in prompts:

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from flowblend.calibrate.bench import (BACKENDS, DEFAULT_BACKENDS, DEFAULT_PLANS, MODES, BenchOptions,
-                                       bench_pair_by_name, equivalent_command, write_outputs)
+                                       bench_pair_by_name, equivalent_command)
+from flowblend.calibrate.bench_report import write_outputs
 from flowblend.engines.base import FlowblendError
 
 from .backends import parse_dtype

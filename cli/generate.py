@@ -5,8 +5,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from flowblend.engines.base import FlowblendError
 from flowblend.export.pairs import load_pair
 from flowblend.runtime.graph import GraphRunner

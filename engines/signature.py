@@ -8,7 +8,6 @@ export/onnx.py traces, so the eager and compiled paths compute the same function
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .base import LATENTS, TEXT_EMBEDS, TEXT_MASK, TIMESTEP, VELOCITY

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flowblend.engines.base import Engine, FlowblendError
+from flowblend.engines.base import Engine
 
 from .buffers import SamplerBuffers
 from .fused import fused_steps_for

@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from flowblend.calibrate.bench import BenchOptions, equivalent_command, run_bench, write_outputs
+from flowblend.calibrate.bench import BenchOptions, equivalent_command, run_bench
+from flowblend.calibrate.bench_report import write_outputs
 from flowblend.engines.base import FlowblendError
 from flowblend.export.pairs import LoadedPair, get_family, reference_configs
 

@@ -12,7 +12,9 @@ import imageio.v3 as iio
 import pytest
 import torch
 
-from flowblend.calibrate.bench import TINY_WAN, BenchOptions, measure_overhead, round_order, run_bench
+from flowblend.calibrate.bench import BenchOptions, round_order, run_bench
+from flowblend.calibrate.bench_report import render_markdown
+from flowblend.calibrate.runtime_cost import TINY_WAN, measure_overhead
 from flowblend.calibrate.memory import LiveTensorBytes
 from flowblend.cli.main import main
 from flowblend.engines.signature import signature_for
@@ -216,7 +218,7 @@ def test_machine_state_counts_only_load_above_the_benchmarks_own_threads():
 
 
 def test_paired_speedup_cancels_drift_common_to_a_round():
-    from flowblend.calibrate.bench import paired_speedup
+    from flowblend.calibrate.bench_report import paired_speedup
 
     # the machine runs at 1x, 2x and 1.2x slowness in three rounds; the case is 2x faster in two of them
     reference, case = [1.0, 2.0, 1.2], [0.5, 1.0, 0.8]
@@ -227,7 +229,7 @@ def test_paired_speedup_cancels_drift_common_to_a_round():
 
 
 def test_realized_spread_is_the_quartiles_of_the_rounds():
-    from flowblend.calibrate.bench import _quartiles
+    from flowblend.calibrate.bench_report import _quartiles
 
     assert _quartiles([5.0, 1.0, 3.0, 2.0, 4.0]) == [1.5, 4.5]  # statistics' default (exclusive) method
     assert _quartiles([1.0]) is None
@@ -296,7 +298,7 @@ def test_graph_modes_run_through_the_graph_runner(monkeypatch):
     # four runners in case order (step-graph LLL, LSL, loop-graph LLL, LSL); 5 steps; 1 warm-up + 2 timed runs
     assert [len(b.captures) for b in backends] == [5, 5, 1, 1]
     assert [b.replays for b in backends] == [15, 15, 3, 3]
-    assert "Graph replays against the eager loop" in bench.render_markdown(report)
+    assert "Graph replays against the eager loop" in render_markdown(report)
 
 
 def test_readme_refuses_a_missing_repeat_json(toy_bench, tmp_path, capsys):

@@ -1,0 +1,160 @@
+"""What the runtime itself costs: its loop time over a bare loop of the same modules, and its
+memory against weights + engine constants + the large model's activations + the shared buffers.
+
+Measured by `flowblend bench` (calibrate/bench.py) after its timed cases.
+"""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+
+import torch
+
+from flowblend.engines.torch_engine import TorchEngine
+from flowblend.runtime.plan import BlendPlan
+from flowblend.runtime.sampler import Sampler
+from flowblend.runtime.solvers import scheduler_for
+
+from .bench_report import paired_ratios
+from .memory import LiveTensorBytes, PeakMemory, current_rss_bytes, module_bytes, tensors_bytes
+
+TINY_WAN = {"large": dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
+                          out_channels=4, text_dim=16, freq_dim=32, ffn_dim=48, num_layers=2, rope_max_seq_len=32),
+            "small": dict(patch_size=(1, 2, 2), num_attention_heads=1, attention_head_dim=12, in_channels=4,
+                          out_channels=4, text_dim=16, freq_dim=32, ffn_dim=24, num_layers=1, rope_max_seq_len=32),
+            "latent": (4, 3, 4, 6), "text": (7, 16)}
+
+
+def sync_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure_overhead(modules: dict, plan: BlendPlan, sampler_kwargs: dict, guidance: float, latent_shape,
+                     text_shape, repeats: int, device: torch.device, label: str, with_mask: bool = False) -> dict:
+    """Blended runtime vs a bare loop over the same signature modules; medians of interleaved repeats.
+
+    The runtime is timed twice: with engines running each module's whole forward (what it adds
+    over the bare loop: its overhead) and with the default engines, which for Wan compute the
+    schedule constants once per binding (engines/wan_step.py; what a user gets).
+    """
+    samplers = {split: Sampler({m: TorchEngine(module, name=m, split_constants=split) for m, module in modules.items()},
+                               plan, guidance_scale=guidance, device=device, **sampler_kwargs)
+                for split in (False, True)}
+    sigs = dict(modules)
+    gen = torch.Generator("cpu").manual_seed(0)
+    noise = torch.randn((1, *latent_shape), generator=gen).to(device)
+    cond, uncond = (torch.randn((1, *text_shape), generator=gen).to(device) for _ in range(2))
+    cfg = guidance > 1
+    text = torch.cat([cond, uncond]) if cfg else cond
+    extra = (torch.ones(text.shape[:2], dtype=torch.int64, device=device),) if with_mask else ()
+    masks = {"prompt_mask": extra[0][0:1], "negative_prompt_mask": extra[0][-1:]} if with_mask else {}
+    solver, shift, mu = sampler_kwargs.get("solver", "unipc"), sampler_kwargs.get("shift", 1.0), sampler_kwargs.get("mu")
+    scheduler = scheduler_for(solver, shift, use_dynamic_shifting=mu is not None)
+
+    def bare() -> tuple[float, torch.Tensor]:
+        scheduler.set_timesteps(len(plan), **({"mu": mu} if mu is not None else {}))
+        latents = noise.clone()
+        sync_device(device)
+        t0 = time.perf_counter()
+        for i, t in enumerate(scheduler.timesteps):
+            x = torch.cat([latents, latents]) if cfg else latents
+            v = sigs[plan.models[i]](x, t.expand(x.shape[0]).to(device), text, *extra)
+            if cfg:
+                v_cond, v_uncond = v.chunk(2)
+                v = v_uncond + guidance * (v_cond - v_uncond)
+            latents = scheduler.step(v, t, latents, return_dict=False)[0]
+        sync_device(device)
+        return time.perf_counter() - t0, latents
+
+    def blended(sampler: Sampler) -> tuple[float, torch.Tensor]:
+        sampler.load_request(noise, cond, uncond if cfg else None, **masks)
+        sync_device(device)
+        t0 = time.perf_counter()
+        sampler.run_loop()
+        sync_device(device)
+        return time.perf_counter() - t0, sampler.buffers.latents
+
+    split_engines = any(e.step_split is not None for e in samplers[True].engines.values())
+    runs = {"bare": bare, "runtime": lambda: blended(samplers[False])}
+    if split_engines:
+        runs["split"] = lambda: blended(samplers[True])
+    _, ref = bare()
+    diffs = {name: float((ref - runs[name]()[1]).abs().max()) for name in runs if name != "bare"}
+    times = {name: [] for name in runs}
+    order = list(runs)
+    for r in range(repeats):
+        for name in order[r % len(order):] + order[:r % len(order)]:  # rotate who goes first
+            times[name].append(runs[name]()[0])
+    b, s = statistics.median(times["bare"]), statistics.median(times["runtime"])
+    split = statistics.median(times["split"]) if split_engines else None
+
+    def versus_bare(name: str) -> float:  # per round, as the bench's speedups: drift common to a round cancels
+        return 100 * (statistics.median(paired_ratios(times[name], times["bare"])) - 1)
+    return {"size": label, "plan": plan.label, "latent_shape": list(latent_shape), "repeats": repeats,
+            "bare_loop_ms": 1e3 * b, "runtime_loop_ms": 1e3 * s, "overhead_percent": versus_bare("runtime"),
+            "max_abs_diff_vs_bare": diffs["runtime"],
+            "split_constants": split_engines,
+            "runtime_split_loop_ms": 1e3 * split if split_engines else None,
+            "split_vs_bare_percent": versus_bare("split") if split_engines else None,
+            "split_max_abs_diff_vs_bare": diffs.get("split"),
+            "rounds_ms": {name: [1e3 * t for t in v] for name, v in times.items()}}
+
+
+def tiny_wan_overhead(repeats: int, sampler_kwargs: dict, guidance: float, steps: int, device) -> dict:
+    from diffusers import WanTransformer3DModel
+    from flowblend.engines.signature import signature_for
+
+    torch.manual_seed(0)
+    modules = {m: signature_for(WanTransformer3DModel(**TINY_WAN[m]).eval()).to(device) for m in ("large", "small")}
+    plan = BlendPlan.parse("LSL:0.4,0.2", steps)
+    kwargs = {k: v for k, v in sampler_kwargs.items() if k != "mu"}
+    return measure_overhead(modules, plan, kwargs, guidance, TINY_WAN["latent"], TINY_WAN["text"],
+                            repeats, device, "tiny Wan")
+
+
+@torch.no_grad()
+def memory_budget(pair, engines: dict, plan: BlendPlan, sampler_kwargs: dict, guidance: float, noise, options,
+                  prompt: str, baseline_rss: int | None) -> dict:
+    """The blended run's peak against weights of both models + the large model's activations + buffers.
+
+    Taken before any other backend exists (a compiler's own memory is not the runtime's), over the
+    benchmark's blended plan. Activations are CUDA allocator peaks on GPU and live tensor storages
+    on CPU (LiveTensorBytes); RSS is reported too. Constants an engine precomputes per binding
+    (engines/wan_step.py) are counted with its weights, as a compiler's folded constants would be.
+    """
+    device = torch.device(options.device)
+    rss_loaded = current_rss_bytes()  # models loaded, no buffers yet
+    sampler = Sampler(engines, plan, guidance_scale=guidance, device=device, dtype=options.dtype, **sampler_kwargs)
+    embeds, mask = pair.encode_prompt([prompt, ""])
+    masks = {} if mask is None else {"prompt_mask": mask[0:1], "negative_prompt_mask": mask[1:2]}
+    bufs = sampler.load_request(noise, embeds[0:1], embeds[1:2], **masks)
+    buffers = tensors_bytes([bufs.latents, bufs.model_input, bufs.text_embeds, bufs.text_mask, bufs.timestep_table,
+                             bufs.velocity, bufs.guided, *bufs.state.values()])
+    weights = {m: module_bytes(t) for m, t in pair.transformers.items()}
+    constants = {m: getattr(engines[m], "constants_bytes", lambda: 0)() for m in pair.transformers}
+    tracked = {}
+    for region, run in (("forward", lambda: engines["large"].run(0)), ("blended", sampler.run_loop)):
+        live = LiveTensorBytes() if device.type == "cpu" else contextlib.nullcontext()
+        with PeakMemory(device) as peak, live:
+            run()
+        tracked[region] = (peak, live)
+    (forward, forward_live), (blended, blended_live) = tracked["forward"], tracked["blended"]
+    static = sum(weights.values()) + sum(constants.values()) + buffers
+    if device.type == "cuda":
+        activations, measured = forward.added, blended.allocated_peak
+        what = "max_memory_allocated during the blended loop"
+    else:
+        activations, measured = forward_live.peak, static + blended_live.peak
+        what = "weights + engine constants + buffers + peak live tensors created during the blended loop"
+    return {"plan": plan.label, "weights_bytes": weights, "engine_constants_bytes": constants,
+            "large_activations_bytes": activations,
+            "shared_buffers_bytes": buffers, "bound_bytes": static + activations, "measured_bytes": measured,
+            "measured": what, "met": measured <= static + activations,
+            "rss": {"before_load_bytes": baseline_rss, "loaded_bytes": rss_loaded,
+                    "first_large_forward_growth_bytes": forward.rss_peak - forward.rss_start,
+                    "blended_peak_bytes": blended.rss_peak,
+                    "process_growth_bytes": (blended.rss_peak - baseline_rss) if baseline_rss else None},
+            "blended": blended.to_dict()}
