@@ -143,9 +143,9 @@ def render_markdown(report: dict, heading: str = "##") -> str:
              "(2 FLOPs per MAC, attention included, CFG counted); realized = measured speedup / FLOP-ideal. "
              "Per-step latencies come from a separate pass that times every engine call; \"outside engines\" is the "
              "share of that pass's loop time spent outside them (CFG combine, solver, Python). Eager PyTorch runs "
-             "diffusers' modules as they are; for Wan its engines compute the rotary tables and the per-step "
+             "diffusers' modules as they are; for Wan and LTX its engines compute the rotary tables and the per-step "
              "timestep embeddings once when bound to the buffers instead of in every step "
-             "(engines/wan_step.py; bitwise the same velocities).", "",
+             "(engines/wan_step.py, ltx_step.py; bitwise the same velocities).", "",
              "| backend | mode | plan | stages | GFLOPs | FLOP-ideal | loop s (min-max) | speedup (of medians) | realized "
              "| end to end s | s/frame | large step ms (min-max) | small step ms (min-max) | outside engines | peak memory |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -194,7 +194,7 @@ def render_markdown(report: dict, heading: str = "##") -> str:
                   "modules (module call, CFG combine, diffusers scheduler step); interleaved repeats, each round "
                   "starting one variant later; loop times are medians, percentages the median of the per-round ratios. "
                   "\"Runtime\" runs each module's whole forward per step, so its difference to the bare loop is the "
-                  "runtime's own overhead (the target); \"default\" is the engines as shipped, which for Wan compute "
+                  "runtime's own overhead (the target); \"default\" is the engines as shipped, which for Wan and LTX compute "
                   "the rotary tables and timestep embeddings once per binding (bitwise the same velocities).", "",
                   "| size | plan | latents | repeats | bare loop ms | runtime loop ms | overhead | max abs diff "
                   "| default loop ms | default vs bare |",

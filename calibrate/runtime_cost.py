@@ -37,8 +37,8 @@ def measure_overhead(modules: dict, plan: BlendPlan, sampler_kwargs: dict, guida
     """Blended runtime vs a bare loop over the same signature modules; medians of interleaved repeats.
 
     The runtime is timed twice: with engines running each module's whole forward (what it adds
-    over the bare loop: its overhead) and with the default engines, which for Wan compute the
-    schedule constants once per binding (engines/wan_step.py; what a user gets).
+    over the bare loop: its overhead) and with the default engines, which for Wan and LTX compute
+    the schedule constants once per binding (engines/wan_step.py, ltx_step.py; what a user gets).
     """
     samplers = {split: Sampler({m: TorchEngine(module, name=m, split_constants=split) for m, module in modules.items()},
                                plan, guidance_scale=guidance, device=device, **sampler_kwargs)
@@ -123,7 +123,7 @@ def memory_budget(pair, engines: dict, plan: BlendPlan, sampler_kwargs: dict, gu
     Taken before any other backend exists (a compiler's own memory is not the runtime's), over the
     benchmark's blended plan. Activations are CUDA allocator peaks on GPU and live tensor storages
     on CPU (LiveTensorBytes); RSS is reported too. Constants an engine precomputes per binding
-    (engines/wan_step.py) are counted with its weights, as a compiler's folded constants would be.
+    (engines/wan_step.py, ltx_step.py) are counted with its weights, as a compiler's folded constants would be.
     """
     device = torch.device(options.device)
     rss_loaded = current_rss_bytes()  # models loaded, no buffers yet

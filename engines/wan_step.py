@@ -15,21 +15,27 @@ accelerate hooks) keeps the plain forward.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 from torch import nn
 
+from .base import LATENTS, TEXT_EMBEDS, TIMESTEP
+
 
 @dataclass(frozen=True)
-class WanStepConstants:
-    """Per-binding inputs of every step: rotary tables and, per step, temb and its projection."""
+class StepConstants:
+    """Per-binding inputs of every step: rotary tables and, per step, the timestep's two embeddings."""
 
-    rotary: tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [1, tokens, 1, head_dim]
-    temb: torch.Tensor                        # [steps, B, inner_dim]
-    timestep_proj: torch.Tensor               # [steps, B, 6, inner_dim]
+    rotary: tuple[torch.Tensor, torch.Tensor]  # (cos, sin)
+    block_modulation: torch.Tensor            # [steps, ...] the timestep embedding every block takes
+    output_modulation: torch.Tensor           # [steps, ...] the one the output norm's shift/scale take
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.rotary, self.block_modulation, self.output_modulation))
 
 
-def supports_step_split(transformer: nn.Module) -> bool:
+def supports_wan_step_split(transformer: nn.Module) -> bool:
     """True for a plain text-to-video WanTransformer3DModel, the case WanStep reproduces exactly."""
     try:
         from diffusers import WanTransformer3DModel
@@ -44,40 +50,41 @@ def supports_step_split(transformer: nn.Module) -> bool:
 
 
 class WanStep(nn.Module):
-    """`constants(latents, timestep_table, text_embeds)` once per binding, then `forward(..., step)` per step."""
+    """`constants(bound)` once per binding, then `forward(bound, constants, step)` per step.
+
+    `bound` maps the engine's input names (engines/base.py) to its bound tensors.
+    """
 
     def __init__(self, transformer: nn.Module):
         super().__init__()
-        if not supports_step_split(transformer):
+        if not supports_wan_step_split(transformer):
             raise TypeError(f"{type(transformer).__name__} is not a plain text-to-video WanTransformer3DModel")
         self.transformer = transformer
 
     @torch.no_grad()
-    def constants(self, latents: torch.Tensor, timestep_table: torch.Tensor,
-                  text_embeds: torch.Tensor) -> WanStepConstants:
+    def constants(self, bound: Mapping[str, torch.Tensor]) -> StepConstants:
         """Computed exactly as forward computes them, one timestep row at a time (same shapes, same bits).
 
-        `text_embeds` only fixes the dtype of temb (forward casts it to the text's dtype); its
-        values are not used.
+        The text only fixes the dtype of temb (forward casts it to the text's dtype); its values
+        are not used.
         """
-        model = self.transformer
-        rotary = model.rope(latents)
-        temb, projections = [], []
-        for row in timestep_table:
-            step_temb, step_proj, _, _ = model.condition_embedder(row, text_embeds[:, :1], None)
-            temb.append(step_temb)
-            projections.append(step_proj.unflatten(1, (6, -1)))
-        return WanStepConstants(rotary, torch.stack(temb), torch.stack(projections))
+        model, text_embeds = self.transformer, bound[TEXT_EMBEDS]
+        rotary = model.rope(bound[LATENTS])
+        blocks, output = [], []
+        for row in bound[TIMESTEP]:
+            temb, timestep_proj, _, _ = model.condition_embedder(row, text_embeds[:, :1], None)
+            blocks.append(timestep_proj.unflatten(1, (6, -1)))
+            output.append(temb)
+        return StepConstants(rotary, block_modulation=torch.stack(blocks), output_modulation=torch.stack(output))
 
-    def forward(self, latents: torch.Tensor, text_embeds: torch.Tensor, constants: WanStepConstants,
-                step: int) -> torch.Tensor:
-        model = self.transformer
+    def forward(self, bound: Mapping[str, torch.Tensor], constants: StepConstants, step: int) -> torch.Tensor:
+        model, latents = self.transformer, bound[LATENTS]
         batch_size, _, num_frames, height, width = latents.shape
         p_t, p_h, p_w = model.config.patch_size
 
         hidden_states = model.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()
-        encoder_hidden_states = model.condition_embedder.text_embedder(text_embeds)
-        temb, timestep_proj = constants.temb[step], constants.timestep_proj[step]
+        encoder_hidden_states = model.condition_embedder.text_embedder(bound[TEXT_EMBEDS])
+        timestep_proj, temb = constants.block_modulation[step], constants.output_modulation[step]
         for block in model.blocks:
             hidden_states = block(hidden_states, encoder_hidden_states, timestep_proj, constants.rotary)
 

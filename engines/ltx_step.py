@@ -1,0 +1,79 @@
+"""LTX-Video's forward with its schedule constants taken out of the step (as engines/wan_step.py for Wan).
+
+LTXVideoTransformer3DModel.forward recomputes, in every call, the rotary tables from the latent
+grid (shape and the pipeline's interpolation scale only) and AdaLayerNormSingle's timestep
+embeddings (the step's timestep only). Both are computed once per binding here. The step is
+LtxSignature.forward (token packing) around LTXVideoTransformer3DModel.forward (diffusers 0.42)
+with those values passed in; tests/test_step_split.py checks it is bitwise equal to them.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from .base import LATENTS, TEXT_EMBEDS, TEXT_MASK, TIMESTEP
+from .wan_step import StepConstants
+
+
+def supports_ltx_step_split(transformer: nn.Module) -> bool:
+    """True for a plain LTXVideoTransformer3DModel, the case LtxStep reproduces exactly."""
+    try:
+        from diffusers import LTXVideoTransformer3DModel
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        return False
+    return type(transformer) is LTXVideoTransformer3DModel and not hasattr(transformer, "_hf_hook")
+
+
+def _pack(latents: torch.Tensor) -> torch.Tensor:
+    b, c, f, h, w = latents.shape
+    return latents.permute(0, 2, 3, 4, 1).reshape(b, f * h * w, c)
+
+
+class LtxStep(nn.Module):
+    """`constants(bound)` once per binding, then `forward(bound, constants, step)` per step."""
+
+    def __init__(self, transformer: nn.Module, rope_interpolation_scale: tuple[float, float, float]):
+        super().__init__()
+        if not supports_ltx_step_split(transformer):
+            raise TypeError(f"{type(transformer).__name__} is not a plain LTXVideoTransformer3DModel")
+        self.transformer = transformer
+        self.rope_interpolation_scale = tuple(rope_interpolation_scale)
+
+    @torch.no_grad()
+    def constants(self, bound: Mapping[str, torch.Tensor]) -> StepConstants:
+        """Computed exactly as forward computes them, one timestep row at a time (same shapes, same bits)."""
+        model, latents = self.transformer, bound[LATENTS]
+        batch_size, _, num_frames, height, width = latents.shape
+        rotary = model.rope(_pack(latents), num_frames, height, width, self.rope_interpolation_scale, None)
+        hidden_dtype = model.proj_in.weight.dtype  # forward passes proj_in's output dtype
+        blocks, output = [], []
+        for row in bound[TIMESTEP]:
+            temb, embedded_timestep = model.time_embed(row.flatten(), batch_size=batch_size, hidden_dtype=hidden_dtype)
+            blocks.append(temb.view(batch_size, -1, temb.size(-1)))
+            output.append(embedded_timestep.view(batch_size, -1, embedded_timestep.size(-1)))
+        return StepConstants(rotary, block_modulation=torch.stack(blocks), output_modulation=torch.stack(output))
+
+    def forward(self, bound: Mapping[str, torch.Tensor], constants: StepConstants, step: int) -> torch.Tensor:
+        model, latents = self.transformer, bound[LATENTS]
+        b, c, f, h, w = latents.shape
+        hidden_states = _pack(latents)
+
+        encoder_attention_mask = (1 - bound[TEXT_MASK].to(hidden_states.dtype)) * -10000.0
+        encoder_attention_mask = encoder_attention_mask.unsqueeze(1)
+        hidden_states = model.proj_in(hidden_states)
+        temb, embedded_timestep = constants.block_modulation[step], constants.output_modulation[step]
+        encoder_hidden_states = model.caption_projection(bound[TEXT_EMBEDS])
+        encoder_hidden_states = encoder_hidden_states.view(b, -1, hidden_states.size(-1))
+
+        for block in model.transformer_blocks:
+            hidden_states = block(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb,
+                                  image_rotary_emb=constants.rotary, encoder_attention_mask=encoder_attention_mask)
+
+        scale_shift_values = model.scale_shift_table[None, None] + embedded_timestep[:, :, None]
+        shift, scale = scale_shift_values[:, :, 0], scale_shift_values[:, :, 1]
+        hidden_states = model.norm_out(hidden_states)
+        hidden_states = hidden_states * (1 + scale) + shift
+        output = model.proj_out(hidden_states)
+        return output.reshape(b, f, h, w, c).permute(0, 4, 1, 2, 3)
