@@ -30,6 +30,7 @@ from flowblend.runtime.sampler import Sampler
 from .bench_report import case_rows, targets
 from .flops import step_flops
 from .memory import PeakMemory, current_rss_bytes
+from .pairing import round_order
 from .runtime_cost import memory_budget, measure_overhead, sync_device, tiny_wan_overhead
 
 BACKENDS = ("torch", "torch-compile", "onnxruntime", "tensorrt")
@@ -325,13 +326,6 @@ def _warm_up(cases: list[Case], pair, noise, options: BenchOptions, skipped: lis
                                 "reason": f"failed on first run: {type(exc).__name__}: {first}"})
         bar.update(runs)
     return [c for c in cases if (c.backend, c.mode) not in failed]
-
-
-def round_order(cases: list, round_index: int) -> list:
-    """The cases of one round, rotated by the round's index: each case is first as often as the others,
-    so no case always runs right after the same one (a fixed order can bias the paired ratios)."""
-    shift = round_index % len(cases) if cases else 0
-    return cases[shift:] + cases[:shift]
 
 
 def _timed_passes(cases: list[Case], pair, noise, options: BenchOptions, bar) -> None:

@@ -12,27 +12,13 @@ from pathlib import Path
 
 from flowblend.runtime.plan import BlendPlan
 
+from .pairing import paired_ratios, paired_speedup
+
 TARGETS = {"realized_fraction": 0.95, "overhead_percent": 2.0}
 
 
 def stats(values) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
-
-
-def paired_speedup(reference: list[float], case: list[float]) -> float:
-    """Median over repeats of reference time / case time, each pair from the same round-robin round.
-
-    A shared CPU drifts in speed by 10-20% over a run (the reference's loop spans 0.45-0.61 s in
-    one toy run); cases of one round run back to back, so their ratio cancels what the round had
-    in common, which a ratio of two medians taken over the whole run does not."""
-    return statistics.median(paired_ratios(reference, case))
-
-
-def paired_ratios(reference: list[float], case: list[float]) -> list[float]:
-    """Reference time / case time per round (what paired_speedup takes the median of)."""
-    if len(reference) != len(case) or not case:
-        raise ValueError(f"paired repeats differ in number: {len(reference)} vs {len(case)}")
-    return [r / c for r, c in zip(reference, case)]
 
 
 def _quartiles(values: list[float]) -> list[float] | None:

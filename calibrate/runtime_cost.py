@@ -16,8 +16,8 @@ from flowblend.runtime.plan import BlendPlan
 from flowblend.runtime.sampler import Sampler
 from flowblend.runtime.solvers import scheduler_for
 
-from .bench_report import paired_ratios
 from .memory import LiveTensorBytes, PeakMemory, current_rss_bytes, module_bytes, tensors_bytes
+from .pairing import paired_ratios, round_order
 
 TINY_WAN = {"large": dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
                           out_channels=4, text_dim=16, freq_dim=32, ffn_dim=48, num_layers=2, rope_max_seq_len=32),
@@ -34,7 +34,7 @@ def sync_device(device: torch.device) -> None:
 @torch.no_grad()
 def measure_overhead(modules: dict, plan: BlendPlan, sampler_kwargs: dict, guidance: float, latent_shape,
                      text_shape, repeats: int, device: torch.device, label: str, with_mask: bool = False) -> dict:
-    """Blended runtime vs a bare loop over the same signature modules; medians of interleaved repeats.
+    """Blended runtime vs a bare loop over the same signature modules, in paired rotated rounds (calibrate/pairing.py).
 
     The runtime is timed twice: with engines running each module's whole forward (what it adds
     over the bare loop: its overhead) and with the default engines, which for Wan and LTX compute
@@ -43,7 +43,6 @@ def measure_overhead(modules: dict, plan: BlendPlan, sampler_kwargs: dict, guida
     samplers = {split: Sampler({m: TorchEngine(module, name=m, split_constants=split) for m, module in modules.items()},
                                plan, guidance_scale=guidance, device=device, **sampler_kwargs)
                 for split in (False, True)}
-    sigs = dict(modules)
     gen = torch.Generator("cpu").manual_seed(0)
     noise = torch.randn((1, *latent_shape), generator=gen).to(device)
     cond, uncond = (torch.randn((1, *text_shape), generator=gen).to(device) for _ in range(2))
@@ -61,7 +60,7 @@ def measure_overhead(modules: dict, plan: BlendPlan, sampler_kwargs: dict, guida
         t0 = time.perf_counter()
         for i, t in enumerate(scheduler.timesteps):
             x = torch.cat([latents, latents]) if cfg else latents
-            v = sigs[plan.models[i]](x, t.expand(x.shape[0]).to(device), text, *extra)
+            v = modules[plan.models[i]](x, t.expand(x.shape[0]).to(device), text, *extra)
             if cfg:
                 v_cond, v_uncond = v.chunk(2)
                 v = v_uncond + guidance * (v_cond - v_uncond)
@@ -84,9 +83,8 @@ def measure_overhead(modules: dict, plan: BlendPlan, sampler_kwargs: dict, guida
     _, ref = bare()
     diffs = {name: float((ref - runs[name]()[1]).abs().max()) for name in runs if name != "bare"}
     times = {name: [] for name in runs}
-    order = list(runs)
     for r in range(repeats):
-        for name in order[r % len(order):] + order[:r % len(order)]:  # rotate who goes first
+        for name in round_order(list(runs), r):
             times[name].append(runs[name]()[0])
     b, s = statistics.median(times["bare"]), statistics.median(times["runtime"])
     split = statistics.median(times["split"]) if split_engines else None

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .base import LATENTS, TEXT_EMBEDS, TEXT_MASK, TIMESTEP
-from .wan_step import StepConstants
+from .step_constants import StepConstants
 
 
 def supports_ltx_step_split(transformer: nn.Module) -> bool:

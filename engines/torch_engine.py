@@ -57,13 +57,14 @@ class TorchEngine:
         self._timestep_pos = self.input_names.index(TIMESTEP)
         self._velocity = tensors[VELOCITY]
         if self.step_split is not None:
-            self._constants = self._constants_for(self._inputs)
+            self._constants = self._constants_for(self._bound)
 
-    def _constants_for(self, inputs: tuple[torch.Tensor, ...]):
-        for bound, constants in self._constants_by_binding:
-            if all(a is b for a, b in zip(bound, inputs)):
+    def _constants_for(self, bound: dict[str, torch.Tensor]):
+        inputs = tuple(bound.values())
+        for seen, constants in self._constants_by_binding:
+            if all(a is b for a, b in zip(seen, inputs)):
                 return constants
-        constants = self.step_split.constants(self._bound)
+        constants = self.step_split.constants(bound)
         self._constants_by_binding.append((inputs, constants))
         return constants
 

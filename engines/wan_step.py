@@ -8,31 +8,19 @@ about 25 small ops from every step, which is most of the per-call cost of a smal
 few layers (the toy small model: ~1 ms of ~8 ms on the 2-core CPU).
 
 The step below is WanTransformer3DModel.forward (diffusers 0.42) with those three values passed in;
-tests/test_wan_step.py checks it is bitwise equal to diffusers' own forward. Anything the split
+tests/test_step_split.py checks it is bitwise equal to diffusers' own forward. Anything the split
 does not cover (image conditioning, Wan 2.2's per-token timesteps, a subclass with its own forward,
 accelerate hooks) keeps the plain forward.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 from torch import nn
 
 from .base import LATENTS, TEXT_EMBEDS, TIMESTEP
-
-
-@dataclass(frozen=True)
-class StepConstants:
-    """Per-binding inputs of every step: rotary tables and, per step, the timestep's two embeddings."""
-
-    rotary: tuple[torch.Tensor, torch.Tensor]  # (cos, sin)
-    block_modulation: torch.Tensor            # [steps, ...] the timestep embedding every block takes
-    output_modulation: torch.Tensor           # [steps, ...] the one the output norm's shift/scale take
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.rotary, self.block_modulation, self.output_modulation))
+from .step_constants import StepConstants
 
 
 def supports_wan_step_split(transformer: nn.Module) -> bool:

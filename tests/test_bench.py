@@ -12,8 +12,9 @@ import imageio.v3 as iio
 import pytest
 import torch
 
-from flowblend.calibrate.bench import BenchOptions, round_order, run_bench
+from flowblend.calibrate.bench import BenchOptions, run_bench
 from flowblend.calibrate.bench_report import render_markdown
+from flowblend.calibrate.pairing import round_order
 from flowblend.calibrate.runtime_cost import TINY_WAN, measure_overhead
 from flowblend.calibrate.memory import LiveTensorBytes
 from flowblend.cli.main import main
@@ -218,7 +219,7 @@ def test_machine_state_counts_only_load_above_the_benchmarks_own_threads():
 
 
 def test_paired_speedup_cancels_drift_common_to_a_round():
-    from flowblend.calibrate.bench_report import paired_speedup
+    from flowblend.calibrate.pairing import paired_speedup
 
     # the machine runs at 1x, 2x and 1.2x slowness in three rounds; the case is 2x faster in two of them
     reference, case = [1.0, 2.0, 1.2], [0.5, 1.0, 0.8]

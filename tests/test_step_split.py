@@ -8,6 +8,7 @@ import torch
 from diffusers import LTXPipeline, WanTransformer3DModel
 
 from flowblend.engines.base import LATENTS, TEXT_EMBEDS, TEXT_MASK, TIMESTEP, VELOCITY
+from flowblend.engines.ltx_step import LtxStep
 from flowblend.engines.torch_engine import TorchEngine
 from flowblend.engines.wan_step import WanStep, supports_wan_step_split
 from flowblend.export.toy import TEXT_DIM, TEXT_LEN, TOY_FRAMES, load_toy_transformer
@@ -111,6 +112,8 @@ def test_image_conditioned_wan_keeps_the_plain_forward():
     assert TorchEngine(model).step_split is None
     with pytest.raises(TypeError, match="text-to-video"):
         WanStep(model)
+    with pytest.raises(TypeError, match="not a plain LTXVideoTransformer3DModel"):
+        LtxStep(model, LTX_ROPE_SCALE)
 
 
 @pytest.mark.parametrize("family", ["wan", "ltx"])
