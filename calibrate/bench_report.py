@@ -32,7 +32,8 @@ def case_rows(cases: list, per_step: dict, reference_plan: BlendPlan, frames: in
     rows = []
     for c in cases:
         loop, e2e = statistics.median(c.times["loop"]), statistics.median(c.times["e2e"])
-        speedup_loop = paired_speedup(ref.times["loop"], c.times["loop"])
+        ratios = paired_ratios(ref.times["loop"], c.times["loop"])
+        speedup_loop = statistics.median(ratios)  # = paired_speedup: the ratios are kept for their quartiles
         flops = c.plan.flops(per_step)
         ideal = lll_flops / flops
         row = {"backend": c.backend, "mode": c.mode, "plan": c.plan.spec or c.plan.label, "stages": c.plan.label,
@@ -44,8 +45,7 @@ def case_rows(cases: list, per_step: dict, reference_plan: BlendPlan, frames: in
                "speedup_loop": speedup_loop, "speedup_e2e": paired_speedup(ref.times["e2e"], c.times["e2e"]),
                "speedup_loop_of_medians": ref_loop / loop,
                "realized_fraction": speedup_loop / ideal, "seconds_per_frame": e2e / frames,
-               "realized_quartiles": [q / ideal for q in _quartiles(paired_ratios(ref.times["loop"], c.times["loop"]))
-                                      or []] or None,
+               "realized_quartiles": [q / ideal for q in _quartiles(ratios) or []] or None,
                "step_ms": {m: {k: (v * 1e3 if k != "n" else v) for k, v in stats(s).items()}
                            for m, s in c.step_seconds.items() if s},
                "engine_share": statistics.median(c.engine_share) if c.engine_share else None,
@@ -78,15 +78,20 @@ def targets(report: dict) -> list[dict]:
     m = report["memory"]
     if m:
         out.append({"name": f"peak memory of the blended run ({m['plan']})", "target": f"<= {_mib(m['bound_bytes'])} "
-                    "(weights" + (" and engine constants" if any((m.get("engine_constants_bytes") or {}).values()) else "")
+                    "(weights" + (" and engine constants" if _has_engine_constants(m) else "")
                     + " + large activations + buffers)", "measured": _mib(m["measured_bytes"]), "met": m["met"]})
     return out
+
+
+def _has_engine_constants(memory: dict) -> bool:
+    """Reports from before engines precomputed constants have no such term (or only zeros)."""
+    return any((memory.get("engine_constants_bytes") or {}).values())
 
 
 def _measured_what(memory: dict) -> str:
     """How the measured figure was taken (reports before engine constants existed say it without them)."""
     what = memory["measured"]
-    if any((memory.get("engine_constants_bytes") or {}).values()) and "engine constants" not in what:
+    if _has_engine_constants(memory) and "engine constants" not in what:
         what = what.replace("weights + ", "weights + engine constants + ", 1)
     return what
 
@@ -161,12 +166,11 @@ def render_markdown(report: dict, heading: str = "##") -> str:
         lines.append(f"\nNot measured: {s['backend']} ({s['mode']}): {s['reason']}")
     lines += ["", f"{heading}# Targets", "", "| target | goal | measured | met |", "|---|---|---|---|"]
     lines += [f"| {t['name']} | {t['target']} | {t['measured']} | {'yes' if t['met'] else 'NO'} |" for t in report["targets"]]
-    m = report["memory"]
     m, rss = report["memory"], report["memory"]["rss"]
-    constants = m.get("engine_constants_bytes") or {}
     lines += ["", f"Memory terms ({m['plan']} loop): weights " + ", ".join(f"{k} {_mib(v)}" for k, v in m["weights_bytes"].items())
               + ("; engine constants (rotary tables and per-step timestep embeddings, precomputed at binding) "
-                 + ", ".join(f"{k} {v / 2**10:.0f} KiB" for k, v in constants.items()) if any(constants.values()) else "")
+                 + ", ".join(f"{k} {v / 2**10:.0f} KiB" for k, v in m["engine_constants_bytes"].items())
+                 if _has_engine_constants(m) else "")
               + f"; large-model activations {_mib(m['large_activations_bytes'])}; shared buffers "
               f"{_mib(m['shared_buffers_bytes'])}; bound {_mib(m['bound_bytes'])}; measured {_mib(m['measured_bytes'])} "
               f"({_measured_what(m)}). Resident memory: {_mib(rss['loaded_bytes'])} with the pair loaded, "
