@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from flowblend.engines.base import FlowblendError
+from flowblend.errors import FlowblendError
 from flowblend.runtime.plan import BlendPlan
 
 from .divergence import DivergenceCurve, SamplingSetup
@@ -249,7 +249,7 @@ class PlanScorer:
 
 
 def per_step_flops(pair, setup, text_len: int) -> dict[str, float]:
-    from .flops import step_flops
+    from flowblend.bench.flops import step_flops
 
     return {name: step_flops(pair.family.transformer_class, dict(m.config), setup.latent_shape, text_len,
                              setup.guidance > 1.0) for name, m in pair.transformers.items()}

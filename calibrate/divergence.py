@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowblend.engines.base import FlowblendError
+from flowblend.errors import FlowblendError
 from flowblend.runtime.plan import BlendPlan
 from flowblend.runtime.sampler import Sampler
 

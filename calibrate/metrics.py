@@ -8,7 +8,7 @@ Learned metrics come from the libraries made for them, never from hand-written n
 - Frechet distances through torchmetrics' FrechetInceptionDistance: FID over frames with Inception
   (torch-fidelity weights) or DINOv2 features (FD-DINOv2), and FVD with a video feature extractor
   the user supplies (e.g. an I3D TorchScript);
-- on the toy pair, exact probes: foreground-mask IoU with the LLL video, plus calibrate/probes.py.
+- on the toy pair, exact probes: foreground-mask IoU with the LLL video, plus toy/probes.py.
 
 Weights are read from a local path or the Hugging Face cache only; nothing is downloaded. A metric
 whose weights are missing raises FlowblendError naming the flag that points at them.
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flowblend.engines.base import FlowblendError
+from flowblend.errors import FlowblendError
 
 DEFAULT_DINO = "facebook/dinov2-small"
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
@@ -115,7 +115,7 @@ class ToyMaskIoU:
     name = "toy"
 
     def score(self, videos, references, prompts=()) -> list[float]:
-        from .probes import foreground_masks
+        from flowblend.toy.probes import foreground_masks
 
         out = []
         for video, ref in zip(videos, references, strict=True):
@@ -254,8 +254,8 @@ class QualityMetrics:
 
 def toy_probe_scores(videos, prompts) -> dict:
     """The toy probes (colour/shape/direction accuracy, coherence, Frechet to procedural videos)."""
-    from .probes import score_set, score_video
-    from .toydata import PromptSpec
+    from flowblend.toy.data import PromptSpec
+    from flowblend.toy.probes import score_set, score_video
 
     specs = [PromptSpec.parse(p) for p in prompts]
     if len(videos) >= 2:

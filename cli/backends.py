@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from flowblend.engines.base import FlowblendError
 from flowblend.engines.torch_engine import TorchEngine
+from flowblend.errors import FlowblendError
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

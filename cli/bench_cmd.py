@@ -1,10 +1,17 @@
 """`flowblend bench`: speed, FLOPs, memory and runtime overhead against eager PyTorch LLL."""
 from __future__ import annotations
 
-from flowblend.calibrate.bench import (BACKENDS, DEFAULT_BACKENDS, DEFAULT_PLANS, MODES, BenchOptions,
-                                       bench_pair_by_name, equivalent_command)
-from flowblend.calibrate.bench_report import write_outputs
-from flowblend.engines.base import FlowblendError
+from flowblend.bench.report import write_outputs
+from flowblend.bench.run import (
+    BACKENDS,
+    DEFAULT_BACKENDS,
+    DEFAULT_PLANS,
+    MODES,
+    BenchOptions,
+    bench_pair_by_name,
+    equivalent_command,
+)
+from flowblend.errors import FlowblendError
 
 from .backends import parse_dtype
 from .common import add_pair_args, add_video_args, family_of

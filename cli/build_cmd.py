@@ -49,8 +49,8 @@ def tensorrt_check(artifacts: str, pair: str):
         from flowblend.engines.iospec import IOSpec
         from flowblend.engines.signature import signature_for
         from flowblend.engines.trt_engine import run_plan
-        from flowblend.export.onnx import read_export_record
         from flowblend.export.pairs import load_pair
+        from flowblend.export.record import read_export_record
         from flowblend.export.verify import THRESHOLDS, TIMESTEPS, Comparison, VerifyReport
 
         if not loaded:

@@ -9,7 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from flowblend.engines.base import FlowblendError
+from flowblend.errors import FlowblendError
 
 from .common import add_pair_args, add_video_args, family_of, resolve_video
 
@@ -74,7 +74,7 @@ def _read(prompts: list[str], path: str | None, what: str) -> list[str]:
 
 
 def _toy_default_prompts(offset: int) -> list[str]:
-    from flowblend.calibrate.toydata import all_prompts
+    from flowblend.toy.data import all_prompts
 
     return [s.text for s in all_prompts()[offset::6]]
 

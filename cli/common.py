@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flowblend.engines.base import FlowblendError
+from flowblend.errors import FlowblendError
 from flowblend.export.pairs import FAMILIES, PairFamily, get_family
 from flowblend.runtime.plan import BlendPlan
 

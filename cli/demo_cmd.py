@@ -1,7 +1,7 @@
 """`flowblend demo`: the toy pair under LLL, LSL and SSS on CPU, with a table of cost and probe scores."""
 from __future__ import annotations
 
-from flowblend.calibrate.demo import DEMO_PLANS, DEMO_PROMPTS, format_table, run_demo
+from flowblend.toy.demo import DEMO_PLANS, DEMO_PROMPTS, format_table, run_demo
 
 
 def register(sub) -> None:

@@ -1,9 +1,10 @@
 """`flowblend export`: both transformers of a pair to ONNX, verified against PyTorch before they land."""
 from __future__ import annotations
 
-from flowblend.engines.base import FlowblendError
-from flowblend.export.onnx import EXPORT_RECORD, EXTERNAL_DATA_THRESHOLD, export_pair, onnx_dir
+from flowblend.errors import FlowblendError
+from flowblend.export.onnx import EXTERNAL_DATA_THRESHOLD, export_pair
 from flowblend.export.pairs import load_pair
+from flowblend.export.record import EXPORT_RECORD, onnx_dir
 
 from .backends import parse_dtype
 from .common import add_pair_args, add_shape_args, family_of, resolve_spec

@@ -5,7 +5,7 @@ import json
 import time
 from pathlib import Path
 
-from flowblend.engines.base import FlowblendError
+from flowblend.errors import FlowblendError
 from flowblend.export.pairs import load_pair
 from flowblend.runtime.graph import GraphRunner
 from flowblend.runtime.pipeline import BlendPipeline

@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-from flowblend.engines.base import FlowblendError
+from flowblend.errors import FlowblendError
 
 # One module per subcommand, each with register(subparsers).
 COMMAND_MODULES = ["generate", "plan_cmd", "demo_cmd", "export_cmd", "build_cmd", "bench_cmd", "calibrate_cmd",

@@ -1,7 +1,7 @@
 """`flowblend plan`: the per-step table of a plan and its cost against the large-only plan."""
 from __future__ import annotations
 
-from flowblend.calibrate.flops import step_flops
+from flowblend.bench.flops import step_flops
 from flowblend.export.pairs import reference_configs
 
 from .common import add_pair_args, add_plan_args, add_video_args, family_of, resolve_plan, resolve_video

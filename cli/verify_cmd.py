@@ -4,7 +4,8 @@ from __future__ import annotations
 import sys
 
 from flowblend.export.pairs import load_pair
-from flowblend.export.verify import THRESHOLDS, checked_export, verify_export
+from flowblend.export.record import checked_export
+from flowblend.export.verify import THRESHOLDS, verify_export
 
 from .common import add_pair_args, family_of
 

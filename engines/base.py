@@ -16,15 +16,13 @@ from typing import Mapping, Protocol, runtime_checkable
 
 import torch
 
+from flowblend.errors import FlowblendError
+
 LATENTS = "latents"
 TIMESTEP = "timestep"
 TEXT_EMBEDS = "text_embeds"
 TEXT_MASK = "text_mask"
 VELOCITY = "velocity"
-
-
-class FlowblendError(Exception):
-    """A user error: bad input, a missing artifact or a mismatched engine. The message says the fix."""
 
 
 @runtime_checkable

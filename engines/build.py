@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .base import FlowblendError
+from flowblend.errors import FlowblendError
+
 from .iospec import IOSpec
 from .store import EngineKey, EngineStore, file_sha256, gpu_identity, tensorrt_version
 

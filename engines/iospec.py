@@ -10,7 +10,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .base import FlowblendError, LATENTS, TEXT_EMBEDS, TEXT_MASK, TIMESTEP, VELOCITY
+from flowblend.errors import FlowblendError
+
+from .base import LATENTS, TEXT_EMBEDS, TEXT_MASK, TIMESTEP, VELOCITY
 
 DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

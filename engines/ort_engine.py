@@ -23,7 +23,9 @@ from typing import Mapping
 
 import torch
 
-from .base import TIMESTEP, VELOCITY, FlowblendError, check_bindings
+from flowblend.errors import FlowblendError
+
+from .base import TIMESTEP, VELOCITY, check_bindings
 
 # ONNX TensorProto element types (ORT's bind_input takes them as ints, which also covers bfloat16)
 _ELEMENT_TYPE = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16, torch.int64: 7}

@@ -23,7 +23,7 @@ from typing import Callable, Union
 
 from filelock import FileLock
 
-from .base import FlowblendError
+from flowblend.errors import FlowblendError
 
 BACKEND_EXT = {"onnxruntime": "onnx", "tensorrt": "plan"}
 MANIFEST = "manifest.json"

@@ -21,7 +21,8 @@ from typing import Callable
 
 from filelock import FileLock
 
-from .base import FlowblendError
+from flowblend.errors import FlowblendError
+
 from .iospec import IOSpec
 from .trt_engine import import_tensorrt
 

@@ -19,7 +19,9 @@ from typing import Iterable, Mapping
 
 import torch
 
-from .base import LATENTS, TIMESTEP, VELOCITY, FlowblendError, check_bindings
+from flowblend.errors import FlowblendError
+
+from .base import LATENTS, TIMESTEP, VELOCITY, check_bindings
 
 TRT_INSTALL_HINT = ("install the extra on a machine with an NVIDIA GPU and driver: pip install 'flowblend[trt]' "
                     "(tensorrt and cuda-python); or use --backend onnxruntime")

@@ -30,13 +30,16 @@ from pathlib import Path
 
 import torch
 
-from flowblend.engines.base import FlowblendError, LATENTS, TEXT_EMBEDS, TEXT_MASK, TIMESTEP
+from flowblend.engines.base import LATENTS, TEXT_EMBEDS, TEXT_MASK, TIMESTEP
 from flowblend.engines.iospec import IOSpec
 from flowblend.engines.signature import signature_for
-from flowblend.engines.store import file_sha256, sidecars, write_json_atomic
+from flowblend.engines.store import sidecars, write_json_atomic
+from flowblend.errors import FlowblendError
+
+from .record import EXPORT_RECORD, graph_files, onnx_dir
+from .verify import verify_onnx
 
 OPSET = 18
-EXPORT_RECORD = "export.json"
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf's 2 GB limit on one file
 EXPORTER = "torch.onnx.export(dynamo=True)"
 
@@ -162,15 +165,6 @@ def _weights_sha256(model) -> str:
     return h.hexdigest()
 
 
-def onnx_dir(artifacts: str | Path, pair: str) -> Path:
-    return Path(artifacts) / pair / "onnx"
-
-
-def graph_files(path: Path) -> dict[str, dict]:
-    """{file name: {"sha256", "bytes"}} of a graph and its external data, as export.json records them."""
-    return {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size} for p in (*sidecars(path), path)}
-
-
 def _root_cause(exc: BaseException) -> str:
     """The innermost cause's first line, without the exporter's terminal colours."""
     while exc.__cause__ is not None:
@@ -196,8 +190,6 @@ def export_pair(loaded_pair, spec: IOSpec, artifacts: str | Path = "artifacts", 
     Raises FlowblendError (leaving any previous export untouched) if a graph fails verification.
     """
     from tqdm.auto import tqdm
-
-    from .verify import verify_onnx
 
     pair = loaded_pair.family.name
     out = onnx_dir(artifacts, pair)
@@ -241,13 +233,3 @@ def _move_into_place(staging: Path, out: Path, record: dict) -> None:
         for name in sorted(entry["files"], key=lambda n: n == entry["file"]):  # sidecars before the graph
             os.replace(staging / name, out / name)
     write_json_atomic(out / EXPORT_RECORD, record)
-
-
-def read_export_record(artifacts: str | Path, pair: str) -> dict:
-    path = onnx_dir(artifacts, pair) / EXPORT_RECORD
-    if not path.is_file():
-        raise FlowblendError(f"no export found at {path}: run `flowblend export --pair {pair}` first")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise FlowblendError(f"{path} is corrupted ({exc}); re-run `flowblend export --pair {pair}`") from exc

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from flowblend.engines.base import FlowblendError
+from flowblend.errors import FlowblendError
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,10 @@ class PairFamily:
     dynamic_shift: bool = False  # LTX: mu from the token count instead of a fixed shift
     compat_fields: tuple[str, ...] = ()  # config fields both transformers must agree on
     description: str = ""
+    # A family whose models ship with a package above this one (the toy pair) names the module that
+    # loads them; it provides load_pair(family, large, small, dtype, device) and REFERENCE_CONFIGS.
+    # Resolved by name so that export/ never imports the packages that sit on top of it.
+    provider: str = ""
 
     @property
     def pixel_multiple(self) -> int:
@@ -98,7 +102,8 @@ FAMILIES: dict[str, PairFamily] = {
         solver="unipc", shift=3.0, steps=20, guidance=4.0, height=32, width=32, frames=9,
         text_len=8, text_dim=32,
         compat_fields=("in_channels", "out_channels", "text_dim", "patch_size"),
-        description="two tiny Wan-architecture models trained on procedural shape videos (ships in the repo)"),
+        description="two tiny Wan-architecture models trained on procedural shape videos (ships in the repo)",
+        provider="flowblend.toy.model"),
 }
 
 
@@ -137,11 +142,11 @@ def load_pair(name: str, large: str | None = None, small: str | None = None, dty
               device: str | torch.device = "cpu", allow_download: bool = False) -> LoadedPair:
     """Load a pair from local paths or hub ids (the user's cache; no download unless allowed)."""
     family = get_family(name)
-    if family.name == "toy":
-        return _load_toy(family, large, small, dtype, device)
+    if family.provider:
+        return _provider(family).load_pair(family, large, small, dtype, device)
     large, small = large or family.large, small or family.small
-    models = {"large": _load_transformer(family, large, dtype, allow_download),
-              "small": _load_transformer(family, small, dtype, allow_download)}
+    models = {"large": load_transformer(family, large, dtype, allow_download),
+              "small": load_transformer(family, small, dtype, allow_download)}
     check_compatible(family, dict(models["large"].config), dict(models["small"].config))
     for m in models.values():
         m.to(device)
@@ -157,7 +162,7 @@ def _check_source(source: str, allow_download: bool) -> None:
                              "checkpoint folder (containing transformer/) or a hub id in your local cache")
 
 
-def _load_transformer(family: PairFamily, source: str, dtype, allow_download: bool):
+def load_transformer(family: PairFamily, source: str, dtype, allow_download: bool):
     import diffusers
 
     _check_source(source, allow_download)
@@ -219,22 +224,10 @@ class _SharedComponents:
         return vae.decode(latents, timestep, return_dict=False)[0].float()
 
 
-def _load_toy(family, large, small, dtype, device) -> LoadedPair:
-    from . import toy
+def _provider(family: PairFamily):
+    import importlib
 
-    models = {}
-    for size, override in (("large", large), ("small", small)):
-        if override:
-            models[size] = _load_transformer(family, override, dtype, False)
-        else:
-            models[size] = toy.load_toy_transformer(size, dtype=dtype)
-    check_compatible(family, dict(models["large"].config), dict(models["small"].config))
-    for m in models.values():
-        m.to(device)
-    encoder, vae = toy.ToyTextEncoder(), toy.PixelVAE()
-    source = "shipped" if toy.trained_weights_available() else "random (no shipped weights yet)"
-    return LoadedPair(family, models, lambda prompts: encoder.encode(prompts), vae.decode,
-                      {"large": large or source, "small": small or source})
+    return importlib.import_module(family.provider)
 
 
 # Published architectures, for cost estimates without loading weights (`flowblend plan`).
@@ -250,9 +243,7 @@ def reference_configs(name: str) -> dict[str, dict]:
     if name == "ltx":
         return {"large": dict(_LTX_COMMON, num_attention_heads=32, attention_head_dim=128, num_layers=48),
                 "small": dict(_LTX_COMMON, num_attention_heads=32, attention_head_dim=64, num_layers=28)}
-    if name == "toy":
-        from .toy import TOY_LARGE_CONFIG, TOY_SMALL_CONFIG
-
-        return {"large": dict(TOY_LARGE_CONFIG), "small": dict(TOY_SMALL_CONFIG)}
-    get_family(name)
+    family = get_family(name)
+    if family.provider:
+        return {size: dict(config) for size, config in _provider(family).REFERENCE_CONFIGS.items()}
     return {}

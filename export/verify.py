@@ -18,9 +18,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from flowblend.engines.base import TIMESTEP, VELOCITY, FlowblendError
+from flowblend.engines.base import TIMESTEP, VELOCITY
 from flowblend.engines.iospec import IOSpec
 from flowblend.engines.signature import signature_for
+from flowblend.errors import FlowblendError
+
+from .record import checked_export
 
 TIMESTEPS = (999.0, 500.0, 50.0)
 THRESHOLDS = {"fp32": 0.99999, "fp16": 0.999, "bf16": 0.999}  # min cosine; NaN/Inf always fails
@@ -162,19 +165,6 @@ def verify_onnx(path: str | Path, transformer: torch.nn.Module, spec: IOSpec, ti
                 ref = reference(*[x.float() if x.is_floating_point() else x for x in inputs]).float().numpy()
             report.comparisons.append(Comparison.of(t, out, ref, point))
     return report
-
-
-def checked_export(artifacts: str | Path, pair: str) -> tuple[dict, IOSpec, Path]:
-    """A pair's export.json, its spec and directory, after re-hashing every graph and weights file."""
-    from flowblend.engines.store import check_files
-
-    from .onnx import onnx_dir, read_export_record
-
-    record = read_export_record(artifacts, pair)
-    directory = onnx_dir(artifacts, pair)
-    for entry in record["models"].values():
-        check_files(directory, entry.get("files") or {entry["file"]: entry}, f"re-run `flowblend export --pair {pair}`")
-    return record, IOSpec.from_dict(record["spec"]), directory
 
 
 def verify_export(artifacts: str | Path, loaded_pair, device: str = "cpu",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from flowblend.engines.base import FlowblendError
+from flowblend.errors import FlowblendError
 
 from .buffers import SamplerBuffers
 from .solvers import Combine, SolverTable

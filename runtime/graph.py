@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flowblend.engines.base import FlowblendError
+from flowblend.errors import FlowblendError
 
 from .sampler import Sampler
 

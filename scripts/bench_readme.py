@@ -18,7 +18,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from flowblend.calibrate.bench_report import TARGETS, render_markdown
+from flowblend.bench.report import TARGETS, render_markdown
 
 
 def machine_state(report: dict) -> str:

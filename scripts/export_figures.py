@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from flowblend.engines.iospec import IOSpec  # noqa: E402
 from flowblend.engines.ort_engine import OrtEngine  # noqa: E402
 from flowblend.engines.torch_engine import TorchEngine  # noqa: E402
-from flowblend.export.onnx import export_pair, onnx_dir  # noqa: E402
+from flowblend.export.onnx import export_pair  # noqa: E402
 from flowblend.export.pairs import LoadedPair, get_family, load_pair  # noqa: E402
+from flowblend.export.record import onnx_dir  # noqa: E402
 from flowblend.runtime.plan import BlendPlan  # noqa: E402
 from flowblend.runtime.sampler import Sampler  # noqa: E402
 

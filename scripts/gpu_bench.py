@@ -22,9 +22,9 @@ import time
 
 import torch
 
-from flowblend.calibrate.bench import BenchOptions, equivalent_command, run_bench
-from flowblend.calibrate.bench_report import write_outputs
-from flowblend.engines.base import FlowblendError
+from flowblend.bench.report import write_outputs
+from flowblend.bench.run import BenchOptions, equivalent_command, run_bench
+from flowblend.errors import FlowblendError
 from flowblend.export.pairs import LoadedPair, get_family, reference_configs
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

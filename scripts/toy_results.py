@@ -5,7 +5,7 @@ under LLL, SSS, LSL, LSS and SLL, scored by the exact probes, with cost and wall
     python scripts/toy_results.py --seeds 0 --out /tmp/quick   # a quicker look
 
 Every figure in the markdown is computed here from this run; the findings are comparisons of those
-figures, so the page says what the weights in export/toy_weights/ do, whatever they do.
+figures, so the page says what the weights in toy/weights/ do, whatever they do.
 """
 from __future__ import annotations
 
@@ -19,14 +19,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowblend.calibrate.demo import generate_plans
-from flowblend.calibrate.probes import (SCORE_KEYS, foreground_masks, read_colour, read_direction, read_shape,
-                                       reference_videos, score_set)
-from flowblend.calibrate.toydata import all_prompts
 from flowblend.engines.store import file_sha256
 from flowblend.export.pairs import load_pair
-from flowblend.export.toy import WEIGHTS_DIR
 from flowblend.runtime.plan import BlendPlan
+from flowblend.toy.data import all_prompts
+from flowblend.toy.demo import generate_plans
+from flowblend.toy.model import WEIGHTS_DIR
+from flowblend.toy.probes import (
+    SCORE_KEYS,
+    foreground_masks,
+    read_colour,
+    read_direction,
+    read_shape,
+    reference_videos,
+    score_set,
+)
 
 PLANS = ("LLL", "SSS", "LSL:0.4,0.2", "LSS:0.4", "SLL:0.2")
 HIGHER_IS_BETTER = {"semantic_acc": True, "colour_acc": True, "shape_acc": True, "direction_acc": True,
@@ -90,7 +97,7 @@ def markdown(record: dict) -> str:
         "",
         f"Evaluation set: every prompt of the vocabulary ({m['prompts']} = 6 colours x 3 shapes x 4 directions) x "
         f"seeds {m['seeds']} = {m['videos']} videos per plan; {m['steps']} {m['solver']} steps, shift {m['shift']}, "
-        f"CFG {m['guidance']}; weights `export/toy_weights/` (sha256 of the safetensors: large "
+        f"CFG {m['guidance']}; weights `toy/weights/` (sha256 of the safetensors: large "
         f"`{m['weights']['large'][:12]}`, small `{m['weights']['small'][:12]}`). Same noise per (prompt, seed) "
         "under every plan.",
         "",

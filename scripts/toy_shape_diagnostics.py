@@ -1,6 +1,6 @@
 """Why the toy large model's shape accuracy sits at chance: does it ignore the shape word?
 
-Two readings, both with the exact probes of calibrate/probes.py:
+Two readings, both with the exact probes of toy/probes.py:
 1. Confusion of prompted vs read-back shape on generated videos (72 prompts x 1 seed, the
    `train_toy.py --eval` sampler): a model that ignores the shape word reads one shape for all.
 2. One-shot denoising of REAL procedural videos: noise them to sigma, predict x0 = x_t - sigma v
@@ -12,7 +12,7 @@ Two readings, both with the exact probes of calibrate/probes.py:
 3. Prior match at sigma = 1: is the x0 prediction from pure noise (E[x0 | prompt]) closest to the
    mean of real videos of the named shape? 1/3 = the shape word has no effect.
 
-    python scripts/toy_shape_diagnostics.py --weights-dir export/toy_weights
+    python scripts/toy_shape_diagnostics.py --weights-dir toy/weights
 """
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowblend.calibrate.probes import foreground_masks, read_shape
-from flowblend.calibrate.toydata import PromptSpec, all_prompts, render
-from flowblend.export.toy import SHAPES, WEIGHTS_DIR, ToyTextEncoder, load_toy_transformer
-from train_toy import sample_videos  # the --eval reference sampler; scripts/ is on sys.path when run
+from flowblend.toy.data import PromptSpec, all_prompts, render
+from flowblend.toy.model import SHAPES, WEIGHTS_DIR, ToyTextEncoder, load_toy_transformer
+from flowblend.toy.probes import foreground_masks, read_shape
+from flowblend.toy.train import sample_videos  # the --eval reference sampler
 
 SIGMAS = (0.2, 0.4, 0.6, 0.7, 0.8, 0.9)
 

@@ -12,16 +12,16 @@ import imageio.v3 as iio
 import pytest
 import torch
 
-from flowblend.calibrate.bench import BenchOptions, run_bench
-from flowblend.calibrate.bench_report import render_markdown
-from flowblend.calibrate.pairing import round_order
-from flowblend.calibrate.runtime_cost import TINY_WAN, measure_overhead
-from flowblend.calibrate.memory import LiveTensorBytes
+from flowblend.bench.memory import LiveTensorBytes
+from flowblend.bench.pairing import round_order
+from flowblend.bench.report import render_markdown
+from flowblend.bench.run import BenchOptions, run_bench
+from flowblend.bench.runtime_cost import TINY_WAN, measure_overhead
 from flowblend.cli.main import main
 from flowblend.engines.signature import signature_for
 from flowblend.export.pairs import load_pair
-from flowblend.export.toy import TOY_LARGE_CONFIG, TOY_SMALL_CONFIG, build_toy_transformer
 from flowblend.runtime.plan import BlendPlan
+from flowblend.toy.model import TOY_LARGE_CONFIG, TOY_SMALL_CONFIG, build_toy_transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 2
@@ -219,7 +219,7 @@ def test_machine_state_counts_only_load_above_the_benchmarks_own_threads():
 
 
 def test_paired_speedup_cancels_drift_common_to_a_round():
-    from flowblend.calibrate.pairing import paired_speedup
+    from flowblend.bench.pairing import paired_speedup
 
     # the machine runs at 1x, 2x and 1.2x slowness in three rounds; the case is 2x faster in two of them
     reference, case = [1.0, 2.0, 1.2], [0.5, 1.0, 0.8]
@@ -230,7 +230,7 @@ def test_paired_speedup_cancels_drift_common_to_a_round():
 
 
 def test_realized_spread_is_the_quartiles_of_the_rounds():
-    from flowblend.calibrate.bench_report import _quartiles
+    from flowblend.bench.report import _quartiles
 
     assert _quartiles([5.0, 1.0, 3.0, 2.0, 4.0]) == [1.5, 4.5]  # statistics' default (exclusive) method
     assert _quartiles([1.0]) is None
@@ -282,11 +282,17 @@ class ReplayingGraphBackend:
 
 def test_graph_modes_run_through_the_graph_runner(monkeypatch):
     """On CPU with a stand-in capture backend: graph cases capture once, replay per run, match the eager loop."""
-    import flowblend.calibrate.bench as bench
+    import flowblend.bench.run as bench
 
     backends = []
     monkeypatch.setattr(bench, "_check_mode", lambda mode, device: None)  # the real one asks for a CUDA device
-    monkeypatch.setattr(bench, "graph_backend", lambda device: backends.append(ReplayingGraphBackend()) or backends[-1])
+    real_runner = bench.GraphRunner
+
+    def runner_with_stand_in(sampler, mode):
+        backends.append(ReplayingGraphBackend())
+        return real_runner(sampler, mode, backend=backends[-1])
+
+    monkeypatch.setattr(bench, "GraphRunner", runner_with_stand_in)
     pair = load_pair("toy")
     options = BenchOptions(backends=("torch",), modes=("loop", "step-graph", "loop-graph"), plans=("LLL", "LSL:0.4,0.2"),
                            steps=5, warmup=1, repeats=2, overhead_repeats=0, progress=False)

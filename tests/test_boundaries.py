@@ -6,19 +6,29 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from flowblend.calibrate.boundaries import (Scored, calibrate_plan, check_stage_steps, check_tolerance, lsl_plan,
-                                            neighbours, plan_from_divergence, rescale_plan, retained_fraction,
-                                            search_cheapest, small_window)
-from flowblend.calibrate.divergence import DivergenceCurve, SamplingSetup
-from flowblend.calibrate.metrics import MetricSources, QualityMetrics
-from flowblend.calibrate.report import write_outputs
-from flowblend.engines.base import FlowblendError
-from flowblend.export.pairs import FAMILIES, LoadedPair
-from flowblend.runtime.plan import BlendPlan
 from test_divergence import encoder
 from test_metrics import save_tiny_dino
 from tiny_models import latent_shape, tiny_pair
+
+from flowblend.calibrate.boundaries import (
+    Scored,
+    calibrate_plan,
+    check_stage_steps,
+    check_tolerance,
+    lsl_plan,
+    neighbours,
+    plan_from_divergence,
+    rescale_plan,
+    retained_fraction,
+    search_cheapest,
+    small_window,
+)
+from flowblend.calibrate.divergence import DivergenceCurve, SamplingSetup
+from flowblend.calibrate.metrics import MetricSources, QualityMetrics
+from flowblend.calibrate.report import write_outputs
+from flowblend.errors import FlowblendError
+from flowblend.export.pairs import FAMILIES, LoadedPair
+from flowblend.runtime.plan import BlendPlan
 
 
 def curve_of(values) -> DivergenceCurve:

@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
+from test_metrics import save_tiny_dino
 
 from flowblend.cli.main import main
 from flowblend.export import pairs
 from flowblend.runtime.plan import BlendPlan
-from test_metrics import save_tiny_dino
 
 TOY_PROMPTS = ["--prompt", "a red circle moving left", "--prompt", "a blue square moving up"]
 

@@ -4,14 +4,20 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny_models import TEXT, latent_shape, tiny_pair
 
-from flowblend.calibrate.divergence import (DivergenceCurve, SamplingSetup, make_requests, measure_divergence,
-                                            plot_divergence, save_curve)
-from flowblend.engines.base import FlowblendError
+from flowblend.calibrate.divergence import (
+    DivergenceCurve,
+    SamplingSetup,
+    make_requests,
+    measure_divergence,
+    plot_divergence,
+    save_curve,
+)
 from flowblend.engines.torch_engine import TorchEngine
+from flowblend.errors import FlowblendError
 from flowblend.runtime.plan import BlendPlan
 from flowblend.runtime.solvers import scheduler_for
-from tiny_models import TEXT, latent_shape, tiny_pair
 
 STEPS = 6
 

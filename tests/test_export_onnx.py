@@ -10,19 +10,19 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from tiny_models import TEXT, WAN_TINY, latent_shape, tiny_pair
 
-from flowblend.engines.base import FlowblendError
 from flowblend.engines.iospec import IOSpec
 from flowblend.engines.ort_engine import OrtEngine
 from flowblend.engines.store import file_sha256
 from flowblend.engines.torch_engine import TorchEngine
+from flowblend.errors import FlowblendError
 from flowblend.export import verify as verify_mod
 from flowblend.export.onnx import export_pair, export_transformer
 from flowblend.export.pairs import LoadedPair, get_family
 from flowblend.export.verify import verify_export, verify_onnx
 from flowblend.runtime.plan import BlendPlan
 from flowblend.runtime.sampler import Sampler
-from tiny_models import TEXT, WAN_TINY, latent_shape, tiny_pair
 
 GUIDANCE = 4.0  # CFG: the graphs are exported for batch 2
 FLOAT, FLOAT16, DOUBLE = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE

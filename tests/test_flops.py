@@ -1,15 +1,15 @@
 """Analytic FLOP counts against torch's own counter, and against FlowBlending's published cost table."""
 import pytest
 import torch
+from tiny_models import TEXT, latent_shape, tiny_pair
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from flowblend.calibrate.flops import forward_flops, step_cost, step_flops
+from flowblend.bench.flops import forward_flops, step_cost, step_flops
 from flowblend.engines.signature import signature_for
 from flowblend.export.pairs import get_family, reference_configs
-from flowblend.export.toy import build_toy_transformer
 from flowblend.runtime.plan import BlendPlan
-from tiny_models import TEXT, latent_shape, tiny_pair
+from flowblend.toy.model import build_toy_transformer
 
 CLASSES = {"wan": "WanTransformer3DModel", "ltx": "LTXVideoTransformer3DModel"}
 

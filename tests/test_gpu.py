@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import TEXT, WAN_LATENT, tiny_pair
 
 from flowblend.engines.torch_engine import TorchEngine
 from flowblend.runtime import fused
 from flowblend.runtime.graph import GraphRunner
 from flowblend.runtime.plan import BlendPlan
 from flowblend.runtime.sampler import Sampler, SamplerOptions
-from tiny_models import TEXT, WAN_LATENT, tiny_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
@@ -84,7 +84,7 @@ def test_a_failing_capture_leaves_no_stream_capturing():
     engines = {n: SyncingEngine(m, device="cuda", name=n) for n, m in tiny_pair("wan").items()}
     runner = GraphRunner(Sampler(engines, BlendPlan.parse("LLL", 3), options=no_fused(guidance_scale=4.0),
                                  device="cuda"))
-    from flowblend.engines.base import FlowblendError
+    from flowblend.errors import FlowblendError
 
     with pytest.raises(FlowblendError, match="capture failed at step 0"):
         runner.sample(*request(1))

@@ -10,14 +10,14 @@ import sys
 
 import pytest
 import torch
+from tiny_models import TEXT, WAN_LATENT, latent_shape, tiny_pair
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from flowblend.engines.base import FlowblendError
 from flowblend.engines.torch_engine import TorchEngine
+from flowblend.errors import FlowblendError
 from flowblend.runtime.graph import GraphRunner, GraphState, TorchGraphBackend
 from flowblend.runtime.plan import BlendPlan
 from flowblend.runtime.sampler import Sampler
-from tiny_models import TEXT, WAN_LATENT, latent_shape, tiny_pair
 
 STEPS = 6
 
@@ -233,7 +233,8 @@ def test_the_loop_of_the_real_transformers_never_syncs_with_the_host(family):
 
 def test_tensorrt_engines_are_captured_with_every_steps_timestep_row(monkeypatch):
     import fake_tensorrt
-    from test_trt_engine import TEXT as TRT_TEXT, LATENT, make_pair
+    from test_trt_engine import LATENT, make_pair
+    from test_trt_engine import TEXT as TRT_TEXT
 
     from flowblend.engines.trt_engine import share_activation_memory
 

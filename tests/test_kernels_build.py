@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowblend.engines.base import FlowblendError
+from flowblend.errors import FlowblendError
 from flowblend.runtime import fused
 from flowblend.runtime.plan import BlendPlan
 from flowblend.runtime.sampler import Sampler

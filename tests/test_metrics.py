@@ -9,10 +9,19 @@ import pytest
 import torch
 from scipy import linalg
 
-from flowblend.calibrate.metrics import (ClipTextVideoScore, DinoFrameSimilarity, MetricSources, QualityMetrics,
-                                         ToyMaskIoU, VideoFeatures, frechet_distance, toy_probe_scores, video_frames)
-from flowblend.calibrate.toydata import PromptSpec, render
-from flowblend.engines.base import FlowblendError
+from flowblend.calibrate.metrics import (
+    ClipTextVideoScore,
+    DinoFrameSimilarity,
+    MetricSources,
+    QualityMetrics,
+    ToyMaskIoU,
+    VideoFeatures,
+    frechet_distance,
+    toy_probe_scores,
+    video_frames,
+)
+from flowblend.errors import FlowblendError
+from flowblend.toy.data import PromptSpec, render
 
 
 def save_tiny_dino(path):

@@ -1,12 +1,12 @@
 """The step loop allocates nothing: every op in it writes into an existing tensor or is a view."""
 import torch
+from tiny_models import TEXT, WAN_LATENT, tiny_pair
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from flowblend.engines.base import LATENTS, VELOCITY
 from flowblend.engines.torch_engine import TorchEngine
 from flowblend.runtime.plan import BlendPlan
 from flowblend.runtime.sampler import Sampler
-from tiny_models import TEXT, WAN_LATENT, tiny_pair
 
 
 class AllocationRecorder(TorchDispatchMode):

@@ -7,9 +7,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from flowblend.engines.base import FlowblendError
 from flowblend.engines.ort_engine import OrtEngine
 from flowblend.engines.torch_engine import TorchEngine
+from flowblend.errors import FlowblendError
 from flowblend.runtime.plan import BlendPlan
 from flowblend.runtime.sampler import Sampler
 

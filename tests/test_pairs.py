@@ -1,10 +1,10 @@
 """Pair registry: shape rules, loading real diffusers checkpoints from disk, refusing incompatible pairs."""
 import pytest
 import torch
-
-from flowblend.engines.base import FlowblendError
-from flowblend.export.pairs import FAMILIES, check_compatible, get_family, load_pair
 from tiny_models import WAN_TINY, tiny_pair
+
+from flowblend.errors import FlowblendError
+from flowblend.export.pairs import FAMILIES, check_compatible, get_family, load_pair
 
 
 def test_families_and_defaults():

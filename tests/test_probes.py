@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from flowblend.calibrate.probes import score_set, score_video
-from flowblend.calibrate.toydata import COLOUR_RGB, PromptSpec, all_prompts, render
+from flowblend.toy.data import COLOUR_RGB, PromptSpec, all_prompts, render
+from flowblend.toy.probes import score_set, score_video
 
 SPECS = all_prompts()
 

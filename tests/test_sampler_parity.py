@@ -3,12 +3,12 @@ import random
 
 import pytest
 import torch
+from tiny_models import TEXT, latent_shape, tiny_pair
 
 from flowblend.engines.torch_engine import TorchEngine
 from flowblend.runtime.plan import BlendPlan
 from flowblend.runtime.sampler import Sampler
 from flowblend.runtime.solvers import scheduler_for
-from tiny_models import TEXT, latent_shape, tiny_pair
 
 STEPS = 8
 

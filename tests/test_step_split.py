@@ -6,15 +6,15 @@ packed and unpacked with LTXPipeline's own static methods), not flowblend's sign
 import pytest
 import torch
 from diffusers import LTXPipeline, WanTransformer3DModel
+from tiny_models import LTX_LATENT, TEXT, WAN_LATENT, WAN_TINY, tiny_pair
 
 from flowblend.engines.base import LATENTS, TEXT_EMBEDS, TEXT_MASK, TIMESTEP, VELOCITY
 from flowblend.engines.ltx_step import LtxStep
 from flowblend.engines.torch_engine import TorchEngine
 from flowblend.engines.wan_step import WanStep, supports_wan_step_split
-from flowblend.export.toy import TEXT_DIM, TEXT_LEN, TOY_FRAMES, load_toy_transformer
 from flowblend.runtime.plan import BlendPlan
 from flowblend.runtime.sampler import Sampler
-from tiny_models import LTX_LATENT, TEXT, WAN_LATENT, WAN_TINY, tiny_pair
+from flowblend.toy.model import TEXT_DIM, TEXT_LEN, TOY_FRAMES, load_toy_transformer
 
 LTX_ROPE_SCALE = (8 / 25, 32, 32)  # LtxSignature's default: the pipeline's at 25 fps
 

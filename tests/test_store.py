@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from flowblend.engines.base import FlowblendError
 from flowblend.engines.store import EngineKey, EngineStore, current_gpu_identity, file_sha256, tensorrt_key
+from flowblend.errors import FlowblendError
 
 H100 = {"gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
 A100 = {"gpu_name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"}

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from flowblend.calibrate.toydata import PromptSpec, all_prompts, render, sample_batch
+from flowblend.toy.data import PromptSpec, all_prompts, render, sample_batch
 
 
 def test_vocabulary_covers_every_combination():
@@ -52,8 +52,8 @@ def test_unknown_words_are_refused():
 
 @pytest.mark.parametrize("name,radius,speed", [("v1", (5.0, 7.0), (1.2, 2.0)), ("v2", (7.0, 9.5), (0.8, 1.3))])
 def test_geometries_draw_the_sizes_and_speeds_they_name(name, radius, speed):
-    from flowblend.calibrate.probes import centroid_track, foreground_masks
-    from flowblend.calibrate.toydata import GEOMETRIES
+    from flowblend.toy.data import GEOMETRIES
+    from flowblend.toy.probes import centroid_track, foreground_masks
 
     for seed in range(20):
         v = render(PromptSpec("red", "circle", "right"), seed, geometry=GEOMETRIES[name])

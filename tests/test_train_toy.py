@@ -1,17 +1,11 @@
-"""scripts/train_toy.py helpers: stage logs joined in order, the outline band the edge-weighted loss uses."""
-import importlib.util
+"""flowblend.toy.train helpers: stage logs joined in order, the outline band the edge-weighted loss uses."""
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from flowblend.calibrate.toydata import PromptSpec, render
-
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("train_toy", ROOT / "scripts" / "train_toy.py")
-train_toy = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train_toy)
+from flowblend.toy import train as train_toy
+from flowblend.toy.data import PromptSpec, render
 
 
 def test_stage_logs_follow_each_other_and_a_resumed_step_keeps_its_last_value(tmp_path):

@@ -5,19 +5,19 @@ import json
 import sys
 from types import SimpleNamespace
 
+import fake_tensorrt
 import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper
 
-import fake_tensorrt
 from flowblend.cli.main import main
 from flowblend.engines import build as build_mod
 from flowblend.engines import store as store_mod
-from flowblend.engines.base import FlowblendError
 from flowblend.engines.iospec import IOSpec
 from flowblend.engines.store import EngineStore, file_sha256
 from flowblend.engines.trt_build import build_plan_bytes, build_settings, optimization_profile
+from flowblend.errors import FlowblendError
 
 H100 = {"gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
 SPEC = IOSpec(batch=2, latent=(4, 3, 4, 6), text_len=7, text_dim=16, dtype="fp16")

@@ -6,12 +6,12 @@ engines get one activation block sized to the larger need, and every failure is 
 """
 import sys
 
+import fake_tensorrt
 import pytest
 import torch
 
-import fake_tensorrt
-from flowblend.engines.base import FlowblendError
 from flowblend.engines.trt_engine import TrtEngine, share_activation_memory, shared_activation_bytes
+from flowblend.errors import FlowblendError
 from flowblend.runtime.plan import BlendPlan
 from flowblend.runtime.sampler import Sampler
 

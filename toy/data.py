@@ -1,7 +1,6 @@
 """Procedural toy videos: one coloured shape moving over a black background, as the prompt says.
 
-This is evaluation data (what the probes compare against) as much as training data, so it lives
-in calibrate/. Every video is a pure function of (prompt, seed): the ground truth of what a toy
+This is evaluation data (what the probes compare against) as much as training data. Every video is a pure function of (prompt, seed): the ground truth of what a toy
 model should produce is known exactly, which is what makes the toy pair's quality measurable.
 Layout: float32 [3, F, H, W] in [-1, 1] (the toy latent space: the pixel "VAE" is the identity).
 """
@@ -11,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flowblend.export.toy import COLOURS, DIRECTIONS, SHAPES
+from flowblend.toy.model import COLOURS, DIRECTIONS, SHAPES
 
 # RGB in [0, 1]; pixels are 2 * rgb - 1
 COLOUR_RGB = {

@@ -1,6 +1,6 @@
 """A benchmark's measurements turned into its report: paired speedups, rows, targets, markdown, PNG.
 
-Kept apart from calibrate/bench.py (which runs the cases) so scripts/bench_readme.py and the GPU
+Kept apart from bench/run.py (which runs the cases) so scripts/bench_readme.py and the GPU
 script can render a report from its JSON without measuring anything.
 """
 from __future__ import annotations

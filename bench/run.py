@@ -6,9 +6,9 @@ cases round-robin so slow drift (another process, clocks) spreads over all of th
 1. timed: end to end (text encoding + loop + decode) with the loop timed on its own;
 2. per-step: the same loop through timing wrappers around each engine call (perf_counter on CPU,
    torch.cuda.Event on GPU), kept apart so the wrappers never disturb pass 1;
-3. what the runtime itself costs (calibrate/runtime_cost.py): its loop against a bare loop over the
+3. what the runtime itself costs (bench/runtime_cost.py): its loop against a bare loop over the
    same modules, at the pair's size and at a tiny Wan size, and its memory against its terms.
-The report (rows, targets, markdown, PNG) is calibrate/bench_report.py's; `flowblend bench` is a
+The report (rows, targets, markdown, PNG) is bench/report.py's; `flowblend bench` is a
 thin CLI over `bench_pair_by_name` and `bench_report.write_outputs`.
 """
 from __future__ import annotations
@@ -21,24 +21,23 @@ from pathlib import Path
 
 import torch
 
-from flowblend.engines.base import FlowblendError
 from flowblend.engines.torch_engine import TorchEngine
+from flowblend.errors import FlowblendError
 from flowblend.runtime.graph import GraphRunner
 from flowblend.runtime.plan import BlendPlan
 from flowblend.runtime.sampler import Sampler
 
-from .bench_report import case_rows, targets
 from .flops import step_flops
 from .memory import PeakMemory, current_rss_bytes
 from .pairing import round_order
-from .runtime_cost import memory_budget, measure_overhead, sync_device, tiny_wan_overhead
+from .report import case_rows, targets
+from .runtime_cost import measure_overhead, memory_budget, sync_device, tiny_wan_overhead
 
 BACKENDS = ("torch", "torch-compile", "onnxruntime", "tensorrt")
 MODES = ("loop", "step-graph", "loop-graph")
 DEFAULT_BACKENDS = ("torch", "torch-compile")
 DEFAULT_PLANS = ("LLL", "LSL:0.4,0.2", "SSS")
 PROMPT = "a red circle moving left"
-# tests/tiny_models.py's tiny Wan sizes: where per-step runtime overhead weighs the most.
 
 
 @dataclass(frozen=True)
@@ -197,11 +196,6 @@ def _check_mode(mode: str, device: torch.device) -> None:
         raise Unavailable("CUDA graphs need a CUDA device (--device cuda)")
 
 
-def graph_backend(device: torch.device):
-    """The capture backend of graph modes: None = runtime/graph.py's torch.cuda.CUDAGraph backend."""
-    return None
-
-
 # -- measurement -----------------------------------------------------------------------------------
 @torch.no_grad()
 def _run_once(case: Case, pair, noise, device, end_to_end: bool, sampler: Sampler | None = None) -> dict:
@@ -300,7 +294,7 @@ def _build_cases(pair, eager: dict, plans, options: BenchOptions, latent_shape, 
                                          **sampler_kwargs)
                 case = Case(backend, mode, plan, make(engines), make(timed), log)
                 if mode in GRAPH_MODES:
-                    case.runner = GraphRunner(case.sampler, GRAPH_MODES[mode], backend=graph_backend(device))
+                    case.runner = GraphRunner(case.sampler, GRAPH_MODES[mode])
                 cases.append(case)
     return cases, skipped
 
@@ -419,6 +413,3 @@ def equivalent_command(pair: str, options: BenchOptions) -> str:
     parts += [f"--warmup {options.warmup}", f"--repeats {options.repeats}",
               f"--overhead-repeats {options.overhead_repeats}", f"--device {options.device}"]
     return " ".join(parts)
-
-
-# -- output ----------------------------------------------------------------------------------------

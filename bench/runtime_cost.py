@@ -1,7 +1,7 @@
 """What the runtime itself costs: its loop time over a bare loop of the same modules, and its
 memory against weights + engine constants + the large model's activations + the shared buffers.
 
-Measured by `flowblend bench` (calibrate/bench.py) after its timed cases.
+Measured by `flowblend bench` (bench/run.py) after its timed cases.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def sync_device(device: torch.device) -> None:
 @torch.no_grad()
 def measure_overhead(modules: dict, plan: BlendPlan, sampler_kwargs: dict, guidance: float, latent_shape,
                      text_shape, repeats: int, device: torch.device, label: str, with_mask: bool = False) -> dict:
-    """Blended runtime vs a bare loop over the same signature modules, in paired rotated rounds (calibrate/pairing.py).
+    """Blended runtime vs a bare loop over the same signature modules, in paired rotated rounds (bench/pairing.py).
 
     The runtime is timed twice: with engines running each module's whole forward (what it adds
     over the bare loop: its overhead) and with the default engines, which for Wan and LTX compute
@@ -103,6 +103,7 @@ def measure_overhead(modules: dict, plan: BlendPlan, sampler_kwargs: dict, guida
 
 def tiny_wan_overhead(repeats: int, sampler_kwargs: dict, guidance: float, steps: int, device) -> dict:
     from diffusers import WanTransformer3DModel
+
     from flowblend.engines.signature import signature_for
 
     torch.manual_seed(0)

@@ -14,13 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flowblend.bench.flops import step_flops
 from flowblend.engines.torch_engine import TorchEngine
 from flowblend.export.pairs import LoadedPair, load_pair
 from flowblend.runtime.plan import BlendPlan
 from flowblend.runtime.sampler import Sampler
 from flowblend.runtime.video import save_video, to_frames
-
-from .flops import step_flops
 
 DEMO_PROMPTS = ("a red circle moving left", "a blue square moving up",
                 "a green triangle moving right", "a yellow circle moving down")
@@ -77,8 +76,8 @@ def generate_plans(pair: LoadedPair, plans: list[BlendPlan], prompts: list[str],
 
 def score_results(results: list[PlanResult], prompts: list[str], seeds: list[int]) -> None:
     """Fill each result's scores with the toy probes (colour, shape, direction, coherence, Frechet)."""
+    from .data import PromptSpec
     from .probes import score_set
-    from .toydata import PromptSpec
 
     specs = [PromptSpec.parse(p) for p in prompts for _ in seeds]
     for r in results:

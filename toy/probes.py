@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from flowblend.export.toy import COLOURS, SHAPES
+from flowblend.toy.model import COLOURS, SHAPES
 
-from .toydata import COLOUR_RGB, PromptSpec, render, shape_mask
+from .data import COLOUR_RGB, PromptSpec, render, shape_mask
 
 FOREGROUND_THRESHOLD = 0.0  # pixel value in [-1, 1]; the background is -1, every colour has a channel at +1
 
@@ -50,7 +50,7 @@ def fill_ratio(mask: np.ndarray) -> float | None:
 
 def template_ious(mask: np.ndarray) -> dict[str, float] | None:
     """IoU of the mask with each vocabulary shape of the same area and centroid, drawn by the
-    renderer itself (toydata.shape_mask). None if the frame has (almost) no foreground."""
+    renderer itself (data.shape_mask). None if the frame has (almost) no foreground."""
     ys, xs = np.nonzero(mask)
     area = len(xs)
     if area < 4:

@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# Vocabulary of the procedural world (calibrate/toydata.py draws prompts from it).
+from flowblend.export.pairs import LoadedPair, check_compatible, load_transformer
+
+# Vocabulary of the procedural world (toy/data.py draws prompts from it).
 COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan")
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = ("left", "right", "up", "down")
@@ -43,8 +45,9 @@ _COMMON = dict(
 )
 TOY_LARGE_CONFIG = dict(_COMMON, num_attention_heads=6, attention_head_dim=32, ffn_dim=384, num_layers=4)
 TOY_SMALL_CONFIG = dict(_COMMON, num_attention_heads=3, attention_head_dim=48, ffn_dim=288, num_layers=1)
+REFERENCE_CONFIGS = {"large": TOY_LARGE_CONFIG, "small": TOY_SMALL_CONFIG}  # what `flowblend plan` costs
 
-WEIGHTS_DIR = Path(__file__).parent / "toy_weights"
+WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 
 class ToyTextEncoder:
@@ -115,3 +118,18 @@ def load_toy_transformer(size: str, weights_dir: Path = WEIGHTS_DIR, dtype: torc
     if not (path / "config.json").is_file():
         return build_toy_transformer(size, dtype)
     return WanTransformer3DModel.from_pretrained(path, torch_dtype=dtype).eval()
+
+
+def load_pair(family, large: str | None, small: str | None, dtype: torch.dtype, device) -> LoadedPair:
+    """The toy family's loader (export.pairs resolves it by module name): shipped weights unless overridden."""
+    models = {}
+    for size, override in (("large", large), ("small", small)):
+        models[size] = load_transformer(family, override, dtype, False) if override else \
+            load_toy_transformer(size, dtype=dtype)
+    check_compatible(family, dict(models["large"].config), dict(models["small"].config))
+    for m in models.values():
+        m.to(device)
+    encoder, vae = ToyTextEncoder(), PixelVAE()
+    source = "shipped" if trained_weights_available() else "random (no shipped weights yet)"
+    return LoadedPair(family, models, lambda prompts: encoder.encode(prompts), vae.decode,
+                      {"large": large or source, "small": small or source})

@@ -1,0 +1,1 @@
+"""Benchmark: speed, FLOPs, runtime overhead and memory of blended plans against eager PyTorch."""

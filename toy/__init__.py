@@ -1,0 +1,1 @@
+"""The toy pair: two tiny Wan-architecture models trained on procedural shape videos, with their data, probes, demo and training."""
