@@ -17,6 +17,7 @@ from flowblend.engines.ort_engine import OrtEngine
 from flowblend.engines.store import file_sha256
 from flowblend.engines.torch_engine import TorchEngine
 from flowblend.errors import FlowblendError
+from flowblend.export import onnx as onnx_mod
 from flowblend.export import verify as verify_mod
 from flowblend.export.onnx import export_pair, export_transformer
 from flowblend.export.pairs import LoadedPair, get_family
@@ -248,7 +249,7 @@ def test_failed_verification_replaces_nothing_and_new_weights_change_the_graph_h
         staged["sha256"] = file_sha256(path)
         return verify_onnx(path, *args, **kwargs)
 
-    monkeypatch.setattr(verify_mod, "verify_onnx", verify_and_remember)
+    monkeypatch.setattr(onnx_mod, "verify_onnx", verify_and_remember)
     monkeypatch.setitem(verify_mod.THRESHOLDS, "fp32", 1.5)  # unreachable: every graph fails its check
     with pytest.raises(FlowblendError, match="failed verification, nothing was written.*FAIL small"):
         export_pair(loaded("ltx", {"small": changed}), spec_for("ltx"), work, external_data_threshold=1,
