@@ -1,13 +1,10 @@
 """ONNX export of both transformers of a pair, in the fixed I/O signature, verified before it lands.
 
-The torch.export-based exporter (`torch.onnx.export(..., dynamo=True)`) traces the same signature
-module that TorchEngine runs, so the graph and the eager reference compute one function.
-
-Precision: FP16/BF16 exports keep diffusers' `_keep_in_fp32_modules` (for Wan: norms, modulation
-table, time embedding, RoPE) in FP32; the traced graph then carries explicit Cast nodes around them
-(and around the FP32 residual adds diffusers' code already makes), which a strongly typed TensorRT
-build keeps. Float64 buffers (diffusers before 0.36 kept Wan's RoPE tables in float64) are cast to
-FP32 before tracing, and the finished graph is checked to hold no float64, which TensorRT does not take.
+Tracing and writing one graph is export/trace.py (weights streamed to the .data file); precision is
+export/precision.py: FP16/BF16 graphs run the matmuls and attention in the low precision and keep the
+residual stream, norms, modulation, timestep embedding and RoPE in FP32, with explicit Casts a strongly
+typed TensorRT build keeps. Verification (export/verify.py) runs the graph, or at real sizes a
+reduced-shape twin of it, against an FP32 reference. The graph is checked to hold no float64.
 
 Output: `<artifacts>/<pair>/onnx/{large,small}.onnx` (+ `.data` above the external-data threshold)
 and `export.json`. Everything is written and verified in a staging directory first and moved into
@@ -15,37 +12,34 @@ place only when both graphs pass, so a failed export never replaces a good one.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import hashlib
 import json
-import logging
 import os
-import re
 import shutil
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
-from flowblend.engines.base import LATENTS, TEXT_EMBEDS, TEXT_MASK, TIMESTEP
 from flowblend.engines.iospec import IOSpec
-from flowblend.engines.signature import signature_for
 from flowblend.engines.store import sidecars, write_json_atomic
 from flowblend.errors import FlowblendError
 
+from .precision import islands_of
 from .record import EXPORT_RECORD, graph_files, onnx_dir
+from .trace import EXTERNAL_DATA_THRESHOLD, OPSET, export_transformer, float64_values  # noqa: F401 - re-exported
 from .verify import verify_onnx
 
-OPSET = 18
-EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf's 2 GB limit on one file
 EXPORTER = "torch.onnx.export(dynamo=True)"
+REMEDY = {"fp16": "FP16 keeps the residual stream, norms, modulation and RoPE in FP32 already; try --dtype bf16 "
+                  "(FP32's range) or --dtype fp32",
+          "bf16": "try --dtype fp32", "fp32": "the graph itself is wrong: report it with the summary above"}
 
 
 def cast_for_export(transformer: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """Cast to `dtype` (float64 buffers included), keeping `_keep_in_fp32_modules` in FP32. Works in place."""
+    """Whole-model cast keeping `_keep_in_fp32_modules` in FP32, in place: what TorchEngine runs for an
+    FP16/BF16 eager backend. Exports do not use it (see export/precision.py for why)."""
     torch.nn.Module.to(transformer, dtype)  # the plain nn.Module cast: diffusers' override re-applies its own rules
     if dtype != torch.float32:
         keep = set(getattr(transformer, "_keep_in_fp32_modules", None) or ())
@@ -59,7 +53,7 @@ def cast_for_export(transformer: torch.nn.Module, dtype: torch.dtype) -> torch.n
 
 
 def fp32_islands(transformer: torch.nn.Module) -> list[str]:
-    return sorted(getattr(transformer, "_keep_in_fp32_modules", None) or ())
+    return sorted(islands_of(transformer))
 
 
 def model_hash(transformer: torch.nn.Module) -> str:
@@ -71,105 +65,6 @@ def model_hash(transformer: torch.nn.Module) -> str:
         h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         h.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def float64_values(model) -> list[str]:
-    """Names of float64 initializers, constants, casts and typed values in an ONNX model (must be none)."""
-    import onnx
-
-    double = onnx.TensorProto.DOUBLE
-    graph = model.graph
-    found = [t.name for t in graph.initializer if t.data_type == double]
-    for node in graph.node:
-        for attr in node.attribute:
-            if (node.op_type == "Cast" and attr.name == "to" and attr.i == double) or \
-                    (attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == double):
-                found.append(node.name or node.output[0])
-    found += [v.name for v in (*graph.input, *graph.output, *graph.value_info)
-              if v.type.tensor_type.elem_type == double]
-    return found
-
-
-def _dynamic_shapes(spec: IOSpec):
-    """torch.export dims for the latents' frames/height/width of a min/max profile (None: static)."""
-    if spec.static:
-        return None
-    from torch.export import Dim
-
-    axis = {"frames": 2, "height": 3, "width": 4}
-    latents = {}
-    for name, (lo, hi) in spec.dynamic.items():
-        step = spec.dim_multiple(name)  # a patched dim is step x a free one, as torch.export requires
-        latents[axis[name]] = (Dim(name, min=lo, max=hi) if step == 1
-                               else step * Dim(f"{name}_tokens", min=lo // step, max=hi // step))
-    shapes = {LATENTS: latents, TIMESTEP: None, TEXT_EMBEDS: None}
-    if spec.with_mask:
-        shapes[TEXT_MASK] = None
-    return shapes
-
-
-@contextlib.contextmanager
-def _quiet_exporter():
-    """The exporter logs a line per skipped torchvision op and per unfoldable Split: noise here."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "onnx_ir", "torch.export")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
-def export_transformer(transformer: torch.nn.Module, spec: IOSpec, path: str | Path,
-                       external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, **signature_kwargs) -> Path:
-    """Export one transformer in its signature to `path` (+ `<name>.data` if its weights reach the threshold)."""
-    import onnx
-
-    path = Path(path)
-    module = signature_for(cast_for_export(copy.deepcopy(transformer), spec.torch_dtype), **signature_kwargs).eval()
-    with torch.no_grad(), _quiet_exporter():
-        try:
-            program = torch.onnx.export(module, spec.sample_inputs(), dynamo=True, opset_version=OPSET,
-                                        input_names=list(spec.input_names), output_names=list(spec.output_names),
-                                        dynamic_shapes=_dynamic_shapes(spec), optimize=True, verbose=False)
-        except Exception as exc:  # noqa: BLE001 - the exporter raises many types; the message is what helps
-            raise FlowblendError(f"torch.onnx.export failed for {type(transformer).__name__} at {spec.key()} "
-                                 f"({spec.dtype}): {_root_cause(exc)}") from exc
-    model = program.model_proto
-    doubles = float64_values(model)
-    if doubles:
-        raise FlowblendError(f"the exported graph still holds float64 values {doubles[:5]}; TensorRT does not take "
-                             "float64: cast the model's float64 buffers before export")
-    # The graph file's own sha256 is what engine keys cite; recording the weights' hash in it makes that
-    # hash change with the weights even when they sit in an external .data file.
-    onnx.helper.set_model_props(model, {"flowblend.weights_sha256": _weights_sha256(model),
-                                        "flowblend.spec": spec.key(), "flowblend.dtype": spec.dtype})
-    weights = sum(t.ByteSize() for t in model.graph.initializer)
-    if weights >= external_data_threshold:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=f"{path.name}.data", size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
-    return path
-
-
-def _weights_sha256(model) -> str:
-    h = hashlib.sha256()
-    for t in model.graph.initializer:
-        h.update(t.name.encode())
-        h.update(t.SerializeToString())
-    return h.hexdigest()
-
-
-def _root_cause(exc: BaseException) -> str:
-    """The innermost cause's first line, without the exporter's terminal colours."""
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    return re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def library_versions() -> dict[str, str]:
@@ -215,7 +110,7 @@ def export_pair(loaded_pair, spec: IOSpec, artifacts: str | Path = "artifacts", 
                 entry["verify"] = report.to_dict()
                 if not report.passed:
                     raise FlowblendError(f"the exported {name} graph failed verification, nothing was written: "
-                                         f"{report.summary()}. Try --dtype fp32 or bf16")
+                                         f"{report.summary()}. {REMEDY[spec.dtype]}")
             record["models"][name] = entry
         _move_into_place(staging, out, record)
     finally:

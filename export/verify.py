@@ -9,8 +9,10 @@ min, opt and max shapes.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,10 +25,17 @@ from flowblend.engines.iospec import IOSpec
 from flowblend.engines.signature import signature_for
 from flowblend.errors import FlowblendError
 
-from .record import checked_export
+from .precision import layout_dtype
+from .record import check_external_data, checked_export
+from .trace import traceable
 
 TIMESTEPS = (999.0, 500.0, 50.0)
 THRESHOLDS = {"fp32": 0.99999, "fp16": 0.999, "bf16": 0.999}  # min cosine; NaN/Inf always fails
+ATTENTION_BUDGET = 1 << 30  # above this many bytes of attention scores, a reduced-shape twin runs instead
+DTYPE_LABEL = {torch.float16: "FP16", torch.bfloat16: "BF16"}
+# Ops that only move shapes around: their counts may differ between two static shapes of one graph.
+SHAPE_OPS = {"Reshape", "Shape", "Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Constant", "Expand",
+             "Range", "Transpose", "Split", "Identity"}
 
 
 def _polygraphy_metrics(candidate: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
@@ -50,16 +59,18 @@ class Comparison:
     max_abs: float
     max_rel: float  # max |candidate - reference| / max |reference|
     nonfinite: int  # NaN/Inf values in the candidate
-    shape: str = "opt"  # profile point: min | opt | max
+    shape: str = "opt"  # profile point: min | opt | max | twin
+    latent: str = ""  # the latent frames/height/width compared, e.g. f2h6w8
 
     @classmethod
-    def of(cls, timestep: float, candidate: np.ndarray, reference: np.ndarray, shape: str = "opt") -> "Comparison":
+    def of(cls, timestep: float, candidate: np.ndarray, reference: np.ndarray, shape: str = "opt",
+           latent: str = "") -> "Comparison":
         candidate = np.ascontiguousarray(candidate, dtype=np.float32)
         reference = np.ascontiguousarray(reference, dtype=np.float32)
         nonfinite = int((~np.isfinite(candidate)).sum())
         cosine, max_abs = _polygraphy_metrics(candidate, reference)
         scale = max(float(np.abs(reference).max()), 1e-30)
-        return cls(float(timestep), cosine, max_abs, max_abs / scale, nonfinite, shape)
+        return cls(float(timestep), cosine, max_abs, max_abs / scale, nonfinite, shape, latent)
 
 
 @dataclass
@@ -69,6 +80,9 @@ class VerifyReport:
     threshold: float
     comparisons: list[Comparison] = field(default_factory=list)
     runner: str = "onnxruntime"
+    graph: str = "the written graph"  # what ran: the written graph, or a reduced-shape twin of it
+    reference: str = "FP32 PyTorch module"
+    structure_ok: bool = True  # a twin matched the written graph's weights, ops and casts
 
     @property
     def min_cosine(self) -> float:
@@ -77,7 +91,7 @@ class VerifyReport:
 
     @property
     def passed(self) -> bool:
-        return bool(self.comparisons) and self.min_cosine >= self.threshold and \
+        return bool(self.comparisons) and self.structure_ok and self.min_cosine >= self.threshold and \
             all(c.nonfinite == 0 for c in self.comparisons)
 
     def summary(self) -> str:
@@ -86,10 +100,12 @@ class VerifyReport:
                 f"{self.min_cosine:.7f} (threshold {self.threshold}), max abs err "
                 f"{max(c.max_abs for c in self.comparisons):.3e}, max rel err "
                 f"{max(c.max_rel for c in self.comparisons):.3e}, NaN/Inf {sum(c.nonfinite for c in self.comparisons)} "
-                f"(worst at t={worst.timestep:g}, {worst.shape} shape)")
+                f"(worst at t={worst.timestep:g}, {worst.shape} shape {worst.latent}); ran {self.graph}, "
+                f"against the {self.reference}")
 
     def to_dict(self) -> dict:
         return {"model": self.model, "dtype": self.dtype, "runner": self.runner, "threshold": self.threshold,
+                "graph": self.graph, "reference": self.reference, "structure_ok": self.structure_ok,
                 "passed": self.passed, "min_cosine": self.min_cosine,
                 "max_abs": max(c.max_abs for c in self.comparisons),
                 "comparisons": [asdict(c) for c in self.comparisons]}
@@ -139,32 +155,131 @@ def _reference_evaluator(path: str | Path, spec: IOSpec) -> Callable:
 
 
 def fp32_reference(transformer: torch.nn.Module, **signature_kwargs) -> torch.nn.Module:
-    """The FP32 signature module of a transformer (copied only if it is not FP32 already)."""
+    """The FP32 signature module of a transformer that is not in an export layout (copied only if it is not FP32)."""
     if any(t.is_floating_point() and t.dtype != torch.float32 for t in transformer.state_dict().values()):
         transformer = torch.nn.Module.float(copy.deepcopy(transformer))
     return signature_for(transformer, **signature_kwargs).eval()
 
 
+@contextlib.contextmanager
+def reference_module(transformer: torch.nn.Module, **signature_kwargs):
+    """(module, what it is): the FP32 model itself, or for a model loaded in a low-precision export layout
+    the FP32 computation of its own weights (each region upcast for its call; no copy of the model)."""
+    dtype = layout_dtype(transformer)
+    if dtype is None:
+        yield fp32_reference(transformer, **signature_kwargs), "FP32 PyTorch module"
+        return
+    with traceable(transformer, dtype, reference=True, **signature_kwargs) as module:
+        yield module, f"FP32 computation of the {DTYPE_LABEL.get(dtype, dtype)} export layout's weights"
+
+
+def attention_bytes(transformer: torch.nn.Module, spec: IOSpec) -> int:
+    """Bytes of one attention-score tensor [B, heads, N, N] in FP32 at the largest profile point:
+    what ONNX Runtime materialises (the opset-18 graph has no fused attention)."""
+    from diffusers.configuration_utils import ConfigMixin
+
+    heads = transformer.config.get("num_attention_heads", 1) if isinstance(transformer, ConfigMixin) else 1
+    _, _, f, h, w = spec.shapes("max")["latents"]
+    tokens = (f // spec.patch[0]) * (h // spec.patch[1]) * (w // spec.patch[2])
+    return spec.batch * heads * tokens * tokens * 4
+
+
+def twin_spec(spec: IOSpec) -> IOSpec:
+    """The reduced shape a twin is traced at: the same batch, channels, text and dtype, a few tokens per axis."""
+    c, f, h, w = spec.latent
+    pt, ph, pw = spec.patch
+    return IOSpec(spec.batch, (c, min(f, 2 * pt), min(h, 6 * ph), min(w, 8 * pw)), spec.text_len, spec.text_dim,
+                  spec.dtype, spec.with_mask, patch=spec.patch)
+
+
+def _grid(spec: IOSpec) -> str:
+    _, _, f, h, w = spec.shapes("opt")["latents"]
+    return f"f{f}h{h}w{w}"
+
+
 def verify_onnx(path: str | Path, transformer: torch.nn.Module, spec: IOSpec, timesteps=TIMESTEPS, seed: int = 0,
-                device: str = "cpu", **signature_kwargs) -> VerifyReport:
-    """Compare the graph at `path` with the FP32 PyTorch module at each timestep and profile point."""
-    runner, run = graph_runner(path, spec, device)
-    reference = fp32_reference(transformer, **signature_kwargs)
-    report = VerifyReport(Path(path).stem, spec.dtype, THRESHOLDS[spec.dtype], runner=runner)
-    for point, point_spec in profile_points(spec).items():
-        for t in timesteps:
-            inputs = point_spec.sample_inputs(seed=seed, timestep=t)
-            try:
-                out = run(inputs)
-            except FlowblendError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - ORT/onnx raise many types; all mean "cannot run it"
-                raise FlowblendError(f"{runner} failed to run {path} ({spec.dtype}, {point} shape): "
-                                     f"{str(exc).strip()}") from exc
-            with torch.no_grad():
-                ref = reference(*[x.float() if x.is_floating_point() else x for x in inputs]).float().numpy()
-            report.comparisons.append(Comparison.of(t, out, ref, point))
-    return report
+                device: str = "cpu", twin: bool | None = None, **signature_kwargs) -> VerifyReport:
+    """Compare the graph at `path` with the FP32 reference at each timestep and profile point.
+
+    twin=None decides by size: the written graph runs itself when its attention scores fit in
+    ATTENTION_BUDGET bytes, else a twin traced from the same module at twin_spec's shape runs, after
+    a structural match with the written graph (same weights, ops and casts).
+    """
+    path = Path(path)
+    check_external_data(path)
+    if twin is None:
+        twin = attention_bytes(transformer, spec) > ATTENTION_BUDGET
+    points, graph, note, mismatch = profile_points(spec), path, "the written graph", ""
+    try:
+        if twin:
+            from .trace import export_transformer
+
+            small = twin_spec(spec)
+            graph = path.with_name(f"{path.stem}.twin.onnx")
+            export_transformer(transformer, small, graph, twin_of=path, **signature_kwargs)
+            mismatch = structure_mismatch(path, graph)
+            points = {"twin": small}
+            note = (f"a twin traced from the same module at {small.key()} (written graph at {spec.key()}"
+                    f"{': STRUCTURE DIFFERS: ' + mismatch if mismatch else ', same weights, ops and casts'})")
+        runner, run = graph_runner(graph, spec, device)
+        with reference_module(transformer, **signature_kwargs) as (reference, what):
+            report = VerifyReport(path.stem, spec.dtype, THRESHOLDS[spec.dtype], runner=runner, graph=note,
+                                  reference=what, structure_ok=not mismatch)
+            for point, point_spec in points.items():
+                for t in timesteps:
+                    inputs = point_spec.sample_inputs(seed=seed, timestep=t)
+                    try:
+                        out = run(inputs)
+                    except FlowblendError:
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - ORT/onnx raise many types; all mean "cannot run it"
+                        raise FlowblendError(f"{runner} failed to run {graph} ({spec.dtype}, {point} shape): "
+                                             f"{str(exc).strip()}") from exc
+                    with torch.no_grad():
+                        ref = reference(*[x.float() if x.is_floating_point() else x for x in inputs]).float().numpy()
+                    report.comparisons.append(Comparison.of(t, out, ref, point, _grid(point_spec)))
+        return report
+    finally:
+        if graph != path:
+            graph.unlink(missing_ok=True)
+
+
+def structure_mismatch(written: Path, twin: Path) -> str:
+    """'' if the twin has the written graph's weights (names, dtypes, shapes, bytes by reference), op
+    counts and Cast targets; else what differs. Shape-only plumbing (Reshape constants) may differ."""
+    import onnx
+
+    a, b = (onnx.load(str(p), load_external_data=False) for p in (written, twin))
+    weights = [_module_weights(m) for m in (a, b)]
+    if weights[0] != weights[1]:
+        differ = sorted(k for k in set(weights[0]) | set(weights[1]) if weights[0].get(k) != weights[1].get(k))
+        return f"{len(differ)} module weights differ, e.g. {differ[:3]}"
+    for what, count in (("ops", _op_counts), ("casts", _cast_counts)):
+        x, y = count(a), count(b)
+        if x != y:
+            diff = {k: (x.get(k, 0), y.get(k, 0)) for k in set(x) | set(y) if x.get(k, 0) != y.get(k, 0)}
+            return f"{what} differ (written, twin): {dict(sorted(diff.items(), key=str)[:4])}"
+    return ""
+
+
+def _module_weights(model) -> dict:
+    """{name: (dtype, dims, where its bytes are)} of the initializers named after module parameters (dotted
+    paths; constants the exporter folds are named val_N, cat_N, ...)."""
+    from .record import external_references
+
+    refs = {r.name: (r.location, r.offset, r.length) for r in external_references(model)}
+    return {t.name: (t.data_type, tuple(t.dims), refs.get(t.name)) for t in model.graph.initializer if "." in t.name}
+
+
+def _op_counts(model) -> dict:
+    return dict(Counter(n.op_type for n in model.graph.node if n.op_type not in SHAPE_OPS))
+
+
+def _cast_counts(model) -> dict:
+    import onnx
+
+    return dict(Counter(onnx.helper.get_attribute_value(a) for n in model.graph.node if n.op_type == "Cast"
+                        for a in n.attribute if a.name == "to"))
 
 
 def verify_export(artifacts: str | Path, loaded_pair, device: str = "cpu",
