@@ -48,7 +48,8 @@ def run(args) -> int:
         raise FlowblendError("--external-data-threshold must be a positive byte count, got "
                              f"{args.external_data_threshold}")
     spec = resolve_spec(args, family, parse_dynamic(args.dynamic))
-    pair = load_pair(family.name, args.large, args.small, allow_download=args.allow_download)
+    pair = load_pair(family.name, args.large, args.small, dtype=spec.torch_dtype, allow_download=args.allow_download,
+                     export_layout=True)
     record = export_pair(pair, spec, args.artifacts, verify=not args.no_verify,
                          external_data_threshold=args.external_data_threshold, progress=not args.no_progress)
     out = onnx_dir(args.artifacts, family.name)

@@ -21,7 +21,8 @@ def register(sub) -> None:
 def run(args) -> int:
     family = family_of(args)
     checked = checked_export(args.artifacts, family.name)  # a missing or damaged export fails before models load
-    pair = load_pair(family.name, args.large, args.small, allow_download=args.allow_download)
+    pair = load_pair(family.name, args.large, args.small, dtype=checked[1].torch_dtype,
+                     allow_download=args.allow_download, export_layout=True)
     reports = verify_export(args.artifacts, pair, device=args.device, checked=checked)
     for report in reports:
         print(report.summary())

@@ -12,7 +12,7 @@ from pathlib import Path
 from flowblend.errors import FlowblendError
 
 from .iospec import IOSpec
-from .store import EngineKey, EngineStore, file_sha256, gpu_identity, tensorrt_version
+from .store import EngineKey, EngineStore, check_files, gpu_identity, tensorrt_version
 
 TRT_INSTALL_HINT = ("install the extra on a machine with an NVIDIA GPU and driver: pip install 'flowblend[trt]' "
                     "(tensorrt and cuda-python); or use --backend onnxruntime")
@@ -28,14 +28,10 @@ def read_export(artifacts: str | Path, pair: str) -> tuple[dict, IOSpec, Path]:
 
 
 def checked_onnx(onnx_dir: Path, entry: dict, pair: str) -> Path:
-    """The ONNX file of an export entry, refused if missing, truncated or altered since export."""
-    path = onnx_dir / entry["file"]
-    if not path.is_file():
-        raise FlowblendError(f"{path} is missing: re-run `flowblend export --pair {pair}`")
-    if file_sha256(path) != entry["sha256"]:
-        raise FlowblendError(f"{path} does not match its export record (truncated or corrupted): "
-                             f"re-run `flowblend export --pair {pair}`")
-    return path
+    """The ONNX file of an export entry, refused in one line if it or its external weights (.data) file is
+    missing, truncated or altered since export (both are what the parser reads, `parse_from_file` beside)."""
+    check_files(onnx_dir, entry.get("files") or {entry["file"]: entry}, f"re-run `flowblend export --pair {pair}`")
+    return onnx_dir / entry["file"]
 
 
 def tensorrt_target() -> dict:

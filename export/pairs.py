@@ -139,14 +139,22 @@ class LoadedPair:
 
 
 def load_pair(name: str, large: str | None = None, small: str | None = None, dtype: torch.dtype = torch.float32,
-              device: str | torch.device = "cpu", allow_download: bool = False) -> LoadedPair:
-    """Load a pair from local paths or hub ids (the user's cache; no download unless allowed)."""
+              device: str | torch.device = "cpu", allow_download: bool = False,
+              export_layout: bool = False) -> LoadedPair:
+    """Load a pair from local paths or hub ids (the user's cache; no download unless allowed).
+
+    export_layout=True (export, verify, build checks): the transformers are read straight into the
+    export layout of `dtype` (export/precision.py: FP16/BF16 regions, FP32 islands from the source
+    weights), one tensor at a time, never as an FP32 model first; they then run through
+    precision.region_precision, not on their own. In-memory families (the toy pair) load as usual.
+    """
     family = get_family(name)
     if family.provider:
-        return _provider(family).load_pair(family, large, small, dtype, device)
+        return _provider(family).load_pair(family, large, small, torch.float32 if export_layout else dtype, device)
     large, small = large or family.large, small or family.small
-    models = {"large": load_transformer(family, large, dtype, allow_download),
-              "small": load_transformer(family, small, dtype, allow_download)}
+    layout = export_layout and dtype != torch.float32
+    models = {"large": load_transformer(family, large, dtype, allow_download, layout),
+              "small": load_transformer(family, small, dtype, allow_download, layout)}
     check_compatible(family, dict(models["large"].config), dict(models["small"].config))
     for m in models.values():
         m.to(device)
@@ -162,15 +170,20 @@ def _check_source(source: str, allow_download: bool) -> None:
                              "checkpoint folder (containing transformer/) or a hub id in your local cache")
 
 
-def load_transformer(family: PairFamily, source: str, dtype, allow_download: bool):
+def load_transformer(family: PairFamily, source: str, dtype, allow_download: bool, export_layout: bool = False):
     import diffusers
+
+    from .precision import load_transformer_in_layout
 
     _check_source(source, allow_download)
     cls = getattr(diffusers, family.transformer_class)
     root = Path(source).expanduser()
     subfolder = "transformer" if (not root.exists() or (root / "transformer").is_dir()) else None
+    where = str(root) if root.exists() else source
     try:
-        return cls.from_pretrained(str(root) if root.exists() else source, subfolder=subfolder, torch_dtype=dtype,
+        if export_layout:
+            return load_transformer_in_layout(cls, where, subfolder, dtype, local_files_only=not allow_download)
+        return cls.from_pretrained(where, subfolder=subfolder, torch_dtype=dtype,
                                    local_files_only=not allow_download).eval()
     except (OSError, ValueError) as exc:
         raise FlowblendError(f"cannot load {family.transformer_class} from {source!r}: {exc}. Point --large/--small "

@@ -88,22 +88,23 @@ def check_coverage(transformer: nn.Module) -> None:
 
 
 def layout_dtype(transformer: nn.Module) -> torch.dtype | None:
-    """The low-precision dtype a transformer is laid out in (regions in it, the rest FP32), or None if FP32."""
+    """The low-precision dtype a transformer is laid out in (every region in it, everything else FP32), or
+    None (an FP32 model, or any other mix, e.g. a whole-model FP16 cast)."""
     prefixes = tuple(_region_prefixes(transformer))
-    dtypes = {p.dtype for n, p in transformer.named_parameters() if n.startswith(prefixes)}
-    low = dtypes & set(LOW_PRECISION)
-    return next(iter(low)) if len(low) == 1 and len(dtypes) == 1 else None
+    inside, outside = set(), set()
+    for n, t in (*transformer.named_parameters(), *transformer.named_buffers()):
+        if t.is_floating_point():
+            (inside if n.startswith(prefixes) else outside).add(t.dtype)
+    if len(inside) == 1 and inside <= set(LOW_PRECISION) and outside <= {torch.float32}:
+        return next(iter(inside))
+    return None
 
 
 def to_layout(transformer: nn.Module, dtype: torch.dtype) -> nn.Module:
     """A copy of an in-memory FP32 model in the export layout (tests and the toy pair; checkpoints on
     disk are loaded straight into the layout by load_transformer_in_layout, without a copy)."""
     check_coverage(transformer)
-    model = copy.deepcopy(transformer)
-    for name, buffer in list(model.named_buffers()):
-        if buffer.dtype == torch.float64:  # diffusers before 0.36 kept Wan's RoPE tables in float64
-            owner, _, leaf = name.rpartition(".")
-            model.get_submodule(owner).register_buffer(leaf, buffer.float(), persistent=False)
+    model = nn.Module.float(copy.deepcopy(transformer))  # float64 buffers too (Wan's RoPE before diffusers 0.36)
     for _, _, child in regions(model):
         nn.Module.to(child, dtype)
     return model

@@ -31,6 +31,7 @@ from .trace import traceable
 
 TIMESTEPS = (999.0, 500.0, 50.0)
 THRESHOLDS = {"fp32": 0.99999, "fp16": 0.999, "bf16": 0.999}  # min cosine; NaN/Inf always fails
+UNOPTIMIZED = "CPU, graph optimizations off so FP16 values stay FP16"
 ATTENTION_BUDGET = 1 << 30  # above this many bytes of attention scores, a reduced-shape twin runs instead
 DTYPE_LABEL = {torch.float16: "FP16", torch.bfloat16: "BF16"}
 # Ops that only move shapes around: their counts may differ between two static shapes of one graph.
@@ -125,6 +126,8 @@ def graph_runner(path: str | Path, spec: IOSpec, device: str = "cpu") -> tuple[s
     """(runner name, run(inputs) -> velocity ndarray) for the graph at `path`."""
     if spec.dtype == "bf16" and torch.device(device).type == "cpu":
         return "onnx-reference (ORT's CPU provider has no BF16 kernels)", _reference_evaluator(path, spec)
+    if spec.dtype == "fp16" and torch.device(device).type == "cpu":
+        return f"onnxruntime ({UNOPTIMIZED})", _unoptimized_session(path, spec)
     from flowblend.engines.ort_engine import OrtEngine
 
     engine = OrtEngine(path, device=device, name=Path(path).stem)
@@ -138,6 +141,24 @@ def graph_runner(path: str | Path, spec: IOSpec, device: str = "cpu") -> tuple[s
         return tensors[VELOCITY].float().cpu().numpy()
 
     return "onnxruntime", run
+
+
+def _unoptimized_session(path: str | Path, spec: IOSpec) -> Callable:
+    """ORT's CPU provider lacks FP16 kernels for many ops: it wraps them in Casts to FP32 and, when graph
+    optimizations are on, removes the Cast pairs between them, so an FP16 value that would overflow
+    stays FP32 and the overflow goes unseen. With optimizations off every FP16 value is stored as FP16."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def run(inputs: tuple[torch.Tensor, ...]) -> np.ndarray:
+        feeds = {name: x.numpy() for name, x in zip(spec.input_names, inputs)}
+        return np.asarray(session.run([VELOCITY], feeds)[0]).astype(np.float32)
+
+    return run
 
 
 def _reference_evaluator(path: str | Path, spec: IOSpec) -> Callable:

@@ -169,7 +169,7 @@ def test_fp16_export_keeps_fp32_islands_as_explicit_casts(tmp_path):
     assert rms_means and all(_cast_to(producer.get(producer[n.input[0]].input[0])) == FLOAT for n in rms_means)
     _no_float64(onnx.load(path))
     report = verify_onnx(path, model, spec)
-    assert report.passed and report.runner == "onnxruntime" and all(c.nonfinite == 0 for c in report.comparisons)
+    assert report.passed and report.runner.startswith("onnxruntime") and all(c.nonfinite == 0 for c in report.comparisons)
     assert report.threshold == verify_mod.THRESHOLDS["fp16"] and report.min_cosine < 1.0 - 1e-7  # really FP16
 
 
