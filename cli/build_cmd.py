@@ -34,41 +34,45 @@ def run(args) -> int:
 
 
 def tensorrt_check(artifacts: str, pair: str):
-    """`verify(onnx_path, plan_path)` for engines/trt_build.py: a plan against the FP32 PyTorch model.
+    """`verify(onnx_path, plan_path)` for engines/trt_build.py: a plan against the FP32 reference, on the GPU.
 
-    The same seeded inputs, timesteps, metrics and thresholds as `flowblend verify` applies to the
-    ONNX graphs (export/verify.py); the pair is loaded on the first call, from the export's sources.
+    The same seeded inputs, timesteps, metrics and thresholds as `flowblend verify` (export/verify.py),
+    at the export shape: the pair is loaded once, from the export's sources, straight into the export
+    layout on the GPU (no FP32 copy, no deep copy), and the reference is the FP32 computation of those
+    weights (export/precision.py), so memory stays one model plus the engine.
     """
     loaded = {}
 
     def verify(onnx_path: Path, plan_path: Path):
-        import copy
-
         import torch
 
         from flowblend.engines.iospec import IOSpec
-        from flowblend.engines.signature import signature_for
         from flowblend.engines.trt_engine import run_plan
         from flowblend.export.pairs import load_pair
         from flowblend.export.record import read_export_record
-        from flowblend.export.verify import THRESHOLDS, TIMESTEPS, Comparison, VerifyReport
+        from flowblend.export.verify import THRESHOLDS, TIMESTEPS, Comparison, VerifyReport, reference_module
 
+        device = "cuda" if torch.cuda.is_available() else "cpu"
         if not loaded:
             record = read_export_record(artifacts, pair)
             # the toy pair records "shipped" rather than a path; real pairs record paths or hub ids
             sources = {k: v for k, v in record.get("sources", {}).items()
                        if pair != "toy" or Path(v).expanduser().exists()}
-            loaded.update(record=record, pair=load_pair(pair, sources.get("large"), sources.get("small")))
+            dtype = IOSpec.from_dict(record["spec"]).torch_dtype
+            loaded.update(record=record, pair=load_pair(pair, sources.get("large"), sources.get("small"), dtype=dtype,
+                                                        device=device, export_layout=True))
         record, spec = loaded["record"], IOSpec.from_dict(loaded["record"]["spec"])
         model = next(m for m, e in record["models"].items() if e["file"] == Path(onnx_path).name)
-        reference = signature_for(torch.nn.Module.float(copy.deepcopy(loaded["pair"].transformers[model]))).eval()
-        report = VerifyReport(f"{model} (TensorRT)", spec.dtype, THRESHOLDS[spec.dtype])
-        for t in TIMESTEPS:
-            inputs = spec.sample_inputs(timestep=t)
-            out = run_plan(plan_path, dict(zip(spec.input_names, inputs)))
-            with torch.no_grad():
-                ref = reference(*[x.float() if x.is_floating_point() else x for x in inputs]).float()
-            report.comparisons.append(Comparison.of(t, out.numpy(), ref.numpy()))
+        with reference_module(loaded["pair"].transformers[model]) as (reference, what):
+            report = VerifyReport(f"{model} (TensorRT)", spec.dtype, THRESHOLDS[spec.dtype], runner="tensorrt",
+                                  graph=f"the plan at the export shape {spec.key()}", reference=what)
+            for t in TIMESTEPS:
+                inputs = spec.sample_inputs(timestep=t)
+                out = run_plan(plan_path, dict(zip(spec.input_names, inputs)))
+                with torch.no_grad():
+                    ref = reference(*[x.to(device).float() if x.is_floating_point() else x.to(device)
+                                      for x in inputs]).float().cpu()
+                report.comparisons.append(Comparison.of(t, out.float().cpu().numpy(), ref.numpy(), "opt"))
         return report
 
     return verify

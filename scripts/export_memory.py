@@ -94,7 +94,7 @@ def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
     """Least-squares (intercept, slope); one point gives slope y/x through the origin."""
     if len(set(xs)) < 2:
         return 0.0, ys[0] / xs[0]
-    n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     return my - slope * mx, slope
 
@@ -119,8 +119,9 @@ def main(argv=None) -> int:
             row = {"layers": k, "bytes": {n: layout_bytes(c, args.dtype) for n, c in configs.items()}}
             for verify in ([False] if args.skip_verify_run else [False, True]):
                 artifacts = work / f"artifacts-{k}-{int(verify)}"
-                row["verify" if verify else "no_verify"] = run_export(dirs["large"], dirs["small"], artifacts,
-                                                                      args.dtype, verify)
+                mode = "verify" if verify else "no_verify"
+                row[mode] = run_export(dirs["large"], dirs["small"], artifacts, args.dtype, verify)
+                print(json.dumps({"layers": k, mode: row[mode]}), flush=True)
                 shutil.rmtree(artifacts)
             for d in dirs.values():
                 shutil.rmtree(d)
