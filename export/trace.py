@@ -135,7 +135,8 @@ def export_transformer(transformer: torch.nn.Module, spec: IOSpec, path: str | P
         try:
             program = torch.onnx.export(module, spec.sample_inputs(), dynamo=True, opset_version=OPSET,
                                         input_names=list(spec.input_names), output_names=list(spec.output_names),
-                                        dynamic_shapes=_dynamic_shapes(spec), optimize=True, verbose=False)
+                                        dynamic_shapes=_dynamic_shapes(spec), optimize=False, verbose=False)
+            _optimize(program.model)
         except Exception as exc:  # noqa: BLE001 - the exporter raises many types; the message is what helps
             raise FlowblendError(f"torch.onnx.export failed for {type(transformer).__name__} at {spec.key()} "
                                  f"({spec.dtype}): {_root_cause(exc)}") from exc
@@ -143,6 +144,32 @@ def export_transformer(transformer: torch.nn.Module, spec: IOSpec, path: str | P
         _save(program.model, path, external_data_threshold, twin_of, names)
     _finish(path, spec)
     return path
+
+
+FOLD_LIMIT = 512 * 512  # elements: onnxscript's own output limit for a folded constant
+BROADCASTS = {"Expand", "Tile", "ConstantOfShape", "Range"}
+
+
+def _should_fold(node) -> bool | None:
+    """onnxscript's constant folder evaluates a node before it checks the result's size: an Expand of a
+    scalar to the export shape (`torch.empty_like` in diffusers' RoPE) allocates gigabytes just to be
+    dropped. Broadcasts to more than FOLD_LIMIT elements (or to an unknown size) are left to the runtime."""
+    if node.op_type not in BROADCASTS:
+        return None
+    shape = node.outputs[0].shape if node.outputs else None
+    if shape is None or not shape.is_static():
+        return False
+    size = 1
+    for d in shape:
+        size *= int(d)
+    return None if size <= FOLD_LIMIT else False
+
+
+def _optimize(model) -> None:
+    """The exporter's own optimization (onnxscript's optimize_ir), with _should_fold."""
+    import onnxscript.optimizer
+
+    onnxscript.optimizer.optimize_ir(model, should_fold=_should_fold)
 
 
 def _save(model, path: Path, threshold: int, twin_of: Path | None, parameter_names: set[str]) -> None:

@@ -151,6 +151,7 @@ def _unoptimized_session(path: str | Path, spec: IOSpec) -> Callable:
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.enable_cpu_mem_arena = False  # a one-off check: nothing to gain from keeping freed activations
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
@@ -242,23 +243,27 @@ def verify_onnx(path: str | Path, transformer: torch.nn.Module, spec: IOSpec, ti
             points = {"twin": small}
             note = (f"a twin traced from the same module at {small.key()} (written graph at {spec.key()}"
                     f"{': STRUCTURE DIFFERS: ' + mismatch if mismatch else ', same weights, ops and casts'})")
-        runner, run = graph_runner(graph, spec, device)
-        with reference_module(transformer, **signature_kwargs) as (reference, what):
-            report = VerifyReport(path.stem, spec.dtype, THRESHOLDS[spec.dtype], runner=runner, graph=note,
-                                  reference=what, structure_ok=not mismatch)
+        references = {}  # computed before the graph's session exists, so the two never hold memory at once
+        with reference_module(transformer, **signature_kwargs) as (reference, what), torch.no_grad():
             for point, point_spec in points.items():
                 for t in timesteps:
                     inputs = point_spec.sample_inputs(seed=seed, timestep=t)
-                    try:
-                        out = run(inputs)
-                    except FlowblendError:
-                        raise
-                    except Exception as exc:  # noqa: BLE001 - ORT/onnx raise many types; all mean "cannot run it"
-                        raise FlowblendError(f"{runner} failed to run {graph} ({spec.dtype}, {point} shape): "
-                                             f"{str(exc).strip()}") from exc
-                    with torch.no_grad():
-                        ref = reference(*[x.float() if x.is_floating_point() else x for x in inputs]).float().numpy()
-                    report.comparisons.append(Comparison.of(t, out, ref, point, _grid(point_spec)))
+                    references[point, t] = reference(*[x.float() if x.is_floating_point() else x
+                                                       for x in inputs]).float().numpy()
+        runner, run = graph_runner(graph, spec, device)
+        report = VerifyReport(path.stem, spec.dtype, THRESHOLDS[spec.dtype], runner=runner, graph=note,
+                              reference=what, structure_ok=not mismatch)
+        for point, point_spec in points.items():
+            for t in timesteps:
+                try:
+                    out = run(point_spec.sample_inputs(seed=seed, timestep=t))
+                except FlowblendError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - ORT/onnx raise many types; all mean "cannot run it"
+                    raise FlowblendError(f"{runner} failed to run {graph} ({spec.dtype}, {point} shape): "
+                                         f"{str(exc).strip()}") from exc
+                report.comparisons.append(Comparison.of(t, out, references[point, t], point, _grid(point_spec)))
+        del run
         return report
     finally:
         if graph != path:
