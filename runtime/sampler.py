@@ -7,6 +7,7 @@ which is what lets runtime/graph.py capture it whole.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -48,6 +49,16 @@ class SamplerOptions:
     def replace(self, **changes) -> "SamplerOptions":
         """A copy with `changes` applied (validated again)."""
         return replace(self, **changes)
+
+
+@runtime_checkable
+class LatentSampler(Protocol):
+    """What a pipeline drives: `Sampler` (the eager loop) and `GraphRunner` (the loop in CUDA graphs)."""
+
+    def sample(self, noise: torch.Tensor, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor | None = None,
+               prompt_mask: torch.Tensor | None = None, negative_prompt_mask: torch.Tensor | None = None,
+               progress: bool = False) -> torch.Tensor:
+        """Denoise `noise` [1, C, F, H, W]; returns the final latents (float32, a copy)."""
 
 
 class Sampler:

@@ -52,6 +52,10 @@ class FakeGraphBackend:
     def is_capturing(self):
         return self.capturing
 
+    def discard_stream(self):
+        assert not self.capturing, "a stream is discarded only after its capture ended"
+        self.events.append("discard_stream")
+
     def replay(self, graph):
         self.events.append("replay")
         graph.body()
@@ -130,7 +134,7 @@ def test_exception_mid_capture_ends_the_capture_and_fails_clearly(wan_engines):
     runner = GraphRunner(Sampler(engines, BlendPlan.parse("LSL:0.4,0.2", STEPS), SamplerOptions(guidance_scale=4.0)), backend=backend)
     with pytest.raises(FlowblendError, match=r"capture failed at step 3 \(small\).*StreamCaptureUnsupported.*eager"):
         runner.sample(*request(1))
-    assert backend.events == ["warm_up", "begin", "end"] and not backend.capturing
+    assert backend.events == ["warm_up", "begin", "end", "discard_stream"] and not backend.capturing
     assert runner.state is GraphState.FAILED
     with pytest.raises(FlowblendError, match="failed earlier"):
         runner.sample(*request(2))
@@ -146,7 +150,8 @@ def test_interrupt_mid_capture_still_ends_the_capture(wan_engines):
     runner = GraphRunner(Sampler(engines, BlendPlan.parse("LLL", 3), SamplerOptions(guidance_scale=4.0)), backend=backend)
     with pytest.raises(KeyboardInterrupt):
         runner.sample(*request(1))
-    assert backend.events[-1] == "end" and not backend.capturing and runner.state is GraphState.FAILED
+    assert backend.events[-2:] == ["end", "discard_stream"] and not backend.capturing
+    assert runner.state is GraphState.FAILED
 
 
 def test_invalidated_capture_and_failed_warm_up_are_clear_errors(wan_engines):

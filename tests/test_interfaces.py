@@ -105,3 +105,38 @@ def test_the_stand_ins_keep_the_protocol_too():
     for engine in stand_ins:
         assert isinstance(engine, Engine), type(engine).__name__
     assert [e.dtype for e in stand_ins] == [torch.float32, torch.float16, torch.bfloat16, torch.bfloat16]
+
+
+# -- the graph backend and the sampler a pipeline drives ----------------------------------------
+
+
+def test_graph_backend_protocol_lists_every_method_the_runner_calls():
+    import re
+    from pathlib import Path
+
+    from test_bench import ReplayingGraphBackend
+    from test_graph import FakeGraphBackend
+
+    from flowblend.runtime import graph
+
+    called = set(re.findall(r"self\.backend\.(\w+)\(", Path(graph.__file__).read_text()))
+    promised = {name for name in vars(graph.GraphBackend) if not name.startswith("_")}
+    assert called and called == promised
+    assert issubclass(graph.TorchGraphBackend, graph.GraphBackend)  # the CUDA one (not constructible on CPU)
+    for stand_in in (FakeGraphBackend(), ReplayingGraphBackend()):
+        assert isinstance(stand_in, graph.GraphBackend), type(stand_in).__name__
+
+
+def test_sampler_and_graph_runner_are_the_latent_sampler_a_pipeline_takes():
+    from flowblend.runtime.graph import GraphRunner
+    from flowblend.runtime.pipeline import BlendPipeline
+    from flowblend.runtime.sampler import LatentSampler
+
+    def params(fn):
+        return [(p.name, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    assert inspect.get_annotations(BlendPipeline, eval_str=True)["sampler"] is LatentSampler
+    sampler = Sampler({n: TorchEngine(m) for n, m in tiny_pair("wan").items()}, BlendPlan.parse("LLL", 2))
+    for implementation in (sampler, GraphRunner(sampler, mode="eager")):
+        assert isinstance(implementation, LatentSampler)
+        assert params(implementation.sample) == params(LatentSampler.sample)[1:], type(implementation).__name__
