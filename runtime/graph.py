@@ -33,9 +33,8 @@ import torch
 
 from flowblend.errors import FlowblendError
 
+from .graph_modes import MODES
 from .sampler import Sampler
-
-MODES = ("whole", "per_step", "eager")
 
 
 class GraphState(str, enum.Enum):
