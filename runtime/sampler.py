@@ -52,9 +52,9 @@ class SamplerOptions:
 class LatentSampler(Protocol):
     """What a pipeline drives: `Sampler` (the eager loop) and `GraphRunner` (the loop in CUDA graphs)."""
 
-    def sample(self, noise: torch.Tensor, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor | None = None,
-               prompt_mask: torch.Tensor | None = None, negative_prompt_mask: torch.Tensor | None = None,
-               progress: bool = False) -> torch.Tensor:
+    def sample(self, noise: torch.Tensor, prompt_embeds: torch.Tensor,
+               negative_prompt_embeds: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None,
+               negative_prompt_mask: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
         """Denoise `noise` [1, C, F, H, W]; returns the final latents (float32, a copy)."""
 
 
@@ -124,7 +124,8 @@ class Sampler:
         if prompt_embeds.dim() == 2:
             prompt_embeds = prompt_embeds[None]
         if prompt_embeds.shape[0] != 1:
-            raise FlowblendError(f"prompt_embeds must be [1, L, D] (one prompt per call), got {tuple(prompt_embeds.shape)}")
+            raise FlowblendError(f"prompt_embeds must be [1, L, D] (one prompt per call), "
+                                 f"got {tuple(prompt_embeds.shape)}")
         if self.cfg and negative_prompt_embeds is None:
             raise FlowblendError(f"guidance_scale={max(self.guidance_scales)} > 1 needs negative_prompt_embeds "
                                  "(encode the negative prompt, \"\" by default), or set guidance_scale=1")
