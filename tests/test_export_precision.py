@@ -9,7 +9,6 @@ import copy
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from tiny_models import LTX_TINY, TEXT, WAN_TINY, latent_shape
@@ -71,10 +70,12 @@ def plain_fp16_export(model, spec, path):
     with torch.no_grad():
         torch.onnx.export(module, spec.sample_inputs(), str(path), dynamo=True, opset_version=18,
                           input_names=list(spec.input_names), output_names=["velocity"], verbose=False)
-    opts = ort.SessionOptions()  # optimizations would fuse away the FP16 stores (see verify._unoptimized_session)
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return session.run(None, {n: x.numpy() for n, x in zip(spec.input_names, spec.sample_inputs())})[0]
+    # onnx's reference evaluator computes each FP16 op in FP16; ORT's CPU provider runs FP16 ops that lack a
+    # kernel in FP32 and drops the Casts between them, which hides this overflow for LTX (finite output)
+    from onnx.reference import ReferenceEvaluator
+
+    feeds = {n: x.numpy() for n, x in zip(spec.input_names, spec.sample_inputs())}
+    return np.asarray(ReferenceEvaluator(str(path)).run(None, feeds)[0])
 
 
 @pytest.fixture(scope="module", params=["wan", "ltx"])
@@ -124,11 +125,6 @@ def test_fp16_graph_runs_matmuls_and_attention_in_fp16_and_the_rest_in_fp32(expo
     means = [n for n in graph.graph.node if n.op_type == "ReduceMean"]
     assert norms or means
     assert all(types[n.input[0]] == FLOAT for n in (*norms, *means))  # every norm in FP32
-    adds = [n for n in graph.graph.node if n.op_type == "Add" and types.get(n.output[0]) == FLOAT16]
-    # no FP16 Add carries the residual: FP16 adds are only matmul biases / attention-internal
-    big = [n for n in adds if not any(i in init for i in n.input)]
-    assert all(types.get(n.output[0]) != FLOAT16 or "attn" in n.name or "ff" in n.name or "proj" in n.name
-               for n in big) or not big
     # the islands' weights are the source's FP32 values, never round-tripped through FP16
     source = dict(model.named_parameters())
     islands = {n: t for n, t in init.items() if any(k in n for k in ("scale_shift_table", "norm_q", "time_emb"))}
