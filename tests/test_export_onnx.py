@@ -171,7 +171,7 @@ def test_fp16_export_keeps_fp32_islands_as_explicit_casts(tmp_path):
     _no_float64(onnx.load(path))
     report = verify_onnx(path, model, spec)
     assert report.passed and report.runner.startswith("onnxruntime") and all(c.nonfinite == 0 for c in report.comparisons)
-    assert report.threshold == verify_mod.THRESHOLDS["fp16"] and report.min_cosine < 1.0 - 1e-7  # really FP16
+    assert report.threshold == verify_mod.THRESHOLDS["fp16"] and max(c.max_abs for c in report.comparisons) > 1e-5  # FP16
 
 
 def _value_types(model) -> dict:
