@@ -63,13 +63,35 @@ def make_checkpoint(config: dict, directory: Path, seed: int) -> None:
     model.save_pretrained(directory / "transformer", safe_serialization=True)
 
 
+def _vm_hwm(pid: int) -> int:
+    """The process's own peak RSS (VmHWM, bytes); 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def measure_child(command: list[str]) -> None:
-    """Run `command`; print its exit status, wall time and peak RSS as JSON (this process does nothing else)."""
+    """Run `command`; print its exit status, wall time and peak RSS as JSON (this process does nothing else).
+
+    Peak RSS is the child's own VmHWM, polled: getrusage's ru_maxrss can carry a parent's high-water
+    mark across fork + exec, which on this machine made two different runs report the same figure."""
     start = time.perf_counter()
-    rc = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: a full pipe would stall the child
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
+        peak = 0
+        while child.poll() is None:
+            peak = max(peak, _vm_hwm(child.pid))
+            time.sleep(0.2)
+        log.seek(0)
+        stderr = log.read()
     wall = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux reports KiB
-    print(json.dumps({"rc": rc.returncode, "wall_s": wall, "peak_rss": peak, "stderr": rc.stderr[-2000:]}))
+    rusage = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux reports KiB
+    print(json.dumps({"rc": child.returncode, "wall_s": wall, "peak_rss": peak, "ru_maxrss": rusage,
+                      "stderr": stderr[-2000:]}))
 
 
 def run_export(large: Path, small: Path, artifacts: Path, dtype: str, verify: bool) -> dict:
