@@ -9,7 +9,7 @@ from flowblend.errors import FlowblendError
 
 # One module per subcommand, each with register(subparsers).
 COMMAND_MODULES = ["generate", "plan_cmd", "demo_cmd", "export_cmd", "build_cmd", "bench_cmd", "calibrate_cmd",
-                   "verify_cmd"]
+                   "verify_cmd", "serve_cmd"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,144 @@
+"""`flowblend serve` as a real process: refusals at start (one line, exit 2, before loading), the SIGTERM
+drain, and a crash (SIGKILL) whose queued and running jobs the next server reports failed, never lost.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from serve_support import (
+    LONG,
+    QUIET_ENV,
+    ROOT,
+    ThreadedServer,
+    free_port,
+    serve_process,
+    toy_config,
+    wait_final,
+    wait_ready,
+    wait_running,
+)
+
+from flowblend.serve.server import bind_socket
+
+PROMPT = "a green triangle moving up"
+
+
+def _serve_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "flowblend.cli.main", "serve", "--host", "127.0.0.1", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **QUIET_ENV},
+                          cwd=ROOT)
+
+
+def _one_line_refusal(done: subprocess.CompletedProcess, *words: str) -> None:
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flowblend serve: error:"), done.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_results_dir_that_cannot_be_written_refuses_to_start(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    start = time.monotonic()
+    done = _serve_cli("--results-dir", str(blocker / "results"), "--port", str(free_port()))
+    _one_line_refusal(done, "results directory", "not writable", "--results-dir")
+    assert time.monotonic() - start < 30  # refused before the pair loads
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; the file case above covers it")
+def test_read_only_results_dir_refuses_to_start(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    results.chmod(0o500)
+    try:
+        _one_line_refusal(_serve_cli("--results-dir", str(results), "--port", str(free_port())), "not writable")
+    finally:
+        results.chmod(0o700)
+
+
+def test_port_in_use_refuses_to_start(tmp_path):
+    taken = bind_socket("127.0.0.1", 0)
+    try:
+        port = taken.getsockname()[1]
+        done = _serve_cli("--results-dir", str(tmp_path / "r"), "--port", str(port))
+        _one_line_refusal(done, f"port {port}", "in use", "--port")
+    finally:
+        taken.close()
+
+
+def test_bad_default_plan_refuses_to_start(tmp_path):
+    done = _serve_cli("--results-dir", str(tmp_path / "r"), "--port", str(free_port()), "--plan", "LQL")
+    _one_line_refusal(done, "LQL")
+
+
+def test_sigterm_drains_running_finishes_queued_persisted_failed(tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = serve_process(tmp_path / "results", port, "--drain-seconds", "120")
+    try:
+        wait_ready(url, proc)
+        client = httpx.Client(base_url=url, timeout=30)
+        running = client.post("/v1/videos", json={"prompt": PROMPT, "steps": 40}).json()
+        queued = [client.post("/v1/videos", json={"prompt": PROMPT, "seed": i}).json() for i in range(2)]
+        assert wait_running(client, running["id"])["status"] == "in_progress"
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        refused = client.post("/v1/videos", json={"prompt": PROMPT})
+        assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+        for job in queued:
+            record = client.get(f"/v1/videos/{job['id']}").json()
+            assert record["status"] == "failed" and record["retryable"] and "submit it again" in record["error"]
+        proc.wait(timeout=120)
+        assert proc.returncode == 0, proc.stderr.read()
+        assert "drained" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # what the drain left on disk, read by the next server
+    again = ThreadedServer(toy_config(tmp_path / "results"))
+    try:
+        assert wait_final(again.client, running["id"])["status"] == "completed"
+        assert again.client.get(f"/v1/videos/{running['id']}/content").status_code == 200
+        for job in queued:
+            assert again.client.get(f"/v1/videos/{job['id']}").json()["status"] == "failed"
+    finally:
+        again.stop()
+
+
+def test_a_crash_leaves_no_job_silently_lost(tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = serve_process(tmp_path / "results", port)
+    try:
+        wait_ready(url, proc)
+        client = httpx.Client(base_url=url, timeout=30)
+        finished = client.post("/v1/videos", json={"prompt": PROMPT}).json()
+        assert wait_final(client, finished["id"])["status"] == "completed"
+        video = client.get(f"/v1/videos/{finished['id']}/content").content
+        running = client.post("/v1/videos", json={"prompt": PROMPT, "steps": LONG}).json()
+        queued = client.post("/v1/videos", json={"prompt": PROMPT, "seed": 9}).json()
+        wait_running(client, running["id"])
+    finally:
+        proc.kill()  # SIGKILL: no drain, no goodbye
+        proc.wait()
+    restarted = ThreadedServer(toy_config(tmp_path / "results"))
+    try:
+        assert sorted(restarted.service.recovered) == sorted([running["id"], queued["id"]])
+        r = restarted.client.get(f"/v1/videos/{running['id']}").json()
+        assert r["status"] == "failed" and r["retryable"] and "stopped at step" in r["error"], r
+        q = restarted.client.get(f"/v1/videos/{queued['id']}").json()
+        assert q["status"] == "failed" and q["retryable"] and "before it started" in q["error"], q
+        assert restarted.client.get(f"/v1/videos/{finished['id']}").json()["status"] == "completed"
+        assert restarted.client.get(f"/v1/videos/{finished['id']}/content").content == video
+        leftovers = [p for p in (tmp_path / "results").rglob("*.partial*")]
+        assert not leftovers, leftovers
+    finally:
+        restarted.stop()
