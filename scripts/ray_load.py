@@ -26,8 +26,8 @@ import ray
 from ray import serve
 
 from flowblend.serve.config import ServeConfig
-from flowblend.serve.loadgen import run_load
-from flowblend.serve.ray_app import RayOptions, build_app, replica_pids
+from flowblend.serve.loadgen import replica_pids, run_load
+from flowblend.serve.ray_app import RayOptions, build_app
 from flowblend.serve.server import bind_socket
 
 QUIET_ENV = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
@@ -69,7 +69,7 @@ def main() -> int:
                 load = run_load(url, args.requests, args.concurrency, body)
                 report["runs"][f"{replicas}_replicas"] = {**load.summary(), "deploy_seconds": round(deploy_seconds, 2)}
                 print(replicas, "replica(s):", report["runs"][f"{replicas}_replicas"], flush=True)
-            before = set(replica_pids())
+            before = replica_pids(url, 2)
             victim = sorted(before)[0]
             killed_at: list[float] = []
 
@@ -82,7 +82,8 @@ def main() -> int:
 
             def watch() -> None:
                 while not replaced_at:
-                    if killed_at and running_replicas() == 2 and victim not in set(replica_pids()):
+                    pids = replica_pids(url, 2, attempts=20) if killed_at else set()
+                    if killed_at and running_replicas() == 2 and len(pids) == 2 and victim not in pids:
                         replaced_at.append(time.monotonic())
                     time.sleep(0.5)
 

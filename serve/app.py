@@ -17,6 +17,7 @@ import os
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .metrics import CONTENT_TYPE
 from .service import ServiceError, VideoService
@@ -24,7 +25,7 @@ from .video_request import VideoRequest, error_line
 
 MAX_WAIT_SECONDS = 60.0
 MEDIA_TYPES = {".mp4": "video/mp4", ".gif": "image/gif"}
-ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 409: "conflict_error", 429: "rate_limit_error",
+ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error", 429: "rate_limit_error",
                503: "server_unavailable_error"}
 
 
@@ -50,6 +51,11 @@ def create_app(service: VideoService) -> FastAPI:
     async def invalid_body(request: Request, exc: RequestValidationError):
         service.metrics.rejected.labels("invalid").inc()
         return error_response(400, error_line(list(exc.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, f"{exc.detail}: {request.method} {request.url.path} (the API is "
+                                               "/v1/videos, /health and /metrics)")
 
     @app.exception_handler(ServiceError)
     async def refused(request: Request, exc: ServiceError):

@@ -126,3 +126,19 @@ def run_load(url: str, requests: int, concurrency: int, body: dict, timeout: flo
     report.wall_seconds = time.monotonic() - start
     report.outcomes.sort(key=lambda o: o.index)
     return report
+
+
+def replica_pids(url: str, expect: int, attempts: int = 60) -> set[int]:
+    """Process ids of the replicas behind `url`, as their /health reports them (Ray routes each probe to one)."""
+    pids: set[int] = set()
+    with httpx.Client(base_url=url, timeout=10) as client:
+        for _ in range(attempts):
+            try:
+                r = client.get("/health")
+            except httpx.TransportError:
+                continue
+            if r.status_code == 200:
+                pids.add(r.json()["pid"])
+            if len(pids) >= expect:
+                break
+    return pids

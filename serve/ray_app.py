@@ -14,7 +14,6 @@ loaded by every replica of that type).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 from dataclasses import dataclass, replace
@@ -163,10 +162,3 @@ def run_ray(config: ServeConfig, opts: RayOptions) -> int:
         ray.shutdown()
     return 0
 
-
-def replica_pids() -> list[int]:
-    """Process ids of the live flowblend replicas (for the fault test and scripts/ray_load.py)."""
-    from ray.util.state import list_actors
-
-    actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True)
-    return [a.pid for a in actors if "flowblend" in (a.class_name or "") and a.pid and a.pid != os.getpid()]

@@ -139,6 +139,6 @@ def error_line(errors: list[dict]) -> str:
     elif kind == "missing":
         message = f"{where or 'the body'} is required"
     else:
-        message = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
+        message = f"{where}: {first.get('msg')}" if where else f"the body must be a JSON object ({first.get('msg')})"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return message + more

@@ -19,8 +19,8 @@ serve = pytest.importorskip("ray.serve")
 
 from serve_support import QUIET_ENV, SHORT, free_port, toy_config  # noqa: E402
 
-from flowblend.serve.loadgen import run_load  # noqa: E402
-from flowblend.serve.ray_app import RayOptions, build_app, deployment_options, replica_pids  # noqa: E402
+from flowblend.serve.loadgen import replica_pids, run_load  # noqa: E402
+from flowblend.serve.ray_app import RayOptions, build_app, deployment_options  # noqa: E402
 
 pytestmark = pytest.mark.slow
 BODY = {"prompt": "a red circle moving left", "steps": SHORT}
@@ -70,7 +70,7 @@ def test_bounded_load_loses_and_duplicates_nothing(deployment):
 
 def test_a_killed_replica_fails_its_jobs_clearly_and_is_replaced(deployment):
     url, _ = deployment
-    before = set(replica_pids())
+    before = replica_pids(url, 2)
     assert len(before) == 2
     victim = sorted(before)[0]
     killed = threading.Event()
@@ -89,10 +89,12 @@ def test_a_killed_replica_fails_its_jobs_clearly_and_is_replaced(deployment):
     for o in report.outcomes:
         if o.status != "completed":
             assert o.detail, o  # a failure says why (replica stopped / HTTP status)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (_running_replicas() == 2 and len(set(replica_pids()) - before) == 1):
+    deadline, after = time.monotonic() + 120, set()
+    while time.monotonic() < deadline:
+        after = replica_pids(url, 2, attempts=20)
+        if _running_replicas() == 2 and len(after) == 2 and victim not in after:
+            break
         time.sleep(1)
-    after = set(replica_pids())
-    assert victim not in after and len(after) == 2, (before, after)
+    assert victim not in after and len(after) == 2 and _running_replicas() == 2, (before, after)
     again = run_load(url, requests=4, concurrency=2, body=BODY, timeout=120)
     assert again.summary()["completed"] == 4
