@@ -17,10 +17,11 @@ import pytest
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
-from serve_support import QUIET_ENV, SHORT, free_port, toy_config  # noqa: E402
+from serve_support import QUIET_ENV, ROOT, SHORT, free_port, toy_config  # noqa: E402
 
+from flowblend.errors import FlowblendError  # noqa: E402
 from flowblend.serve.loadgen import replica_pids, run_load  # noqa: E402
-from flowblend.serve.ray_app import RayOptions, build_app, deployment_options  # noqa: E402
+from flowblend.serve.ray_app import RayOptions, build, build_app, deployment_options  # noqa: E402
 
 pytestmark = pytest.mark.slow
 BODY = {"prompt": "a red circle moving left", "steps": SHORT}
@@ -55,6 +56,20 @@ def test_deployment_options_pass_autoscaling_and_gpus_through(tmp_path):
                               RayOptions(min_replicas=1, max_replicas=4, target_ongoing_requests=3))
     assert "num_replicas" not in auto and auto["ray_actor_options"]["num_gpus"] == 1
     assert auto["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 3}
+
+
+def test_config_file_and_serve_run_arguments_build_the_app(tmp_path):
+    import yaml
+
+    spec = yaml.safe_load((ROOT / "docs" / "serve-ray.yaml").read_text())["applications"][0]
+    assert spec["import_path"] == "flowblend.serve.ray_app:build"
+    assert isinstance(build({**spec["args"], "results_dir": str(tmp_path)}), serve.Application)
+    # `serve run flowblend.serve.ray_app:build steps=4 replicas=2` passes strings
+    assert isinstance(build({"steps": "4", "replicas": "2", "results_dir": str(tmp_path)}), serve.Application)
+    with pytest.raises(FlowblendError, match="unknown setting"):
+        build({"colour": "red"})
+    with pytest.raises(FlowblendError, match="cannot read plan"):
+        build({"plan": "LQL", "results_dir": str(tmp_path)})
 
 
 def test_bounded_load_loses_and_duplicates_nothing(deployment):
