@@ -43,7 +43,7 @@ class LoadReport:
         done = sorted(o.seconds for o in self.outcomes if o.status == "completed")
         if not done:
             return None
-        return done[min(len(done) - 1, int(round(q * (len(done) - 1))))]
+        return round(done[min(len(done) - 1, int(round(q * (len(done) - 1))))], 4)
 
     def summary(self) -> dict:
         done = [o.seconds for o in self.outcomes if o.status == "completed"]
