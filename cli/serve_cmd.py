@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from flowblend.errors import FlowblendError
+from flowblend.runtime.graph_modes import GRAPH_FLAGS
 
 from .backends import BACKENDS
 from .common import add_pair_args, add_plan_args, add_video_args
@@ -23,7 +24,7 @@ def register(sub) -> None:
     p.add_argument("--artifacts", default="artifacts",
                    help="engine store root; on shared storage, replicas build each engine once (default ./artifacts)")
     p.add_argument("--build-engines", action="store_true", help="build missing compiled engines at start")
-    p.add_argument("--graph", default="none", choices=("none", "whole", "per-step"),
+    p.add_argument("--graph", default="none", choices=GRAPH_FLAGS,
                    help="CUDA graphs (--device cuda); with 'whole' a cancel takes effect when the loop ends")
     p.add_argument("--dynamic-shapes", action="store_true",
                    help="accept sizes other than the warm one (buffers are built on first use)")

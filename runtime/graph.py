@@ -253,15 +253,25 @@ class GraphRunner:
         return self.current.sampler.buffers.latents
 
     def sample(self, noise, prompt_embeds, negative_prompt_embeds=None, prompt_mask=None,
-               negative_prompt_mask=None, progress: bool = False) -> torch.Tensor:
+               negative_prompt_mask=None, progress: bool = False,
+               on_step: Callable[[int], None] | None = None) -> torch.Tensor:
         """Denoise `noise` [1, C, F, H, W]; returns the final latents (float32, a copy), as Sampler.sample.
 
         `progress` draws a per-step bar in eager mode only: a graph runs its steps without returning to Python.
+        `on_step(i)` runs after step i in eager and per-step modes; a whole-loop graph returns to Python only
+        at the end, so there it runs once, after the last step (a cancellation then takes effect at the end).
         """
         if self.mode == "eager":
             self.current = CapturedLoop(self.sampler, GraphState.READY)
             return self.sampler.sample(noise, prompt_embeds, negative_prompt_embeds, prompt_mask,
-                                       negative_prompt_mask, progress=progress)
+                                       negative_prompt_mask, progress=progress, on_step=on_step)
         self.load(noise, prompt_embeds, negative_prompt_embeds, prompt_mask, negative_prompt_mask)
-        self.replay()
+        if on_step is None or self.mode == "whole":
+            self.replay()
+            if on_step is not None:
+                on_step(len(self.sampler.plan) - 1)
+        else:
+            for i, graph in enumerate(self.current.graphs):
+                self.backend.replay(graph)
+                on_step(i)
         return self.latents.clone()

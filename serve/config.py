@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-GRAPH_MODES = ("none", "whole", "per-step")
-
 
 @dataclass(frozen=True)
 class ServeConfig:

@@ -23,6 +23,7 @@ from flowblend.cli.backends import make_engines, parse_dtype
 from flowblend.errors import FlowblendError
 from flowblend.export.pairs import PairFamily, load_pair
 from flowblend.runtime.graph import GraphRunner
+from flowblend.runtime.graph_modes import GRAPH_FLAGS
 from flowblend.runtime.pipeline import BlendPipeline
 from flowblend.runtime.sampler import Sampler
 from flowblend.runtime.video import save_video
@@ -31,7 +32,6 @@ from .config import ServeConfig
 from .video_request import JobSpec
 
 MAX_SAMPLERS = 8
-GRAPH_MODES = {"none": "eager", "whole": "whole", "per-step": "per_step"}
 WARMUP_PROMPT = "a red circle moving left"
 
 
@@ -85,7 +85,7 @@ class WarmPipeline:
                 raise FlowblendError("the pipeline is not loaded yet: wait for GET /health to say ready")
             sampler = Sampler(self.engines, spec.plan, options=spec.options, device=self.config.device,
                               dtype=self.dtype)
-            pipe = BlendPipeline(GraphRunner(sampler, mode=GRAPH_MODES[self.config.graph]), self.pair.encode_prompt,
+            pipe = BlendPipeline(GraphRunner(sampler, mode=GRAPH_FLAGS[self.config.graph]), self.pair.encode_prompt,
                                  self.pair.decode)
             self._pipes[key] = pipe
             if len(self._pipes) > MAX_SAMPLERS:
