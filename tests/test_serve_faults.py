@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import httpx
 import pytest
 from serve_support import (
-    LONG,
+    QUIET_ENV,
     ThreadedServer,
     free_port,
     serve_process,
@@ -111,32 +113,52 @@ def test_sigterm_drains_running_finishes_queued_persisted_failed(tmp_path):
         again.stop()
 
 
+CRASHING_OWNER = """
+import sys, time
+from flowblend.serve.jobs import COMPLETED, QUEUED, RUNNING, JobRecord, JobStore, new_job_id
+store = JobStore(sys.argv[1])
+ids = []
+for status, step in ((COMPLETED, 4), (RUNNING, 3), (QUEUED, 0)):
+    record = JobRecord(new_job_id(), {"prompt": "p", "seed": len(ids)}, store.owner, status=status, step=step, steps=4)
+    store.create(record)
+    if status == COMPLETED:
+        (store.folder(record.id) / "video.mp4").write_bytes(b"not really a video")
+        record.video = "video.mp4"
+        store.save(record)
+    ids.append(record.id)
+print(" ".join(ids), flush=True)
+time.sleep(600)
+"""
+
+
 def test_a_crash_leaves_no_job_silently_lost(tmp_path):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = serve_process(tmp_path / "results", port)
+    """A process holding jobs dies without a word (SIGKILL): the next server reports its queued and running
+    jobs failed (retryable, with the reason) and still serves what it finished. The dying process writes
+    its records with the same JobStore the server's worker uses, without loading a model (seconds, not a
+    minute); the worker writing those records is covered by tests/test_serve_api.py."""
+    results = tmp_path / "results"
+    owner = subprocess.Popen([sys.executable, "-c", CRASHING_OWNER, str(results)], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, **QUIET_ENV})
     try:
-        wait_ready(url, proc)
-        client = httpx.Client(base_url=url, timeout=30)
-        finished = client.post("/v1/videos", json={"prompt": PROMPT}).json()
-        assert wait_final(client, finished["id"])["status"] == "completed"
-        video = client.get(f"/v1/videos/{finished['id']}/content").content
-        running = client.post("/v1/videos", json={"prompt": PROMPT, "steps": LONG}).json()
-        queued = client.post("/v1/videos", json={"prompt": PROMPT, "seed": 9}).json()
-        wait_running(client, running["id"])
+        finished, running, queued = owner.stdout.readline().split()
+        live = ThreadedServer(toy_config(results))  # while the owner lives, its jobs are its own
+        try:
+            assert live.client.get(f"/v1/videos/{running}").json()["status"] == "in_progress"
+            assert live.service.recovered == []
+        finally:
+            live.stop()
     finally:
-        proc.kill()  # SIGKILL: no drain, no goodbye
-        proc.wait()
-    restarted = ThreadedServer(toy_config(tmp_path / "results"))
+        owner.kill()  # SIGKILL: no drain, no goodbye
+        owner.wait()
+    restarted = ThreadedServer(toy_config(results))
     try:
-        assert sorted(restarted.service.recovered) == sorted([running["id"], queued["id"]])
-        r = restarted.client.get(f"/v1/videos/{running['id']}").json()
-        assert r["status"] == "failed" and r["retryable"] and "stopped at step" in r["error"], r
-        q = restarted.client.get(f"/v1/videos/{queued['id']}").json()
+        assert sorted(restarted.service.recovered) == sorted([running, queued])
+        r = restarted.client.get(f"/v1/videos/{running}").json()
+        assert r["status"] == "failed" and r["retryable"] and "stopped at step 3 of 4" in r["error"], r
+        q = restarted.client.get(f"/v1/videos/{queued}").json()
         assert q["status"] == "failed" and q["retryable"] and "before it started" in q["error"], q
-        assert restarted.client.get(f"/v1/videos/{finished['id']}").json()["status"] == "completed"
-        assert restarted.client.get(f"/v1/videos/{finished['id']}/content").content == video
-        leftovers = [p for p in (tmp_path / "results").rglob("*.partial*")]
-        assert not leftovers, leftovers
+        assert restarted.client.get(f"/v1/videos/{finished}").json()["status"] == "completed"
+        assert restarted.client.get(f"/v1/videos/{finished}/content").content == b"not really a video"
+        assert not list(results.rglob("*.partial*"))
     finally:
         restarted.stop()
