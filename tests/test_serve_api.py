@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import re
 import socket
 import time
 
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
-from serve_support import LONG, ThreadedServer, toy_config, wait_final, wait_running, warm_toy_pipeline
+from serve_support import LONG, ROOT, ThreadedServer, toy_config, wait_final, wait_running, warm_toy_pipeline
 
 from flowblend.cli.main import main as cli_main
 from flowblend.runtime.plan import BlendPlan
@@ -290,3 +291,16 @@ def test_calibrated_plans_are_found_by_name(bad_client, tmp_path, server):
     finally:
         named.stop()
 
+
+
+def test_readmes_client_example_runs_against_a_server(server, tmp_path, monkeypatch):
+    """README's httpx block (fenced `py`: it needs a server, so tests/test_readme.py does not run it) runs as
+    written against this test's server: the only change is the address."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Serving"):]
+    block = re.search(r"^```py\n(.*?)^```", section, flags=re.S | re.M).group(1)
+    assert "http://127.0.0.1:8000" in block
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block.replace("http://127.0.0.1:8000", server.url), "README.md serving block", "exec"), {})
+    written = next(tmp_path.glob("*.mp4"))
+    assert iio.imread(written).shape[:3] == (9, 32, 32)
