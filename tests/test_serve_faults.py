@@ -12,6 +12,7 @@ import time
 import httpx
 import pytest
 from serve_support import (
+    LONG,
     QUIET_ENV,
     ThreadedServer,
     free_port,
@@ -20,6 +21,7 @@ from serve_support import (
     wait_final,
     wait_ready,
     wait_running,
+    warm_toy_pipeline,
 )
 
 from flowblend.cli.main import main as cli_main
@@ -162,3 +164,23 @@ def test_a_crash_leaves_no_job_silently_lost(tmp_path):
         assert not list(results.rglob("*.partial*"))
     finally:
         restarted.stop()
+
+
+def test_a_drain_stops_a_job_that_overruns_its_limit_at_a_step_boundary(tmp_path):
+    from flowblend.serve.service import ServiceError, VideoService
+    from flowblend.serve.video_request import VideoRequest
+
+    service = VideoService(toy_config(tmp_path), warm_toy_pipeline()).start(wait=True)
+    running = service.submit(VideoRequest(prompt=PROMPT, steps=LONG))
+    queued = service.submit(VideoRequest(prompt=PROMPT))
+    deadline = time.monotonic() + 60
+    while service.get(running.id).step < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert service.drain(timeout=0.2) is False
+    r = service.store.load(running.id)
+    assert r.status == "failed" and r.retryable and "drain limit" in r.error and 1 <= r.step < LONG, r
+    q = service.store.load(queued.id)
+    assert q.status == "failed" and q.retryable and "before the job started" in q.error, q
+    with pytest.raises(ServiceError) as refused:
+        service.submit(VideoRequest(prompt=PROMPT))
+    assert refused.value.status == 503 and "shutting down" in str(refused.value)
