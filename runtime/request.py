@@ -73,6 +73,14 @@ def _check_int(name: str, value, low: int | None = None, high: int | None = None
     return value
 
 
+def check_guidance(guidance) -> float:
+    """The CFG scale as a float; >= 0, where <= 1 disables CFG (diffusers' rule)."""
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not guidance >= 0 \
+            or guidance == float("inf"):
+        raise FlowblendError(f"guidance must be a number >= 0 (1 or less disables CFG), got {guidance!r}")
+    return float(guidance)
+
+
 def resolve_plan(plan: str | BlendPlan, steps: int | None, default_steps: int) -> BlendPlan:
     """A plan spelling (LSL:0.4,0.2, L20,S20,L10, LLSSL...) or BlendPlan at the requested step count."""
     if steps is not None:
@@ -107,9 +115,7 @@ def validate_request(family: VideoFamily, prompt: str | list[str], negative_prom
     height = family.height if height is None else _check_int("height", height)
     width = family.width if width is None else _check_int("width", width)
     family.check_video_shape(frames, height, width)  # its messages suggest sizes it accepts
-    guidance = family.guidance if guidance is None else guidance
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not guidance >= 0:
-        raise FlowblendError(f"guidance must be a number >= 0 (1 or less disables CFG), got {guidance!r}")
+    guidance = check_guidance(family.guidance if guidance is None else guidance)
     latent_shape = family.latent_shape(frames, height, width)
     settings = family.sampler_kwargs(latent_shape)
     if solver is not None:
@@ -121,12 +127,14 @@ def validate_request(family: VideoFamily, prompt: str | list[str], negative_prom
             raise FlowblendError(f"shift must be a number > 0, got {shift!r}")
         settings["shift"], settings["mu"] = float(shift), None
     return GenerationRequest(family, tuple(prompts), negative, blend_plan, seed, frames, height, width,
-                             float(guidance), settings["solver"], float(settings["shift"]), settings.get("mu"),
+                             guidance, settings["solver"], float(settings["shift"]), settings.get("mu"),
                              tuple(latent_shape))
 
 
 def check_device(device: str) -> str:
     """`device` if this machine has it, else FlowblendError naming one it has (imports torch, loads nothing)."""
+    if device == "cpu":
+        return device  # the common case needs no torch import
     import torch
 
     try:
@@ -138,8 +146,8 @@ def check_device(device: str) -> str:
     if parsed.type != "cuda":
         raise FlowblendError(f"device {device!r} is not supported: use cpu or cuda (cuda:N for the N-th GPU)")
     if not torch.cuda.is_available():
-        build = "this torch has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
-        raise FlowblendError(f"device {device!r}: {build} (torch {torch.__version__}); use cpu")
+        why = "this torch is a CPU-only build" if torch.version.cuda is None else "none is visible to this torch"
+        raise FlowblendError(f"device {device!r}: no CUDA GPU ({why}, torch {torch.__version__}); use cpu")
     count = torch.cuda.device_count()
     if parsed.index is not None and parsed.index >= count:
         raise FlowblendError(f"device {device!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}; "

@@ -19,6 +19,10 @@ FILLER_WORDS = ("a", "moving")
 ARTICLES = ("a", "an", "the")  # all read as "a", the only article of the training prompts
 VOCAB = ("<pad>", "<unk>") + FILLER_WORDS + COLOURS + SHAPES + DIRECTIONS
 EXAMPLE = "a red circle moving left"
+# `flowblend demo`'s defaults: every direction, three shapes, four colours
+DEMO_PROMPTS = ("a red circle moving left", "a blue square moving up",
+                "a green triangle moving right", "a yellow circle moving down")
+DEMO_PLANS = ("LLL", "LSL:0.4,0.2", "SSS")
 
 
 def vocabulary_line() -> str:
