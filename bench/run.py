@@ -26,7 +26,7 @@ from flowblend.engines.factory import make_engines as factory_engines
 from flowblend.errors import FlowblendError
 from flowblend.runtime.graph import GraphRunner
 from flowblend.runtime.plan import BlendPlan
-from flowblend.runtime.sampler import Sampler
+from flowblend.runtime.sampler import Sampler, SamplerOptions
 
 from .flops import step_flops
 from .memory import PeakMemory, current_rss_bytes
@@ -92,6 +92,7 @@ class TimedEngine:
     def __init__(self, engine, model: str, log: list, device: torch.device):
         self.engine, self.model, self.log, self.cuda = engine, model, log, device.type == "cuda"
         self.input_names, self.output_names = engine.input_names, engine.output_names
+        self.device, self.dtype = engine.device, engine.dtype
 
     def bind(self, tensors) -> None:
         self.engine.bind(tensors)
@@ -262,6 +263,7 @@ def _build_cases(pair, eager: dict, plans, options: BenchOptions, latent_shape, 
                  sampler_kwargs: dict) -> tuple[list[Case], list[dict]]:
     """One Case per (backend, mode, plan) that can run here; the rest listed with the reason."""
     device = torch.device(options.device)
+    sampler_options = SamplerOptions(guidance_scale=guidance, **sampler_kwargs)
     cases, skipped = [], []
     for backend in dict.fromkeys(("torch",) + tuple(options.backends)):
         try:
@@ -278,8 +280,7 @@ def _build_cases(pair, eager: dict, plans, options: BenchOptions, latent_shape, 
                 skipped.append({"backend": backend, "mode": mode, "reason": str(exc)})
                 continue
             for plan in plans:
-                make = lambda e: Sampler(e, plan, guidance_scale=guidance, device=device, dtype=options.dtype,  # noqa: E731
-                                         **sampler_kwargs)
+                make = lambda e: Sampler(e, plan, sampler_options, device=device, dtype=options.dtype)  # noqa: E731
                 case = Case(backend, mode, plan, make(engines), make(timed), log)
                 if mode in GRAPH_MODES:
                     case.runner = GraphRunner(case.sampler, GRAPH_MODES[mode])

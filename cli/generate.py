@@ -78,7 +78,7 @@ def run(args) -> int:
     from flowblend.export.pairs import load_pair
     from flowblend.runtime.graph import GraphRunner
     from flowblend.runtime.pipeline import BlendPipeline
-    from flowblend.runtime.sampler import Sampler
+    from flowblend.runtime.sampler import Sampler, SamplerOptions
     from flowblend.runtime.video import save_video
 
     dtype = torch_dtype(args.dtype)
@@ -86,7 +86,8 @@ def run(args) -> int:
                      allow_download=args.allow_download)
     engines = make_engines(args.backend, pair, latent_shape=request.latent_shape, guidance=request.guidance,
                            device=args.device, dtype=args.dtype, artifacts=args.artifacts)
-    sampler = Sampler(engines, request.plan, device=args.device, dtype=dtype, **request.sampler_settings())
+    sampler = Sampler(engines, request.plan, SamplerOptions(**request.sampler_settings()), device=args.device,
+                      dtype=dtype)
     pipe = BlendPipeline(GraphRunner(sampler, mode=GRAPH_MODES[args.graph]), pair.encode_prompt, pair.decode)
     settings = {k: v for k, v in request.sampler_settings().items() if v is not None and k != "guidance_scale"}
     for prompt, out in zip(request.prompts, outs):

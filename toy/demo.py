@@ -18,7 +18,7 @@ from flowblend.bench.flops import step_flops
 from flowblend.engines.torch_engine import TorchEngine
 from flowblend.export.pairs import LoadedPair, load_pair
 from flowblend.runtime.plan import BlendPlan
-from flowblend.runtime.sampler import Sampler
+from flowblend.runtime.sampler import Sampler, SamplerOptions
 from flowblend.runtime.video import save_video, to_frames
 
 from .vocab import DEMO_PLANS, DEMO_PROMPTS
@@ -73,7 +73,7 @@ def generate_plans(pair: LoadedPair, plans: list[BlendPlan], prompts: list[str],
     bar = tqdm(total=len(plans) * len(prompts) * len(seeds), desc="demo", unit="video", disable=not progress)
     for plan in plans:
         bar.set_postfix_str(plan.label)
-        sampler = Sampler(engines, plan, guidance_scale=guidance, **kwargs)
+        sampler = Sampler(engines, plan, SamplerOptions(guidance_scale=guidance, **kwargs))
         loop_time, videos = 0.0, []
         start = time.perf_counter()
         for prompt in prompts:
