@@ -41,7 +41,8 @@ def register(p) -> None:
     plan.add_argument("--heldout-prompt", action="append", default=[], help="held-out prompt (repeatable)")
     plan.add_argument("--heldout-prompt-file", help="file with one held-out prompt per line")
     plan.add_argument("--heldout-seeds", type=int, nargs="+", help="held-out seeds (default: 1000 + each seed)")
-    plan.add_argument("--reduced-steps", type=int, help="also score LLL and the chosen plan at this step count")
+    plan.add_argument("--reduced-steps", type=int,
+                      help="also score LLL and the chosen plan at this step count (default: not scored)")
     plan.add_argument("--report", help="markdown report path (default OUT_DIR/calibration.md); PNGs go beside it")
     plan.add_argument("--title", default="", help="report title")
     plan.set_defaults(func=run_plan)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from flowblend.errors import FlowblendError
@@ -41,6 +42,7 @@ def build_parser(commands=tuple(COMMANDS)) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see common.apply_thread_policy
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(commands=argv[:1])  # `flowblend --help` imports no command module
     args = parser.parse_args(argv)

@@ -159,6 +159,14 @@ class LoadedPair:
     decode: Callable[[torch.Tensor], torch.Tensor]  # latents -> video [B, 3, F, H, W] in [-1, 1]
     sources: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def large(self) -> torch.nn.Module:
+        return self.transformers["large"]
+
+    @property
+    def small(self) -> torch.nn.Module:
+        return self.transformers["small"]
+
 
 def load_pair(name: str, large: str | None = None, small: str | None = None, dtype: torch.dtype | None = None,
               device: str | torch.device = "cpu", allow_download: bool = False) -> LoadedPair:
