@@ -21,10 +21,12 @@ from pathlib import Path
 
 import torch
 
-from flowblend.engines.factory import BACKENDS, spec_for_run
+from flowblend.engines.factory import BACKENDS
 from flowblend.engines.factory import make_engines as factory_engines
+from flowblend.engines.iospec import dtype_name
 from flowblend.errors import FlowblendError
 from flowblend.runtime.graph import GraphRunner
+from flowblend.runtime.graph_modes import BENCH_MODES
 from flowblend.runtime.plan import BlendPlan
 from flowblend.runtime.sampler import Sampler, SamplerOptions
 
@@ -34,7 +36,7 @@ from .pairing import round_order
 from .report import case_rows, targets
 from .runtime_cost import measure_overhead, memory_budget, sync_device, tiny_wan_overhead
 
-MODES = ("loop", "step-graph", "loop-graph")
+MODES = BENCH_MODES  # bench mode -> runtime/graph.py mode
 DEFAULT_BACKENDS = ("torch", "torch-compile")
 DEFAULT_PLANS = ("LLL", "LSL:0.4,0.2", "SSS")
 PROMPT = "a red circle moving left"
@@ -142,7 +144,7 @@ def _ensure_compiled(backend: str, pair, options: BenchOptions, latent_shape, gu
     from flowblend.engines.build import build_pair_engines, locate_pair_engines
 
     family = pair.family
-    spec = spec_for_run(family, latent_shape, guidance, _dtype_name(options.dtype))
+    spec = family.io_spec(latent_shape, guidance, options.dtype)
     if not (Path(options.artifacts) / family.name / "onnx" / "export.json").is_file():
         from flowblend.export.onnx import export_pair
 
@@ -153,10 +155,6 @@ def _ensure_compiled(backend: str, pair, options: BenchOptions, latent_shape, gu
         build_pair_engines(family.name, backend, options.artifacts, progress=options.progress)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-
-
 def make_engines(backend: str, pair, options: BenchOptions, latent_shape, guidance: float) -> dict:
     """Engines 'large'/'small' for a backend (engines/factory.py), or Unavailable with the reason."""
     if backend == "tensorrt" and not options.device.startswith("cuda"):
@@ -165,7 +163,7 @@ def make_engines(backend: str, pair, options: BenchOptions, latent_shape, guidan
         if backend in ("onnxruntime", "tensorrt"):
             _ensure_compiled(backend, pair, options, latent_shape, guidance)
         return factory_engines(backend, pair, latent_shape=latent_shape, guidance=guidance, device=options.device,
-                               dtype=_dtype_name(options.dtype), artifacts=options.artifacts,
+                               dtype=dtype_name(options.dtype), artifacts=options.artifacts,
                                compile_mode=options.compile_mode)
     except ImportError as exc:
         raise Unavailable(f"{backend} backend not importable here ({exc})") from None
@@ -173,13 +171,8 @@ def make_engines(backend: str, pair, options: BenchOptions, latent_shape, guidan
         raise Unavailable(str(exc)) from None
 
 
-# bench mode -> runtime/graph.py mode: one graph per engine call (what existing TensorRT diffusion
-# pipelines capture) or the whole blended loop in one graph
-GRAPH_MODES = {"step-graph": "per_step", "loop-graph": "whole"}
-
-
 def _check_mode(mode: str, device: torch.device) -> None:
-    if mode == "loop":
+    if MODES[mode] == "eager":
         return
     if device.type != "cuda":
         raise Unavailable("CUDA graphs need a CUDA device (--device cuda)")
@@ -282,8 +275,8 @@ def _build_cases(pair, eager: dict, plans, options: BenchOptions, latent_shape, 
             for plan in plans:
                 make = lambda e: Sampler(e, plan, sampler_options, device=device, dtype=options.dtype)  # noqa: E731
                 case = Case(backend, mode, plan, make(engines), make(timed), log)
-                if mode in GRAPH_MODES:
-                    case.runner = GraphRunner(case.sampler, GRAPH_MODES[mode])
+                if MODES[mode] != "eager":
+                    case.runner = GraphRunner(case.sampler, MODES[mode])
                 cases.append(case)
     return cases, skipped
 

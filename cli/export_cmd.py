@@ -43,13 +43,11 @@ def run(args) -> int:
     dynamic = parse_dynamic(args.dynamic)
     frames, height, width = video_of(args, family)
 
-    from flowblend.engines.factory import spec_for_run
     from flowblend.export.onnx import EXTERNAL_DATA_THRESHOLD, export_pair
     from flowblend.export.pairs import load_pair
     from flowblend.export.record import EXPORT_RECORD, onnx_dir
 
-    spec = spec_for_run(family, family.latent_shape(frames, height, width), guidance_of(args, family), args.dtype,
-                        dynamic)
+    spec = family.io_spec(family.latent_shape(frames, height, width), guidance_of(args, family), args.dtype, dynamic)
     pair = load_pair(family.name, args.large, args.small, allow_download=args.allow_download)
     threshold = args.external_data_threshold or EXTERNAL_DATA_THRESHOLD
     record = export_pair(pair, spec, args.artifacts, verify=not args.no_verify,

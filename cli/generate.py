@@ -12,12 +12,11 @@ from pathlib import Path
 
 from flowblend.engines.factory import BACKENDS
 from flowblend.errors import FlowblendError
+from flowblend.runtime.graph_modes import GRAPH_FLAGS
 from flowblend.runtime.request import GenerationRequest, validate_request
 from flowblend.toy.vocab import vocabulary_line
 
 from .common import family_of, plan_of, subscribe
-
-GRAPH_MODES = {"whole": "whole", "per-step": "per_step", "none": "eager"}  # --graph spelling -> GraphRunner mode
 
 
 def register(p) -> None:
@@ -34,7 +33,7 @@ def register(p) -> None:
     r = p.add_argument_group("backend")
     r.add_argument("--backend", default="torch", choices=BACKENDS,
                    help="torch-compile, onnxruntime and tensorrt use the engines `flowblend export`/`build` made")
-    r.add_argument("--graph", default="none", choices=GRAPH_MODES,
+    r.add_argument("--graph", default="none", choices=GRAPH_FLAGS,
                    help="CUDA graphs (--device cuda): the whole loop in one graph, one per step, or none")
     p.set_defaults(func=run)
 
@@ -88,7 +87,7 @@ def run(args) -> int:
                            device=args.device, dtype=args.dtype, artifacts=args.artifacts)
     sampler = Sampler(engines, request.plan, SamplerOptions(**request.sampler_settings()), device=args.device,
                       dtype=dtype)
-    pipe = BlendPipeline(GraphRunner(sampler, mode=GRAPH_MODES[args.graph]), pair.encode_prompt, pair.decode)
+    pipe = BlendPipeline(GraphRunner(sampler, mode=GRAPH_FLAGS[args.graph]), pair.encode_prompt, pair.decode)
     settings = {k: v for k, v in request.sampler_settings().items() if v is not None and k != "guidance_scale"}
     for prompt, out in zip(request.prompts, outs):
         start = time.perf_counter()

@@ -26,10 +26,8 @@ class PairFamilyShape(Protocol):
     """What the factory reads of a family (export.pairs.PairFamily) to find compiled engines."""
 
     name: str
-    text_len: int
-    text_dim: int
-    takes_text_mask: bool
-    patch: tuple[int, int, int]
+
+    def io_spec(self, latent_shape, guidance: float, dtype: str = "fp32", dynamic: dict | None = None) -> IOSpec: ...
 
 
 class LoadedModels(Protocol):
@@ -58,16 +56,6 @@ def torch_dtype(name: str) -> torch.dtype:
     return TORCH_DTYPES[check_dtype(name)]
 
 
-def spec_for_run(family: PairFamilyShape, latent_shape, guidance: float, dtype: str,
-                 dynamic: dict | None = None) -> IOSpec:
-    """The engines' I/O signature for a run: batch 2 with CFG (guidance > 1), else 1."""
-    from .iospec import IOSpec
-
-    return IOSpec(batch=2 if guidance > 1 else 1, latent=tuple(latent_shape), text_len=family.text_len,
-                  text_dim=family.text_dim, dtype=check_dtype(dtype), with_mask=family.takes_text_mask,
-                  dynamic=dynamic or {}, patch=tuple(family.patch))
-
-
 def make_engines(backend: str, pair: LoadedModels, *, latent_shape, guidance: float, device: str = "cpu",
                  dtype: str = "fp32", artifacts: str = "artifacts", compile_mode: str | None = None
                  ) -> dict[str, Engine]:
@@ -79,7 +67,7 @@ def make_engines(backend: str, pair: LoadedModels, *, latent_shape, guidance: fl
         raise FlowblendError(f"TensorRT engines run on a CUDA device, not {device!r}: pass --device cuda")
     from .build import locate_pair_engines
 
-    spec = spec_for_run(pair.family, latent_shape, guidance, dtype)
+    spec = pair.family.io_spec(latent_shape, guidance, dtype)
     paths = locate_pair_engines(pair.family.name, backend, spec, artifacts)
     if backend == "onnxruntime":
         from .ort_engine import OrtEngine

@@ -34,7 +34,7 @@ def test_sampler_takes_its_numerics_from_options_only():
     with pytest.raises(FlowblendError, match="options must be a SamplerOptions.*SamplerOptions\\(solver="):
         Sampler(engines, plan, {"solver": "euler"})
     sampler = Sampler(engines, plan, SamplerOptions(solver="euler", guidance_scale=1.0))
-    assert sampler.table.name == "euler" and not sampler.options.cfg
+    assert sampler.table.name == "euler" and not sampler.cfg and sampler.guidance_scales == (1.0,) * 3
 
 
 @pytest.mark.parametrize("changes,match", [
@@ -140,3 +140,52 @@ def test_sampler_and_graph_runner_are_the_latent_sampler_a_pipeline_takes():
     for implementation in (sampler, GraphRunner(sampler, mode="eager")):
         assert isinstance(implementation, LatentSampler)
         assert params(implementation.sample) == params(LatentSampler.sample)[1:], type(implementation).__name__
+
+
+# -- written once ----------------------------------------------------------------------------------
+
+
+def test_graph_modes_are_defined_once_and_every_spelling_maps_onto_them():
+    from flowblend.bench import run as bench
+    from flowblend.cli.main import build_parser
+    from flowblend.runtime import graph, graph_modes
+
+    assert graph.MODES is graph_modes.MODES and bench.MODES is graph_modes.BENCH_MODES
+    for spelling in (graph_modes.GRAPH_FLAGS, graph_modes.BENCH_MODES):
+        assert sorted(spelling.values()) == sorted(graph_modes.MODES)
+    parser = build_parser(["generate"])
+    for flag, mode in graph_modes.GRAPH_FLAGS.items():
+        assert parser.parse_args(["generate", "--graph", flag]).graph == flag
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "--graph", "per_step"])  # the runtime's name is not a CLI spelling
+
+
+def test_a_family_makes_its_io_spec_in_one_place():
+    from pathlib import Path
+
+    from flowblend.engines.iospec import IOSpec
+    from flowblend.export.pairs import get_family
+
+    ltx = get_family("ltx")
+    spec = ltx.io_spec((128, 2, 4, 6), guidance=3.0, dtype=torch.bfloat16, dynamic={"frames": (1, 4)})
+    assert spec == IOSpec(batch=2, latent=(128, 2, 4, 6), text_len=ltx.text_len, text_dim=ltx.text_dim, dtype="bf16",
+                          with_mask=True, dynamic={"frames": (1, 4)}, patch=(1, 1, 1))
+    wan = get_family("wan")
+    assert wan.io_spec((16, 3, 4, 6), guidance=1.0, dtype="fp16").batch == 1  # no CFG: one row
+    with pytest.raises(FlowblendError, match="unsupported dtype torch.float64: choose one of fp32, fp16, bf16"):
+        wan.io_spec((16, 3, 4, 6), 5.0, torch.float64)
+    root = Path(__file__).resolve().parents[1]
+    for folder in ("cli", "bench", "calibrate", "toy"):
+        for path in (root / folder).glob("*.py"):
+            assert "IOSpec(" not in path.read_text(), f"{path}: build the spec with PairFamily.io_spec"
+
+
+def test_tiny_pairs_are_defined_once_in_the_package():
+    from pathlib import Path
+
+    import tiny_models
+
+    from flowblend.bench import runtime_cost, tiny
+
+    assert tiny_models.WAN_TINY is tiny.WAN_TINY and tiny_models.tiny_pair is tiny.tiny_pair
+    assert "num_attention_heads" not in Path(runtime_cost.__file__).read_text()
