@@ -1,52 +1,48 @@
 """`flowblend serve`: the HTTP video API over a warm pipeline, on this machine or as a Ray Serve deployment."""
 from __future__ import annotations
 
+from flowblend.engines.factory import BACKENDS
 from flowblend.errors import FlowblendError
-from flowblend.runtime.graph_modes import GRAPH_FLAGS
+from flowblend.runtime.graph_modes import GRAPH_FLAGS, check_graph_flag
 
-from .backends import BACKENDS
-from .common import add_pair_args, add_plan_args, add_video_args
+from .common import subscribe
 
 INSTALL_HINT = "install the extra: pip install 'flowblend[serve]'"
 
 
-def register(sub) -> None:
-    p = sub.add_parser("serve", help="serve videos over HTTP from warm engines (OpenAI-style /v1/videos)",
-                       description="Loads the pair and engines once, warms up, then serves POST /v1/videos, "
-                                   "GET /v1/videos/{id}[/content], DELETE /v1/videos/{id}, /health and /metrics.")
-    add_pair_args(p)
-    add_plan_args(p)  # the default plan (warmed up at start) and steps of requests that name none
-    add_video_args(p)  # the warm shape
-    p.add_argument("--guidance", type=float, help="default CFG scale of requests (default: the family's)")
-    p.add_argument("--backend", default="torch", choices=BACKENDS, help="engine backend (default torch)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    p.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16 (default fp32)")
-    p.add_argument("--artifacts", default="artifacts",
-                   help="engine store root; on shared storage, replicas build each engine once (default ./artifacts)")
-    p.add_argument("--build-engines", action="store_true", help="build missing compiled engines at start")
-    p.add_argument("--graph", default="none", choices=GRAPH_FLAGS,
+def register(p) -> None:
+    p.description = ("Loads the pair and engines once, warms up, then serves POST /v1/videos, "
+                     "GET /v1/videos/{id}[/content], DELETE /v1/videos/{id}, /health and /metrics. The shared flags "
+                     "set the warm configuration and the defaults of requests that leave a value out.")
+    subscribe(p, "pair", "plan", "video", "guidance", "device", "dtype", "threads", "artifacts")
+    r = p.add_argument_group("backend")
+    r.add_argument("--backend", default="torch", choices=BACKENDS, help="engine backend")
+    r.add_argument("--build-engines", action="store_true",
+                   help="build missing onnxruntime/tensorrt engines at start into --artifacts (on shared storage, "
+                        "replicas build each once)")
+    r.add_argument("--graph", default="none", choices=GRAPH_FLAGS,
                    help="CUDA graphs (--device cuda); with 'whole' a cancel takes effect when the loop ends")
-    p.add_argument("--dynamic-shapes", action="store_true",
-                   help="accept sizes other than the warm one (buffers are built on first use)")
-    p.add_argument("--plans-dir", help="folder of calibrated plans (NAME.json): requests may name them")
-    p.add_argument("--results-dir", default="results", help="where jobs and videos are written (default ./results)")
-    p.add_argument("--queue-size", type=int, default=8, help="jobs that may wait; more get 429 (default 8)")
-    p.add_argument("--max-steps", type=int, default=200, help="largest step count a request may ask (default 200)")
-    p.add_argument("--drain-seconds", type=float, default=60.0,
-                   help="on SIGTERM, how long the running job may take to finish (default 60)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
+    s = p.add_argument_group("serving")
+    s.add_argument("--dynamic-shapes", action="store_true",
+                   help="accept sizes other than the warm one (their buffers are built on first use)")
+    s.add_argument("--plans-dir", help="folder of calibrated plans (NAME.json): requests may name them")
+    s.add_argument("--results-dir", default="results", help="where job records and videos are written")
+    s.add_argument("--queue-size", type=int, default=8, help="jobs that may wait; more get 429")
+    s.add_argument("--max-steps", type=int, default=200, help="largest step count a request may ask for")
+    s.add_argument("--drain-seconds", type=float, default=60.0,
+                   help="on SIGTERM, how long the running job may take to finish")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on")
+    s.add_argument("--log-level", default="warning", help="uvicorn's log level")
     ray = p.add_argument_group("Ray Serve (pip install 'flowblend[ray]')")
     ray.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (one replica per GPU)")
-    ray.add_argument("--replicas", type=int, default=1, help="replicas (fixed; see --min/--max-replicas)")
-    ray.add_argument("--min-replicas", type=int, help="autoscaling lower bound (with --max-replicas)")
-    ray.add_argument("--max-replicas", type=int, help="autoscaling upper bound")
+    ray.add_argument("--replicas", type=int, default=1, help="replicas (a fixed count; or --min/--max-replicas)")
+    ray.add_argument("--min-replicas", type=int, help="autoscaling lower bound (default 1 when autoscaling)")
+    ray.add_argument("--max-replicas", type=int, help="autoscaling upper bound (default: --replicas)")
     ray.add_argument("--target-ongoing-requests", type=float, default=2.0, help="autoscaling target per replica")
     ray.add_argument("--ray-address", help="an existing Ray cluster (default: start a local one)")
-    ray.add_argument("--num-gpus", type=float, help="GPUs per replica (default 1 with --device cuda, else 0)")
-    ray.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica (default 1)")
+    ray.add_argument("--num-gpus", type=float, help="GPUs per replica (default: 1 with --device cuda, else 0)")
+    ray.add_argument("--num-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica")
     p.set_defaults(func=run)
 
 
@@ -71,8 +67,7 @@ def run(args) -> int:
         import uvicorn  # noqa: F401
     except ImportError as exc:
         raise FlowblendError(f"flowblend serve needs {exc.name}: {INSTALL_HINT}") from None
-    if args.graph != "none" and not args.device.startswith("cuda"):
-        raise FlowblendError(f"--graph {args.graph} captures CUDA graphs: pass --device cuda, or drop --graph")
+    check_graph_flag(args.graph, args.device)
     config = config_from_args(args)
     if args.ray:
         from flowblend.serve.ray_app import RayOptions, run_ray

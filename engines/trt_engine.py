@@ -172,17 +172,17 @@ class TrtEngine:
 
 def shared_activation_bytes(engines: Iterable) -> int:
     """One block serves engines that never run at the same time: the largest of their needs."""
-    return max((int(e.activation_bytes) for e in engines if hasattr(e, "activation_bytes")), default=0)
+    return max((int(e.activation_bytes) for e in engines if isinstance(e, TrtEngine)), default=0)
 
 
 def share_activation_memory(engines: Mapping[str, object] | Iterable, device: torch.device | str | None = None):
     """Allocate one activation block for every TensorRT engine given and hand it to each; returns the block.
 
-    Engines without `activation_bytes` (PyTorch, ONNX Runtime) are skipped. The torch caching
+    Other engines (PyTorch, ONNX Runtime) manage their own activations and are skipped. The torch caching
     allocator's blocks are 512-byte aligned, more than the 256 bytes TensorRT requires.
     """
     engines = list(engines.values()) if isinstance(engines, Mapping) else list(engines)
-    trt_engines = [e for e in engines if hasattr(e, "set_activation_memory")]
+    trt_engines = [e for e in engines if isinstance(e, TrtEngine)]
     if not trt_engines:
         return None
     size = shared_activation_bytes(trt_engines)

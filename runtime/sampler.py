@@ -43,10 +43,6 @@ class SamplerOptions:
         if not self.shift > 0:
             raise FlowblendError(f"shift must be > 0 (Wan 480p uses 3.0, 720p 5.0), got {self.shift}")
 
-    @property
-    def cfg(self) -> bool:
-        return self.guidance_scale > 1.0  # diffusers' rule: CFG only above 1
-
     def replace(self, **changes) -> "SamplerOptions":
         """A copy with `changes` applied (validated again)."""
         return replace(self, **changes)
@@ -56,9 +52,10 @@ class SamplerOptions:
 class LatentSampler(Protocol):
     """What a pipeline drives: `Sampler` (the eager loop) and `GraphRunner` (the loop in CUDA graphs)."""
 
-    def sample(self, noise: torch.Tensor, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor | None = None,
-               prompt_mask: torch.Tensor | None = None, negative_prompt_mask: torch.Tensor | None = None,
-               progress: bool = False, on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+    def sample(self, noise: torch.Tensor, prompt_embeds: torch.Tensor,
+               negative_prompt_embeds: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None,
+               negative_prompt_mask: torch.Tensor | None = None, progress: bool = False,
+               on_step: Callable[[int], None] | None = None) -> torch.Tensor:
         """Denoise `noise` [1, C, F, H, W]; returns the final latents (float32, a copy).
 
         `on_step(i)` runs after step i, outside the step (progress, timing, cancellation: it may raise to
@@ -90,8 +87,10 @@ class Sampler:
         self.engines = engines
         self.plan = plan
         self.table: SolverTable = make_solver_table(options.solver, len(plan), options.shift, options.mu)
-        # CFG scale per step, a table like the solver's coefficients (runtime/step.py's g[i])
+        # CFG scale per step, a table like the solver's coefficients (runtime/step.py's g[i]); the
+        # buffers carry the unconditional row when any step guides
         self.guidance_scales: tuple[float, ...] = (options.guidance_scale,) * len(plan)
+        self.cfg = any(g > 1.0 for g in self.guidance_scales)  # diffusers' rule: CFG only above 1
         first = next(iter(engines.values()))
         self.device = torch.device(device) if device is not None else torch.device(first.device)
         self.dtype = dtype if dtype is not None else first.dtype
@@ -111,7 +110,7 @@ class Sampler:
             for engine in self.engines.values():
                 engine.bind(self.buffers.engine_bindings())
             return self.buffers
-        bufs = SamplerBuffers.allocate(latent_shape, text_shape, self.table.timesteps, self.options.cfg,
+        bufs = SamplerBuffers.allocate(latent_shape, text_shape, self.table.timesteps, self.cfg,
                                        self.dtype, self.device, self.table.state_names, self.needs_mask)
         for engine in self.engines.values():
             engine.bind(bufs.engine_bindings())
@@ -125,21 +124,24 @@ class Sampler:
     def load_request(self, noise, prompt_embeds, negative_prompt_embeds=None, prompt_mask=None,
                      negative_prompt_mask=None) -> SamplerBuffers:
         """Copy one request's noise and text into the static buffers (the only per-request writes)."""
-        if noise.dim() < 2 or noise.shape[0] != 1:
-            raise FlowblendError(f"noise must have batch 1, e.g. [1, C, F, H, W]; got shape {tuple(noise.shape)}")
+        if noise.dim() != 5 or noise.shape[0] != 1:
+            hint = ": add the batch with noise[None]" if noise.dim() == 4 else ""
+            raise FlowblendError(f"noise must be one video's latents with batch 1, [1, C, F, H, W]; got shape "
+                                 f"{list(noise.shape)}{hint}")
         if prompt_embeds.dim() == 2:
             prompt_embeds = prompt_embeds[None]
         if prompt_embeds.shape[0] != 1:
-            raise FlowblendError(f"prompt_embeds must be [1, L, D] (one prompt per call), got {tuple(prompt_embeds.shape)}")
-        if self.options.cfg and negative_prompt_embeds is None:
-            raise FlowblendError(f"guidance_scale={self.options.guidance_scale} > 1 needs negative_prompt_embeds "
+            raise FlowblendError(f"prompt_embeds must be [1, L, D] (one prompt per call), "
+                                 f"got {tuple(prompt_embeds.shape)}")
+        if self.cfg and negative_prompt_embeds is None:
+            raise FlowblendError(f"guidance_scale={max(self.guidance_scales)} > 1 needs negative_prompt_embeds "
                                  "(encode the negative prompt, \"\" by default), or set guidance_scale=1")
         if self.needs_mask and prompt_mask is None:
             raise FlowblendError("this model family takes a text mask: pass prompt_mask (and negative_prompt_mask)")
         bufs = self.prepare(noise.shape[1:], prompt_embeds.shape[1:])
         bufs.latents.copy_(noise)
         bufs.text_embeds[0:1].copy_(prompt_embeds)
-        if self.options.cfg:
+        if self.cfg:
             neg = negative_prompt_embeds[None] if negative_prompt_embeds.dim() == 2 else negative_prompt_embeds
             if neg.shape[1:] != prompt_embeds.shape[1:]:
                 raise FlowblendError(f"negative_prompt_embeds {tuple(neg.shape)} must match prompt_embeds "
@@ -147,7 +149,7 @@ class Sampler:
             bufs.text_embeds[1:2].copy_(neg)
         if bufs.text_mask is not None:
             bufs.text_mask[0:1].copy_(prompt_mask.reshape(1, -1))
-            if self.options.cfg:
+            if self.cfg:
                 bufs.text_mask[1:2].copy_((negative_prompt_mask if negative_prompt_mask is not None
                                            else prompt_mask).reshape(1, -1))
         for tensor in bufs.state.values():

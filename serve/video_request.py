@@ -1,8 +1,9 @@
 """`POST /v1/videos` bodies: the JSON schema (pydantic) and its resolution into a checked job.
 
-The schema only says which fields exist and their JSON types; every rule about values (plan
-spellings, step counts, sizes the VAE takes, guidance) is the CLI's own code, called here, so the
-server and `flowblend generate` accept and refuse exactly the same things.
+The schema only says which fields exist and their JSON types; every rule about values (prompts and
+the toy vocabulary, plan spellings, step counts, sizes the VAE takes, guidance, seeds) is the CLI's
+own check, `runtime.request.validate_request`, called here, so the server and `flowblend generate`
+accept and refuse exactly the same things with the same words.
 """
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from flowblend.cli.common import resolve_plan, resolve_video
+from flowblend.cli.common import plan_of
 from flowblend.errors import FlowblendError
 from flowblend.export.pairs import PairFamily
 from flowblend.runtime.plan import BlendPlan
+from flowblend.runtime.request import validate_request
 from flowblend.runtime.sampler import SamplerOptions
 
 from .config import ServeConfig
@@ -36,7 +38,7 @@ class VideoRequest(BaseModel):
     model: str | None = None  # the pair this server runs (checked if given)
     plan: str | None = Field(None, max_length=256)  # any BlendPlan spelling, or a calibrated plan's name
     steps: int | None = None
-    seed: int = Field(0, ge=0, le=2**63 - 1)
+    seed: int = 0
     size: str | None = None  # "WIDTHxHEIGHT", e.g. "32x32"
     frames: int | None = None
     guidance: float | None = None
@@ -86,9 +88,8 @@ def plan_file(plans_dir: str | None, name: str) -> Path | None:
 
 
 def resolve(body: VideoRequest, config: ServeConfig, family: PairFamily) -> JobSpec:
-    """Check every value with the CLI's rules plus the server's limits; FlowblendError names the fix."""
-    if not body.prompt.strip():
-        raise FlowblendError("prompt is empty: give the text to generate from")
+    """Check every value with the CLI's own rules (runtime/request.py's validate_request, cli/common.py's
+    plan_of for plan files) plus the server's limits; FlowblendError names the fix."""
     if body.model is not None and body.model != family.name:
         raise FlowblendError(f"model {body.model!r}: this server runs the {family.name} pair; drop model or send "
                              f"\"{family.name}\"")
@@ -98,30 +99,27 @@ def resolve(body: VideoRequest, config: ServeConfig, family: PairFamily) -> JobS
     height, width = parse_size(body.size)
     spelling = body.plan or config.plan
     named = plan_file(config.plans_dir, spelling) if body.plan else config.plan_file
-    args = argparse.Namespace(plan=spelling, plan_file=str(named) if named else None,
-                              steps=body.steps if body.steps is not None else config.steps,
-                              frames=body.frames if body.frames is not None else config.frames,
-                              height=height if height is not None else config.height,
-                              width=width if width is not None else config.width)
+    steps = body.steps if body.steps is not None else config.steps
+    plan: str | BlendPlan = spelling
+    if named:
+        plan = plan_of(argparse.Namespace(plan=spelling, plan_file=str(named), steps=steps), family)
     try:
-        plan = resolve_plan(args, family)
-    except ValueError as exc:
+        request = validate_request(family, body.prompt, body.negative_prompt, plan, steps, body.seed,
+                                   height if height is not None else config.height,
+                                   width if width is not None else config.width,
+                                   body.frames if body.frames is not None else config.frames,
+                                   body.guidance if body.guidance is not None else config.guidance)
+    except FlowblendError as exc:
         known = sorted(p.stem for p in Path(config.plans_dir).glob("*.json")) if config.plans_dir else []
-        names = f", or a calibrated plan name ({', '.join(known)})" if known else ""
-        raise FlowblendError(f"plan {spelling!r}: {exc}{names}") from None
-    if len(plan) > config.max_steps:
-        raise FlowblendError(f"plan {spelling!r} has {len(plan)} steps; this server runs at most {config.max_steps} "
-                             "(--max-steps)")
-    frames, height, width = resolve_video(args, family)
-    guidance = body.guidance if body.guidance is not None else \
-        (config.guidance if config.guidance is not None else family.guidance)
-    latent_shape = tuple(family.latent_shape(frames, height, width))
-    try:
-        options = SamplerOptions(**family.sampler_kwargs(latent_shape), guidance_scale=guidance)
-    except ValueError as exc:
-        raise FlowblendError(str(exc)) from None
-    return JobSpec(body.prompt, body.negative_prompt, plan, body.seed, frames, height, width, guidance, options,
-                   latent_shape)
+        if known and str(exc).startswith(f"plan {spelling!r}"):
+            raise FlowblendError(f"{exc}; or name a calibrated plan: {', '.join(known)}") from None
+        raise
+    if len(request.plan) > config.max_steps:
+        raise FlowblendError(f"plan {spelling!r} has {len(request.plan)} steps; this server runs at most "
+                             f"{config.max_steps} (--max-steps)")
+    return JobSpec(request.prompts[0], request.negative_prompt, request.plan, request.seed, request.frames,
+                   request.height, request.width, request.guidance, SamplerOptions(**request.sampler_settings()),
+                   tuple(request.latent_shape))
 
 
 def error_line(errors: list[dict]) -> str:

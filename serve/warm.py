@@ -10,7 +10,6 @@ milliseconds on CPU; with CUDA graphs, one capture) and are then kept, up to `MA
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from collections import OrderedDict
@@ -19,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from flowblend.cli.backends import make_engines, parse_dtype
+from flowblend.engines.factory import make_engines, torch_dtype
 from flowblend.errors import FlowblendError
 from flowblend.export.pairs import PairFamily, load_pair
 from flowblend.runtime.graph import GraphRunner
@@ -40,7 +39,7 @@ class WarmPipeline:
 
     def __init__(self, config: ServeConfig, family: PairFamily):
         self.config, self.family = config, family
-        self.dtype = parse_dtype(config.dtype)
+        self.dtype = torch_dtype(config.dtype)
         self.pair = None
         self.engines: dict | None = None
         self.warm_keys: set[tuple] = set()
@@ -59,14 +58,14 @@ class WarmPipeline:
                               allow_download=c.allow_download)
         t1 = time.perf_counter()
         stage(f"loading {c.backend} engines")
-        if c.backend != "torch" and c.build_engines:
+        if c.backend in ("onnxruntime", "tensorrt") and c.build_engines:
             from flowblend.engines.build import build_pair_engines
 
             # The store keys engines by GPU type and locks each build: replicas on shared storage build once.
             build_pair_engines(self.family.name, c.backend, c.artifacts, progress=False)
-        self.engines = make_engines(c.backend, self.pair, c.device, self.dtype,
-                                    args=argparse.Namespace(artifacts=c.artifacts),
-                                    latent_shape=warm_spec.latent_shape, guidance=warm_spec.guidance)
+        self.engines = make_engines(c.backend, self.pair, latent_shape=warm_spec.latent_shape,
+                                    guidance=warm_spec.guidance, device=c.device, dtype=c.dtype,
+                                    artifacts=c.artifacts)
         t2 = time.perf_counter()
         stage("warming up" + (f" (capturing {c.graph} CUDA graphs)" if c.graph != "none" else ""))
         self.warm_keys.add(warm_spec.shape_key())

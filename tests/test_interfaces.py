@@ -34,7 +34,7 @@ def test_sampler_takes_its_numerics_from_options_only():
     with pytest.raises(FlowblendError, match="options must be a SamplerOptions.*SamplerOptions\\(solver="):
         Sampler(engines, plan, {"solver": "euler"})
     sampler = Sampler(engines, plan, SamplerOptions(solver="euler", guidance_scale=1.0))
-    assert sampler.table.name == "euler" and not sampler.options.cfg
+    assert sampler.table.name == "euler" and not sampler.cfg and sampler.guidance_scales == (1.0,) * 3
 
 
 @pytest.mark.parametrize("changes,match", [
@@ -146,17 +146,14 @@ def test_sampler_and_graph_runner_are_the_latent_sampler_a_pipeline_takes():
 
 
 def test_graph_modes_are_defined_once_and_every_spelling_maps_onto_them():
-    import argparse
-
     from flowblend.bench import run as bench
-    from flowblend.cli import generate
+    from flowblend.cli.main import build_parser
     from flowblend.runtime import graph, graph_modes
 
     assert graph.MODES is graph_modes.MODES and bench.MODES is graph_modes.BENCH_MODES
     for spelling in (graph_modes.GRAPH_FLAGS, graph_modes.BENCH_MODES):
         assert sorted(spelling.values()) == sorted(graph_modes.MODES)
-    parser = argparse.ArgumentParser()
-    generate.register(parser.add_subparsers())
+    parser = build_parser(["generate"])
     for flag, mode in graph_modes.GRAPH_FLAGS.items():
         assert parser.parse_args(["generate", "--graph", flag]).graph == flag
     with pytest.raises(SystemExit):

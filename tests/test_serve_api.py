@@ -130,7 +130,7 @@ def test_malformed_json_is_refused_in_one_line(bad_client, raw, expect):
     ({"prompt": PROMPT, "steps": 2.5}, "steps"),
     ({"prompt": "x" * 100 * 1024}, f"at most {MAX_PROMPT_CHARS}"),
     ({"prompt": PROMPT, "seed": -1}, "seed"),
-    ({"prompt": "   "}, "prompt is empty"),
+    ({"prompt": "   "}, "no prompt given"),
     ({}, "prompt is required"),
     ({"prompt": PROMPT, "size": "big"}, "WIDTHxHEIGHT"),
     ({"prompt": PROMPT, "model": "wan"}, "runs the toy pair"),
@@ -140,17 +140,25 @@ def test_bad_values_are_refused_in_one_line(bad_client, body, expect):
     assert expect in _bad(bad_client, body)
 
 
+GENERATE = ["generate", "--pair", "toy", "--out", "never-written.mp4"]
+
+
 @pytest.mark.parametrize("body, cli_args", [
-    ({"plan": "LXL"}, ["--plan", "LXL"]),
-    ({"plan": "LSL:0.9,0.9"}, ["--plan", "LSL:0.9,0.9"]),
-    ({"plan": "L2,S2", "steps": 5}, ["--plan", "L2,S2", "--steps", "5"]),
-    ({"size": "30x32"}, ["--width", "30", "--height", "32"]),
-    ({"frames": 8}, ["--frames", "8"]),
+    ({"plan": "LXL"}, ["plan", "--pair", "toy", "--plan", "LXL"]),
+    ({"plan": "LSL:0.9,0.9"}, ["plan", "--pair", "toy", "--plan", "LSL:0.9,0.9"]),
+    ({"plan": "L2,S2", "steps": 5}, ["plan", "--pair", "toy", "--plan", "L2,S2", "--steps", "5"]),
+    ({"size": "30x32"}, ["plan", "--pair", "toy", "--width", "30", "--height", "32"]),
+    ({"frames": 8}, ["plan", "--pair", "toy", "--frames", "8"]),
+    ({"prompt": "a purple cat jumping"}, GENERATE + ["--prompt", "a purple cat jumping"]),
+    ({"negative_prompt": "dog"}, GENERATE + ["--prompt", PROMPT, "--negative-prompt", "dog"]),
+    ({"seed": 2**64}, GENERATE + ["--prompt", PROMPT, "--seed", str(2**64)]),
+    ({"guidance": -1.0}, GENERATE + ["--prompt", PROMPT, "--guidance", "-1"]),
 ])
-def test_refusals_are_the_cli_rules(bad_client, capsys, body, cli_args):
+def test_refusals_are_the_cli_rules(bad_client, capsys, tmp_path, monkeypatch, body, cli_args):
     """Same value, same rule, same words: the server calls the CLI's checks rather than a copy of them."""
     message = _bad(bad_client, {"prompt": PROMPT, **body})
-    assert cli_main(["plan", "--pair", "toy", *cli_args]) == 2
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(cli_args) == 2
     cli_line = capsys.readouterr().err.strip().split("error: ", 1)[1]
     assert cli_line in message
 
