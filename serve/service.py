@@ -188,7 +188,7 @@ class VideoService:
             d = self.default_spec
             raise ServiceError(400, f"{spec.width}x{spec.height}, {spec.frames} frames, guidance {spec.guidance:g} is "
                                     f"not a warm shape of this server (warm: {d.width}x{d.height}, {d.frames} frames, "
-                                    f"CFG {'on' if d.options.cfg else 'off'}); restart it with that size or with "
+                                    f"CFG {'on' if d.cfg else 'off'}); restart it with that size or with "
                                     "--dynamic-shapes")
         record = JobRecord(new_job_id(), spec.to_dict(), self.store.owner, steps=len(spec.plan),
                            models=list(spec.plan.models))

@@ -59,9 +59,13 @@ class JobSpec:
     options: SamplerOptions
     latent_shape: tuple[int, ...]
 
+    @property
+    def cfg(self) -> bool:
+        return self.guidance > 1.0  # diffusers' rule (runtime/sampler.py): batch 2 only above 1
+
     def shape_key(self) -> tuple:
         """What buffers (and engines' static shapes, graphs) are specialised for."""
-        return (self.latent_shape, self.options.cfg)
+        return (self.latent_shape, self.cfg)
 
     def to_dict(self) -> dict:
         return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "plan": self.plan.to_dict(),
