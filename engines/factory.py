@@ -63,16 +63,16 @@ def make_engines(backend: str, pair: LoadedModels, *, latent_shape, guidance: fl
     check_backend(backend)
     if backend in ("torch", "torch-compile"):
         return _torch_engines(pair, device, torch_dtype(dtype), backend == "torch-compile", compile_mode)
-    if backend == "tensorrt" and not str(device).startswith("cuda"):
-        raise FlowblendError(f"TensorRT engines run on a CUDA device, not {device!r}: pass --device cuda")
     from .build import locate_pair_engines
 
     spec = pair.family.io_spec(latent_shape, guidance, dtype)
-    paths = locate_pair_engines(pair.family.name, backend, spec, artifacts)
+    paths = locate_pair_engines(pair.family.name, backend, spec, artifacts)  # says what to export/build/install
     if backend == "onnxruntime":
         from .ort_engine import OrtEngine
 
         return {name: OrtEngine(path, device=device, name=name) for name, path in paths.items()}
+    if not str(device).startswith("cuda"):
+        raise FlowblendError(f"TensorRT engines run on a CUDA device, not {device!r}: pass --device cuda")
     from .trt_engine import TrtEngine, share_activation_memory
 
     engines = {name: TrtEngine(path, name=name, device=device) for name, path in paths.items()}
