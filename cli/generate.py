@@ -81,7 +81,7 @@ def run(args) -> int:
         solver_kw["shift"], solver_kw["mu"] = args.shift, None
 
     pair = load_pair(family.name, args.large, args.small, dtype=dtype, device=args.device,
-                     allow_download=args.allow_download)
+                     allow_download=args.allow_download, load_transformers=args.backend == "torch")  # engines only
     engines = make_engines(args.backend, pair, args.device, dtype, args=args, latent_shape=latent_shape,
                            guidance=guidance)
     sampler = Sampler(engines, plan, guidance_scale=guidance, device=args.device, dtype=dtype, **solver_kw)

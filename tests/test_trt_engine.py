@@ -190,3 +190,22 @@ def test_generate_with_tensorrt_on_this_machine_says_what_is_missing(tmp_path, m
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "flowblend export" in err or "TensorRT is not installed" in err
     assert not (tmp_path / "v.mp4").exists()
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt"])
+def test_compiled_backends_never_load_the_pytorch_transformers(tmp_path, monkeypatch, capsys, backend):
+    """generate --backend onnxruntime/tensorrt loads text encoder + VAE only: the engines replace the transformers."""
+    from flowblend.cli.main import main
+    from flowblend.toy import model as toy_model
+
+    loaded = []
+    real = toy_model.load_toy_transformer
+    monkeypatch.setattr(toy_model, "load_toy_transformer", lambda *a, **k: loaded.append(a) or real(*a, **k))
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    code = main(["generate", "--backend", backend, "--prompt", "a red circle moving left", "--steps", "2",
+                 "--artifacts", str(tmp_path), "--out", str(tmp_path / "v.mp4"), "--no-progress"])
+    assert code == 2 and "flowblend export" in capsys.readouterr().err  # no engines here: it stops there
+    assert loaded == []
+    main(["generate", "--backend", "torch", "--prompt", "a red circle moving left", "--steps", "1",
+          "--out", str(tmp_path / "t.gif"), "--no-progress"])
+    assert len(loaded) == 2  # the PyTorch backend does load them (the spy works)
