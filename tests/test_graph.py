@@ -91,6 +91,28 @@ class FailingEngine:
         self.engine.run(step)
 
 
+def test_the_eager_loop_runs_on_a_dedicated_stream(wan_engines):
+    """Never the legacy default stream (handle 0), where TensorRT syncs the device around every enqueue."""
+    from flowblend.engines.streams import DEFAULT_STREAM, current_stream_handle
+
+    seen = []
+
+    class Spy:
+        def __init__(self, engine):
+            self.engine, self.input_names, self.output_names = engine, engine.input_names, engine.output_names
+
+        def bind(self, tensors):
+            self.engine.bind(tensors)
+
+        def run(self, step):
+            seen.append(current_stream_handle(torch.device("cpu")))
+            self.engine.run(step)
+
+    sampler = Sampler({n: Spy(e) for n, e in wan_engines.items()}, BlendPlan.parse("LSL:0.4,0.2", 4), guidance_scale=4.0)
+    sampler.sample(*request(1))
+    assert len(seen) == 4 and DEFAULT_STREAM not in seen and len(set(seen)) == 1
+
+
 def test_exception_mid_capture_ends_the_capture_and_fails_clearly(wan_engines):
     backend = FakeGraphBackend()
     engines = {"large": wan_engines["large"], "small": FailingEngine(wan_engines["small"], backend, fail_step=3)}
