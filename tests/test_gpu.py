@@ -150,6 +150,7 @@ def test_the_load_time_probe_passes_on_the_gpu(kernel_library):
     assert fused.probe_library(kernel_library, torch.device("cuda")) is None
 
 
+@needs_gpu
 def test_whole_graph_with_the_fused_kernel_equals_the_eager_pytorch_loop(kernel_library, monkeypatch):
     monkeypatch.setattr(fused, "load_library", lambda path=None: kernel_library)
     fused._usable.cache_clear()
