@@ -167,7 +167,11 @@ def _compiled_engines(backend: str, pair, options: BenchOptions, latent_shape, g
     if backend == "onnxruntime":
         providers = ["CUDAExecutionProvider"] if options.device.startswith("cuda") else ["CPUExecutionProvider"]
         return {m: engine_class(p, providers=providers, name=m) for m, p in paths.items()}
-    return {m: engine_class(p, name=m) for m, p in paths.items()}
+    from flowblend.engines.trt_engine import share_activation_memory
+
+    engines = {m: engine_class(p, name=m) for m, p in paths.items()}
+    share_activation_memory(engines)  # TensorRT contexts are USER_MANAGED: one block for all, before binding
+    return engines
 
 
 def make_engines(backend: str, pair, options: BenchOptions, latent_shape, guidance: float) -> dict:
