@@ -18,8 +18,17 @@ from dataclasses import dataclass
 import torch
 
 DEFAULT_STREAM = 0  # cudaStreamLegacy's handle as torch reports it for the default stream
-_host = threading.local()
 _tokens = itertools.count(1)
+
+
+class _HostStack(threading.local):
+    """Per thread: the handles of the host streams made current with `use_stream`, innermost last."""
+
+    def __init__(self):
+        self.stack: list[int] = []
+
+
+_host = _HostStack()
 
 
 @dataclass(frozen=True)
@@ -27,12 +36,6 @@ class HostStream:
     """A CPU stand-in for a CUDA stream: only its handle, which is never the default one."""
 
     cuda_stream: int
-
-
-def _host_stack() -> list[int]:
-    if not hasattr(_host, "stack"):
-        _host.stack = []
-    return _host.stack
 
 
 def new_stream(device: torch.device):
@@ -46,7 +49,7 @@ def current_stream_handle(device: torch.device) -> int:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.current_stream(device).cuda_stream
-    stack = _host_stack()
+    stack = _host.stack
     return stack[-1] if stack else DEFAULT_STREAM
 
 
@@ -63,7 +66,7 @@ def use_stream(stream, device: torch.device):
         finally:
             current.wait_stream(stream)
         return
-    stack = _host_stack()
+    stack = _host.stack
     stack.append(stream.cuda_stream)
     try:
         yield stream

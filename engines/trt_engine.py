@@ -14,7 +14,8 @@ stand-in of that API that enforces its documented rules (tests/fake_tensorrt.py)
   `run(step)` copies row `step` of the runtime's timestep table into it on the stream (a device
   copy a CUDA graph captures), then enqueues; no address changes per step.
 - Contexts are created with USER_MANAGED activation memory: engines (and contexts) that never run
-  at the same time share ONE block sized to the largest need (`share_activation_memory`).
+  at the same time share ONE block sized to the largest need (`share_activation_memory`). So two
+  samplers over the same engines must not run concurrently (they do not: one loop at a time).
 - Work is enqueued on torch's current stream, which the sampler makes a dedicated one (so the
   enqueue lands in a CUDA graph while torch captures); called on the legacy default stream, an
   engine moves to a stream of its own, where TensorRT adds no device-wide syncs (engines/streams.py).
