@@ -121,9 +121,15 @@ class Runner:
             if rc != 0:
                 return self.record("install", "fail" if rc is not None else "timeout", f"wheels: {tail(out)}")
         rc, out = run(pip + extra + ["--no-deps", "--no-build-isolation", "-e", "."], self.share("install"), self.log)
-        if rc != 0:
-            return self.record("install", "fail" if rc is not None else "timeout", f"editable install: {tail(out)}")
-        return self.record("install", "pass", f"{len(wheels)} wheels from .whl/ + editable flowblend"
+        how = "editable flowblend"
+        if rc != 0:  # e.g. no `wheel` for an old setuptools without build isolation: the same mapping by hand
+            problem = next((line.strip() for line in reversed(out.splitlines()) if "error:" in line), tail(out, 1))
+            rc, out = run([self.python, "-c", "import site; print(site.getsitepackages()[0])"], 30, self.log)
+            if rc != 0:
+                return self.record("install", "fail", f"editable install: {problem}")
+            link_package_tree(Path(self.out) / "flowblend-src", Path(out.strip().splitlines()[-1]))
+            how = f"flowblend on the path by a symlink tree (editable install failed: {problem})"
+        return self.record("install", "pass", f"{len(wheels)} wheels from .whl/ + {how}"
                            + ("" if wheels else " (no .whl/: run ../shared/gpu/fetch-wheels.sh on a connected machine)"),
                            python=self.python)
 
@@ -215,6 +221,22 @@ class Runner:
         (self.out / "gpu-run.md").write_text(markdown(report))
         print(f"wrote {self.out / 'gpu-run.md'} ({report['wall_s']:.0f} s)")
         return 1 if any(s["status"] == "fail" for s in self.steps) else 0
+
+
+def link_package_tree(tree: Path, site_packages: Path) -> None:
+    """pyproject's package-dir mapping as symlinks under `tree`, put on the path by a .pth file."""
+    import tomllib
+
+    mapping = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    shutil.rmtree(tree, ignore_errors=True)
+    (tree / "flowblend").mkdir(parents=True)
+    for package, folder in mapping.items():
+        if package == "flowblend":
+            for item in (ROOT / folder).iterdir():
+                (tree / "flowblend" / item.name).symlink_to(item)
+        else:
+            (tree / "flowblend" / package.split(".", 1)[1]).symlink_to(ROOT / folder)
+    (site_packages / "flowblend-src.pth").write_text(str(tree) + "\n")
 
 
 def markdown(report: dict) -> str:
