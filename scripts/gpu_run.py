@@ -127,7 +127,7 @@ class Runner:
             rc, out = run([self.python, "-c", "import site; print(site.getsitepackages()[0])"], 30, self.log)
             if rc != 0:
                 return self.record("install", "fail", f"editable install: {problem}")
-            link_package_tree(Path(self.out) / "flowblend-src", Path(out.strip().splitlines()[-1]))
+            link_package_tree(Path(f"{self.args.venv}-src"), Path(out.strip().splitlines()[-1]))
             how = f"flowblend on the path by a symlink tree (editable install failed: {problem})"
         return self.record("install", "pass", f"{len(wheels)} wheels from .whl/ + {how}"
                            + ("" if wheels else " (no .whl/: run ../shared/gpu/fetch-wheels.sh on a connected machine)"),
