@@ -24,8 +24,9 @@ import torch
 from flowblend.engines.torch_engine import TorchEngine
 from flowblend.errors import FlowblendError
 from flowblend.runtime.graph import GraphRunner
+from flowblend.runtime.graph_modes import BENCH_MODES
 from flowblend.runtime.plan import BlendPlan
-from flowblend.runtime.sampler import Sampler
+from flowblend.runtime.sampler import Sampler, SamplerOptions
 
 from .flops import step_flops
 from .memory import PeakMemory, current_rss_bytes
@@ -34,7 +35,7 @@ from .report import case_rows, targets
 from .runtime_cost import measure_overhead, memory_budget, sync_device, tiny_wan_overhead
 
 BACKENDS = ("torch", "torch-compile", "onnxruntime", "tensorrt")
-MODES = ("loop", "step-graph", "loop-graph")
+MODES = BENCH_MODES  # bench mode -> runtime/graph.py mode
 DEFAULT_BACKENDS = ("torch", "torch-compile")
 DEFAULT_PLANS = ("LLL", "LSL:0.4,0.2", "SSS")
 PROMPT = "a red circle moving left"
@@ -92,6 +93,7 @@ class TimedEngine:
     def __init__(self, engine, model: str, log: list, device: torch.device):
         self.engine, self.model, self.log, self.cuda = engine, model, log, device.type == "cuda"
         self.input_names, self.output_names = engine.input_names, engine.output_names
+        self.device, self.dtype = engine.device, engine.dtype
 
     def bind(self, tensors) -> None:
         self.engine.bind(tensors)
@@ -139,12 +141,9 @@ def resolve_plans(options: BenchOptions, steps: int) -> list[BlendPlan]:
 def _compiled_engines(backend: str, pair, options: BenchOptions, latent_shape, guidance: float) -> dict:
     """ONNX Runtime / TensorRT engines from the engine store, exported and built first if none exist."""
     from flowblend.engines.build import build_pair_engines, locate_pair_engines
-    from flowblend.engines.iospec import IOSpec
 
     family = pair.family
-    dtype = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[options.dtype]
-    spec = IOSpec(batch=2 if guidance > 1 else 1, latent=tuple(latent_shape), text_len=family.text_len,
-                  text_dim=family.text_dim, dtype=dtype, with_mask=family.takes_text_mask, patch=tuple(family.patch))
+    spec = family.io_spec(latent_shape, guidance, options.dtype)
     try:
         if backend == "tensorrt":
             from flowblend.engines.trt_engine import TrtEngine as engine_class
@@ -188,13 +187,8 @@ def make_engines(backend: str, pair, options: BenchOptions, latent_shape, guidan
     return _compiled_engines(backend, pair, options, latent_shape, guidance)
 
 
-# bench mode -> runtime/graph.py mode: one graph per engine call (what existing TensorRT diffusion
-# pipelines capture) or the whole blended loop in one graph
-GRAPH_MODES = {"step-graph": "per_step", "loop-graph": "whole"}
-
-
 def _check_mode(mode: str, device: torch.device) -> None:
-    if mode == "loop":
+    if MODES[mode] == "eager":
         return
     if device.type != "cuda":
         raise Unavailable("CUDA graphs need a CUDA device (--device cuda)")
@@ -278,6 +272,7 @@ def _build_cases(pair, eager: dict, plans, options: BenchOptions, latent_shape, 
                  sampler_kwargs: dict) -> tuple[list[Case], list[dict]]:
     """One Case per (backend, mode, plan) that can run here; the rest listed with the reason."""
     device = torch.device(options.device)
+    sampler_options = SamplerOptions(guidance_scale=guidance, **sampler_kwargs)
     cases, skipped = [], []
     for backend in dict.fromkeys(("torch",) + tuple(options.backends)):
         try:
@@ -294,11 +289,10 @@ def _build_cases(pair, eager: dict, plans, options: BenchOptions, latent_shape, 
                 skipped.append({"backend": backend, "mode": mode, "reason": str(exc)})
                 continue
             for plan in plans:
-                make = lambda e: Sampler(e, plan, guidance_scale=guidance, device=device, dtype=options.dtype,  # noqa: E731
-                                         **sampler_kwargs)
+                make = lambda e: Sampler(e, plan, sampler_options, device=device, dtype=options.dtype)  # noqa: E731
                 case = Case(backend, mode, plan, make(engines), make(timed), log)
-                if mode in GRAPH_MODES:
-                    case.runner = GraphRunner(case.sampler, GRAPH_MODES[mode])
+                if MODES[mode] != "eager":
+                    case.runner = GraphRunner(case.sampler, MODES[mode])
                 cases.append(case)
     return cases, skipped
 

@@ -13,17 +13,12 @@ import torch
 
 from flowblend.engines.torch_engine import TorchEngine
 from flowblend.runtime.plan import BlendPlan
-from flowblend.runtime.sampler import Sampler
+from flowblend.runtime.sampler import Sampler, SamplerOptions
 from flowblend.runtime.solvers import scheduler_for
 
 from .memory import LiveTensorBytes, PeakMemory, current_rss_bytes, module_bytes, tensors_bytes
 from .pairing import paired_ratios, round_order
-
-TINY_WAN = {"large": dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
-                          out_channels=4, text_dim=16, freq_dim=32, ffn_dim=48, num_layers=2, rope_max_seq_len=32),
-            "small": dict(patch_size=(1, 2, 2), num_attention_heads=1, attention_head_dim=12, in_channels=4,
-                          out_channels=4, text_dim=16, freq_dim=32, ffn_dim=24, num_layers=1, rope_max_seq_len=32),
-            "latent": (4, 3, 4, 6), "text": (7, 16)}
+from .tiny import TEXT, WAN_LATENT, tiny_pair
 
 
 def sync_device(device: torch.device) -> None:
@@ -40,8 +35,9 @@ def measure_overhead(modules: dict, plan: BlendPlan, sampler_kwargs: dict, guida
     over the bare loop: its overhead) and with the default engines, which for Wan and LTX compute
     the schedule constants once per binding (engines/wan_step.py, ltx_step.py; what a user gets).
     """
+    sampler_options = SamplerOptions(guidance_scale=guidance, **sampler_kwargs)
     samplers = {split: Sampler({m: TorchEngine(module, name=m, split_constants=split) for m, module in modules.items()},
-                               plan, guidance_scale=guidance, device=device, **sampler_kwargs)
+                               plan, sampler_options, device=device)
                 for split in (False, True)}
     gen = torch.Generator("cpu").manual_seed(0)
     noise = torch.randn((1, *latent_shape), generator=gen).to(device)
@@ -102,15 +98,12 @@ def measure_overhead(modules: dict, plan: BlendPlan, sampler_kwargs: dict, guida
 
 
 def tiny_wan_overhead(repeats: int, sampler_kwargs: dict, guidance: float, steps: int, device) -> dict:
-    from diffusers import WanTransformer3DModel
-
     from flowblend.engines.signature import signature_for
 
-    torch.manual_seed(0)
-    modules = {m: signature_for(WanTransformer3DModel(**TINY_WAN[m]).eval()).to(device) for m in ("large", "small")}
+    modules = {m: signature_for(module).to(device) for m, module in tiny_pair("wan").items()}
     plan = BlendPlan.parse("LSL:0.4,0.2", steps)
     kwargs = {k: v for k, v in sampler_kwargs.items() if k != "mu"}
-    return measure_overhead(modules, plan, kwargs, guidance, TINY_WAN["latent"], TINY_WAN["text"],
+    return measure_overhead(modules, plan, kwargs, guidance, WAN_LATENT, TEXT,
                             repeats, device, "tiny Wan")
 
 
@@ -126,14 +119,14 @@ def memory_budget(pair, engines: dict, plan: BlendPlan, sampler_kwargs: dict, gu
     """
     device = torch.device(options.device)
     rss_loaded = current_rss_bytes()  # models loaded, no buffers yet
-    sampler = Sampler(engines, plan, guidance_scale=guidance, device=device, dtype=options.dtype, **sampler_kwargs)
+    sampler = Sampler(engines, plan, SamplerOptions(guidance_scale=guidance, **sampler_kwargs), device=device, dtype=options.dtype)
     embeds, mask = pair.encode_prompt([prompt, ""])
     masks = {} if mask is None else {"prompt_mask": mask[0:1], "negative_prompt_mask": mask[1:2]}
     bufs = sampler.load_request(noise, embeds[0:1], embeds[1:2], **masks)
     buffers = tensors_bytes([bufs.latents, bufs.model_input, bufs.text_embeds, bufs.text_mask, bufs.timestep_table,
                              bufs.velocity, bufs.guided, *bufs.state.values()])
     weights = {m: module_bytes(t) for m, t in pair.transformers.items()}
-    constants = {m: getattr(engines[m], "constants_bytes", lambda: 0)() for m in pair.transformers}
+    constants = {m: engines[m].constants_bytes() for m in pair.transformers}  # eager TorchEngines, see above
     tracked = {}
     for region, run in (("forward", lambda: engines["large"].run(0)), ("blended", sampler.run_loop)):
         live = LiveTensorBytes() if device.type == "cpu" else contextlib.nullcontext()

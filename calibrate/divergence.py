@@ -24,7 +24,7 @@ import torch
 
 from flowblend.errors import FlowblendError
 from flowblend.runtime.plan import BlendPlan
-from flowblend.runtime.sampler import Sampler
+from flowblend.runtime.sampler import Sampler, SamplerOptions
 
 CURVES = ("cosine_guided", "rel_l2_guided", "cosine_cond", "rel_l2_cond")
 
@@ -41,7 +41,7 @@ class SamplingSetup:
     mu: float | None = None
 
     def sampler(self, engines: dict, plan: BlendPlan) -> Sampler:
-        return Sampler(engines, plan, solver=self.solver, shift=self.shift, guidance_scale=self.guidance, mu=self.mu)
+        return Sampler(engines, plan, SamplerOptions(solver=self.solver, shift=self.shift, guidance_scale=self.guidance, mu=self.mu))
 
     def with_steps(self, steps: int) -> "SamplingSetup":
         return SamplingSetup(steps, self.solver, self.shift, self.guidance, self.latent_shape, self.mu)

@@ -8,14 +8,13 @@ from pathlib import Path
 from flowblend.errors import FlowblendError
 from flowblend.export.pairs import load_pair
 from flowblend.runtime.graph import GraphRunner
+from flowblend.runtime.graph_modes import GRAPH_FLAGS
 from flowblend.runtime.pipeline import BlendPipeline
-from flowblend.runtime.sampler import Sampler
+from flowblend.runtime.sampler import Sampler, SamplerOptions
 from flowblend.runtime.video import save_video
 
 from .backends import BACKENDS, make_engines, parse_dtype
 from .common import add_pair_args, add_plan_args, add_video_args, family_of, resolve_plan, resolve_video
-
-GRAPH_MODES = {"whole": "whole", "per-step": "per_step", "none": "eager"}  # --graph spelling -> GraphRunner mode
 
 
 def register(sub) -> None:
@@ -35,7 +34,7 @@ def register(sub) -> None:
     p.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16")
     p.add_argument("--out", default="out.mp4", help="video path; with several prompts, an index is appended")
     p.add_argument("--artifacts", default="artifacts", help="artifact root for compiled backends")
-    p.add_argument("--graph", default="none", choices=GRAPH_MODES,
+    p.add_argument("--graph", default="none", choices=GRAPH_FLAGS,
                    help="CUDA graphs (--device cuda): the whole loop in one graph, one per step, or none")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -84,8 +83,8 @@ def run(args) -> int:
                      allow_download=args.allow_download, load_transformers=args.backend == "torch")  # engines only
     engines = make_engines(args.backend, pair, args.device, dtype, args=args, latent_shape=latent_shape,
                            guidance=guidance)
-    sampler = Sampler(engines, plan, guidance_scale=guidance, device=args.device, dtype=dtype, **solver_kw)
-    pipe = BlendPipeline(GraphRunner(sampler, mode=GRAPH_MODES[args.graph]), pair.encode_prompt, pair.decode)
+    sampler = Sampler(engines, plan, SamplerOptions(guidance_scale=guidance, **solver_kw), device=args.device, dtype=dtype)
+    pipe = BlendPipeline(GraphRunner(sampler, mode=GRAPH_FLAGS[args.graph]), pair.encode_prompt, pair.decode)
     for prompt, out in zip(prompts, outs):
         start = time.perf_counter()
         video, _ = pipe(prompt, latent_shape, seed=args.seed, negative_prompt=args.negative_prompt,

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from flowblend.engines.iospec import IOSpec, dtype_name
 from flowblend.errors import FlowblendError
 
 
@@ -78,6 +79,15 @@ class PairFamily:
         tokens = latent_shape[1] * latent_shape[2] * latent_shape[3]
         m = (1.15 - 0.5) / (4096 - 256)  # diffusers' calculate_shift defaults, as LTXPipeline
         return {"solver": self.solver, "shift": 1.0, "mu": tokens * m + (0.5 - m * 256)}
+
+    def io_spec(self, latent_shape, guidance: float, dtype: str | torch.dtype = "fp32",
+                dynamic: dict | None = None) -> IOSpec:
+        """The I/O spec of this family's transformers at a latent shape (C, F, H, W): the one place a
+        family's text size, mask and patch become a spec (export, engine builds and engine lookup).
+        Batch 2 with CFG (guidance > 1, the sampler's rule), else 1."""
+        return IOSpec(batch=2 if guidance > 1 else 1, latent=tuple(latent_shape), text_len=self.text_len,
+                      text_dim=self.text_dim, dtype=dtype_name(dtype), with_mask=self.takes_text_mask,
+                      dynamic=dynamic or {}, patch=tuple(self.patch))
 
 
 FAMILIES: dict[str, PairFamily] = {

@@ -111,6 +111,11 @@ class FakeGraphBackend:
     def is_capturing(self):
         return self.capturing
 
+    def discard_stream(self):
+        assert not self.capturing, "a stream is discarded only after its capture ended"
+        self.events.append("discard_stream")
+        self.stream = new_stream("cpu")
+
     def replay(self, graph):
         self.events.append("replay")
         with use_stream(self.stream, "cpu"):

@@ -17,7 +17,8 @@ from flowblend.bench.memory import LiveTensorBytes
 from flowblend.bench.pairing import round_order
 from flowblend.bench.report import render_markdown
 from flowblend.bench.run import BenchOptions, run_bench
-from flowblend.bench.runtime_cost import TINY_WAN, measure_overhead
+from flowblend.bench.runtime_cost import measure_overhead
+from flowblend.bench.tiny import TEXT, WAN_LATENT, tiny_pair
 from flowblend.cli.main import main
 from flowblend.engines.signature import signature_for
 from flowblend.export.pairs import load_pair
@@ -169,12 +170,9 @@ def test_compile_failure_is_reported_not_fatal(monkeypatch):
 
 
 def test_runtime_and_bare_loop_compute_the_same_latents():
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(0)
-    modules = {m: signature_for(WanTransformer3DModel(**TINY_WAN[m]).eval()) for m in ("large", "small")}
+    modules = {m: signature_for(module) for m, module in tiny_pair("wan").items()}
     result = measure_overhead(modules, BlendPlan.parse("LSL", 5), {"solver": "unipc", "shift": 3.0}, 4.0,
-                              TINY_WAN["latent"], TINY_WAN["text"], 2, torch.device("cpu"), "tiny Wan")
+                              WAN_LATENT, TEXT, 2, torch.device("cpu"), "tiny Wan")
     assert result["max_abs_diff_vs_bare"] < 1e-4
     assert result["bare_loop_ms"] > 0 and result["runtime_loop_ms"] > 0 and result["repeats"] == 2
     # the default engines (schedule constants split out) are timed too and compute the same latents
@@ -268,6 +266,9 @@ class CountingGraphBackend(FakeGraphBackend):
         graph = super().begin_capture(body)
         self.captures.append(graph)
         return graph
+
+    def discard_stream(self):
+        pass
 
     def replay(self, graph):
         self.replays += 1

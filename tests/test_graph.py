@@ -20,7 +20,7 @@ from flowblend.engines.torch_engine import TorchEngine
 from flowblend.errors import FlowblendError
 from flowblend.runtime.graph import GraphRunner, GraphState, TorchGraphBackend
 from flowblend.runtime.plan import BlendPlan
-from flowblend.runtime.sampler import Sampler
+from flowblend.runtime.sampler import Sampler, SamplerOptions
 
 STEPS = 6
 
@@ -42,9 +42,9 @@ def rel(a, b):
 @pytest.mark.parametrize("mode", ["whole", "per_step"])
 def test_replays_equal_the_eager_loop_and_capture_happens_once(wan_engines, mode):
     plan = BlendPlan.parse("LSL:0.4,0.2", STEPS)
-    reference = Sampler(wan_engines, plan, guidance_scale=4.0)
+    reference = Sampler(wan_engines, plan, SamplerOptions(guidance_scale=4.0))
     backend = FakeGraphBackend()
-    runner = GraphRunner(Sampler(wan_engines, plan, guidance_scale=4.0), mode=mode, backend=backend)
+    runner = GraphRunner(Sampler(wan_engines, plan, SamplerOptions(guidance_scale=4.0)), mode=mode, backend=backend)
     first = runner.sample(*request(1))
     graphs = 1 if mode == "whole" else STEPS
     assert backend.events == ["warm_up"] + ["begin", "end"] * graphs + ["replay"] * graphs
@@ -59,9 +59,9 @@ def test_replays_equal_the_eager_loop_and_capture_happens_once(wan_engines, mode
 
 def test_a_new_shape_gets_its_own_graph_and_buffers(wan_engines):
     plan = BlendPlan.parse("LSL:0.4,0.2", STEPS)
-    reference = Sampler(wan_engines, plan, guidance_scale=4.0)
+    reference = Sampler(wan_engines, plan, SamplerOptions(guidance_scale=4.0))
     backend = FakeGraphBackend()
-    runner = GraphRunner(Sampler(wan_engines, plan, guidance_scale=4.0), backend=backend)
+    runner = GraphRunner(Sampler(wan_engines, plan, SamplerOptions(guidance_scale=4.0)), backend=backend)
     other = (4, 2, 4, 4)
     a = runner.sample(*request(1))
     buffers_a = runner.current.sampler.buffers
@@ -81,6 +81,7 @@ class FailingEngine:
     def __init__(self, engine, backend, fail_step, error=RuntimeError):
         self.engine, self.backend, self.fail_step, self.error = engine, backend, fail_step, error
         self.input_names, self.output_names = engine.input_names, engine.output_names
+        self.device, self.dtype = engine.device, engine.dtype
 
     def bind(self, tensors):
         self.engine.bind(tensors)
@@ -100,6 +101,7 @@ def test_the_eager_loop_runs_on_a_dedicated_stream(wan_engines):
     class Spy:
         def __init__(self, engine):
             self.engine, self.input_names, self.output_names = engine, engine.input_names, engine.output_names
+            self.device, self.dtype = engine.device, engine.dtype
 
         def bind(self, tensors):
             self.engine.bind(tensors)
@@ -108,7 +110,7 @@ def test_the_eager_loop_runs_on_a_dedicated_stream(wan_engines):
             seen.append(current_stream_handle(torch.device("cpu")))
             self.engine.run(step)
 
-    sampler = Sampler({n: Spy(e) for n, e in wan_engines.items()}, BlendPlan.parse("LSL:0.4,0.2", 4), guidance_scale=4.0)
+    sampler = Sampler({n: Spy(e) for n, e in wan_engines.items()}, BlendPlan.parse("LSL:0.4,0.2", 4), SamplerOptions(guidance_scale=4.0))
     sampler.sample(*request(1))
     assert len(seen) == 4 and DEFAULT_STREAM not in seen and len(set(seen)) == 1
 
@@ -116,10 +118,10 @@ def test_the_eager_loop_runs_on_a_dedicated_stream(wan_engines):
 def test_exception_mid_capture_ends_the_capture_and_fails_clearly(wan_engines):
     backend = FakeGraphBackend()
     engines = {"large": wan_engines["large"], "small": FailingEngine(wan_engines["small"], backend, fail_step=3)}
-    runner = GraphRunner(Sampler(engines, BlendPlan.parse("LSL:0.4,0.2", STEPS), guidance_scale=4.0), backend=backend)
+    runner = GraphRunner(Sampler(engines, BlendPlan.parse("LSL:0.4,0.2", STEPS), SamplerOptions(guidance_scale=4.0)), backend=backend)
     with pytest.raises(FlowblendError, match=r"capture failed at step 3 \(small\).*StreamCaptureUnsupported.*eager"):
         runner.sample(*request(1))
-    assert backend.events == ["warm_up", "begin", "end"] and not backend.capturing
+    assert backend.events == ["warm_up", "begin", "end", "discard_stream"] and not backend.capturing
     assert runner.state is GraphState.FAILED
     with pytest.raises(FlowblendError, match="failed earlier"):
         runner.sample(*request(2))
@@ -132,15 +134,16 @@ def test_interrupt_mid_capture_still_ends_the_capture(wan_engines):
     backend = FakeGraphBackend()
     engines = {"large": FailingEngine(wan_engines["large"], backend, 0, KeyboardInterrupt),
                "small": wan_engines["small"]}
-    runner = GraphRunner(Sampler(engines, BlendPlan.parse("LLL", 3), guidance_scale=4.0), backend=backend)
+    runner = GraphRunner(Sampler(engines, BlendPlan.parse("LLL", 3), SamplerOptions(guidance_scale=4.0)), backend=backend)
     with pytest.raises(KeyboardInterrupt):
         runner.sample(*request(1))
-    assert backend.events[-1] == "end" and not backend.capturing and runner.state is GraphState.FAILED
+    assert backend.events[-2:] == ["end", "discard_stream"] and not backend.capturing
+    assert runner.state is GraphState.FAILED
 
 
 def test_invalidated_capture_and_failed_warm_up_are_clear_errors(wan_engines):
     backend = FakeGraphBackend(fail_end=True)
-    runner = GraphRunner(Sampler(wan_engines, BlendPlan.parse("LLL", 3), guidance_scale=4.0), backend=backend)
+    runner = GraphRunner(Sampler(wan_engines, BlendPlan.parse("LLL", 3), SamplerOptions(guidance_scale=4.0)), backend=backend)
     with pytest.raises(FlowblendError, match="capture failed at step 2 .*capture invalidated"):
         runner.sample(*request(1))
     assert runner.state is GraphState.FAILED
@@ -149,14 +152,14 @@ def test_invalidated_capture_and_failed_warm_up_are_clear_errors(wan_engines):
         def warm_up(self, fn):
             raise RuntimeError("CUBLAS_STATUS_NOT_INITIALIZED")
 
-    runner = GraphRunner(Sampler(wan_engines, BlendPlan.parse("LLL", 3), guidance_scale=4.0), backend=BrokenWarmUp())
+    runner = GraphRunner(Sampler(wan_engines, BlendPlan.parse("LLL", 3), SamplerOptions(guidance_scale=4.0)), backend=BrokenWarmUp())
     with pytest.raises(FlowblendError, match="warm-up failed: RuntimeError: CUBLAS"):
         runner.sample(*request(1))
     assert runner.state is GraphState.FAILED
 
 
 def test_replay_before_capture_and_bad_modes_are_refused(wan_engines):
-    sampler = Sampler(wan_engines, BlendPlan.parse("LLL", 2), guidance_scale=4.0)
+    sampler = Sampler(wan_engines, BlendPlan.parse("LLL", 2), SamplerOptions(guidance_scale=4.0))
     runner = GraphRunner(sampler, backend=FakeGraphBackend())
     with pytest.raises(FlowblendError, match="replay\\(\\) before a graph was captured \\(nothing loaded\\)"):
         runner.replay()
@@ -170,14 +173,14 @@ def test_replay_before_capture_and_bad_modes_are_refused(wan_engines):
 
 def test_eager_mode_is_the_plain_sampler(wan_engines):
     plan = BlendPlan.parse("LSL:0.4,0.2", STEPS)
-    runner = GraphRunner(Sampler(wan_engines, plan, guidance_scale=4.0), mode="eager")
+    runner = GraphRunner(Sampler(wan_engines, plan, SamplerOptions(guidance_scale=4.0)), mode="eager")
     out = runner.sample(*request(5))
-    assert rel(out, Sampler(wan_engines, plan, guidance_scale=4.0).sample(*request(5))) == 0.0
+    assert rel(out, Sampler(wan_engines, plan, SamplerOptions(guidance_scale=4.0)).sample(*request(5))) == 0.0
 
 
 def test_cache_key_names_everything_that_changes_the_graph(wan_engines):
     plan = BlendPlan.parse("LSL:0.4,0.2", STEPS)
-    keys = {GraphRunner(Sampler(wan_engines, p, solver=s, guidance_scale=g), backend=FakeGraphBackend())
+    keys = {GraphRunner(Sampler(wan_engines, p, SamplerOptions(solver=s, guidance_scale=g)), backend=FakeGraphBackend())
             .key(WAN_LATENT, TEXT)
             for p, s, g in [(plan, "unipc", 4.0), (plan, "euler", 4.0), (plan, "unipc", 5.0),
                             (BlendPlan.parse("LLL", STEPS), "unipc", 4.0),
@@ -211,7 +214,7 @@ def test_recorder_sees_a_host_sync():
 @pytest.mark.parametrize("family", ["wan", "ltx"])
 def test_the_loop_of_the_real_transformers_never_syncs_with_the_host(family):
     engines = {n: TorchEngine(m) for n, m in tiny_pair(family).items()}
-    sampler = Sampler(engines, BlendPlan.parse("LSL:0.4,0.2", STEPS), guidance_scale=4.0)
+    sampler = Sampler(engines, BlendPlan.parse("LSL:0.4,0.2", STEPS), SamplerOptions(guidance_scale=4.0))
     noise, text, neg = request(1, latent_shape(family))
     mask = torch.ones(1, TEXT[0], dtype=torch.int64) if family == "ltx" else None
     sampler.load_request(noise, text, neg, prompt_mask=mask, negative_prompt_mask=mask)
@@ -264,6 +267,7 @@ def _trt_reference(plan, noise, text, guidance=4.0):
 
     class Reference:
         input_names, output_names = ("latents", "timestep", "text_embeds"), ("velocity",)
+        device, dtype = torch.device("cpu"), torch.float16
 
         def bind(self, t):
             self.t = t
@@ -273,7 +277,7 @@ def _trt_reference(plan, noise, text, guidance=4.0):
             t["velocity"].copy_(fake_tensorrt.reference_velocity(t["latents"], t["timestep"][step], t["text_embeds"]))
 
     ref = {"large": Reference(), "small": Reference()}
-    return Sampler(ref, plan, guidance_scale=guidance, dtype=torch.float16).sample(noise, text, text)
+    return Sampler(ref, plan, SamplerOptions(guidance_scale=guidance), dtype=torch.float16).sample(noise, text, text)
 
 
 @pytest.mark.parametrize("mode", ["whole", "per_step"])
@@ -283,7 +287,7 @@ def test_tensorrt_loop_replays_equal_eager_with_addresses_bound_once(monkeypatch
 
     trt, engines = _trt_pair(monkeypatch)
     plan = BlendPlan.parse("LSL:0.4,0.2", STEPS)
-    runner = GraphRunner(Sampler(engines, plan, guidance_scale=4.0), mode=mode, backend=FakeGraphBackend())
+    runner = GraphRunner(Sampler(engines, plan, SamplerOptions(guidance_scale=4.0)), mode=mode, backend=FakeGraphBackend())
     g = torch.Generator().manual_seed(3)
     noise, text = torch.randn(1, *LATENT, generator=g), torch.randn(1, *TRT_TEXT, generator=g)
     out = runner.sample(noise, text, text)
@@ -307,8 +311,8 @@ def test_a_second_sampler_never_rebinds_a_captured_context(monkeypatch):
 
     trt, engines = _trt_pair(monkeypatch)
     plan_a, plan_b = BlendPlan.parse("LSL:0.4,0.2", STEPS), BlendPlan.parse("LLL", STEPS)
-    runner_a = GraphRunner(Sampler(engines, plan_a, guidance_scale=4.0), backend=FakeGraphBackend())
-    runner_b = GraphRunner(Sampler(engines, plan_b, guidance_scale=4.0), backend=FakeGraphBackend())
+    runner_a = GraphRunner(Sampler(engines, plan_a, SamplerOptions(guidance_scale=4.0)), backend=FakeGraphBackend())
+    runner_b = GraphRunner(Sampler(engines, plan_b, SamplerOptions(guidance_scale=4.0)), backend=FakeGraphBackend())
     g = torch.Generator().manual_seed(4)
     noise, text = torch.randn(1, *LATENT, generator=g), torch.randn(1, *TRT_TEXT, generator=g)
     runner_a.sample(noise, text, text)

@@ -15,7 +15,7 @@ import torch
 from flowblend.engines.trt_engine import TrtEngine, share_activation_memory, shared_activation_bytes
 from flowblend.errors import FlowblendError
 from flowblend.runtime.plan import BlendPlan
-from flowblend.runtime.sampler import Sampler
+from flowblend.runtime.sampler import Sampler, SamplerOptions
 
 LATENT, TEXT = (4, 3, 4, 6), (7, 16)
 IN, OUT = fake_tensorrt.TensorIOMode.INPUT, fake_tensorrt.TensorIOMode.OUTPUT
@@ -46,7 +46,7 @@ def test_one_activation_block_sized_to_the_larger_engine(trt):
     assert shared_activation_bytes(engines.values()) == 5000
     block = share_activation_memory(engines)
     assert block.numel() >= 5000 and block.data_ptr() % 256 == 0
-    sampler = Sampler(engines, BlendPlan.parse("LSL:0.4,0.2", 4), guidance_scale=4.0)
+    sampler = Sampler(engines, BlendPlan.parse("LSL:0.4,0.2", 4), SamplerOptions(guidance_scale=4.0))
     text = torch.randn(1, *TEXT)
     sampler.sample(torch.randn(1, *LATENT), text, text)
     assert trt.events("create_execution_context") == [("create_execution_context", "USER_MANAGED")] * 2
@@ -59,7 +59,7 @@ def test_addresses_are_set_once_aligned_and_the_timestep_row_is_copied_per_step(
     engines = make_pair()
     share_activation_memory(engines)
     plan = BlendPlan.parse("LSL:0.4,0.2", 6)
-    sampler = Sampler(engines, plan, guidance_scale=4.0)
+    sampler = Sampler(engines, plan, SamplerOptions(guidance_scale=4.0))
     assert (sampler.device, sampler.dtype) == (torch.device("cpu"), torch.float16)  # taken from the engines
     text = torch.randn(1, *TEXT)
     noise = torch.randn(1, *LATENT)
@@ -107,7 +107,7 @@ def test_direct_runs_leave_the_default_stream(trt):
     """An engine run outside the sampler (checks, benchmarks) still enqueues on a stream of its own."""
     engines = make_pair()
     share_activation_memory(engines)
-    sampler = Sampler(engines, BlendPlan.parse("LLL", 2), guidance_scale=4.0)
+    sampler = Sampler(engines, BlendPlan.parse("LLL", 2), SamplerOptions(guidance_scale=4.0))
     text = torch.randn(1, *TEXT)
     sampler.load_request(torch.randn(1, *LATENT), text, text)
     engines["large"].run(0)
@@ -127,7 +127,7 @@ def test_tensorrt_older_than_10_1_is_refused_naming_the_fix(trt, monkeypatch):
 def test_enqueue_failure_is_a_clear_error_naming_the_step(trt):
     engines = make_pair()
     share_activation_memory(engines)
-    sampler = Sampler(engines, BlendPlan.parse("LLL", 5), guidance_scale=4.0)
+    sampler = Sampler(engines, BlendPlan.parse("LLL", 5), SamplerOptions(guidance_scale=4.0))
     text = torch.randn(1, *TEXT)
     trt.KNOBS.fail_enqueue_at = 3
     with pytest.raises(FlowblendError, match="enqueue of engine 'large' failed at step 3"):
@@ -136,7 +136,7 @@ def test_enqueue_failure_is_a_clear_error_naming_the_step(trt):
 
 def test_running_without_activation_memory_is_refused(trt):
     engines = make_pair()
-    sampler = Sampler(engines, BlendPlan.parse("LLL", 2), guidance_scale=4.0)
+    sampler = Sampler(engines, BlendPlan.parse("LLL", 2), SamplerOptions(guidance_scale=4.0))
     text = torch.randn(1, *TEXT)
     with pytest.raises(FlowblendError, match="share_activation_memory"):
         sampler.sample(torch.randn(1, *LATENT), text, text)
@@ -148,10 +148,10 @@ def test_running_without_activation_memory_is_refused(trt):
 
 def test_buffers_that_do_not_match_the_plan_are_refused(trt):
     text = torch.randn(1, *TEXT)
-    fp32 = Sampler(make_pair(), BlendPlan.parse("LLL", 2), guidance_scale=4.0, dtype=torch.float32)
+    fp32 = Sampler(make_pair(), BlendPlan.parse("LLL", 2), SamplerOptions(guidance_scale=4.0), dtype=torch.float32)
     with pytest.raises(FlowblendError, match="torch.float16 but the runtime buffer is torch.float32"):
         fp32.sample(torch.randn(1, *LATENT), text, text)
-    no_cfg = Sampler(make_pair(), BlendPlan.parse("LLL", 2), guidance_scale=1.0)
+    no_cfg = Sampler(make_pair(), BlendPlan.parse("LLL", 2), SamplerOptions(guidance_scale=1.0))
     with pytest.raises(FlowblendError, match="rebuild for this shape \\(batch 2 with CFG, 1 without\\)"):
         no_cfg.sample(torch.randn(1, *LATENT), text)
 
@@ -161,7 +161,7 @@ def test_dynamic_plan_takes_shapes_inside_its_profile_only(trt):
     profile = {"latents": [lat(1), lat(3), lat(5)], "timestep": [(2,)] * 3, "text_embeds": [(2, *TEXT)] * 3}
     engines = {m: TrtEngine(plan_bytes(frames=-1, profile=profile), name=m, device="cpu") for m in ("large", "small")}
     share_activation_memory(engines)
-    sampler = Sampler(engines, BlendPlan.parse("LSL:0.4,0.2", 5), guidance_scale=4.0)
+    sampler = Sampler(engines, BlendPlan.parse("LSL:0.4,0.2", 5), SamplerOptions(guidance_scale=4.0))
     text = torch.randn(1, *TEXT)
     sampler.sample(torch.randn(1, LATENT[0], 4, *LATENT[2:]), text, text)
     assert ("set_input_shape", "latents", lat(4)) in trt.EVENTS
