@@ -41,7 +41,8 @@ class SamplingSetup:
     mu: float | None = None
 
     def sampler(self, engines: dict, plan: BlendPlan) -> Sampler:
-        return Sampler(engines, plan, SamplerOptions(solver=self.solver, shift=self.shift, guidance_scale=self.guidance, mu=self.mu))
+        return Sampler(engines, plan,
+                       SamplerOptions(solver=self.solver, shift=self.shift, guidance_scale=self.guidance, mu=self.mu))
 
     def with_steps(self, steps: int) -> "SamplingSetup":
         return SamplingSetup(steps, self.solver, self.shift, self.guidance, self.latent_shape, self.mu)

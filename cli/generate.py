@@ -83,7 +83,8 @@ def run(args) -> int:
                      allow_download=args.allow_download, load_transformers=args.backend == "torch")  # engines only
     engines = make_engines(args.backend, pair, args.device, dtype, args=args, latent_shape=latent_shape,
                            guidance=guidance)
-    sampler = Sampler(engines, plan, SamplerOptions(guidance_scale=guidance, **solver_kw), device=args.device, dtype=dtype)
+    sampler = Sampler(engines, plan,
+                      SamplerOptions(guidance_scale=guidance, **solver_kw), device=args.device, dtype=dtype)
     pipe = BlendPipeline(GraphRunner(sampler, mode=GRAPH_FLAGS[args.graph]), pair.encode_prompt, pair.decode)
     for prompt, out in zip(prompts, outs):
         start = time.perf_counter()

@@ -34,7 +34,7 @@ def test_sampler_takes_its_numerics_from_options_only():
     with pytest.raises(FlowblendError, match="options must be a SamplerOptions.*SamplerOptions\\(solver="):
         Sampler(engines, plan, {"solver": "euler"})
     sampler = Sampler(engines, plan, SamplerOptions(solver="euler", guidance_scale=1.0))
-    assert sampler.table.name == "euler" and not sampler.options.cfg
+    assert sampler.table.name == "euler" and not sampler.cfg and sampler.guidance_scales == (1.0,) * 3
 
 
 @pytest.mark.parametrize("changes,match", [
