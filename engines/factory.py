@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from .iospec import IOSpec
 
 BACKENDS = ("torch", "torch-compile", "onnxruntime", "tensorrt")
+TORCH_BACKENDS = ("torch", "torch-compile")  # run the loaded PyTorch transformers; the others run built engines
 DTYPE_NAMES = ("fp32", "fp16", "bf16")  # engines/iospec.DTYPE_NAMES, spelled here without importing torch
 
 
@@ -61,7 +62,7 @@ def make_engines(backend: str, pair: LoadedModels, *, latent_shape, guidance: fl
                  ) -> dict[str, Engine]:
     """{'large': engine, 'small': engine} for `backend`; FlowblendError with the fix if it cannot run here."""
     check_backend(backend)
-    if backend in ("torch", "torch-compile"):
+    if backend in TORCH_BACKENDS:
         return _torch_engines(pair, device, torch_dtype(dtype), backend == "torch-compile", compile_mode)
     from .build import locate_pair_engines
 
