@@ -41,6 +41,11 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
+def family_defaults(attr: str) -> str:
+    """'toy 20, wan 50, ltx 40': each family's default for a flag left unset, read from the registry."""
+    return ", ".join(f"{name} {getattr(f, attr):g}" for name, f in FAMILIES.items())
+
+
 def _pair_name(p) -> None:
     p.add_argument("--pair", default="toy", help=f"model pair family: {' | '.join(FAMILIES)}")
 
@@ -59,25 +64,25 @@ def _plan(p) -> None:
     g.add_argument("--plan", default="LSL:0.4,0.2",
                    help="which model runs each step: LSL:0.4,0.2 (paper) | LLL | SSS | L20,S20,L10 | LLSSL...")
     g.add_argument("--plan-file", help="JSON plan as written by `flowblend calibrate plan`; overrides --plan")
-    g.add_argument("--steps", type=int, help="denoising steps (default: the family's; toy 20, wan 50, ltx 40)")
+    g.add_argument("--steps", type=int, help=f"denoising steps (default: the family's; {family_defaults('steps')})")
 
 
 def _steps(p) -> None:
-    p.add_argument("--steps", type=int, help="denoising steps (default: the family's; toy 20, wan 50, ltx 40)")
+    p.add_argument("--steps", type=int, help=f"denoising steps (default: the family's; {family_defaults('steps')})")
 
 
 def _video(p) -> None:
     g = p.add_argument_group("video size")
     g.add_argument("--height", type=int, help="pixels; a multiple of the VAE x patch factor (default: the family's; "
-                                              "toy 32, wan 480, ltx 512)")
-    g.add_argument("--width", type=int, help="pixels (default: the family's; toy 32, wan 832, ltx 704)")
+                                              f"{family_defaults('height')})")
+    g.add_argument("--width", type=int, help=f"pixels (default: the family's; {family_defaults('width')})")
     g.add_argument("--frames", type=int, help="frames; what the VAE and patch take, e.g. 4k+1 for wan "
-                                              "(default: the family's; toy 9, wan 81, ltx 121)")
+                                              f"(default: the family's; {family_defaults('frames')})")
 
 
 def _guidance(p) -> None:
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale; > 1 runs two forwards a step, "
-                                                  "<= 1 disables CFG (default: the family's; toy 4, wan 5, ltx 3)")
+                                                  f"<= 1 disables CFG (default: the family's; {family_defaults('guidance')})")
 
 
 def _solver(p) -> None:

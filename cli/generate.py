@@ -10,7 +10,7 @@ import json
 import time
 from pathlib import Path
 
-from flowblend.engines.factory import BACKENDS
+from flowblend.engines.factory import BACKENDS, TORCH_BACKENDS
 from flowblend.errors import FlowblendError
 from flowblend.runtime.graph_modes import GRAPH_FLAGS, check_graph_flag
 from flowblend.runtime.request import GenerationRequest, validate_request
@@ -81,7 +81,8 @@ def run(args) -> int:
 
     dtype = torch_dtype(args.dtype)
     pair = load_pair(request.family.name, args.large, args.small, dtype=dtype, device=args.device,
-                     allow_download=args.allow_download)
+                     allow_download=args.allow_download,
+                     load_transformers=args.backend in TORCH_BACKENDS)  # compiled backends run their engines only
     engines = make_engines(args.backend, pair, latent_shape=request.latent_shape, guidance=request.guidance,
                            device=args.device, dtype=args.dtype, artifacts=args.artifacts)
     sampler = Sampler(engines, request.plan, SamplerOptions(**request.sampler_settings()), device=args.device,

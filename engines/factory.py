@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from .iospec import IOSpec
 
 BACKENDS = ("torch", "torch-compile", "onnxruntime", "tensorrt")
+TORCH_BACKENDS = ("torch", "torch-compile")  # run the loaded PyTorch transformers; the others run built engines
 DTYPE_NAMES = ("fp32", "fp16", "bf16")  # engines/iospec.DTYPE_NAMES, spelled here without importing torch
 
 
@@ -61,18 +62,18 @@ def make_engines(backend: str, pair: LoadedModels, *, latent_shape, guidance: fl
                  ) -> dict[str, Engine]:
     """{'large': engine, 'small': engine} for `backend`; FlowblendError with the fix if it cannot run here."""
     check_backend(backend)
-    if backend in ("torch", "torch-compile"):
+    if backend in TORCH_BACKENDS:
         return _torch_engines(pair, device, torch_dtype(dtype), backend == "torch-compile", compile_mode)
-    if backend == "tensorrt" and not str(device).startswith("cuda"):
-        raise FlowblendError(f"TensorRT engines run on a CUDA device, not {device!r}: pass --device cuda")
     from .build import locate_pair_engines
 
     spec = pair.family.io_spec(latent_shape, guidance, dtype)
-    paths = locate_pair_engines(pair.family.name, backend, spec, artifacts)
+    paths = locate_pair_engines(pair.family.name, backend, spec, artifacts)  # says what to export/build/install
     if backend == "onnxruntime":
         from .ort_engine import OrtEngine
 
         return {name: OrtEngine(path, device=device, name=name) for name, path in paths.items()}
+    if not str(device).startswith("cuda"):
+        raise FlowblendError(f"TensorRT engines run on a CUDA device, not {device!r}: pass --device cuda")
     from .trt_engine import TrtEngine, share_activation_memory
 
     engines = {name: TrtEngine(path, name=name, device=device) for name, path in paths.items()}

@@ -43,7 +43,8 @@ class PairFamily:
     compat_fields: tuple[str, ...] = ()  # config fields both transformers must agree on
     description: str = ""
     # A family whose models ship with a package above this one (the toy pair) names the module that
-    # loads them; it provides load_pair(family, large, small, dtype, device) and REFERENCE_CONFIGS.
+    # loads them; it provides load_pair(family, large, small, dtype, device, load_transformers) and
+    # REFERENCE_CONFIGS.
     # Resolved by name so that export/ never imports the packages that sit on top of it.
     provider: str = ""
 
@@ -182,21 +183,30 @@ class LoadedPair:
 
 
 def load_pair(name: str, large: str | None = None, small: str | None = None, dtype: torch.dtype | None = None,
-              device: str | torch.device = "cpu", allow_download: bool = False) -> LoadedPair:
-    """Load a pair from local paths or hub ids (the user's cache; no download unless allowed); dtype default fp32."""
+              device: str | torch.device = "cpu", allow_download: bool = False,
+              load_transformers: bool = True) -> LoadedPair:
+    """Load a pair from local paths or hub ids (the user's cache; no download unless allowed); dtype default fp32.
+
+    `load_transformers=False` loads only the shared parts (text encoder, VAE): compiled backends run
+    their own engines, and the PyTorch transformers would only take device memory (about 31 GB of
+    FP16 weights for Wan 14B + 1.3B). `transformers` is then empty.
+    """
     import torch
 
     dtype = dtype or torch.float32
     family = get_family(name)
     if family.provider:
-        return _provider(family).load_pair(family, large, small, dtype, device)
+        return _provider(family).load_pair(family, large, small, dtype, device, load_transformers=load_transformers)
     large, small = large or family.large, small or family.small
+    shared = _SharedComponents(family, small, dtype, device, allow_download)
+    if not load_transformers:
+        _check_source(small, allow_download)  # the shared parts come from the small model's checkpoint
+        return LoadedPair(family, {}, shared.encode, shared.decode, {"large": large, "small": small})
     models = {"large": load_transformer(family, large, dtype, allow_download),
               "small": load_transformer(family, small, dtype, allow_download)}
     check_compatible(family, dict(models["large"].config), dict(models["small"].config))
     for m in models.values():
         m.to(device)
-    shared = _SharedComponents(family, small, dtype, device, allow_download)
     return LoadedPair(family, models, shared.encode, shared.decode, {"large": large, "small": small})
 
 

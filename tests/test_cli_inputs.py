@@ -199,3 +199,26 @@ def test_demo_shows_progress_and_labels_its_totals(tmp_path, capsys):
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [r["videos"] for r in rows] == [1, 1]
     assert all(r["loop_s_per_video"] == pytest.approx(r["loop_s_all_videos"], abs=1e-3) for r in rows)
+
+
+# -- 1. thread policy -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("given,expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_threads_sleep_unless_the_user_says_otherwise(given, expected):
+    """The policy is set before torch loads (libgomp reads it once), and a user's own setting wins."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = ("import os, sys; from flowblend.cli.main import main\n"
+            "seen = []\n"
+            "import builtins; real = builtins.__import__\n"
+            "def spy(name, *a, **k):\n"
+            "    if name == 'torch' and 'torch' not in sys.modules: seen.append(os.environ.get('OMP_WAIT_POLICY'))\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = spy\n"
+            f"rc = main(['generate', '--prompt', '{PROMPT}', '--steps', '1', '--no-progress', '--out', sys.argv[1]])\n"
+            "print(rc, seen[:1])")
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run([sys.executable, "-c", code, os.path.join(tmp, "p.gif")], capture_output=True, text=True,
+                              env=env, timeout=600)
+    assert done.stdout.strip().splitlines()[-1] == f"0 ['{expected}']", done.stdout + done.stderr

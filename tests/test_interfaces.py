@@ -114,8 +114,8 @@ def test_graph_backend_protocol_lists_every_method_the_runner_calls():
     import re
     from pathlib import Path
 
-    from test_bench import ReplayingGraphBackend
-    from test_graph import FakeGraphBackend
+    from fake_cuda_graph import FakeGraphBackend
+    from test_bench import CountingGraphBackend
 
     from flowblend.runtime import graph
 
@@ -123,7 +123,7 @@ def test_graph_backend_protocol_lists_every_method_the_runner_calls():
     promised = {name for name in vars(graph.GraphBackend) if not name.startswith("_")}
     assert called and called == promised
     assert issubclass(graph.TorchGraphBackend, graph.GraphBackend)  # the CUDA one (not constructible on CPU)
-    for stand_in in (FakeGraphBackend(), ReplayingGraphBackend()):
+    for stand_in in (FakeGraphBackend(), CountingGraphBackend()):
         assert isinstance(stand_in, graph.GraphBackend), type(stand_in).__name__
 
 
