@@ -4,16 +4,24 @@ from __future__ import annotations
 from flowblend.bench.flops import step_flops
 from flowblend.export.pairs import reference_configs
 
-from .common import add_pair_args, add_plan_args, add_video_args, family_of, resolve_plan, resolve_video
+from .common import family_of, guidance_of, plan_of, subscribe, video_of
+
+FLOP_UNITS = ((1e15, "PFLOPs"), (1e12, "TFLOPs"), (1e9, "GFLOPs"), (1e6, "MFLOPs"))
 
 
-def register(sub) -> None:
-    p = sub.add_parser("plan", help="show which model runs each step and the plan's FLOPs vs LLL")
-    add_pair_args(p)
-    add_plan_args(p)
-    add_video_args(p)
-    p.add_argument("--guidance", type=float, help="CFG scale (> 1 doubles every forward)")
+def register(p) -> None:
+    subscribe(p, "pair", "plan", "video", "guidance")
     p.set_defaults(func=run)
+
+
+def flop_unit(flops: float) -> tuple[float, str]:
+    """(scale, name) of the largest unit that keeps `flops` at 1 or more: 2.3e9 -> GFLOPs."""
+    return next(((scale, name) for scale, name in FLOP_UNITS if flops >= scale), FLOP_UNITS[-1])
+
+
+def format_flops(flops: float) -> str:
+    scale, name = flop_unit(flops)
+    return f"{flops / scale:.3g} {name}"
 
 
 def plan_costs(family, plan, latent_shape, guidance: float) -> dict:
@@ -28,17 +36,18 @@ def plan_costs(family, plan, latent_shape, guidance: float) -> dict:
 
 def run(args) -> int:
     family = family_of(args)
-    plan = resolve_plan(args, family)
-    frames, height, width = resolve_video(args, family)
+    plan = plan_of(args, family)
+    frames, height, width = video_of(args, family)
     latent_shape = family.latent_shape(frames, height, width)
-    guidance = args.guidance if args.guidance is not None else family.guidance
+    guidance = guidance_of(args, family)
     costs = plan_costs(family, plan, latent_shape, guidance)
     print(f"pair {family.name}: {frames} frames {height}x{width}, latents {latent_shape}, "
           f"guidance {guidance} ({'CFG: 2 forwards/step' if guidance > 1 else 'no CFG'})")
     print(f"plan {plan.spec or plan.label} = {plan.label}  ({plan.count('large')} large + {plan.count('small')} small steps)")
-    print(f"{'step':>4}  {'model':<5}  {'TFLOPs':>10}")
+    scale, unit = flop_unit(max(costs["per_step"].values()))
+    print(f"{'step':>4}  {'model':<5}  {unit:>10}")
     for i, m in enumerate(plan.models):
-        print(f"{i:>4}  {m:<5}  {costs['per_step'][m] / 1e12:>10.3f}")
-    print(f"total {costs['total'] / 1e12:.1f} TFLOPs vs LLL {costs['lll'] / 1e12:.1f} TFLOPs: "
+        print(f"{i:>4}  {m:<5}  {costs['per_step'][m] / scale:>10.3f}")
+    print(f"total {format_flops(costs['total'])} vs LLL {format_flops(costs['lll'])}: "
           f"{100 * (1 - costs['total'] / costs['lll']):.1f}% fewer, FLOP-ideal speedup {costs['ideal_speedup']:.2f}x")
     return 0

@@ -12,8 +12,12 @@ The sampler's loop allocates nothing, never syncs with the host and only touches
    replay runs all N steps.
 
 TorchEngine and TrtEngine both work: TrtEngine enqueues on torch's current stream, which is the
-capture stream while capturing, so `execute_async_v3` is recorded like any kernel (each step's
-timestep address is baked into its node). Graphs are cached by (mode, shapes, plan, solver,
+capture stream while capturing, so `execute_async_v3` is recorded like any kernel, together with
+the device copy of each step's timestep row into the context's fixed timestep input (addresses
+never change after binding; a new buffer set gets new contexts, engines/trt_engine.py).
+All graphs of one runner are captured into ONE memory pool (`capture_begin(pool=...)`, on the same
+side stream, as torch.cuda.graph's docs ask for effective sharing): per-step graphs with PyTorch
+engines would otherwise each keep a forward's activations alive. Graphs are cached by (mode, shapes, plan, solver,
 shift, guidance, dtype, device, engines); every shape keeps its own buffers (a sampler per
 shape), because a graph replays into exactly the memory it was captured on.
 
@@ -77,6 +81,7 @@ class TorchGraphBackend:
             raise FlowblendError(f"CUDA graphs need a CUDA device, the sampler is on {self.device}: use "
                                  "mode='eager' (or --graph none), or run on --device cuda")
         self.stream = torch.cuda.Stream(self.device)
+        self.pool = None  # one graph_pool_handle() for every capture of this backend, made at the first
         self._stream_ctx = None
 
     def warm_up(self, fn) -> None:
@@ -90,11 +95,13 @@ class TorchGraphBackend:
     def begin_capture(self, body):
         """Start recording on the side stream; `body` is what the caller runs next (a fake backend replays it)."""
         torch.cuda.synchronize(self.device)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         self._stream_ctx = torch.cuda.stream(self.stream)
         self._stream_ctx.__enter__()
         try:
-            graph.capture_begin()
+            graph.capture_begin(pool=self.pool)
         except BaseException:
             self._stream_ctx.__exit__(None, None, None)
             raise
@@ -235,17 +242,23 @@ class GraphRunner:
         entry.sampler.load_request(*request)
 
     @torch.no_grad()
-    def replay(self) -> None:
-        """Run every step of the loaded request: one launch (whole), one per step (per_step) or the loop (eager)."""
+    def replay(self, on_step: Callable[[int], None] | None = None) -> None:
+        """Run every step of the loaded request: one launch (whole), one per step (per_step) or the loop (eager).
+
+        `on_step(i)` runs after step i where Python regains control: after each step (eager, per_step), or once
+        after the whole-loop launch (so a cancellation raised from it takes effect at the end).
+        """
         entry = self.current
         if entry is None or entry.state is not GraphState.READY:
             state = "nothing loaded" if entry is None else f"state {entry.state.value}"
             raise FlowblendError(f"replay() before a graph was captured ({state}): call load(...) or sample(...) first")
         if self.mode == "eager":
-            entry.sampler.run_loop()
+            entry.sampler.run_loop(on_step=on_step)
             return
-        for graph in entry.graphs:
+        for i, graph in enumerate(entry.graphs):
             self.backend.replay(graph)
+            if on_step is not None:
+                on_step(i if self.mode == "per_step" else len(entry.sampler.plan) - 1)
 
     @property
     def latents(self) -> torch.Tensor:
@@ -253,15 +266,17 @@ class GraphRunner:
         return self.current.sampler.buffers.latents
 
     def sample(self, noise, prompt_embeds, negative_prompt_embeds=None, prompt_mask=None,
-               negative_prompt_mask=None, progress: bool = False) -> torch.Tensor:
+               negative_prompt_mask=None, progress: bool = False,
+               on_step: Callable[[int], None] | None = None) -> torch.Tensor:
         """Denoise `noise` [1, C, F, H, W]; returns the final latents (float32, a copy), as Sampler.sample.
 
         `progress` draws a per-step bar in eager mode only: a graph runs its steps without returning to Python.
+        `on_step` as in `replay`.
         """
         if self.mode == "eager":
             self.current = CapturedLoop(self.sampler, GraphState.READY)
             return self.sampler.sample(noise, prompt_embeds, negative_prompt_embeds, prompt_mask,
-                                       negative_prompt_mask, progress=progress)
+                                       negative_prompt_mask, progress=progress, on_step=on_step)
         self.load(noise, prompt_embeds, negative_prompt_embeds, prompt_mask, negative_prompt_mask)
-        self.replay()
+        self.replay(on_step)
         return self.latents.clone()

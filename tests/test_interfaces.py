@@ -114,8 +114,8 @@ def test_graph_backend_protocol_lists_every_method_the_runner_calls():
     import re
     from pathlib import Path
 
-    from test_bench import ReplayingGraphBackend
-    from test_graph import FakeGraphBackend
+    from fake_cuda_graph import FakeGraphBackend
+    from test_bench import CountingGraphBackend
 
     from flowblend.runtime import graph
 
@@ -123,7 +123,7 @@ def test_graph_backend_protocol_lists_every_method_the_runner_calls():
     promised = {name for name in vars(graph.GraphBackend) if not name.startswith("_")}
     assert called and called == promised
     assert issubclass(graph.TorchGraphBackend, graph.GraphBackend)  # the CUDA one (not constructible on CPU)
-    for stand_in in (FakeGraphBackend(), ReplayingGraphBackend()):
+    for stand_in in (FakeGraphBackend(), CountingGraphBackend()):
         assert isinstance(stand_in, graph.GraphBackend), type(stand_in).__name__
 
 
@@ -146,17 +146,14 @@ def test_sampler_and_graph_runner_are_the_latent_sampler_a_pipeline_takes():
 
 
 def test_graph_modes_are_defined_once_and_every_spelling_maps_onto_them():
-    import argparse
-
     from flowblend.bench import run as bench
-    from flowblend.cli import generate
+    from flowblend.cli.main import build_parser
     from flowblend.runtime import graph, graph_modes
 
     assert graph.MODES is graph_modes.MODES and bench.MODES is graph_modes.BENCH_MODES
     for spelling in (graph_modes.GRAPH_FLAGS, graph_modes.BENCH_MODES):
         assert sorted(spelling.values()) == sorted(graph_modes.MODES)
-    parser = argparse.ArgumentParser()
-    generate.register(parser.add_subparsers())
+    parser = build_parser(["generate"])
     for flag, mode in graph_modes.GRAPH_FLAGS.items():
         assert parser.parse_args(["generate", "--graph", flag]).graph == flag
     with pytest.raises(SystemExit):
