@@ -108,8 +108,8 @@ class FusedSteps:
     `host=True` runs the library's host build of the same per-element code on CPU tensors (tests).
     """
 
-    def __init__(self, lib: ctypes.CDLL, buffers: SamplerBuffers, table: SolverTable, guidance_scale: float,
-                 host: bool = False):
+    def __init__(self, lib: ctypes.CDLL, buffers: SamplerBuffers, table: SolverTable,
+                 guidance: float | tuple[float, ...], host: bool = False):
         velocity = buffers.velocity
         if velocity.dtype not in DTYPE_CODES:
             raise FlowblendError(f"the fused kernel takes fp32/fp16/bf16 velocity, not {velocity.dtype}")
@@ -128,12 +128,14 @@ class FusedSteps:
         slots = SlotArray(*[tensors[n].data_ptr() if n in tensors else None for n in names])
         index = {n: i for i, n in enumerate(names)}
         model_input = None if buffers.model_input is buffers.latents else buffers.model_input.data_ptr()
-        common = (velocity.data_ptr(), velocity.shape[0], DTYPE_CODES[velocity.dtype], float(guidance_scale), slots,
-                  len(names))
+        # Per-step CFG scales (Wan 2.2's experts) ride in each step's own argument pack: the C ABI already
+        # takes the scale per call, and a captured graph keeps each launch's arguments.
+        scales = (float(guidance),) * table.num_steps if isinstance(guidance, (int, float)) else tuple(guidance)
         self._args = []
-        for ops in table.steps:
+        for ops, scale in zip(table.steps, scales):
             packed, count = pack_step(ops, index)
-            self._args.append(common + (packed, count, model_input, buffers.latents.numel()))
+            self._args.append((velocity.data_ptr(), velocity.shape[0], DTYPE_CODES[velocity.dtype], float(scale),
+                               slots, len(names), packed, count, model_input, buffers.latents.numel()))
 
     def step(self, i: int) -> None:
         """Guide, apply step i's Combines and refresh the model input, in one launch on the current stream."""
@@ -146,9 +148,10 @@ class FusedSteps:
                                  "fall back to the PyTorch path by removing build/" + LIBRARY_NAME)
 
 
-def fused_steps_for(buffers: SamplerBuffers, table: SolverTable, guidance_scale: float) -> FusedSteps | None:
+def fused_steps_for(buffers: SamplerBuffers, table: SolverTable,
+                    guidance: float | tuple[float, ...]) -> FusedSteps | None:
     """FusedSteps for CUDA buffers when the library is built; None means: use the PyTorch ops."""
     if not buffers.latents.is_cuda:
         return None
     lib = load_library()
-    return None if lib is None else FusedSteps(lib, buffers, table, guidance_scale)
+    return None if lib is None else FusedSteps(lib, buffers, table, guidance)

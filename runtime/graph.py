@@ -14,7 +14,7 @@ The sampler's loop allocates nothing, never syncs with the host and only touches
 TorchEngine and TrtEngine both work: TrtEngine enqueues on torch's current stream, which is the
 capture stream while capturing, so `execute_async_v3` is recorded like any kernel (each step's
 timestep address is baked into its node). Graphs are cached by (mode, shapes, plan, solver,
-shift, guidance, dtype, device, engines); every shape keeps its own buffers (a sampler per
+shift, per-step guidance, dtype, device, engines); every shape keeps its own buffers (a sampler per
 shape), because a graph replays into exactly the memory it was captured on.
 
 `mode="per_step"` captures one graph per step (engine call + its combine), the granularity
@@ -126,7 +126,7 @@ class GraphRunner:
     def key(self, latent_shape, text_shape) -> tuple:
         s, o = self.sampler, self.sampler.options
         return (self.mode, tuple(latent_shape), tuple(text_shape), s.plan.models, o.solver, o.shift, o.mu,
-                o.guidance_scale, s.dtype, str(s.device), tuple((n, id(e)) for n, e in s.engines.items()))
+                s.guidance, s.dtype, str(s.device), tuple((n, id(e)) for n, e in s.engines.items()))
 
     def _sampler_for_new_key(self) -> Sampler:
         """The runner's sampler for its first shape; a sibling with its own buffers for every other."""

@@ -27,6 +27,9 @@ class SamplerOptions:
     guidance_scale: float = 5.0
     mu: float | None = None  # dynamic shifting (LTX); replaces `shift` when given
     fused_kernel: bool = True  # on CUDA, runtime/fused.py's one-kernel step when the library is built
+    # Per-step CFG scales (runtime/guidance.py: Wan 2.2's experts each bring theirs); None: guidance_scale
+    # at every step. Read from a device tensor per step, so a captured loop reads it from memory.
+    guidance_table: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
@@ -35,10 +38,24 @@ class SamplerOptions:
             raise ValueError(f"guidance_scale must be >= 0 (1 disables CFG), got {self.guidance_scale}")
         if self.shift <= 0:
             raise ValueError(f"shift must be > 0, got {self.shift}")
+        if self.guidance_table is not None:
+            object.__setattr__(self, "guidance_table", tuple(float(g) for g in self.guidance_table))
+            if any(g < 0 for g in self.guidance_table):
+                raise ValueError(f"guidance_table has a negative scale: {self.guidance_table}")
 
     @property
     def cfg(self) -> bool:
-        return self.guidance_scale > 1.0  # diffusers' rule: CFG only above 1
+        # diffusers' rule: CFG only above 1; with per-step scales, the batch is 2 if any step guides
+        return max(self.guidance_table or (self.guidance_scale,)) > 1.0
+
+    def guidance_for(self, steps: int) -> tuple[float, ...]:
+        """The scale of every step (the table, or guidance_scale repeated)."""
+        if self.guidance_table is None:
+            return (float(self.guidance_scale),) * steps
+        if len(self.guidance_table) != steps:
+            raise ValueError(f"guidance_table has {len(self.guidance_table)} scales but the plan {steps} steps: "
+                             "give one scale per step (runtime/guidance.py's guidance_table)")
+        return self.guidance_table
 
 
 class Sampler:
@@ -60,6 +77,7 @@ class Sampler:
         self.plan = plan
         o = self.options
         self.table: SolverTable = make_solver_table(o.solver, len(plan), o.shift, o.mu, scheduler=scheduler)
+        self.guidance = o.guidance_for(len(plan))
         first = next(iter(engines.values()))
         self.device = torch.device(device) if device is not None else getattr(first, "device", torch.device("cpu"))
         self.dtype = dtype or getattr(first, "dtype", torch.float32)
@@ -80,14 +98,16 @@ class Sampler:
                 engine.bind(self.buffers.engine_bindings())
             return self.buffers
         bufs = SamplerBuffers.allocate(latent_shape, text_shape, self.table.timesteps, self.options.cfg,
-                                       self.dtype, self.device, self.table.state_names, self.needs_mask)
+                                       self.dtype, self.device, self.table.state_names, self.needs_mask,
+                                       guidance=self.guidance)
         for engine in self.engines.values():
             engine.bind(bufs.engine_bindings())
         self.buffers, self._shape_key = bufs, key
         self._solver_tensors = bufs.solver_tensors()
         self._v_cond, self._v_uncond = bufs.velocity[0:1], bufs.velocity[-1:]
         self._step_ops = self.table.steps
-        self._fused = fused_steps_for(bufs, self.table, self.options.guidance_scale) \
+        self._guidance_rows = [bufs.guidance_table[i] for i in range(len(self.plan))]  # 0-d views, read per step
+        self._fused = fused_steps_for(bufs, self.table, self.guidance) \
             if self.options.fused_kernel else None
         return bufs
 
@@ -101,7 +121,7 @@ class Sampler:
         if prompt_embeds.shape[0] != 1:
             raise ValueError(f"prompt_embeds must be [1, L, D] (one prompt per call), got {tuple(prompt_embeds.shape)}")
         if self.options.cfg and negative_prompt_embeds is None:
-            raise ValueError(f"guidance_scale={self.options.guidance_scale} > 1 needs negative_prompt_embeds "
+            raise ValueError(f"guidance scale {max(self.guidance)} > 1 needs negative_prompt_embeds "
                              "(encode the negative prompt, \"\" by default), or set guidance_scale=1")
         if self.needs_mask and prompt_mask is None:
             raise ValueError("this model family takes a text mask: pass prompt_mask (and negative_prompt_mask)")
@@ -130,11 +150,11 @@ class Sampler:
         if bufs.model_input is not bufs.latents:
             bufs.model_input.copy_(bufs.latents)  # broadcasts over the CFG batch, casts to engine dtype
 
-    def _guide(self) -> None:
+    def _guide(self, i: int) -> None:
         bufs = self.buffers
-        if bufs.cfg:  # uncond + g * (cond - uncond), as diffusers' pipelines
+        if bufs.cfg:  # uncond + g_i * (cond - uncond), as diffusers' pipelines; g_i read from the table
             torch.sub(self._v_cond, self._v_uncond, out=bufs.guided)
-            bufs.guided.mul_(self.options.guidance_scale).add_(self._v_uncond)
+            bufs.guided.mul_(self._guidance_rows[i]).add_(self._v_uncond)
         elif bufs.guided is not bufs.velocity:
             bufs.guided.copy_(bufs.velocity)
 
@@ -156,7 +176,7 @@ class Sampler:
         """
         engine = self._step_engines[i] if model is None else self.engines[model]
         engine.run(i)
-        self._guide()
+        self._guide(i)
 
     def advance(self, i: int) -> None:
         """Second half of step i: solver update from `buffers.guided`, then the next model input."""
