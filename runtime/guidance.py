@@ -36,3 +36,11 @@ def guidance_table(plan: BlendPlan, default: float, scales: dict[str, float] | N
         else:
             table.append(float(default))
     return tuple(table)
+
+
+def expert_schedule_for(solver: str, steps: int, shift: float, boundary_ratio: float,
+                        mu: float | None = None) -> ExpertSchedule:
+    """The expert of every step for a solver's own timesteps (what WanPipeline compares to the boundary)."""
+    from .solvers import make_solver_table
+
+    return ExpertSchedule(make_solver_table(solver, steps, shift, mu).timesteps, boundary_ratio)
