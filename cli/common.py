@@ -6,7 +6,8 @@ from pathlib import Path
 
 from flowblend.errors import FlowblendError
 from flowblend.export.pairs import FAMILIES, PairFamily, get_family
-from flowblend.runtime.plan import BlendPlan
+from flowblend.runtime.guidance import expert_schedule_for, guidance_table
+from flowblend.runtime.plan import BlendPlan, ExpertSchedule, ModelSet
 
 
 def add_pair_args(p: argparse.ArgumentParser) -> None:
@@ -17,9 +18,68 @@ def add_pair_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_plan_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--plan", default="LSL:0.4,0.2", help="LSL:0.4,0.2 | LLL | SSS | L20,S20,L10 | LLSSL...")
+    p.add_argument("--plan", help="LSL:0.4,0.2 (default) | LLL | SSS | L20,S20,L10 | LLSSL...; wan22 (letters H high, "
+                                  "L low, S small): experts (default) | experts:4,2 (small takes the last 4 steps "
+                                  "before the expert switch and the first 2 after) | H20,S6,L14 ...")
     p.add_argument("--plan-file", help="JSON plan (as written by `flowblend calibrate plan`); overrides --plan")
     p.add_argument("--steps", type=int, help="denoising steps (default: the family's)")
+    add_expert_args(p)
+
+
+def add_expert_args(p: argparse.ArgumentParser) -> None:
+    """Two-expert families (wan22): the boundary and the experts' CFG scales, as diffusers' WanPipeline."""
+    p.add_argument("--boundary-ratio", type=float,
+                   help="wan22: the high-noise expert runs t >= ratio*1000 (default 0.875, T2V; I2V uses 0.9)")
+    p.add_argument("--guidance-2", type=float,
+                   help="wan22: the low-noise expert's CFG scale (diffusers' guidance_scale_2; default 3.0); "
+                        "--guidance is the high-noise expert's")
+    p.add_argument("--small-guidance", type=float,
+                   help="the small model's CFG scale (default: that of the model whose step it takes)")
+
+
+def model_set_of(family: PairFamily) -> ModelSet:
+    return ModelSet(tuple(family.models), tuple(family.letters))
+
+
+def resolve_steps(args, family: PairFamily) -> int:
+    if args.plan_file:
+        return len(_read_plan_file(args))
+    steps = args.steps if args.steps is not None else family.steps
+    if steps < 1:
+        raise FlowblendError(f"--steps must be >= 1, got {steps}")
+    return steps
+
+
+def resolve_experts(args, family: PairFamily, steps: int, solver: str, shift: float,
+                    mu: float | None = None) -> ExpertSchedule | None:
+    """The expert of every step for a two-expert family (None otherwise), on the solver's own timesteps."""
+    ratio = args.boundary_ratio
+    if family.experts is None:
+        if ratio is not None or args.guidance_2 is not None:
+            raise FlowblendError(f"--boundary-ratio / --guidance-2 are for two-expert pairs (--pair wan22), not "
+                                 f"{family.name}: drop them")
+        return None
+    ratio = family.boundary_ratio if ratio is None else ratio
+    if not 0.0 < ratio < 1.0:
+        raise FlowblendError(f"--boundary-ratio must be in (0, 1), got {ratio} (Wan 2.2: 0.875 T2V, 0.9 I2V)")
+    return expert_schedule_for(solver, steps, shift, ratio, mu)
+
+
+def resolve_guidance(args, family: PairFamily, plan: BlendPlan, experts: ExpertSchedule | None
+                     ) -> tuple[float, tuple[float, ...]]:
+    """(the --guidance scale, the per-step table): each model's scale, the small one's by the step it takes."""
+    default = args.guidance if args.guidance is not None else family.guidance
+    scales = dict(family.expert_guidance)
+    if experts is not None:
+        scales[experts.high] = default
+        if args.guidance_2 is not None:
+            scales[experts.low] = args.guidance_2
+    if args.small_guidance is not None:
+        scales["small"] = args.small_guidance
+    for name, value in {"--guidance": default, **scales}.items():
+        if value < 0:
+            raise FlowblendError(f"{name} guidance must be >= 0 (1 disables CFG), got {value}")
+    return default, guidance_table(plan, default, scales, experts)
 
 
 def add_video_args(p: argparse.ArgumentParser) -> None:
@@ -28,17 +88,29 @@ def add_video_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int)
 
 
-def resolve_plan(args, family: PairFamily) -> BlendPlan:
+def _read_plan_file(args) -> BlendPlan:
+    path = Path(args.plan_file)
+    if not path.is_file():
+        raise FlowblendError(f"plan file {path} does not exist: write one with `flowblend calibrate plan`")
+    plan = BlendPlan.from_json(path.read_text())
+    if args.steps is not None and args.steps != len(plan):
+        raise FlowblendError(f"--steps {args.steps} disagrees with the plan file's {len(plan)} steps: drop --steps")
+    return plan
+
+
+def resolve_plan(args, family: PairFamily, experts: ExpertSchedule | None = None) -> BlendPlan:
+    """The plan in the family's model names; `experts` (two-expert pairs) for the `experts:k,k` spelling."""
+    model_set = model_set_of(family)
     if args.plan_file:
-        path = Path(args.plan_file)
-        if not path.is_file():
-            raise FlowblendError(f"plan file {path} does not exist: write one with `flowblend calibrate plan`")
-        plan = BlendPlan.from_json(path.read_text())
-        if args.steps is not None and args.steps != len(plan):
-            raise FlowblendError(f"--steps {args.steps} disagrees with the plan file's {len(plan)} steps: drop --steps")
-        return plan
+        plan = _read_plan_file(args)
+        unknown = sorted(set(plan.models) - set(model_set.names))
+        if unknown:
+            raise FlowblendError(f"plan file {args.plan_file} names {unknown}, which pair {family.name} does not have "
+                                 f"({', '.join(model_set.names)})")
+        return BlendPlan(plan.models, plan.spec, model_set)
     steps = args.steps if args.steps is not None else family.steps
-    return BlendPlan.parse(args.plan, steps)
+    spec = args.plan or ("experts" if family.experts is not None else "LSL:0.4,0.2")
+    return BlendPlan.parse(spec, steps, model_set, experts)
 
 
 def resolve_video(args, family: PairFamily) -> tuple[int, int, int]:

@@ -159,3 +159,58 @@ def test_guidance_table_small_takes_the_replaced_experts_scale_or_its_own():
     assert guidance_table(BlendPlan.parse("LSL:0.4,0.2", 5), 5.0) == (5.0,) * 5
     with pytest.raises(ValueError, match="one scale per step"):
         SamplerOptions(guidance_table=(1.0, 2.0)).guidance_for(3)
+
+
+# -- `flowblend plan --pair wan22` reproduces the pipeline's expert switch --------------------------------------
+def _plan_output(capsys, *extra):
+    from flowblend.cli.main import main
+
+    assert main(["plan", "--pair", "wan22", *extra]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line[:4].strip().isdigit()]
+    return out, rows
+
+
+@pytest.mark.parametrize("steps", [40, 50])
+@pytest.mark.parametrize("ratio,shift", [(0.875, 12.0), (0.9, 5.0), (0.9, 3.0)])  # T2V, I2V, and a t == 900 case
+def test_plan_command_reproduces_diffusers_expert_boundary(capsys, steps, ratio, shift):
+    switch = diffusers_switch_step("unipc", steps, shift, ratio)
+    out, rows = _plan_output(capsys, "--steps", str(steps), "--boundary-ratio", str(ratio), "--shift", str(shift))
+    assert f"expert switch at step {switch}:" in out
+    assert [r[1] for r in rows] == ["high"] * switch + ["low"] * (steps - switch)
+    assert [float(r[2]) for r in rows] == [4.0] * switch + [3.0] * (steps - switch)  # each expert's own CFG scale
+    assert "0.0% fewer, FLOP-ideal speedup 1.00x" in out  # the experts' plan is its own reference
+
+
+def test_boundary_exactly_on_a_timestep_goes_to_the_high_expert():
+    sched = diffusers_scheduler("unipc", 3.0)
+    sched.set_timesteps(8)
+    assert 900 in sched.timesteps.tolist()  # WanPipeline: t >= boundary runs `transformer`
+    assert expert_schedule_for("unipc", 8, 3.0, 0.9).switch_step == diffusers_switch_step("unipc", 8, 3.0, 0.9) == 3
+
+
+def test_plan_command_small_around_the_switch(capsys):
+    switch = diffusers_switch_step("unipc", 40, 12.0, 0.875)
+    out, rows = _plan_output(capsys, "--plan", "experts:4,2", "--small-guidance", "3.5")
+    models = [r[1] for r in rows]
+    assert models == ["high"] * (switch - 4) + ["small"] * 6 + ["low"] * (40 - switch - 2)
+    assert [float(r[2]) for r in rows if r[1] == "small"] == [3.5] * 6
+    tflops = {r[1]: float(r[3]) for r in rows}
+    assert tflops["high"] == tflops["low"] > 5 * tflops["small"]  # both experts are Wan 2.1 14B-sized
+    out, rows = _plan_output(capsys, "--plan", "experts:4,2")  # the small model takes the replaced expert's scale
+    assert [float(r[2]) for r in rows if r[1] == "small"] == [4.0] * 4 + [3.0] * 2
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--plan", "experts:40,0"], "high-noise steps come before the switch"),
+    (["--boundary-ratio", "1.5"], "must be in (0, 1)"),
+    (["--plan", "LSX"], "cannot read plan"),
+])
+def test_plan_command_bad_input(capsys, extra, message):
+    from flowblend.cli.main import main
+
+    assert main(["plan", "--pair", "wan22", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert main(["plan", "--pair", "wan", "--guidance-2", "3"]) == 2
+    assert "--pair wan22" in capsys.readouterr().err
