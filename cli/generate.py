@@ -9,11 +9,21 @@ from flowblend.errors import FlowblendError
 from flowblend.export.pairs import load_pair
 from flowblend.runtime.graph import GraphRunner
 from flowblend.runtime.pipeline import BlendPipeline
-from flowblend.runtime.sampler import Sampler
+from flowblend.runtime.sampler import Sampler, SamplerOptions
 from flowblend.runtime.video import save_video
 
 from .backends import BACKENDS, make_engines, parse_dtype
-from .common import add_pair_args, add_plan_args, add_video_args, family_of, resolve_plan, resolve_video
+from .common import (
+    add_pair_args,
+    add_plan_args,
+    add_video_args,
+    family_of,
+    resolve_experts,
+    resolve_guidance,
+    resolve_plan,
+    resolve_steps,
+    resolve_video,
+)
 
 GRAPH_MODES = {"whole": "whole", "per-step": "per_step", "none": "eager"}  # --graph spelling -> GraphRunner mode
 
@@ -26,7 +36,8 @@ def register(sub) -> None:
     p.add_argument("--prompt", action="append", default=[], help="text prompt (repeat for several videos)")
     p.add_argument("--prompt-file", help="file with one prompt per line")
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--guidance", type=float, help="CFG scale (default: the family's; 1 disables CFG)")
+    p.add_argument("--guidance", type=float,
+                   help="CFG scale (default: the family's; 1 disables CFG; wan22: the high-noise expert's)")
     p.add_argument("--solver", choices=("unipc", "euler"), help="default: the family's")
     p.add_argument("--shift", type=float, help="flow shift (default: the family's)")
     p.add_argument("--seed", type=int, default=0)
@@ -65,26 +76,30 @@ def output_paths(out: str, n: int) -> list[Path]:
 
 def run(args) -> int:
     family = family_of(args)
-    plan = resolve_plan(args, family)
     frames, height, width = resolve_video(args, family)
-    prompts = read_prompts(args)
-    if args.graph != "none" and not args.device.startswith("cuda"):
-        raise FlowblendError(f"--graph {args.graph} captures CUDA graphs: pass --device cuda, or drop --graph")
-    outs = output_paths(args.out, len(prompts))
-    dtype = parse_dtype(args.dtype)
-    guidance = args.guidance if args.guidance is not None else family.guidance
     latent_shape = family.latent_shape(frames, height, width)
     solver_kw = family.sampler_kwargs(latent_shape)
     if args.solver:
         solver_kw["solver"] = args.solver
     if args.shift is not None:
         solver_kw["shift"], solver_kw["mu"] = args.shift, None
+    experts = resolve_experts(args, family, resolve_steps(args, family), solver_kw["solver"], solver_kw["shift"],
+                              solver_kw.get("mu"))
+    plan = resolve_plan(args, family, experts)
+    guidance, guidance_table = resolve_guidance(args, family, plan, experts)
+    prompts = read_prompts(args)
+    if args.graph != "none" and not args.device.startswith("cuda"):
+        raise FlowblendError(f"--graph {args.graph} captures CUDA graphs: pass --device cuda, or drop --graph")
+    outs = output_paths(args.out, len(prompts))
+    dtype = parse_dtype(args.dtype)
 
     pair = load_pair(family.name, args.large, args.small, dtype=dtype, device=args.device,
                      allow_download=args.allow_download)
     engines = make_engines(args.backend, pair, args.device, dtype, args=args, latent_shape=latent_shape,
-                           guidance=guidance)
-    sampler = Sampler(engines, plan, guidance_scale=guidance, device=args.device, dtype=dtype, **solver_kw)
+                           guidance=max(guidance_table))
+    options = SamplerOptions(solver_kw["solver"], solver_kw["shift"], guidance, solver_kw.get("mu"),
+                             guidance_table=guidance_table)
+    sampler = Sampler(engines, plan, options=options, device=args.device, dtype=dtype)
     pipe = BlendPipeline(GraphRunner(sampler, mode=GRAPH_MODES[args.graph]), pair.encode_prompt, pair.decode)
     for prompt, out in zip(prompts, outs):
         start = time.perf_counter()
@@ -93,7 +108,10 @@ def run(args) -> int:
         seconds = time.perf_counter() - start
         written = save_video(video, out)
         record = {"prompt": prompt, "seed": args.seed, "pair": family.name, "backend": args.backend,
-                  "plan": plan.to_dict(), "guidance": guidance, **{k: v for k, v in solver_kw.items() if v is not None},
+                  "plan": plan.to_dict(), "guidance": guidance, "guidance_per_step": list(guidance_table),
+                  **({"boundary_ratio": experts.boundary_ratio, "expert_switch_step": experts.switch_step}
+                     if experts is not None else {}),
+                  **{k: v for k, v in solver_kw.items() if v is not None},
                   "frames": frames, "height": height, "width": width, "dtype": args.dtype, "graph": args.graph,
                   "seconds": round(seconds, 4), "video": str(written), "sources": pair.sources}
         written.with_suffix(".json").write_text(json.dumps(record, indent=2))
