@@ -11,7 +11,7 @@ from pathlib import Path
 
 from flowblend.errors import FlowblendError
 
-from .common import add_pair_args, add_video_args, family_of, resolve_video
+from .common import add_expert_args, add_pair_args, add_video_args, family_of, resolve_experts, resolve_video
 
 DEFAULT_TOLERANCE = 0.5
 
@@ -57,7 +57,9 @@ def _add_common(p) -> None:
     p.add_argument("--steps", type=int, help="denoising steps (default: the family's)")
     p.add_argument("--solver", choices=("unipc", "euler"), help="default: the family's")
     p.add_argument("--shift", type=float, help="flow shift (default: the family's)")
-    p.add_argument("--guidance", type=float, help="CFG scale (default: the family's; 1 disables CFG)")
+    p.add_argument("--guidance", type=float,
+                   help="CFG scale (default: the family's; 1 disables CFG; wan22: the high-noise expert's)")
+    add_expert_args(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out-dir", default="calibration", help="where JSON, plots and plan.json go (default ./calibration)")
     p.add_argument("--no-progress", action="store_true")
@@ -104,7 +106,17 @@ def resolve_setup(args, family):
     guidance = args.guidance if args.guidance is not None else family.guidance
     if guidance < 0:
         raise FlowblendError(f"--guidance must be >= 0, got {guidance}")
-    return SamplingSetup(steps, kw["solver"], kw["shift"], guidance, tuple(latent_shape), kw.get("mu"))
+    experts = resolve_experts(args, family, steps, kw["solver"], kw["shift"], kw.get("mu"))
+    scales = dict(family.expert_guidance)
+    if experts is not None:  # each expert's CFG scale; the small model takes the replaced expert's unless given
+        scales[experts.high] = guidance
+        if args.guidance_2 is not None:
+            scales[experts.low] = args.guidance_2
+    if args.small_guidance is not None:
+        scales["small"] = args.small_guidance
+    return SamplingSetup(steps, kw["solver"], kw["shift"], guidance, tuple(latent_shape), kw.get("mu"),
+                         experts.boundary_ratio if experts is not None else None, tuple(scales.items()),
+                         tuple(family.models), tuple(family.letters))
 
 
 def _load(args, family):
@@ -128,7 +140,9 @@ def run_divergence(args) -> int:
     curve, _ = measure_divergence(engines, requests, setup, progress=not args.no_progress)
     out = Path(args.out_dir)
     threshold = default_threshold(curve) if args.threshold is None else args.threshold
-    seed = plan_from_divergence(curve, threshold, args.pattern) if setup.steps >= 3 or args.pattern == "any" else None
+    reference = setup.reference_plan() if setup.boundary_ratio is not None else None  # wan22: the experts' plan
+    seed = plan_from_divergence(curve, threshold, args.pattern, reference=reference) \
+        if setup.steps >= 3 or args.pattern == "any" else None
     json_path = save_curve(curve, out / "divergence.json")
     png = plot_divergence(curve, out / "divergence.png", seed, threshold)
     mean = curve.mean("cosine_guided")
@@ -171,8 +185,9 @@ def run_plan(args) -> int:
     paths = write_outputs(result, Path(args.out_dir), Path(args.report) if args.report else None,
                           args.title or f"Calibration: {family.name} pair", command)
     c = result.chosen
-    lll = result.per_step_flops["large"] * setup.steps
-    print(f"chosen plan {c.plan.label} ({c.plan.spec}): {c.flops / lll:.1%} of LLL FLOPs, {metric} quality "
+    reference = setup.reference_plan()
+    lll = reference.flops(result.per_step_flops)
+    print(f"chosen plan {c.plan.label} ({c.plan.spec}): {c.flops / lll:.1%} of {reference.spec} FLOPs, {metric} quality "
           f"{c.quality:.4f}, retained {c.retained:.3f} (tolerance {result.tolerance:g})")
     print(f"wrote {paths['plan']}, {paths['report']} (+ {paths['divergence_png'].name}, {paths['quality_png'].name})")
     return 0

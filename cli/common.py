@@ -46,7 +46,7 @@ def resolve_steps(args, family: PairFamily) -> int:
         return len(_read_plan_file(args))
     steps = args.steps if args.steps is not None else family.steps
     if steps < 1:
-        raise FlowblendError(f"--steps must be >= 1, got {steps}")
+        raise FlowblendError(f"--steps must be a positive integer, got {steps}")
     return steps
 
 
@@ -78,7 +78,7 @@ def resolve_guidance(args, family: PairFamily, plan: BlendPlan, experts: ExpertS
         scales["small"] = args.small_guidance
     for name, value in {"--guidance": default, **scales}.items():
         if value < 0:
-            raise FlowblendError(f"{name} guidance must be >= 0 (1 disables CFG), got {value}")
+            raise FlowblendError(f"guidance_scale must be >= 0 (1 disables CFG), got {value} for {name}")
     return default, guidance_table(plan, default, scales, experts)
 
 
