@@ -24,21 +24,20 @@ import torch
 from flowblend.engines.torch_engine import TorchEngine
 from flowblend.errors import FlowblendError
 from flowblend.runtime.graph import GraphRunner
-from flowblend.runtime.guidance import expert_schedule_for, guidance_table
-from flowblend.runtime.plan import BlendPlan, ExpertSchedule, ModelSet
+from flowblend.runtime.guidance import guidance_table
+from flowblend.runtime.plan import BlendPlan, ExpertSchedule
 from flowblend.runtime.sampler import Sampler, SamplerOptions
 
 from .flops import step_flops
 from .memory import PeakMemory, current_rss_bytes
 from .pairing import round_order
+from .plans import DEFAULT_PLANS, bench_plans
 from .report import case_rows, targets
 from .runtime_cost import measure_overhead, memory_budget, sync_device, tiny_wan_overhead
 
 BACKENDS = ("torch", "torch-compile", "onnxruntime", "tensorrt")
 MODES = ("loop", "step-graph", "loop-graph")
 DEFAULT_BACKENDS = ("torch", "torch-compile")
-DEFAULT_PLANS = ("LLL", "LSL:0.4,0.2", "SSS")
-EXPERT_PLANS = ("experts", "experts:4,4")  # two-expert pairs (wan22): their own plan, small around the switch
 PROMPT = "a red circle moving left"
 
 
@@ -95,6 +94,7 @@ class TimedEngine:
     def __init__(self, engine, model: str, log: list, device: torch.device):
         self.engine, self.model, self.log, self.cuda = engine, model, log, device.type == "cuda"
         self.input_names, self.output_names = engine.input_names, engine.output_names
+        self.device, self.dtype = engine.device, engine.dtype
 
     def bind(self, tensors) -> None:
         self.engine.bind(tensors)
@@ -126,28 +126,6 @@ class Case:
     peak: PeakMemory | None = None
     first_run_s: float | None = None  # the first warm-up run: includes compilation for torch-compile
     runner: GraphRunner | None = None  # graph modes: captures on the first run, then replays
-
-
-def resolve_plans(options: BenchOptions, steps: int, model_set: ModelSet | None = None,
-                  experts: ExpertSchedule | None = None) -> list[BlendPlan]:
-    """The plans to measure in the family's model names (a two-expert pair's defaults are EXPERT_PLANS)."""
-    model_set = model_set or ModelSet(("large", "small"), ("L", "S"))
-    specs = EXPERT_PLANS if experts is not None and options.plans == DEFAULT_PLANS else options.plans
-    plans = [BlendPlan.parse(spec, steps, model_set, experts) for spec in specs]
-    for path in options.plan_files:
-        plan = BlendPlan.from_json(Path(path).read_text())
-        if len(plan) != steps:
-            raise FlowblendError(f"plan file {path} has {len(plan)} steps but the run has {steps}: pass --steps {len(plan)}")
-        plans.append(BlendPlan(plan.models, plan.spec, model_set))
-    return plans
-
-
-def reference_plan_for(family, steps: int, experts: ExpertSchedule | None) -> BlendPlan:
-    """What speedups are measured against: the experts' own plan (wan22), else the large model alone (LLL)."""
-    model_set = ModelSet(tuple(family.models), tuple(family.letters))
-    if experts is not None:
-        return BlendPlan.from_expert_boundary(experts, model_set=model_set)
-    return BlendPlan((family.models[0],) * steps, "LLL", model_set)
 
 
 # -- engines per backend ---------------------------------------------------------------------------
@@ -372,17 +350,8 @@ def run_bench(pair, options: BenchOptions, baseline_rss: int | None = None) -> d
     steps = family.steps if options.steps is None else options.steps
     guidance = family.guidance if options.guidance is None else options.guidance
     sampler_kwargs = family.sampler_kwargs(latent_shape)
-    experts, scales = None, {}
-    if family.experts is not None:  # wan22: the switch on the solver's timesteps, each expert's CFG scale
-        ratio = family.boundary_ratio if options.boundary_ratio is None else options.boundary_ratio
-        experts = expert_schedule_for(sampler_kwargs["solver"], steps, sampler_kwargs["shift"], ratio,
-                                      sampler_kwargs.get("mu"))
-        scales = {**dict(family.expert_guidance), experts.high: guidance}
-    plans = resolve_plans(options, steps, ModelSet(tuple(family.models), tuple(family.letters)), experts)
-    reference_plan = reference_plan_for(family, steps, experts)
-    if not any(p.models == reference_plan.models for p in plans):
-        plans.insert(0, reference_plan)  # the reference is always measured
-    reference_plan = next(p for p in plans if p.models == reference_plan.models)
+    plans, reference_plan, experts, scales = bench_plans(family, options.plans, options.plan_files, steps,
+                                                         sampler_kwargs, guidance, options.boundary_ratio)
     cfg = max(max(guidance_table(p, guidance, scales, experts)) for p in plans) > 1
     per_step = {m: step_flops(family.transformer_class, dict(t.config), latent_shape, family.text_len, cfg)
                 for m, t in pair.transformers.items()}

@@ -13,7 +13,7 @@ import torch
 
 from flowblend.engines.torch_engine import TorchEngine
 from flowblend.runtime.plan import BlendPlan
-from flowblend.runtime.sampler import Sampler
+from flowblend.runtime.sampler import Sampler, SamplerOptions
 from flowblend.runtime.solvers import scheduler_for
 
 from .memory import LiveTensorBytes, PeakMemory, current_rss_bytes, module_bytes, tensors_bytes
@@ -40,8 +40,9 @@ def measure_overhead(modules: dict, plan: BlendPlan, sampler_kwargs: dict, guida
     over the bare loop: its overhead) and with the default engines, which for Wan and LTX compute
     the schedule constants once per binding (engines/wan_step.py, ltx_step.py; what a user gets).
     """
+    sampler_options = SamplerOptions(guidance_scale=guidance, **sampler_kwargs)
     samplers = {split: Sampler({m: TorchEngine(module, name=m, split_constants=split) for m, module in modules.items()},
-                               plan, guidance_scale=guidance, device=device, **sampler_kwargs)
+                               plan, sampler_options, device=device)
                 for split in (False, True)}
     gen = torch.Generator("cpu").manual_seed(0)
     noise = torch.randn((1, *latent_shape), generator=gen).to(device)
@@ -126,7 +127,7 @@ def memory_budget(pair, engines: dict, plan: BlendPlan, sampler_kwargs: dict, gu
     """
     device = torch.device(options.device)
     rss_loaded = current_rss_bytes()  # models loaded, no buffers yet
-    sampler = Sampler(engines, plan, guidance_scale=guidance, device=device, dtype=options.dtype, **sampler_kwargs)
+    sampler = Sampler(engines, plan, SamplerOptions(guidance_scale=guidance, **sampler_kwargs), device=device, dtype=options.dtype)
     embeds, mask = pair.encode_prompt([prompt, ""])
     masks = {} if mask is None else {"prompt_mask": mask[0:1], "negative_prompt_mask": mask[1:2]}
     bufs = sampler.load_request(noise, embeds[0:1], embeds[1:2], **masks)

@@ -27,10 +27,17 @@ VELOCITY = "velocity"
 
 @runtime_checkable
 class Engine(Protocol):
-    """A compiled or eager transformer bound to shared buffers."""
+    """A compiled or eager transformer bound to shared buffers.
+
+    `device` and `dtype` say where and in what type the engine reads `latents`/`text_embeds` and
+    writes `velocity`: the runtime allocates the shared buffers from them (the timestep table is
+    always float32, the mask int64).
+    """
 
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
+    device: torch.device
+    dtype: torch.dtype
 
     def bind(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Remember the tensors to read and write; called once per buffer set, never per step."""

@@ -21,6 +21,14 @@ def step_split_for(module: nn.Module) -> nn.Module | None:
     return None
 
 
+def _placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device and floating dtype of a module's weights (where its inputs must live); cpu/float32 if it has none."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return torch.device("cpu"), torch.float32
+
+
 class TorchEngine:
     """Runs a transformer eagerly on bound buffers; `device`/`dtype` move it once at construction.
 
@@ -37,6 +45,7 @@ class TorchEngine:
             module = module.to(device=device, dtype=dtype)
         self.module = module.eval()
         self.name = name
+        self.device, self.dtype = _placement(module)
         self.input_names = tuple(module.input_names)
         self.output_names = tuple(module.output_names)
         self.step_split = step_split_for(module) if split_constants else None

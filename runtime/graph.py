@@ -19,13 +19,15 @@ shape), because a graph replays into exactly the memory it was captured on.
 
 `mode="per_step"` captures one graph per step (engine call + its combine), the granularity
 existing TensorRT diffusion pipelines use, for comparison; `mode="eager"` runs the plain loop.
-The capture steps go through a small backend object (`TorchGraphBackend`), so the state machine
-(idle -> warming -> capturing -> ready | failed) is tested on CPU with a stand-in backend.
+The capture steps go through a small backend object (the `GraphBackend` protocol, implemented by
+`TorchGraphBackend`), so the state machine (idle -> warming -> capturing -> ready | failed) is tested
+on CPU with a stand-in backend.
 """
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 
@@ -44,8 +46,31 @@ class GraphState(str, enum.Enum):
     FAILED = "failed"
 
 
+@runtime_checkable
+class GraphBackend(Protocol):
+    """What GraphRunner asks of a capture backend: every method it calls, in the order it calls them."""
+
+    def warm_up(self, fn: Callable[[], None]) -> None:
+        """Run `fn` once outside any capture, so lazy initialisation happens before recording."""
+
+    def begin_capture(self, body: Callable[[], None]) -> Any:
+        """Start recording; the caller runs `body` next, then `end_capture`. Returns the graph handle."""
+
+    def end_capture(self, graph: Any) -> None:
+        """Stop recording, also after a failure inside `body` (the stream must not stay capturing)."""
+
+    def is_capturing(self) -> bool:
+        """Whether the capture stream is still recording (it must not be after `end_capture`)."""
+
+    def discard_stream(self) -> None:
+        """After a failed capture: use a fresh stream for later captures."""
+
+    def replay(self, graph: Any) -> None:
+        """Launch a captured graph."""
+
+
 class TorchGraphBackend:
-    """torch.cuda.CUDAGraph captured on a side stream of `device`."""
+    """The GraphBackend of CUDA: torch.cuda.CUDAGraph captured on a side stream of `device`."""
 
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)
@@ -113,7 +138,7 @@ class GraphRunner:
     (copies, then the launch alone).
     """
 
-    def __init__(self, sampler: Sampler, mode: str = "whole", backend=None):
+    def __init__(self, sampler: Sampler, mode: str = "whole", backend: GraphBackend | None = None):
         if mode not in MODES:
             raise ValueError(f"unknown graph mode {mode!r}: choose one of {', '.join(MODES)}")
         self.sampler = sampler
@@ -133,9 +158,7 @@ class GraphRunner:
         if all(entry.sampler is not self.sampler for entry in self.cache.values()):
             return self.sampler
         s = self.sampler
-        sibling = Sampler(s.engines, s.plan, options=s.options, device=s.device, dtype=s.dtype)
-        sibling.table = s.table  # the same coefficients, even if `s` was built from a custom scheduler
-        return sibling
+        return Sampler(s.engines, s.plan, s.options, device=s.device, dtype=s.dtype)  # same options: same table
 
     @property
     def state(self) -> GraphState:
@@ -181,8 +204,7 @@ class GraphRunner:
             if failure is None and self.backend.is_capturing():
                 failure = RuntimeError("the stream was still capturing after end_capture")
             if failure is not None:
-                if hasattr(self.backend, "discard_stream"):
-                    self.backend.discard_stream()
+                self.backend.discard_stream()
                 error = self._fail(entry, f"capture failed at step {at['step']} ({sampler.plan.models[at['step']]})",
                                    failure)
                 if not isinstance(failure, Exception):

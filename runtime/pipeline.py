@@ -6,14 +6,17 @@ from typing import Callable
 
 import torch
 
-from .sampler import Sampler
+from .sampler import LatentSampler
 
 
 @dataclass
 class BlendPipeline:
-    """Glue only (as a diffusers pipeline): the sampler moves latents, the callables encode and decode."""
+    """Glue only (as a diffusers pipeline): the sampler moves latents, the callables encode and decode.
 
-    sampler: Sampler
+    `sampler` is a `Sampler` or a `GraphRunner` over one (both are LatentSamplers).
+    """
+
+    sampler: LatentSampler
     encode_prompt: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor | None]]
     decode: Callable[[torch.Tensor], torch.Tensor]
 

@@ -6,11 +6,13 @@ which is what lets runtime/graph.py capture it whole.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from flowblend.engines.base import Engine
+from flowblend.errors import FlowblendError
 
 from .buffers import SamplerBuffers
 from .fused import fused_steps_for
@@ -20,7 +22,11 @@ from .solvers import SOLVERS, SolverTable, apply_combine, make_solver_table
 
 @dataclass(frozen=True)
 class SamplerOptions:
-    """Everything besides engines and plan that fixes the numerics of a run."""
+    """Everything besides engines and plan that fixes the numerics of a run: the one way to set them.
+
+    A frozen config object passed whole (gpt-fast's `ModelArgs`, diffusers' `config`); change a
+    field with `options.replace(guidance_scale=1.0)`.
+    """
 
     solver: str = "unipc"
     shift: float = 3.0
@@ -33,15 +39,15 @@ class SamplerOptions:
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
-            raise ValueError(f"unknown solver {self.solver!r}: choose one of {', '.join(SOLVERS)}")
-        if self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0 (1 disables CFG), got {self.guidance_scale}")
-        if self.shift <= 0:
-            raise ValueError(f"shift must be > 0, got {self.shift}")
+            raise FlowblendError(f"unknown solver {self.solver!r}: choose one of {', '.join(SOLVERS)}")
+        if not self.guidance_scale >= 0:
+            raise FlowblendError(f"guidance_scale must be >= 0 (1 disables CFG), got {self.guidance_scale}")
+        if not self.shift > 0:
+            raise FlowblendError(f"shift must be > 0 (Wan 480p uses 3.0, 720p 5.0), got {self.shift}")
         if self.guidance_table is not None:
             object.__setattr__(self, "guidance_table", tuple(float(g) for g in self.guidance_table))
-            if any(g < 0 for g in self.guidance_table):
-                raise ValueError(f"guidance_table has a negative scale: {self.guidance_table}")
+            if not all(g >= 0 for g in self.guidance_table):
+                raise FlowblendError(f"guidance_table has a negative or NaN scale: {self.guidance_table}")
 
     @property
     def cfg(self) -> bool:
@@ -53,34 +59,53 @@ class SamplerOptions:
         if self.guidance_table is None:
             return (float(self.guidance_scale),) * steps
         if len(self.guidance_table) != steps:
-            raise ValueError(f"guidance_table has {len(self.guidance_table)} scales but the plan {steps} steps: "
+            raise FlowblendError(f"guidance_table has {len(self.guidance_table)} scales but the plan {steps} steps: "
                              "give one scale per step (runtime/guidance.py's guidance_table)")
         return self.guidance_table
+
+    def replace(self, **changes) -> "SamplerOptions":
+        """A copy with `changes` applied (validated again)."""
+        return replace(self, **changes)
+
+
+@runtime_checkable
+class LatentSampler(Protocol):
+    """What a pipeline drives: `Sampler` (the eager loop) and `GraphRunner` (the loop in CUDA graphs)."""
+
+    def sample(self, noise: torch.Tensor, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor | None = None,
+               prompt_mask: torch.Tensor | None = None, negative_prompt_mask: torch.Tensor | None = None,
+               progress: bool = False) -> torch.Tensor:
+        """Denoise `noise` [1, C, F, H, W]; returns the final latents (float32, a copy)."""
 
 
 class Sampler:
     """Runs a BlendPlan over two (or more) engines that share one set of buffers.
 
     `Sampler(engines={"large": TorchEngine(m14b), "small": TorchEngine(m1b)}, plan=plan,
-    solver="unipc", shift=3.0, guidance_scale=5.0).sample(noise, prompt_embeds, negative_prompt_embeds)`
+    options=SamplerOptions(solver="unipc", shift=3.0, guidance_scale=5.0)).sample(noise, prompt_embeds,
+    negative_prompt_embeds)`
+
+    The numerics come from `options` alone; `device` and `dtype` (where the shared buffers live)
+    default to the engines' own (`Engine.device`, `Engine.dtype`).
     """
 
-    def __init__(self, engines: dict[str, Engine], plan: BlendPlan, solver: str = "unipc", shift: float = 3.0,
-                 guidance_scale: float = 5.0, mu: float | None = None, options: SamplerOptions | None = None,
-                 scheduler=None, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        self.options = options or SamplerOptions(solver, shift, guidance_scale, mu)
+    def __init__(self, engines: dict[str, Engine], plan: BlendPlan, options: SamplerOptions = SamplerOptions(), *,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        if not isinstance(options, SamplerOptions):
+            raise FlowblendError(f"options must be a SamplerOptions, got {type(options).__name__}: "
+                                 "Sampler(engines, plan, SamplerOptions(solver=..., guidance_scale=...))")
         missing = sorted(set(plan.models) - set(engines))
         if missing:
-            raise ValueError(f"plan {plan.label} uses {missing} but engines has only {sorted(engines)}: "
-                             "pass an engine for every model the plan names")
+            raise FlowblendError(f"plan {plan.label} uses {missing} but engines has only {sorted(engines)}: "
+                                 "pass an engine for every model the plan names")
+        self.options = options
         self.engines = engines
         self.plan = plan
-        o = self.options
-        self.table: SolverTable = make_solver_table(o.solver, len(plan), o.shift, o.mu, scheduler=scheduler)
-        self.guidance = o.guidance_for(len(plan))
+        self.table: SolverTable = make_solver_table(options.solver, len(plan), options.shift, options.mu)
+        self.guidance = options.guidance_for(len(plan))
         first = next(iter(engines.values()))
-        self.device = torch.device(device) if device is not None else getattr(first, "device", torch.device("cpu"))
-        self.dtype = dtype or getattr(first, "dtype", torch.float32)
+        self.device = torch.device(device) if device is not None else torch.device(first.device)
+        self.dtype = dtype if dtype is not None else first.dtype
         self.needs_mask = any("text_mask" in e.input_names for e in engines.values())
         self._step_engines = [engines[m] for m in plan.models]
         self.buffers: SamplerBuffers | None = None
@@ -115,23 +140,23 @@ class Sampler:
                      negative_prompt_mask=None) -> SamplerBuffers:
         """Copy one request's noise and text into the static buffers (the only per-request writes)."""
         if noise.dim() < 2 or noise.shape[0] != 1:
-            raise ValueError(f"noise must have batch 1, e.g. [1, C, F, H, W]; got shape {tuple(noise.shape)}")
+            raise FlowblendError(f"noise must have batch 1, e.g. [1, C, F, H, W]; got shape {tuple(noise.shape)}")
         if prompt_embeds.dim() == 2:
             prompt_embeds = prompt_embeds[None]
         if prompt_embeds.shape[0] != 1:
-            raise ValueError(f"prompt_embeds must be [1, L, D] (one prompt per call), got {tuple(prompt_embeds.shape)}")
+            raise FlowblendError(f"prompt_embeds must be [1, L, D] (one prompt per call), got {tuple(prompt_embeds.shape)}")
         if self.options.cfg and negative_prompt_embeds is None:
-            raise ValueError(f"guidance scale {max(self.guidance)} > 1 needs negative_prompt_embeds "
+            raise FlowblendError(f"guidance scale {max(self.guidance)} > 1 needs negative_prompt_embeds "
                              "(encode the negative prompt, \"\" by default), or set guidance_scale=1")
         if self.needs_mask and prompt_mask is None:
-            raise ValueError("this model family takes a text mask: pass prompt_mask (and negative_prompt_mask)")
+            raise FlowblendError("this model family takes a text mask: pass prompt_mask (and negative_prompt_mask)")
         bufs = self.prepare(noise.shape[1:], prompt_embeds.shape[1:])
         bufs.latents.copy_(noise)
         bufs.text_embeds[0:1].copy_(prompt_embeds)
         if self.options.cfg:
             neg = negative_prompt_embeds[None] if negative_prompt_embeds.dim() == 2 else negative_prompt_embeds
             if neg.shape[1:] != prompt_embeds.shape[1:]:
-                raise ValueError(f"negative_prompt_embeds {tuple(neg.shape)} must match prompt_embeds "
+                raise FlowblendError(f"negative_prompt_embeds {tuple(neg.shape)} must match prompt_embeds "
                                  f"{tuple(prompt_embeds.shape)}: pad both to the same length")
             bufs.text_embeds[1:2].copy_(neg)
         if bufs.text_mask is not None:

@@ -32,7 +32,7 @@ from flowblend.export.onnx import export_pair  # noqa: E402
 from flowblend.export.pairs import LoadedPair, get_family, load_pair  # noqa: E402
 from flowblend.export.record import onnx_dir  # noqa: E402
 from flowblend.runtime.plan import BlendPlan  # noqa: E402
-from flowblend.runtime.sampler import Sampler  # noqa: E402
+from flowblend.runtime.sampler import Sampler, SamplerOptions  # noqa: E402
 
 DTYPES = ("fp32", "fp16", "bf16")
 
@@ -74,7 +74,7 @@ def ort_vs_torch(pair: LoadedPair, artifacts: Path, steps: int = 20, seed: int =
             engines = {m: TorchEngine(t, name=m) for m, t in pair.transformers.items()}
         else:
             engines = {m: OrtEngine(onnx_dir(artifacts, family.name) / f"{m}.onnx", name=m) for m in pair.transformers}
-        sampler = Sampler(engines, plan, guidance_scale=family.guidance, **family.sampler_kwargs(shape))
+        sampler = Sampler(engines, plan, SamplerOptions(guidance_scale=family.guidance, **family.sampler_kwargs(shape)))
         out[backend] = sampler.sample(noise, embeds[0:1], embeds[1:2]).clone()
     a, b = out["torch"], out["onnxruntime"]
     return {"plan": plan.label, "steps": steps, "latent_rel_err": float((a - b).norm() / a.norm()),

@@ -105,6 +105,9 @@ class ScaleEngine:
 
     input_names, output_names = ("latents", "timestep", "text_embeds"), ("velocity",)
 
+    def __init__(self, device="cpu", dtype=torch.float32):
+        self.device, self.dtype = torch.device(device), dtype
+
     def bind(self, tensors):
         self.inp, self.out = tensors["latents"], tensors["velocity"]
         self.scale = torch.tensor([0.6, 0.45][: self.out.shape[0]], device=self.out.device).view(-1, 1, 1, 1, 1)
@@ -115,9 +118,9 @@ class ScaleEngine:
 
 def _fused_run(lib, device, shape, dtype, solver, steps, kernel: bool, host: bool):
     plan = BlendPlan.parse("LSL:0.4,0.2", steps)
-    engines = {"large": ScaleEngine(), "small": ScaleEngine()}
+    engines = {"large": ScaleEngine(device, dtype), "small": ScaleEngine(device, dtype)}
     opts = SamplerOptions(solver=solver, guidance_scale=5.0, fused_kernel=False)
-    sampler = Sampler(engines, plan, options=opts, device=device, dtype=dtype)
+    sampler = Sampler(engines, plan, opts)
     g = torch.Generator().manual_seed(0)
     text = torch.randn(1, 8, 16, generator=g)
     bufs = sampler.load_request(torch.randn((1, *shape), generator=g), text, text)

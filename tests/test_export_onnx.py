@@ -23,7 +23,7 @@ from flowblend.export.onnx import export_pair, export_transformer
 from flowblend.export.pairs import LoadedPair, get_family
 from flowblend.export.verify import verify_export, verify_onnx
 from flowblend.runtime.plan import BlendPlan
-from flowblend.runtime.sampler import Sampler
+from flowblend.runtime.sampler import Sampler, SamplerOptions
 
 GUIDANCE = 4.0  # CFG: the graphs are exported for batch 2
 FLOAT, FLOAT16, DOUBLE = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE
@@ -116,7 +116,7 @@ def test_blended_loop_over_ort_engines_matches_the_pytorch_backend(exported, fam
     latents = {}
     for backend, engines in (("onnxruntime", ort_engines), ("torch", torch_engines)):
         solver = "unipc" if family == "wan" else "euler"
-        latents[backend] = Sampler(engines, plan, solver=solver, shift=3.0, guidance_scale=GUIDANCE).sample(
+        latents[backend] = Sampler(engines, plan, SamplerOptions(solver=solver, shift=3.0, guidance_scale=GUIDANCE)).sample(
             noise, cond, uncond, **kw)
     rel = ((latents["onnxruntime"] - latents["torch"]).norm() / latents["torch"].norm()).item()
     assert rel <= 1e-4, f"{family}: ORT vs PyTorch final latents relative error {rel:.2e}"

@@ -109,6 +109,9 @@ class ScaleEngine:
 
     input_names, output_names = ("latents", "timestep", "text_embeds"), ("velocity",)
 
+    def __init__(self, device="cpu", dtype=torch.float32):
+        self.device, self.dtype = torch.device(device), dtype
+
     def bind(self, tensors):
         self.inp, self.out = tensors["latents"], tensors["velocity"]
         self.scale = torch.tensor([0.6, 0.45][: self.out.shape[0]], device=self.out.device).view(-1, 1, 1, 1, 1)
@@ -126,9 +129,8 @@ def test_fused_kernel_equals_the_pytorch_step(kernel_library, dtype, solver, gui
     noise, text, neg = request(3, shape)
 
     def run(kernel: bool):
-        engines = {"large": ScaleEngine(), "small": ScaleEngine()}
-        sampler = Sampler(engines, plan, options=no_fused(solver=solver, guidance_scale=guidance), device="cuda",
-                          dtype=dtype)
+        engines = {"large": ScaleEngine("cuda", dtype), "small": ScaleEngine("cuda", dtype)}
+        sampler = Sampler(engines, plan, no_fused(solver=solver, guidance_scale=guidance))
         bufs = sampler.load_request(noise, text, neg if guidance > 1 else None)
         steps = fused.FusedSteps(kernel_library, bufs, sampler.table, guidance) if kernel else None
         for i, name in enumerate(plan.models):
@@ -151,7 +153,7 @@ def test_whole_graph_with_the_fused_kernel_equals_the_eager_pytorch_loop(kernel_
     engines = {n: TorchEngine(m, device="cuda") for n, m in tiny_pair("wan").items()}
     plan = BlendPlan.parse("LSL:0.4,0.2", 8)
     eager = Sampler(engines, plan, options=no_fused(guidance_scale=4.0), device="cuda")
-    with_kernel = Sampler(engines, plan, guidance_scale=4.0, device="cuda")
+    with_kernel = Sampler(engines, plan, SamplerOptions(guidance_scale=4.0), device="cuda")
     runner = GraphRunner(with_kernel, mode="whole")
     out = runner.sample(*request(1))
     assert with_kernel._fused is not None  # the kernel really ran inside the graph

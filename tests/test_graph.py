@@ -17,7 +17,7 @@ from flowblend.engines.torch_engine import TorchEngine
 from flowblend.errors import FlowblendError
 from flowblend.runtime.graph import GraphRunner, GraphState, TorchGraphBackend
 from flowblend.runtime.plan import BlendPlan
-from flowblend.runtime.sampler import Sampler
+from flowblend.runtime.sampler import Sampler, SamplerOptions
 
 STEPS = 6
 
@@ -52,6 +52,10 @@ class FakeGraphBackend:
     def is_capturing(self):
         return self.capturing
 
+    def discard_stream(self):
+        assert not self.capturing, "a stream is discarded only after its capture ended"
+        self.events.append("discard_stream")
+
     def replay(self, graph):
         self.events.append("replay")
         graph.body()
@@ -74,9 +78,9 @@ def rel(a, b):
 @pytest.mark.parametrize("mode", ["whole", "per_step"])
 def test_replays_equal_the_eager_loop_and_capture_happens_once(wan_engines, mode):
     plan = BlendPlan.parse("LSL:0.4,0.2", STEPS)
-    reference = Sampler(wan_engines, plan, guidance_scale=4.0)
+    reference = Sampler(wan_engines, plan, SamplerOptions(guidance_scale=4.0))
     backend = FakeGraphBackend()
-    runner = GraphRunner(Sampler(wan_engines, plan, guidance_scale=4.0), mode=mode, backend=backend)
+    runner = GraphRunner(Sampler(wan_engines, plan, SamplerOptions(guidance_scale=4.0)), mode=mode, backend=backend)
     first = runner.sample(*request(1))
     graphs = 1 if mode == "whole" else STEPS
     assert backend.events == ["warm_up"] + ["begin", "end"] * graphs + ["replay"] * graphs
@@ -91,9 +95,9 @@ def test_replays_equal_the_eager_loop_and_capture_happens_once(wan_engines, mode
 
 def test_a_new_shape_gets_its_own_graph_and_buffers(wan_engines):
     plan = BlendPlan.parse("LSL:0.4,0.2", STEPS)
-    reference = Sampler(wan_engines, plan, guidance_scale=4.0)
+    reference = Sampler(wan_engines, plan, SamplerOptions(guidance_scale=4.0))
     backend = FakeGraphBackend()
-    runner = GraphRunner(Sampler(wan_engines, plan, guidance_scale=4.0), backend=backend)
+    runner = GraphRunner(Sampler(wan_engines, plan, SamplerOptions(guidance_scale=4.0)), backend=backend)
     other = (4, 2, 4, 4)
     a = runner.sample(*request(1))
     buffers_a = runner.current.sampler.buffers
@@ -113,6 +117,7 @@ class FailingEngine:
     def __init__(self, engine, backend, fail_step, error=RuntimeError):
         self.engine, self.backend, self.fail_step, self.error = engine, backend, fail_step, error
         self.input_names, self.output_names = engine.input_names, engine.output_names
+        self.device, self.dtype = engine.device, engine.dtype
 
     def bind(self, tensors):
         self.engine.bind(tensors)
@@ -126,10 +131,10 @@ class FailingEngine:
 def test_exception_mid_capture_ends_the_capture_and_fails_clearly(wan_engines):
     backend = FakeGraphBackend()
     engines = {"large": wan_engines["large"], "small": FailingEngine(wan_engines["small"], backend, fail_step=3)}
-    runner = GraphRunner(Sampler(engines, BlendPlan.parse("LSL:0.4,0.2", STEPS), guidance_scale=4.0), backend=backend)
+    runner = GraphRunner(Sampler(engines, BlendPlan.parse("LSL:0.4,0.2", STEPS), SamplerOptions(guidance_scale=4.0)), backend=backend)
     with pytest.raises(FlowblendError, match=r"capture failed at step 3 \(small\).*StreamCaptureUnsupported.*eager"):
         runner.sample(*request(1))
-    assert backend.events == ["warm_up", "begin", "end"] and not backend.capturing
+    assert backend.events == ["warm_up", "begin", "end", "discard_stream"] and not backend.capturing
     assert runner.state is GraphState.FAILED
     with pytest.raises(FlowblendError, match="failed earlier"):
         runner.sample(*request(2))
@@ -142,15 +147,16 @@ def test_interrupt_mid_capture_still_ends_the_capture(wan_engines):
     backend = FakeGraphBackend()
     engines = {"large": FailingEngine(wan_engines["large"], backend, 0, KeyboardInterrupt),
                "small": wan_engines["small"]}
-    runner = GraphRunner(Sampler(engines, BlendPlan.parse("LLL", 3), guidance_scale=4.0), backend=backend)
+    runner = GraphRunner(Sampler(engines, BlendPlan.parse("LLL", 3), SamplerOptions(guidance_scale=4.0)), backend=backend)
     with pytest.raises(KeyboardInterrupt):
         runner.sample(*request(1))
-    assert backend.events[-1] == "end" and not backend.capturing and runner.state is GraphState.FAILED
+    assert backend.events[-2:] == ["end", "discard_stream"] and not backend.capturing
+    assert runner.state is GraphState.FAILED
 
 
 def test_invalidated_capture_and_failed_warm_up_are_clear_errors(wan_engines):
     backend = FakeGraphBackend(fail_end=True)
-    runner = GraphRunner(Sampler(wan_engines, BlendPlan.parse("LLL", 3), guidance_scale=4.0), backend=backend)
+    runner = GraphRunner(Sampler(wan_engines, BlendPlan.parse("LLL", 3), SamplerOptions(guidance_scale=4.0)), backend=backend)
     with pytest.raises(FlowblendError, match="capture failed at step 2 .*capture invalidated"):
         runner.sample(*request(1))
     assert runner.state is GraphState.FAILED
@@ -159,14 +165,14 @@ def test_invalidated_capture_and_failed_warm_up_are_clear_errors(wan_engines):
         def warm_up(self, fn):
             raise RuntimeError("CUBLAS_STATUS_NOT_INITIALIZED")
 
-    runner = GraphRunner(Sampler(wan_engines, BlendPlan.parse("LLL", 3), guidance_scale=4.0), backend=BrokenWarmUp())
+    runner = GraphRunner(Sampler(wan_engines, BlendPlan.parse("LLL", 3), SamplerOptions(guidance_scale=4.0)), backend=BrokenWarmUp())
     with pytest.raises(FlowblendError, match="warm-up failed: RuntimeError: CUBLAS"):
         runner.sample(*request(1))
     assert runner.state is GraphState.FAILED
 
 
 def test_replay_before_capture_and_bad_modes_are_refused(wan_engines):
-    sampler = Sampler(wan_engines, BlendPlan.parse("LLL", 2), guidance_scale=4.0)
+    sampler = Sampler(wan_engines, BlendPlan.parse("LLL", 2), SamplerOptions(guidance_scale=4.0))
     runner = GraphRunner(sampler, backend=FakeGraphBackend())
     with pytest.raises(FlowblendError, match="replay\\(\\) before a graph was captured \\(nothing loaded\\)"):
         runner.replay()
@@ -180,14 +186,14 @@ def test_replay_before_capture_and_bad_modes_are_refused(wan_engines):
 
 def test_eager_mode_is_the_plain_sampler(wan_engines):
     plan = BlendPlan.parse("LSL:0.4,0.2", STEPS)
-    runner = GraphRunner(Sampler(wan_engines, plan, guidance_scale=4.0), mode="eager")
+    runner = GraphRunner(Sampler(wan_engines, plan, SamplerOptions(guidance_scale=4.0)), mode="eager")
     out = runner.sample(*request(5))
-    assert rel(out, Sampler(wan_engines, plan, guidance_scale=4.0).sample(*request(5))) == 0.0
+    assert rel(out, Sampler(wan_engines, plan, SamplerOptions(guidance_scale=4.0)).sample(*request(5))) == 0.0
 
 
 def test_cache_key_names_everything_that_changes_the_graph(wan_engines):
     plan = BlendPlan.parse("LSL:0.4,0.2", STEPS)
-    keys = {GraphRunner(Sampler(wan_engines, p, solver=s, guidance_scale=g), backend=FakeGraphBackend())
+    keys = {GraphRunner(Sampler(wan_engines, p, SamplerOptions(solver=s, guidance_scale=g)), backend=FakeGraphBackend())
             .key(WAN_LATENT, TEXT)
             for p, s, g in [(plan, "unipc", 4.0), (plan, "euler", 4.0), (plan, "unipc", 5.0),
                             (BlendPlan.parse("LLL", STEPS), "unipc", 4.0),
@@ -221,7 +227,7 @@ def test_recorder_sees_a_host_sync():
 @pytest.mark.parametrize("family", ["wan", "ltx"])
 def test_the_loop_of_the_real_transformers_never_syncs_with_the_host(family):
     engines = {n: TorchEngine(m) for n, m in tiny_pair(family).items()}
-    sampler = Sampler(engines, BlendPlan.parse("LSL:0.4,0.2", STEPS), guidance_scale=4.0)
+    sampler = Sampler(engines, BlendPlan.parse("LSL:0.4,0.2", STEPS), SamplerOptions(guidance_scale=4.0))
     noise, text, neg = request(1, latent_shape(family))
     mask = torch.ones(1, TEXT[0], dtype=torch.int64) if family == "ltx" else None
     sampler.load_request(noise, text, neg, prompt_mask=mask, negative_prompt_mask=mask)
@@ -243,7 +249,7 @@ def test_tensorrt_engines_are_captured_with_every_steps_timestep_row(monkeypatch
     engines = make_pair()
     share_activation_memory(engines)
     plan = BlendPlan.parse("LSL:0.4,0.2", STEPS)
-    runner = GraphRunner(Sampler(engines, plan, guidance_scale=4.0), backend=FakeGraphBackend())
+    runner = GraphRunner(Sampler(engines, plan, SamplerOptions(guidance_scale=4.0)), backend=FakeGraphBackend())
     text = torch.randn(1, *TRT_TEXT)
     runner.sample(torch.randn(1, *LATENT), text, text)
     runs = fake_tensorrt.events("execute_async_v3")

@@ -16,7 +16,7 @@ import torch
 from flowblend.errors import FlowblendError
 from flowblend.runtime import fused
 from flowblend.runtime.plan import BlendPlan
-from flowblend.runtime.sampler import Sampler
+from flowblend.runtime.sampler import Sampler, SamplerOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 API = {"flowblend_fused_step", "flowblend_fused_step_host", "flowblend_error_string", "flowblend_abi_version"}
@@ -70,6 +70,9 @@ class ScaleEngine:
     input_names = ("latents", "timestep", "text_embeds")
     output_names = ("velocity",)
 
+    def __init__(self, device="cpu", dtype=torch.float32):
+        self.device, self.dtype = torch.device(device), dtype
+
     def bind(self, tensors):
         self.inp, self.out = tensors["latents"], tensors["velocity"]
         self.scale = torch.tensor([0.6, 0.45][: self.out.shape[0]], dtype=torch.float32).view(-1, 1, 1, 1, 1)
@@ -88,8 +91,8 @@ def test_host_build_of_the_kernel_equals_the_pytorch_step(built, solver, guidanc
     text = torch.randn(1, 5, 8)
 
     def run(use_kernel: bool):
-        engines = {"large": ScaleEngine(), "small": ScaleEngine()}
-        sampler = Sampler(engines, plan, solver=solver, guidance_scale=guidance, dtype=dtype)
+        engines = {"large": ScaleEngine(dtype=dtype), "small": ScaleEngine(dtype=dtype)}
+        sampler = Sampler(engines, plan, SamplerOptions(solver=solver, guidance_scale=guidance))
         bufs = sampler.load_request(noise, text, text if guidance > 1 else None)
         kernel = fused.FusedSteps(lib, bufs, sampler.table, guidance, host=True) if use_kernel else None
         for i, name in enumerate(plan.models):
@@ -135,6 +138,7 @@ def test_explicit_missing_library_is_a_clear_error(tmp_path):
 
 
 def test_cpu_buffers_never_take_the_kernel_path():
-    sampler = Sampler({"large": ScaleEngine(), "small": ScaleEngine()}, BlendPlan.parse("LLL", 3), guidance_scale=3.0)
+    sampler = Sampler({"large": ScaleEngine(), "small": ScaleEngine()}, BlendPlan.parse("LLL", 3),
+                      SamplerOptions(guidance_scale=3.0))
     bufs = sampler.prepare((4, 3, 4, 6), (5, 8))
     assert fused.fused_steps_for(bufs, sampler.table, 3.0) is None

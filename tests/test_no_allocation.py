@@ -6,7 +6,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from flowblend.engines.base import LATENTS, VELOCITY
 from flowblend.engines.torch_engine import TorchEngine
 from flowblend.runtime.plan import BlendPlan
-from flowblend.runtime.sampler import Sampler
+from flowblend.runtime.sampler import Sampler, SamplerOptions
 
 
 class AllocationRecorder(TorchDispatchMode):
@@ -29,6 +29,7 @@ class InPlaceEngine:
 
     input_names = ("latents", "timestep", "text_embeds")
     output_names = ("velocity",)
+    device, dtype = torch.device("cpu"), torch.float32
 
     def __init__(self, scale):
         self.scale = scale
@@ -44,7 +45,8 @@ def test_step_loop_allocates_nothing():
     engines = {"large": InPlaceEngine(0.5), "small": InPlaceEngine(-0.25)}
     for solver in ("unipc", "euler"):
         for guidance in (1.0, 5.0):
-            sampler = Sampler(engines, BlendPlan.parse("LSL:0.4,0.2", 10), solver=solver, guidance_scale=guidance)
+            sampler = Sampler(engines, BlendPlan.parse("LSL:0.4,0.2", 10),
+                              SamplerOptions(solver=solver, guidance_scale=guidance))
             noise, text = torch.randn(1, *WAN_LATENT), torch.randn(1, *TEXT)
             sampler.load_request(noise, text, text if guidance > 1 else None)
             rec = AllocationRecorder()
@@ -66,7 +68,7 @@ def test_recorder_catches_an_allocation():
 def test_buffer_addresses_never_change_across_requests():
     models = tiny_pair("wan")
     engines = {n: TorchEngine(m) for n, m in models.items()}
-    sampler = Sampler(engines, BlendPlan.parse("LSL:0.4,0.2", 6), guidance_scale=3.0)
+    sampler = Sampler(engines, BlendPlan.parse("LSL:0.4,0.2", 6), SamplerOptions(guidance_scale=3.0))
     text = torch.randn(1, *TEXT)
     sampler.sample(torch.randn(1, *WAN_LATENT), text, text)
     before = sampler.buffers.addresses()

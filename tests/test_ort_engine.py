@@ -11,7 +11,7 @@ from flowblend.engines.ort_engine import OrtEngine
 from flowblend.engines.torch_engine import TorchEngine
 from flowblend.errors import FlowblendError
 from flowblend.runtime.plan import BlendPlan
-from flowblend.runtime.sampler import Sampler
+from flowblend.runtime.sampler import Sampler, SamplerOptions
 
 ONNX_TYPE = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16}
 B, C, F, H, W, L, D = 2, 3, 2, 4, 4, 5, 6
@@ -113,11 +113,11 @@ def test_blended_sampler_over_ort_engines_equals_torch_engines(tmp_path, guidanc
     torch_engines = {"large": TorchEngine(SameFunction(1.5)), "small": TorchEngine(SameFunction(0.7))}
     results = {}
     for name, engines in (("ort", ort_engines), ("torch", torch_engines)):
-        sampler = Sampler(engines, plan, solver="unipc", shift=3.0, guidance_scale=guidance)
+        sampler = Sampler(engines, plan, SamplerOptions(solver="unipc", shift=3.0, guidance_scale=guidance))
         results[name] = sampler.sample(noise, cond, uncond if guidance > 1 else None)
     rel = ((results["ort"] - results["torch"]).norm() / results["torch"].norm()).item()
     assert rel <= 1e-5
-    swapped = Sampler(torch_engines, BlendPlan.parse("SSS", 10), guidance_scale=guidance)
+    swapped = Sampler(torch_engines, BlendPlan.parse("SSS", 10), SamplerOptions(guidance_scale=guidance))
     assert ((swapped.sample(noise, cond, uncond if guidance > 1 else None) - results["torch"]).norm()
             / results["torch"].norm()).item() > 1e-2  # the two "models" really differ
 

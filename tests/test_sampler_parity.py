@@ -7,7 +7,7 @@ from tiny_models import TEXT, latent_shape, tiny_pair
 
 from flowblend.engines.torch_engine import TorchEngine
 from flowblend.runtime.plan import BlendPlan
-from flowblend.runtime.sampler import Sampler
+from flowblend.runtime.sampler import Sampler, SamplerOptions
 from flowblend.runtime.solvers import scheduler_for
 
 STEPS = 8
@@ -63,7 +63,7 @@ def test_blended_runtime_equals_swapping_diffusers_loop(family, guidance, solver
     mask[:, 5:] = 0
     engines = {name: TorchEngine(m) for name, m in models.items()}
     for plan in _plans():
-        sampler = Sampler(engines, plan, solver=solver, shift=3.0, guidance_scale=guidance)
+        sampler = Sampler(engines, plan, SamplerOptions(solver=solver, shift=3.0, guidance_scale=guidance))
         kw = dict(prompt_mask=mask, negative_prompt_mask=mask) if family == "ltx" else {}
         ours = sampler.sample(noise, cond, uncond if guidance > 1 else None, **kw)
         with torch.no_grad():
@@ -82,8 +82,8 @@ def test_samplers_sharing_engines_do_not_write_into_each_others_buffers():
     engines = {name: TorchEngine(m) for name, m in models.items()}
     noise = torch.randn((1, *latent_shape("wan")), generator=torch.Generator().manual_seed(5))
     text = torch.randn((1, *TEXT), generator=torch.Generator().manual_seed(6))
-    lll = Sampler(engines, BlendPlan.parse("LLL", 4), guidance_scale=1.0)
-    sss = Sampler(engines, BlendPlan.parse("SSS", 4), guidance_scale=1.0)
+    lll = Sampler(engines, BlendPlan.parse("LLL", 4), SamplerOptions(guidance_scale=1.0))
+    sss = Sampler(engines, BlendPlan.parse("SSS", 4), SamplerOptions(guidance_scale=1.0))
     first = lll.sample(noise, text)
     sss.sample(noise, text)
     again = lll.sample(noise, text)  # engines were last bound to sss's buffers

@@ -13,7 +13,7 @@ from flowblend.engines.ltx_step import LtxStep
 from flowblend.engines.torch_engine import TorchEngine
 from flowblend.engines.wan_step import WanStep, supports_wan_step_split
 from flowblend.runtime.plan import BlendPlan
-from flowblend.runtime.sampler import Sampler
+from flowblend.runtime.sampler import Sampler, SamplerOptions
 from flowblend.toy.model import TEXT_DIM, TEXT_LEN, TOY_FRAMES, load_toy_transformer
 
 LTX_ROPE_SCALE = (8 / 25, 32, 32)  # LtxSignature's default: the pipeline's at 25 fps
@@ -130,5 +130,5 @@ def test_blended_sampling_matches_the_unsplit_engines(family):
     for split in (True, False):
         engines = {m: TorchEngine(models[m], name=m, split_constants=split) for m in models}
         assert all((e.step_split is not None) == split for e in engines.values())
-        outs.append(Sampler(engines, plan, guidance_scale=5.0).sample(noise, cond, uncond, **masks))
+        outs.append(Sampler(engines, plan, SamplerOptions(guidance_scale=5.0)).sample(noise, cond, uncond, **masks))
     assert torch.equal(outs[0], outs[1])

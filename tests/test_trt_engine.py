@@ -13,7 +13,7 @@ import torch
 from flowblend.engines.trt_engine import TrtEngine, share_activation_memory, shared_activation_bytes
 from flowblend.errors import FlowblendError
 from flowblend.runtime.plan import BlendPlan
-from flowblend.runtime.sampler import Sampler
+from flowblend.runtime.sampler import Sampler, SamplerOptions
 
 LATENT, TEXT = (4, 3, 4, 6), (7, 16)
 IN, OUT = fake_tensorrt.TensorIOMode.INPUT, fake_tensorrt.TensorIOMode.OUTPUT
@@ -54,7 +54,7 @@ def test_every_step_points_the_timestep_at_its_row_and_enqueues_the_plans_engine
     engines = make_pair()
     share_activation_memory(engines)
     plan = BlendPlan.parse("LSL:0.4,0.2", 6)
-    sampler = Sampler(engines, plan, guidance_scale=4.0)
+    sampler = Sampler(engines, plan, SamplerOptions(guidance_scale=4.0))
     assert (sampler.device, sampler.dtype) == (torch.device("cpu"), torch.float16)  # taken from the engines
     text = torch.randn(1, *TEXT)
     sampler.sample(torch.randn(1, *LATENT), text, text)
@@ -81,7 +81,7 @@ def test_every_step_points_the_timestep_at_its_row_and_enqueues_the_plans_engine
 def test_enqueue_failure_is_a_clear_error_naming_the_step(trt):
     engines = make_pair()
     share_activation_memory(engines)
-    sampler = Sampler(engines, BlendPlan.parse("LLL", 5), guidance_scale=4.0)
+    sampler = Sampler(engines, BlendPlan.parse("LLL", 5), SamplerOptions(guidance_scale=4.0))
     text = torch.randn(1, *TEXT)
     trt.KNOBS.fail_enqueue_at = 3
     with pytest.raises(FlowblendError, match="enqueue of engine 'large' failed at step 3"):
@@ -90,7 +90,7 @@ def test_enqueue_failure_is_a_clear_error_naming_the_step(trt):
 
 def test_running_without_activation_memory_is_refused(trt):
     engines = make_pair()
-    sampler = Sampler(engines, BlendPlan.parse("LLL", 2), guidance_scale=4.0)
+    sampler = Sampler(engines, BlendPlan.parse("LLL", 2), SamplerOptions(guidance_scale=4.0))
     text = torch.randn(1, *TEXT)
     with pytest.raises(FlowblendError, match="share_activation_memory"):
         sampler.sample(torch.randn(1, *LATENT), text, text)
@@ -100,10 +100,10 @@ def test_running_without_activation_memory_is_refused(trt):
 
 def test_buffers_that_do_not_match_the_plan_are_refused(trt):
     text = torch.randn(1, *TEXT)
-    fp32 = Sampler(make_pair(), BlendPlan.parse("LLL", 2), guidance_scale=4.0, dtype=torch.float32)
+    fp32 = Sampler(make_pair(), BlendPlan.parse("LLL", 2), SamplerOptions(guidance_scale=4.0), dtype=torch.float32)
     with pytest.raises(FlowblendError, match="torch.float16 but the runtime buffer is torch.float32"):
         fp32.sample(torch.randn(1, *LATENT), text, text)
-    no_cfg = Sampler(make_pair(), BlendPlan.parse("LLL", 2), guidance_scale=1.0)
+    no_cfg = Sampler(make_pair(), BlendPlan.parse("LLL", 2), SamplerOptions(guidance_scale=1.0))
     with pytest.raises(FlowblendError, match="rebuild for this shape \\(batch 2 with CFG, 1 without\\)"):
         no_cfg.sample(torch.randn(1, *LATENT), text)
 
@@ -113,7 +113,7 @@ def test_dynamic_plan_takes_shapes_inside_its_profile_only(trt):
     profile = {"latents": [lat(1), lat(3), lat(5)], "timestep": [(2,)] * 3, "text_embeds": [(2, *TEXT)] * 3}
     engines = {m: TrtEngine(plan_bytes(frames=-1, profile=profile), name=m, device="cpu") for m in ("large", "small")}
     share_activation_memory(engines)
-    sampler = Sampler(engines, BlendPlan.parse("LSL:0.4,0.2", 5), guidance_scale=4.0)
+    sampler = Sampler(engines, BlendPlan.parse("LSL:0.4,0.2", 5), SamplerOptions(guidance_scale=4.0))
     text = torch.randn(1, *TEXT)
     sampler.sample(torch.randn(1, LATENT[0], 4, *LATENT[2:]), text, text)
     assert ("set_input_shape", "latents", lat(4)) in trt.EVENTS

@@ -11,6 +11,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, 
 from tiny_models import TEXT, WAN_LATENT, WAN_TINY
 
 from flowblend.engines.torch_engine import TorchEngine
+from flowblend.errors import FlowblendError
 from flowblend.runtime.guidance import expert_schedule_for, guidance_table
 from flowblend.runtime.plan import EXPERTS_AND_SMALL, BlendPlan, ExpertSchedule
 from flowblend.runtime.sampler import Sampler, SamplerOptions
@@ -157,7 +158,7 @@ def test_guidance_table_small_takes_the_replaced_experts_scale_or_its_own():
     assert guidance_table(plan, 5.0, {"high": 4.0, "low": 3.0}, experts) == (4.0, 4.0, 4.0, 3.0, 3.0, 3.0)
     assert guidance_table(plan, 5.0, {"high": 4.0, "low": 3.0, "small": 6.0}, experts) == (4, 4, 6, 6, 3, 3)
     assert guidance_table(BlendPlan.parse("LSL:0.4,0.2", 5), 5.0) == (5.0,) * 5
-    with pytest.raises(ValueError, match="one scale per step"):
+    with pytest.raises(FlowblendError, match="one scale per step"):
         SamplerOptions(guidance_table=(1.0, 2.0)).guidance_for(3)
 
 

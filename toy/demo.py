@@ -18,7 +18,7 @@ from flowblend.bench.flops import step_flops
 from flowblend.engines.torch_engine import TorchEngine
 from flowblend.export.pairs import LoadedPair, load_pair
 from flowblend.runtime.plan import BlendPlan
-from flowblend.runtime.sampler import Sampler
+from flowblend.runtime.sampler import Sampler, SamplerOptions
 from flowblend.runtime.video import save_video, to_frames
 
 DEMO_PROMPTS = ("a red circle moving left", "a blue square moving up",
@@ -59,7 +59,7 @@ def generate_plans(pair: LoadedPair, plans: list[BlendPlan], prompts: list[str],
                 for name, cfg in configs.items()}
     results = []
     for plan in plans:
-        sampler = Sampler(engines, plan, guidance_scale=guidance, **kwargs)
+        sampler = Sampler(engines, plan, SamplerOptions(guidance_scale=guidance, **kwargs))
         loop_time, videos = 0.0, []
         start = time.perf_counter()
         for prompt in prompts:

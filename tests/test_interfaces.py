@@ -1,0 +1,143 @@
+"""The written-down interfaces are true: one way to configure a Sampler, and every engine (real or
+stand-in) really has what the `Engine` protocol of engines/base.py promises."""
+import dataclasses
+import inspect
+import sys
+
+import fake_tensorrt
+import pytest
+import torch
+from test_ort_engine import write_graph
+from tiny_models import tiny_pair
+
+from flowblend.engines.base import Engine
+from flowblend.engines.ort_engine import OrtEngine
+from flowblend.engines.torch_engine import TorchEngine, _placement
+from flowblend.engines.trt_engine import TrtEngine
+from flowblend.errors import FlowblendError
+from flowblend.runtime.plan import BlendPlan
+from flowblend.runtime.sampler import Sampler, SamplerOptions
+
+# -- one way to configure a Sampler -------------------------------------------------------------
+
+
+def test_sampler_takes_its_numerics_from_options_only():
+    params = list(inspect.signature(Sampler).parameters)
+    assert params == ["engines", "plan", "options", "device", "dtype"]
+    assert {f.name for f in dataclasses.fields(SamplerOptions)} == {"solver", "shift", "guidance_scale", "mu",
+                                                                     "fused_kernel", "guidance_table"}
+    engines = {n: TorchEngine(m) for n, m in tiny_pair("wan").items()}
+    plan = BlendPlan.parse("LLL", 3)
+    for loose in ({"solver": "euler"}, {"shift": 5.0}, {"guidance_scale": 1.0}, {"mu": 0.7}, {"fused_kernel": False},
+                  {"guidance_table": (1.0,) * 3}):
+        with pytest.raises(TypeError):
+            Sampler(engines, plan, **loose)
+    with pytest.raises(FlowblendError, match="options must be a SamplerOptions.*SamplerOptions\\(solver="):
+        Sampler(engines, plan, {"solver": "euler"})
+    sampler = Sampler(engines, plan, SamplerOptions(solver="euler", guidance_scale=1.0))
+    assert sampler.table.name == "euler" and not sampler.options.cfg
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"solver": "ddim"}, "unknown solver 'ddim': choose one of euler, unipc"),
+    ({"guidance_scale": -1.0}, "guidance_scale must be >= 0 \\(1 disables CFG\\)"),
+    ({"guidance_scale": float("nan")}, "guidance_scale must be >= 0"),
+    ({"shift": 0.0}, "shift must be > 0"),
+])
+def test_bad_options_are_refused_with_the_fix(changes, match):
+    with pytest.raises(FlowblendError, match=match):
+        SamplerOptions(**changes)
+    with pytest.raises(FlowblendError, match=match):  # a changed copy is validated again
+        SamplerOptions().replace(**changes)
+
+
+def test_options_are_frozen():
+    options = SamplerOptions()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.guidance_scale = 1.0
+    assert options.replace(guidance_scale=1.0).guidance_scale == 1.0 and options.guidance_scale == 5.0
+
+
+# -- the Engine protocol: device and dtype are real, and the Sampler's buffers follow them ---------
+
+
+def _engines(tmp_path, monkeypatch):
+    fake_tensorrt.reset()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt)
+    half = fake_tensorrt.DataType.HALF
+    io = [("latents", fake_tensorrt.TensorIOMode.INPUT, half, (2, 4, 3, 4, 6)),
+          ("timestep", fake_tensorrt.TensorIOMode.INPUT, fake_tensorrt.DataType.FLOAT, (2,)),
+          ("text_embeds", fake_tensorrt.TensorIOMode.INPUT, half, (2, 7, 16)),
+          ("velocity", fake_tensorrt.TensorIOMode.OUTPUT, half, (2, 4, 3, 4, 6))]
+    large = tiny_pair("wan")["large"]
+    return {
+        "torch fp32": (TorchEngine(large), torch.float32),
+        "torch bf16 (cast at construction)": (TorchEngine(large, dtype=torch.bfloat16), torch.bfloat16),
+        "torch fp16 (module already cast)": (TorchEngine(tiny_pair("wan")["small"].half()), torch.float16),
+        "onnxruntime fp16": (OrtEngine(write_graph(tmp_path / "h.onnx", dtype=torch.float16)), torch.float16),
+        "tensorrt fp16 (stand-in)": (TrtEngine(fake_tensorrt.make_plan(io), device="cpu"), torch.float16),
+    }
+
+
+def test_every_engine_has_what_the_protocol_promises(tmp_path, monkeypatch):
+    for label, (engine, dtype) in _engines(tmp_path, monkeypatch).items():
+        assert isinstance(engine, Engine), label
+        assert (engine.device, engine.dtype) == (torch.device("cpu"), dtype), label
+        sampler = Sampler({"large": engine}, BlendPlan.parse("LLL", 2))
+        assert (sampler.device, sampler.dtype) == (engine.device, engine.dtype), label
+
+
+def test_a_torch_engine_reports_where_its_weights_are():
+    assert _placement(torch.nn.Linear(2, 2).to(torch.float64)) == (torch.device("cpu"), torch.float64)
+    assert _placement(torch.nn.ReLU()) == (torch.device("cpu"), torch.float32)  # no weights: the runtime's default
+
+
+def test_the_stand_ins_keep_the_protocol_too():
+    from test_graph import FailingEngine
+    from test_kernels_build import ScaleEngine
+    from test_no_allocation import InPlaceEngine
+
+    from flowblend.bench.run import TimedEngine
+
+    wrapped = TorchEngine(tiny_pair("wan")["large"], dtype=torch.bfloat16)
+    stand_ins = [InPlaceEngine(0.5), ScaleEngine(dtype=torch.float16), FailingEngine(wrapped, None, 0),
+                 TimedEngine(wrapped, "large", [], torch.device("cpu"))]
+    assert not isinstance(object(), Engine)
+    for engine in stand_ins:
+        assert isinstance(engine, Engine), type(engine).__name__
+    assert [e.dtype for e in stand_ins] == [torch.float32, torch.float16, torch.bfloat16, torch.bfloat16]
+
+
+# -- the graph backend and the sampler a pipeline drives ----------------------------------------
+
+
+def test_graph_backend_protocol_lists_every_method_the_runner_calls():
+    import re
+    from pathlib import Path
+
+    from test_bench import ReplayingGraphBackend
+    from test_graph import FakeGraphBackend
+
+    from flowblend.runtime import graph
+
+    called = set(re.findall(r"self\.backend\.(\w+)\(", Path(graph.__file__).read_text()))
+    promised = {name for name in vars(graph.GraphBackend) if not name.startswith("_")}
+    assert called and called == promised
+    assert issubclass(graph.TorchGraphBackend, graph.GraphBackend)  # the CUDA one (not constructible on CPU)
+    for stand_in in (FakeGraphBackend(), ReplayingGraphBackend()):
+        assert isinstance(stand_in, graph.GraphBackend), type(stand_in).__name__
+
+
+def test_sampler_and_graph_runner_are_the_latent_sampler_a_pipeline_takes():
+    from flowblend.runtime.graph import GraphRunner
+    from flowblend.runtime.pipeline import BlendPipeline
+    from flowblend.runtime.sampler import LatentSampler
+
+    def params(fn):
+        return [(p.name, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    assert inspect.get_annotations(BlendPipeline, eval_str=True)["sampler"] is LatentSampler
+    sampler = Sampler({n: TorchEngine(m) for n, m in tiny_pair("wan").items()}, BlendPlan.parse("LLL", 2))
+    for implementation in (sampler, GraphRunner(sampler, mode="eager")):
+        assert isinstance(implementation, LatentSampler)
+        assert params(implementation.sample) == params(LatentSampler.sample)[1:], type(implementation).__name__
