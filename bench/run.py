@@ -24,6 +24,7 @@ import torch
 from flowblend.engines.torch_engine import TorchEngine
 from flowblend.errors import FlowblendError
 from flowblend.runtime.graph import GraphRunner
+from flowblend.runtime.graph_modes import BENCH_MODES
 from flowblend.runtime.guidance import guidance_table
 from flowblend.runtime.plan import BlendPlan, ExpertSchedule
 from flowblend.runtime.sampler import Sampler, SamplerOptions
@@ -36,7 +37,7 @@ from .report import case_rows, targets
 from .runtime_cost import measure_overhead, memory_budget, sync_device, tiny_wan_overhead
 
 BACKENDS = ("torch", "torch-compile", "onnxruntime", "tensorrt")
-MODES = ("loop", "step-graph", "loop-graph")
+MODES = BENCH_MODES  # bench mode -> runtime/graph.py mode
 DEFAULT_BACKENDS = ("torch", "torch-compile")
 PROMPT = "a red circle moving left"
 
@@ -132,12 +133,9 @@ class Case:
 def _compiled_engines(backend: str, pair, options: BenchOptions, latent_shape, guidance: float) -> dict:
     """ONNX Runtime / TensorRT engines from the engine store, exported and built first if none exist."""
     from flowblend.engines.build import build_pair_engines, locate_pair_engines
-    from flowblend.engines.iospec import IOSpec
 
     family = pair.family
-    dtype = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[options.dtype]
-    spec = IOSpec(batch=2 if guidance > 1 else 1, latent=tuple(latent_shape), text_len=family.text_len,
-                  text_dim=family.text_dim, dtype=dtype, with_mask=family.takes_text_mask, patch=tuple(family.patch))
+    spec = family.io_spec(latent_shape, guidance, options.dtype)
     try:
         if backend == "tensorrt":
             from flowblend.engines.trt_engine import TrtEngine as engine_class
@@ -160,7 +158,11 @@ def _compiled_engines(backend: str, pair, options: BenchOptions, latent_shape, g
     if backend == "onnxruntime":
         providers = ["CUDAExecutionProvider"] if options.device.startswith("cuda") else ["CPUExecutionProvider"]
         return {m: engine_class(p, providers=providers, name=m) for m, p in paths.items()}
-    return {m: engine_class(p, name=m) for m, p in paths.items()}
+    from flowblend.engines.trt_engine import share_activation_memory
+
+    engines = {m: engine_class(p, name=m) for m, p in paths.items()}
+    share_activation_memory(engines)  # TensorRT contexts are USER_MANAGED: one block for all, before binding
+    return engines
 
 
 def make_engines(backend: str, pair, options: BenchOptions, latent_shape, guidance: float) -> dict:
@@ -177,13 +179,8 @@ def make_engines(backend: str, pair, options: BenchOptions, latent_shape, guidan
     return _compiled_engines(backend, pair, options, latent_shape, guidance)
 
 
-# bench mode -> runtime/graph.py mode: one graph per engine call (what existing TensorRT diffusion
-# pipelines capture) or the whole blended loop in one graph
-GRAPH_MODES = {"step-graph": "per_step", "loop-graph": "whole"}
-
-
 def _check_mode(mode: str, device: torch.device) -> None:
-    if mode == "loop":
+    if MODES[mode] == "eager":
         return
     if device.type != "cuda":
         raise Unavailable("CUDA graphs need a CUDA device (--device cuda)")
@@ -288,8 +285,8 @@ def _build_cases(pair, eager: dict, plans, options: BenchOptions, latent_shape, 
                                                  guidance_table=guidance_table(plan, guidance, scales, experts))
                 make = lambda e: Sampler(e, plan, options=sampler_options, device=device, dtype=options.dtype)  # noqa: E731
                 case = Case(backend, mode, plan, make(engines), make(timed), log)
-                if mode in GRAPH_MODES:
-                    case.runner = GraphRunner(case.sampler, GRAPH_MODES[mode])
+                if MODES[mode] != "eager":
+                    case.runner = GraphRunner(case.sampler, MODES[mode])
                 cases.append(case)
     return cases, skipped
 

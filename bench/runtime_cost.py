@@ -18,12 +18,7 @@ from flowblend.runtime.solvers import scheduler_for
 
 from .memory import LiveTensorBytes, PeakMemory, current_rss_bytes, module_bytes, tensors_bytes
 from .pairing import paired_ratios, round_order
-
-TINY_WAN = {"large": dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
-                          out_channels=4, text_dim=16, freq_dim=32, ffn_dim=48, num_layers=2, rope_max_seq_len=32),
-            "small": dict(patch_size=(1, 2, 2), num_attention_heads=1, attention_head_dim=12, in_channels=4,
-                          out_channels=4, text_dim=16, freq_dim=32, ffn_dim=24, num_layers=1, rope_max_seq_len=32),
-            "latent": (4, 3, 4, 6), "text": (7, 16)}
+from .tiny import TEXT, WAN_LATENT, tiny_pair
 
 
 def sync_device(device: torch.device) -> None:
@@ -103,15 +98,12 @@ def measure_overhead(modules: dict, plan: BlendPlan, sampler_kwargs: dict, guida
 
 
 def tiny_wan_overhead(repeats: int, sampler_kwargs: dict, guidance: float, steps: int, device) -> dict:
-    from diffusers import WanTransformer3DModel
-
     from flowblend.engines.signature import signature_for
 
-    torch.manual_seed(0)
-    modules = {m: signature_for(WanTransformer3DModel(**TINY_WAN[m]).eval()).to(device) for m in ("large", "small")}
+    modules = {m: signature_for(module).to(device) for m, module in tiny_pair("wan").items()}
     plan = BlendPlan.parse("LSL:0.4,0.2", steps)
     kwargs = {k: v for k, v in sampler_kwargs.items() if k != "mu"}
-    return measure_overhead(modules, plan, kwargs, guidance, TINY_WAN["latent"], TINY_WAN["text"],
+    return measure_overhead(modules, plan, kwargs, guidance, WAN_LATENT, TEXT,
                             repeats, device, "tiny Wan")
 
 
@@ -134,7 +126,7 @@ def memory_budget(pair, engines: dict, plan: BlendPlan, sampler_kwargs: dict, gu
     buffers = tensors_bytes([bufs.latents, bufs.model_input, bufs.text_embeds, bufs.text_mask, bufs.timestep_table,
                              bufs.velocity, bufs.guided, *bufs.state.values()])
     weights = {m: module_bytes(t) for m, t in pair.transformers.items()}
-    constants = {m: getattr(engines[m], "constants_bytes", lambda: 0)() for m in pair.transformers}
+    constants = {m: engines[m].constants_bytes() for m in pair.transformers}  # eager TorchEngines, see above
     tracked = {}
     for region, run in (("forward", lambda: engines[largest].run(0)), ("blended", sampler.run_loop)):
         live = LiveTensorBytes() if device.type == "cpu" else contextlib.nullcontext()

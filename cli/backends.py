@@ -30,7 +30,7 @@ def make_engines(backend: str, pair, device, dtype, **kwargs) -> dict:
         raise FlowblendError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     from flowblend.engines.build import locate_pair_engines
 
-    spec = spec_for_run(pair.family, kwargs["latent_shape"], kwargs["guidance"], dtype)
+    spec = pair.family.io_spec(kwargs["latent_shape"], kwargs["guidance"], dtype)
     paths = locate_pair_engines(pair.family.name, backend, spec, kwargs["args"].artifacts)
     if backend == "onnxruntime":
         from flowblend.engines.ort_engine import OrtEngine
@@ -44,10 +44,3 @@ def make_engines(backend: str, pair, device, dtype, **kwargs) -> dict:
     share_activation_memory(engines)  # one activation block for both: they never run at the same time
     return engines
 
-
-def spec_for_run(family, latent_shape, guidance: float, dtype: torch.dtype):
-    from flowblend.engines.iospec import IOSpec
-
-    name = {v: k for k, v in DTYPES.items()}[dtype]
-    return IOSpec(batch=2 if guidance > 1 else 1, latent=tuple(latent_shape), text_len=family.text_len,
-                  text_dim=family.text_dim, dtype=name, with_mask=family.takes_text_mask, patch=tuple(family.patch))

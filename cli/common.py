@@ -135,12 +135,8 @@ def add_shape_args(p: argparse.ArgumentParser) -> None:
 
 def resolve_spec(args, family: PairFamily, dynamic: dict | None = None):
     """The IOSpec for a family at the requested video size, CFG and dtype."""
-    from flowblend.engines.iospec import IOSpec
-
     frames, height, width = resolve_video(args, family)
     guidance = args.guidance if args.guidance is not None else family.guidance
     if guidance < 0:
         raise FlowblendError(f"guidance must be >= 0, got {guidance}")
-    return IOSpec(batch=2 if guidance > 1 else 1, latent=family.latent_shape(frames, height, width),
-                  text_len=family.text_len, text_dim=family.text_dim, dtype=args.dtype,
-                  with_mask=family.takes_text_mask, dynamic=dynamic or {}, patch=tuple(family.patch))
+    return family.io_spec(family.latent_shape(frames, height, width), guidance, args.dtype, dynamic)

@@ -8,6 +8,7 @@ from pathlib import Path
 from flowblend.errors import FlowblendError
 from flowblend.export.pairs import load_pair
 from flowblend.runtime.graph import GraphRunner
+from flowblend.runtime.graph_modes import GRAPH_FLAGS
 from flowblend.runtime.pipeline import BlendPipeline
 from flowblend.runtime.sampler import Sampler, SamplerOptions
 from flowblend.runtime.video import save_video
@@ -24,8 +25,6 @@ from .common import (
     resolve_steps,
     resolve_video,
 )
-
-GRAPH_MODES = {"whole": "whole", "per-step": "per_step", "none": "eager"}  # --graph spelling -> GraphRunner mode
 
 
 def register(sub) -> None:
@@ -46,7 +45,7 @@ def register(sub) -> None:
     p.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16")
     p.add_argument("--out", default="out.mp4", help="video path; with several prompts, an index is appended")
     p.add_argument("--artifacts", default="artifacts", help="artifact root for compiled backends")
-    p.add_argument("--graph", default="none", choices=GRAPH_MODES,
+    p.add_argument("--graph", default="none", choices=GRAPH_FLAGS,
                    help="CUDA graphs (--device cuda): the whole loop in one graph, one per step, or none")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -94,13 +93,13 @@ def run(args) -> int:
     dtype = parse_dtype(args.dtype)
 
     pair = load_pair(family.name, args.large, args.small, dtype=dtype, device=args.device,
-                     allow_download=args.allow_download)
+                     allow_download=args.allow_download, load_transformers=args.backend == "torch")  # engines only
     engines = make_engines(args.backend, pair, args.device, dtype, args=args, latent_shape=latent_shape,
                            guidance=max(guidance_table))
     options = SamplerOptions(solver_kw["solver"], solver_kw["shift"], guidance, solver_kw.get("mu"),
                              guidance_table=guidance_table)
     sampler = Sampler(engines, plan, options=options, device=args.device, dtype=dtype)
-    pipe = BlendPipeline(GraphRunner(sampler, mode=GRAPH_MODES[args.graph]), pair.encode_prompt, pair.decode)
+    pipe = BlendPipeline(GraphRunner(sampler, mode=GRAPH_FLAGS[args.graph]), pair.encode_prompt, pair.decode)
     for prompt, out in zip(prompts, outs):
         start = time.perf_counter()
         video, _ = pipe(prompt, latent_shape, seed=args.seed, negative_prompt=args.negative_prompt,

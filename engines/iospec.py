@@ -17,6 +17,15 @@ from .base import LATENTS, TEXT_EMBEDS, TEXT_MASK, TIMESTEP, VELOCITY
 DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def dtype_name(dtype: str | torch.dtype) -> str:
+    """"fp32"/"fp16"/"bf16" for a torch dtype or one of those names (what IOSpec and artifact keys use)."""
+    names = {v: k for k, v in DTYPE_NAMES.items()}
+    name = dtype if isinstance(dtype, str) else names.get(dtype)
+    if name not in DTYPE_NAMES:
+        raise FlowblendError(f"unsupported dtype {dtype}: choose one of {', '.join(DTYPE_NAMES)}")
+    return name
+
+
 @dataclass(frozen=True)
 class IOSpec:
     """Shapes in latent units: latent (C, F, H, W) at batch B (2 with CFG), text (L, D)."""

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from flowblend.engines.iospec import IOSpec, dtype_name
 from flowblend.errors import FlowblendError
 
 
@@ -43,7 +44,8 @@ class PairFamily:
     compat_fields: tuple[str, ...] = ()  # config fields both transformers must agree on
     description: str = ""
     # A family whose models ship with a package above this one (the toy pair) names the module that
-    # loads them; it provides load_pair(family, large, small, dtype, device) and REFERENCE_CONFIGS.
+    # loads them; it provides load_pair(family, large, small, dtype, device, load_transformers) and
+    # REFERENCE_CONFIGS.
     # Resolved by name so that export/ never imports the packages that sit on top of it.
     provider: str = ""
     # The named models, in plan order, with their plan letters; which checkpoint argument (--large /
@@ -97,6 +99,15 @@ class PairFamily:
         tokens = latent_shape[1] * latent_shape[2] * latent_shape[3]
         m = (1.15 - 0.5) / (4096 - 256)  # diffusers' calculate_shift defaults, as LTXPipeline
         return {"solver": self.solver, "shift": 1.0, "mu": tokens * m + (0.5 - m * 256)}
+
+    def io_spec(self, latent_shape, guidance: float, dtype: str | torch.dtype = "fp32",
+                dynamic: dict | None = None) -> IOSpec:
+        """The I/O spec of this family's transformers at a latent shape (C, F, H, W): the one place a
+        family's text size, mask and patch become a spec (export, engine builds and engine lookup).
+        Batch 2 with CFG (guidance > 1, the sampler's rule), else 1."""
+        return IOSpec(batch=2 if guidance > 1 else 1, latent=tuple(latent_shape), text_len=self.text_len,
+                      text_dim=self.text_dim, dtype=dtype_name(dtype), with_mask=self.takes_text_mask,
+                      dynamic=dynamic or {}, patch=tuple(self.patch))
 
 
 FAMILIES: dict[str, PairFamily] = {
@@ -181,18 +192,27 @@ class LoadedPair:
 
 
 def load_pair(name: str, large: str | None = None, small: str | None = None, dtype: torch.dtype = torch.float32,
-              device: str | torch.device = "cpu", allow_download: bool = False) -> LoadedPair:
-    """Load a pair from local paths or hub ids (the user's cache; no download unless allowed)."""
+              device: str | torch.device = "cpu", allow_download: bool = False,
+              load_transformers: bool = True) -> LoadedPair:
+    """Load a pair from local paths or hub ids (the user's cache; no download unless allowed).
+
+    `load_transformers=False` loads only the shared parts (text encoder, VAE): compiled backends run
+    their own engines, and the PyTorch transformers would only take device memory (about 31 GB of
+    FP16 weights for Wan 14B + 1.3B). `transformers` is then empty.
+    """
     family = get_family(name)
     if family.provider:
-        return _provider(family).load_pair(family, large, small, dtype, device)
+        return _provider(family).load_pair(family, large, small, dtype, device, load_transformers=load_transformers)
     sources = {"large": large or family.large, "small": small or family.small}
+    shared = _SharedComponents(family, sources["small"], dtype, device, allow_download)
+    if not load_transformers:
+        _check_source(sources["small"], allow_download)  # the shared parts come from the small model's checkpoint
+        return LoadedPair(family, {}, shared.encode, shared.decode, sources)
     models = {name: load_transformer(family, sources[arg], dtype, allow_download, subfolder)
               for name, arg, subfolder in zip(family.models, family.checkpoint_of, family.subfolders)}
     check_models_compatible(family, {name: dict(m.config) for name, m in models.items()})
     for m in models.values():
         m.to(device)
-    shared = _SharedComponents(family, sources["small"], dtype, device, allow_download)
     return LoadedPair(family, models, shared.encode, shared.decode, sources)
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flowblend.engines.base import LATENTS, TEXT_EMBEDS, TEXT_MASK, TIMESTEP, VELOCITY
+from flowblend.engines.base import LATENTS, TEXT_EMBEDS, TEXT_MASK, TIMESTEP, VELOCITY, aligned_zeros
 
 
 @dataclass
@@ -31,22 +31,23 @@ class SamplerBuffers:
                  guidance=None) -> "SamplerBuffers":
         batch = 2 if cfg else 1
         f32 = torch.float32
-        latents = torch.zeros((1, *latent_shape), dtype=f32, device=device)
+        latents = aligned_zeros((1, *latent_shape), f32, device)  # every buffer 256-byte aligned (engines/base.py)
         same = not cfg and dtype == f32
-        model_input = latents if same else torch.zeros((batch, *latent_shape), dtype=dtype, device=device)
-        velocity = torch.zeros((batch, *latent_shape), dtype=dtype, device=device)
-        table = torch.tensor(list(timesteps), dtype=f32, device=device)[:, None].repeat(1, batch).contiguous()
+        model_input = latents if same else aligned_zeros((batch, *latent_shape), dtype, device)
+        velocity = aligned_zeros((batch, *latent_shape), dtype, device)
+        table = aligned_zeros((len(timesteps), batch), f32, device)
+        table.copy_(torch.tensor(list(timesteps), dtype=f32)[:, None].expand(-1, batch))
         return cls(
             latents=latents,
             model_input=model_input,
-            text_embeds=torch.zeros((batch, *text_shape), dtype=dtype, device=device),
-            text_mask=torch.zeros((batch, text_shape[0]), dtype=torch.int64, device=device) if with_mask else None,
+            text_embeds=aligned_zeros((batch, *text_shape), dtype, device),
+            text_mask=aligned_zeros((batch, text_shape[0]), torch.int64, device) if with_mask else None,
             timestep_table=table,
             guidance_table=torch.tensor(list(guidance) if guidance is not None else [1.0] * len(timesteps),
                                         dtype=f32, device=device),
             velocity=velocity,
-            guided=velocity if same else torch.zeros_like(latents),
-            state={name: torch.zeros_like(latents) for name in state_names},
+            guided=velocity if same else aligned_zeros(latents.shape, f32, device),
+            state={name: aligned_zeros(latents.shape, f32, device) for name in state_names},
         )
 
     @property

@@ -8,11 +8,21 @@ fallback (CPU, or no library built: `cmake -S . -B build && cmake --build build`
 The per-step arguments (pointers into the sampler's static buffers, the step's Combine table) are
 packed once per buffer set, so a step is one ctypes call on the current CUDA stream: capturable in
 a CUDA graph, and the graph keeps its own copy of the arguments.
+
+The library links the CUDA runtime of the toolkit that built it, statically (CMakeLists.txt); a
+toolkit newer than the driver (nvcc 13 needs a driver >= 580) builds a library that loads but
+cannot launch. So before the sampler uses it, `usable_library(device)` test-launches one small
+step on the sampler's device and compares it with the PyTorch step; if it cannot run, the sampler
+falls back to the PyTorch step with one warning line. Every launch happens with the sampler's
+device current (torch.cuda.device), so on a multi-GPU host the library's runtime uses that device's
+context, not whichever the calling thread had.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import logging
 from pathlib import Path
 
 import torch
@@ -20,7 +30,9 @@ import torch
 from flowblend.errors import FlowblendError
 
 from .buffers import SamplerBuffers
-from .solvers import Combine, SolverTable
+from .solvers import Combine, SolverTable, apply_combine
+
+log = logging.getLogger("flowblend")
 
 LIBRARY_NAME = "libflowblend_kernels.so"
 ABI_VERSION = 1  # FLOWBLEND_ABI_VERSION in csrc/fused_step.h
@@ -142,16 +154,67 @@ class FusedSteps:
         if self.host:
             rc = self._fn(*self._args[i])
         else:
-            rc = self._fn(*self._args[i], torch.cuda.current_stream(self.device).cuda_stream)
+            with torch.cuda.device(self.device):  # the library's runtime launches in this device's context
+                rc = self._fn(*self._args[i], torch.cuda.current_stream(self.device).cuda_stream)
         if rc != 0:
             raise FlowblendError(f"fused step {i} failed: {self._error_string(rc).decode()} (code {rc}); "
                                  "fall back to the PyTorch path by removing build/" + LIBRARY_NAME)
 
 
+_PROBE_TABLE = SolverTable(name="probe", timesteps=(999.0,), sigmas=(1.0, 0.0), state_names=(),
+                           steps=((Combine("latents", (("latents", 1.0), ("velocity", -0.75))),),))
+
+
+def probe_library(lib, device: torch.device) -> str | None:
+    """One small step of the library on `device` against the PyTorch step: None if equal, else why it cannot run."""
+    device = torch.device(device)
+    scope = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    try:
+        with scope:
+            bufs = SamplerBuffers.allocate((2, 1, 4, 4), (1, 4), _PROBE_TABLE.timesteps, True, torch.float32, device)
+            g = torch.Generator().manual_seed(0)
+            bufs.latents.copy_(torch.randn(tuple(bufs.latents.shape), generator=g))
+            bufs.velocity.copy_(torch.randn(tuple(bufs.velocity.shape), generator=g))
+            latents, velocity, scale = bufs.latents.clone(), bufs.velocity.clone(), 3.0
+            guided = velocity[1:] + scale * (velocity[:1] - velocity[1:])
+            apply_combine(_PROBE_TABLE.steps[0][0], {"latents": latents, "velocity": guided})
+            FusedSteps(lib, bufs, _PROBE_TABLE, scale, host=device.type != "cuda").step(0)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            error = (bufs.latents - latents).abs().max().item()
+            error = max(error, (bufs.model_input - latents).abs().max().item())
+    except Exception as exc:  # noqa: BLE001 - whatever stops the launch (driver too old, no device) means: fall back
+        return f"{type(exc).__name__}: {exc}"
+    if not error <= 1e-5:
+        return f"its test step differs from the PyTorch step by {error:.3g}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _usable(device: str):
+    try:
+        lib = load_library()
+    except FlowblendError as exc:  # a broken or stale build on the search path: the PyTorch step still works
+        log.warning("flowblend: %s; using the PyTorch step", exc)
+        return None
+    if lib is None:
+        return None
+    problem = probe_library(lib, torch.device(device))
+    if problem is not None:
+        log.warning("flowblend: the fused-step kernel cannot run on %s (%s); using the PyTorch step", device, problem)
+        return None
+    return lib
+
+
+def usable_library(device: torch.device) -> ctypes.CDLL | None:
+    """The built kernel library if it runs on `device` (test-launched once per device), else None."""
+    return _usable(str(torch.device(device)))
+
+
 def fused_steps_for(buffers: SamplerBuffers, table: SolverTable,
                     guidance: float | tuple[float, ...]) -> FusedSteps | None:
-    """FusedSteps for CUDA buffers when the library is built; None means: use the PyTorch ops."""
+    """FusedSteps for CUDA buffers when the library is built and runs there; None means: use the PyTorch ops."""
     if not buffers.latents.is_cuda:
         return None
-    lib = load_library()
+    lib = usable_library(buffers.latents.device)
     return None if lib is None else FusedSteps(lib, buffers, table, guidance)

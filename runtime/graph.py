@@ -12,8 +12,12 @@ The sampler's loop allocates nothing, never syncs with the host and only touches
    replay runs all N steps.
 
 TorchEngine and TrtEngine both work: TrtEngine enqueues on torch's current stream, which is the
-capture stream while capturing, so `execute_async_v3` is recorded like any kernel (each step's
-timestep address is baked into its node). Graphs are cached by (mode, shapes, plan, solver,
+capture stream while capturing, so `execute_async_v3` is recorded like any kernel, together with
+the device copy of each step's timestep row into the context's fixed timestep input (addresses
+never change after binding; a new buffer set gets new contexts, engines/trt_engine.py).
+All graphs of one runner are captured into ONE memory pool (`capture_begin(pool=...)`, on the same
+side stream, as torch.cuda.graph's docs ask for effective sharing): per-step graphs with PyTorch
+engines would otherwise each keep a forward's activations alive. Graphs are cached by (mode, shapes, plan, solver,
 shift, per-step guidance, dtype, device, engines); every shape keeps its own buffers (a sampler per
 shape), because a graph replays into exactly the memory it was captured on.
 
@@ -33,9 +37,8 @@ import torch
 
 from flowblend.errors import FlowblendError
 
+from .graph_modes import MODES
 from .sampler import Sampler
-
-MODES = ("whole", "per_step", "eager")
 
 
 class GraphState(str, enum.Enum):
@@ -78,6 +81,7 @@ class TorchGraphBackend:
             raise FlowblendError(f"CUDA graphs need a CUDA device, the sampler is on {self.device}: use "
                                  "mode='eager' (or --graph none), or run on --device cuda")
         self.stream = torch.cuda.Stream(self.device)
+        self.pool = None  # one graph_pool_handle() for every capture of this backend, made at the first
         self._stream_ctx = None
 
     def warm_up(self, fn) -> None:
@@ -91,11 +95,13 @@ class TorchGraphBackend:
     def begin_capture(self, body):
         """Start recording on the side stream; `body` is what the caller runs next (a fake backend replays it)."""
         torch.cuda.synchronize(self.device)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         self._stream_ctx = torch.cuda.stream(self.stream)
         self._stream_ctx.__enter__()
         try:
-            graph.capture_begin()
+            graph.capture_begin(pool=self.pool)
         except BaseException:
             self._stream_ctx.__exit__(None, None, None)
             raise

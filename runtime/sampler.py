@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from flowblend.engines.base import Engine
+from flowblend.engines.streams import new_stream, use_stream
 from flowblend.errors import FlowblendError
 
 from .buffers import SamplerBuffers
@@ -111,6 +112,7 @@ class Sampler:
         self.buffers: SamplerBuffers | None = None
         self._shape_key = None
         self._fused = None
+        self._stream = None  # the dedicated stream the loop runs on (engines/streams.py), made on first run
 
     # -- setup (once per shape) ---------------------------------------------------------------
     def prepare(self, latent_shape, text_shape) -> SamplerBuffers:
@@ -210,17 +212,24 @@ class Sampler:
         self._prepare_model_input()
 
     def run_loop(self, progress: bool = False) -> None:
-        """All steps over the loaded request (what a whole-loop CUDA graph captures)."""
-        if not progress:
-            for i in range(len(self.plan)):
-                self.step(i)
-            return
-        from tqdm.auto import tqdm
-        with tqdm(total=len(self.plan), desc="denoising", unit="step") as bar:
-            for i, model in enumerate(self.plan.models):
-                bar.set_postfix_str(f"{model}")
-                self.step(i)
-                bar.update()
+        """All steps over the loaded request (what a whole-loop CUDA graph captures), on a dedicated stream.
+
+        Never the legacy default stream: TensorRT adds device-wide syncs to enqueues there, which
+        would slow the eager baseline (and inflate graph speedups).
+        """
+        if self._stream is None:
+            self._stream = new_stream(self.device)
+        with use_stream(self._stream, self.device):
+            if not progress:
+                for i in range(len(self.plan)):
+                    self.step(i)
+                return
+            from tqdm.auto import tqdm
+            with tqdm(total=len(self.plan), desc="denoising", unit="step") as bar:
+                for i, model in enumerate(self.plan.models):
+                    bar.set_postfix_str(f"{model}")
+                    self.step(i)
+                    bar.update()
 
     @torch.no_grad()
     def sample(self, noise, prompt_embeds, negative_prompt_embeds=None, prompt_mask=None,

@@ -16,36 +16,33 @@ import json
 import math
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from flowblend.engines.iospec import IOSpec  # noqa: E402
-from flowblend.engines.ort_engine import OrtEngine  # noqa: E402
-from flowblend.engines.torch_engine import TorchEngine  # noqa: E402
-from flowblend.export.onnx import export_pair  # noqa: E402
-from flowblend.export.pairs import LoadedPair, get_family, load_pair  # noqa: E402
-from flowblend.export.record import onnx_dir  # noqa: E402
-from flowblend.runtime.plan import BlendPlan  # noqa: E402
-from flowblend.runtime.sampler import Sampler, SamplerOptions  # noqa: E402
+from flowblend.engines.iospec import IOSpec
+from flowblend.engines.ort_engine import OrtEngine
+from flowblend.engines.torch_engine import TorchEngine
+from flowblend.export.onnx import export_pair
+from flowblend.export.pairs import LoadedPair, get_family, load_pair
+from flowblend.export.record import onnx_dir
+from flowblend.runtime.plan import BlendPlan
+from flowblend.runtime.sampler import Sampler, SamplerOptions
 
 DTYPES = ("fp32", "fp16", "bf16")
 
 
 def tiny(family: str) -> LoadedPair:
-    from tiny_models import tiny_pair  # the test suite's tiny random configs
+    from flowblend.bench.tiny import tiny_pair
 
     return LoadedPair(get_family(family), tiny_pair(family), encode_prompt=None, decode=None,
                       sources={m: f"tiny random {family} ({m})" for m in ("large", "small")})
 
 
 def tiny_spec(family: str, dtype: str) -> IOSpec:
-    from tiny_models import TEXT, latent_shape
+    from flowblend.bench.tiny import TEXT, latent_shape
 
     return IOSpec(batch=2, latent=latent_shape(family), text_len=TEXT[0], text_dim=TEXT[1], dtype=dtype,
                   with_mask=family == "ltx")

@@ -27,6 +27,7 @@ from flowblend.bench.run import BenchOptions, equivalent_command, run_bench
 from flowblend.errors import FlowblendError
 from flowblend.export.pairs import LoadedPair, get_family, reference_configs
 
+SKIPPED = 3  # exit code scripts/gpu_run.py reads as SKIPPED
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Dry run: Wan's structure (patch, channels) at sizes a CPU runs in seconds.
 DRY_CONFIG = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=32, freq_dim=32)
@@ -116,6 +117,12 @@ def main(argv=None) -> int:
     except FlowblendError as exc:
         print(f"gpu_bench: error: {exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:  # a bare machine without the copied wheels: skipped, not failed
+        if (exc.name or "").split(".")[0] == "flowblend":
+            raise
+        print(f"gpu_bench: skipped: python package {exc.name!r} is not installed (scripts/gpu_run.py installs the "
+              "copied wheels)")
+        return SKIPPED
     report["command"] = "python scripts/gpu_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report["equivalent_bench_options"] = equivalent_command("wan", options)
     report["model_depth"] = depth

@@ -13,7 +13,12 @@ reason), its numbers and how long it took; writes gpu-checks.json and gpu-checks
   --layers blocks each, FP32: whole-loop and per-step graph replays vs the eager loop, loop times
 - fp16/bf16 vs fp32 at both widths: cosine, max error, NaN/Inf (FP32 islands as export/onnx.py keeps)
 - tensorrt: the small-width model exported to ONNX (fp16), built, checked against FP32 PyTorch, its
-  loop eager vs whole graph, timings
+  loop eager vs whole graph, timings, and the device memory its engines take (weights, by
+  cudaMemGetInfo around deserialization; the one shared activation block)
+- memory: the GPU memory a blended TensorRT run needs, part by part: engine weights + one activation
+  block (from the tensorrt check) + the sampler's buffers + text encoder + VAE (the Wan 2.1 VAE's
+  config with random weights on the GPU, and its decode peak; UMT5-XXL's weights counted from its
+  config on the meta device). A check whose Python dependency is missing is SKIPPED with its name.
 Random weights: speed and numerical behaviour of the kernels do not depend on trained values; the
 block sizes are the published ones, the depth is --layers (reported, never extrapolated).
 """
@@ -50,6 +55,11 @@ WIDTHS = {"large": dict(WAN, num_attention_heads=40, attention_head_dim=128, ffn
 
 class Skip(Exception):
     """A check that cannot run on this machine; the message says why."""
+
+
+MEASURED: dict = {}  # what one check measured for a later one (the tensorrt check's engine memory)
+UMT5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=256384,
+                feed_forward_proj="gated-gelu")  # google/umt5-xxl, Wan 2.1's text encoder
 
 
 def need_cuda():
@@ -270,8 +280,16 @@ def check_tensorrt(args) -> dict:
     with torch.no_grad():
         ref = signature_for(models["small"].cuda())(*[x.float().cuda() for x in inputs]).cpu()
     out["small_vs_fp32_pytorch"] = compare(run_plan(plans["small"], dict(zip(spec.input_names, inputs))), ref)
+    torch.cuda.synchronize()
+    free_before = torch.cuda.mem_get_info()[0]
     engines = {n: TrtEngine(p, name=n) for n, p in plans.items()}
-    share_activation_memory(engines)
+    torch.cuda.synchronize()
+    out["engine_weights_bytes"] = free_before - torch.cuda.mem_get_info()[0]  # TensorRT allocates them, not torch
+    block = share_activation_memory(engines)
+    out["activation_block_bytes"] = block.numel()
+    out["activation_bytes_per_engine"] = {n: e.activation_bytes for n, e in engines.items()}
+    MEASURED.update(engine_weights_bytes=out["engine_weights_bytes"], activation_block_bytes=block.numel(),
+                    engine_layers=args.layers)
     plan = BlendPlan.parse("LSL:0.4,0.2", args.steps)
     opts = SamplerOptions(guidance_scale=5.0, fused_kernel=False)
     g = torch.Generator().manual_seed(0)
@@ -289,9 +307,56 @@ def check_tensorrt(args) -> dict:
     return out
 
 
+def check_memory(args) -> dict:
+    need_cuda()
+    from flowblend.runtime.buffers import SamplerBuffers
+
+    shape = video_shape(args)
+    out = {"latent": list(shape), "parts": {}}
+    bufs = SamplerBuffers.allocate(shape, (512, 4096), [999.0] * args.steps, True, torch.float16, torch.device("cuda"),
+                                   state_names=("last_sample", "x0_0", "x0_1", "x0_2"))  # UniPC's
+    out["parts"]["sampler_buffers"] = sum(t.numel() * t.element_size() for t in
+                                          {id(t): t for t in (bufs.latents, bufs.model_input, bufs.velocity,
+                                                              bufs.text_embeds, bufs.timestep_table, bufs.guided,
+                                                              *bufs.state.values())}.values())
+    del bufs
+    if MEASURED:
+        out["parts"]["engine_weights"] = MEASURED["engine_weights_bytes"]
+        out["parts"]["activation_block"] = MEASURED["activation_block_bytes"]
+        out["engine_layers"] = MEASURED["engine_layers"]
+    else:
+        out["engines"] = "not measured: the tensorrt check did not run here (TensorRT missing or --only)"
+    from diffusers import AutoencoderKLWan
+
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    vae = AutoencoderKLWan().to("cuda", torch.float16).eval()  # diffusers' defaults are the Wan 2.1 VAE's config
+    out["parts"]["vae_weights"] = torch.cuda.memory_allocated() - base
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        vae.decode(torch.randn((1, *shape), device="cuda", dtype=torch.float16))
+    out["vae_decode_peak_bytes"] = torch.cuda.max_memory_allocated() - base
+    del vae
+    torch.cuda.empty_cache()
+    try:
+        from transformers import UMT5Config, UMT5EncoderModel
+
+        with torch.device("meta"):
+            encoder = UMT5EncoderModel(UMT5Config(**UMT5_XXL))
+        out["parts"]["text_encoder_weights_fp16"] = 2 * sum(p.numel() for p in encoder.parameters())
+        out["text_encoder"] = "UMT5-XXL weights counted from its config (meta device), bf16/fp16"
+    except ImportError as exc:
+        out["text_encoder"] = f"not counted: {exc}"
+    out["total_bytes"] = sum(out["parts"].values())
+    out["status"] = "pass"
+    out["note"] = ("engine weights are for the --layers depth built by the tensorrt check; the sum is a floor for that "
+                   "depth plus the VAE decode peak above its weights")
+    return out
+
+
 CHECKS = {"kernels": check_kernel_build, "fused_host": lambda a: check_fused(a, host=True),
           "fused_device": lambda a: check_fused(a, host=False), "graphs": check_graphs,
-          "precision": check_precision, "tensorrt": check_tensorrt}
+          "precision": check_precision, "tensorrt": check_tensorrt, "memory": check_memory}
 
 
 def environment() -> dict:
@@ -335,6 +400,11 @@ def main(argv=None) -> int:
             result = CHECKS[name](args)
         except Skip as why:
             result = {"status": "skipped", "reason": str(why)}
+        except ModuleNotFoundError as exc:  # the machine lacks a dependency (not flowblend itself): say which
+            if (exc.name or "").split(".")[0] == "flowblend":
+                raise
+            result = {"status": "skipped", "reason": f"python package {exc.name!r} is not installed: install the "
+                                                     "copied wheels (scripts/gpu_run.py does)"}
         except Exception as exc:  # noqa: BLE001 - a crashed check is a failed check, the report goes on
             result = {"status": "fail", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
         result["seconds"] = time.perf_counter() - start

@@ -1,17 +1,36 @@
 """A recording stand-in for the small part of the TensorRT Python API flowblend uses. NOT TensorRT.
 
 Tests install it as `sys.modules["tensorrt"]` so engines/trt_build.py and engines/trt_engine.py run
-their real code on a CPU machine. It mirrors the documented TensorRT 10 behaviour that code relies
+their real code on a CPU machine. It mirrors the documented TensorRT 10.1+ behaviour that code relies
 on and fails where TensorRT would: the "ONNX parser" reads the real ONNX file (input names, dtypes,
-static/dynamic dims), a build needs a profile for every dynamic input within static dims, a
-strongly typed network refuses precision flags, a USER_MANAGED context refuses to run without
-device memory, and an enqueue fails unless every I/O tensor has an address. It computes nothing:
-every call is appended to EVENTS, which the tests read. A "plan" is JSON, never a real engine.
+static/dynamic dims) AND checks its external data is there (a missing or truncated `.data` beside
+the `.onnx` fails the parse, as TensorRT's parser fails to load the weights), a build needs a
+profile for every dynamic input within static dims, a strongly typed network refuses precision
+flags, a USER_MANAGED context refuses to run without device memory, and an enqueue fails unless
+every I/O tensor has an address. From NvInferRuntime.h (TensorRT 11.1, NVIDIA/TensorRT):
+
+- setTensorAddress: "The pointer must have at least 256-byte alignment." -> returns False otherwise;
+  setDeviceMemoryV2: memory "aligned with CUDA memory alignment property" -> ContractViolation.
+- enqueueV3: "Using default stream may lead to performance issues due to additional
+  cudaDeviceSynchronize() calls ... Please use non-default stream instead." -> an enqueue on
+  handle 0 raises ContractViolation (TensorRT would only warn and sync; here it is a test failure).
+- A context whose enqueue was captured into a CUDA graph (tests/fake_cuda_graph.py) must keep its
+  addresses, shapes and device memory: the graph replays what the enqueue recorded. Changing any of
+  them afterwards raises ContractViolation.
+
+Every call is appended to EVENTS, which the tests read. A "plan" is JSON, never a real engine. An
+enqueue reads its inputs from the bound addresses (host memory on CPU, through ctypes) and writes
+`velocity = reference_velocity(latents, timestep, text_embeds)`, so a wrong or stale address gives
+a wrong number; a captured enqueue replays with the addresses it had at capture.
 """
 from __future__ import annotations
 
+import ctypes
 import json
+from pathlib import Path
 from types import SimpleNamespace
+
+import torch
 
 __version__ = "10.99.0"  # a version no real TensorRT has
 
@@ -19,6 +38,35 @@ PLAN_MAGIC = b"FAKEPLAN"
 CACHE_MAGIC = b"FAKECACHE"
 EVENTS: list[tuple] = []
 KNOBS = SimpleNamespace(fail_build=False, fail_enqueue_at=None, enqueues=0)
+
+
+ALIGNMENT = 256
+
+
+class ContractViolation(AssertionError):
+    """A call real TensorRT documents as wrong (or as a device-wide sync): a test failure here."""
+
+
+def reference_velocity(latents, timestep, text_embeds):
+    """What a fake engine computes: float32, per batch row b: 0.5 x - t_b / 1000 + mean(text_b)."""
+    shape = (-1,) + (1,) * (latents.dim() - 1)
+    out = 0.5 * latents.float() - timestep.float().reshape(shape) / 1000.0
+    if text_embeds is not None:
+        out = out + text_embeds.float().flatten(1).mean(1).reshape(shape)
+    return out
+
+
+_TORCH = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
+          "INT64": torch.int64}
+
+
+def _tensor_at(ptr: int, shape, dtype) -> torch.Tensor:
+    """The host memory at `ptr` as a tensor (the fake runs on CPU, where bound addresses are host pointers)."""
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    return torch.frombuffer((ctypes.c_uint8 * nbytes).from_address(ptr), dtype=dtype).view(tuple(shape))
 
 
 def reset() -> None:
@@ -114,6 +162,10 @@ class OnnxParser:
             dims = [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
             return ITensor(value.name, _ONNX_TYPES[value.type.tensor_type.elem_type], dims)
 
+        problem = _external_data_problem(model, Path(path).parent)
+        if problem:
+            self.errors.append(f"In node -1 (importModel): failed to import initializer: {problem}")
+            return False
         init = {i.name for i in model.graph.initializer}
         self.network.inputs = [tensor(v) for v in model.graph.input if v.name not in init]
         self.network.outputs = [tensor(v) for v in model.graph.output]
@@ -124,6 +176,23 @@ class OnnxParser:
 
     def get_error(self, i):
         return self.errors[i]
+
+
+def _external_data_problem(model, directory: Path) -> str | None:
+    """Why the weights stored outside the .onnx cannot be read, or None (every byte range is there)."""
+    import onnx
+
+    for init in model.graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in init.external_data}
+        file = directory / info.get("location", "")
+        if not info.get("location") or not file.is_file():
+            return f"{init.name}: external data file {file} does not exist"
+        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        if file.stat().st_size < end:
+            return f"{init.name}: external data file {file} is truncated ({file.stat().st_size} < {end} bytes)"
+    return None
 
 
 # -- builder ------------------------------------------------------------------------------------
@@ -301,13 +370,23 @@ class IExecutionContext:
         self.shapes = {n: s for n, (m, _, s) in engine.io.items() if m == TensorIOMode.INPUT and -1 not in s}
         self.addresses = {}
         self.device_memory = None
+        self.captured = False  # an enqueue of this context was recorded into a CUDA graph
+
+    def _refuse_if_captured(self, what):
+        if self.captured:
+            raise ContractViolation(f"{what} on an execution context that a captured CUDA graph replays: the graph "
+                                    "keeps what the enqueue recorded (use one context per binding set)")
 
     def set_device_memory(self, ptr, size):
         EVENTS.append(("set_device_memory", ptr, size, id(self)))
+        self._refuse_if_captured("set_device_memory")
+        if ptr % ALIGNMENT:
+            raise ContractViolation(f"device memory at {ptr:#x} is not {ALIGNMENT}-byte aligned")
         self.device_memory = (ptr, size)
 
     def set_input_shape(self, name, shape) -> bool:
         EVENTS.append(("set_input_shape", name, tuple(shape)))
+        self._refuse_if_captured(f"set_input_shape({name!r})")
         lo, _, hi = self.engine.profile[name]
         if len(shape) != len(lo) or not all(a <= s <= b for a, s, b in zip(lo, shape, hi)):
             return False
@@ -327,17 +406,42 @@ class IExecutionContext:
 
     def set_tensor_address(self, name, ptr) -> bool:
         EVENTS.append(("set_tensor_address", name, ptr, id(self)))
-        if name not in self.engine.io:
-            return False
+        self._refuse_if_captured(f"set_tensor_address({name!r})")
+        if name not in self.engine.io or ptr % ALIGNMENT:
+            return False  # "false if the provided name does not map to a tensor, does not meet alignment ..."
         self.addresses[name] = ptr
         return True
 
+    def _compute(self, addresses, shapes) -> None:
+        io = self.engine.io
+        if not {"latents", "timestep", "velocity"} <= set(addresses):
+            return
+        def read(n):
+            return _tensor_at(addresses[n], shapes[n], _TORCH[io[n][1]])
+        text = read("text_embeds") if "text_embeds" in addresses else None
+        velocity = read("velocity")
+        velocity.copy_(reference_velocity(read("latents"), read("timestep"), text))
+
     def execute_async_v3(self, stream_handle) -> bool:
+        from fake_cuda_graph import recording
+
         KNOBS.enqueues += 1
         EVENTS.append(("execute_async_v3", stream_handle, dict(self.addresses), id(self)))
+        if stream_handle == 0:
+            raise ContractViolation("execute_async_v3 on the legacy default stream: TensorRT adds "
+                                    "cudaDeviceSynchronize() calls there; enqueue on a non-default stream")
         if KNOBS.fail_enqueue_at is not None and KNOBS.enqueues - 1 == KNOBS.fail_enqueue_at:
             return False
         if self.strategy == ExecutionContextAllocationStrategy.USER_MANAGED and (
                 self.device_memory is None or self.device_memory[1] < self.engine.device_memory_size_v2):
             return False
-        return set(self.addresses) == set(self.engine.io) and not self.infer_shapes()
+        if set(self.addresses) != set(self.engine.io) or self.infer_shapes():
+            return False
+        addresses = dict(self.addresses)
+        shapes = {n: tuple(self.get_tensor_shape(n)) for n in addresses}
+        graph = recording(stream_handle)
+        if graph is not None:
+            self.captured = True
+            graph.record(lambda: self._compute(addresses, shapes))
+        self._compute(addresses, shapes)
+        return True

@@ -11,12 +11,14 @@ from pathlib import Path
 import imageio.v3 as iio
 import pytest
 import torch
+from fake_cuda_graph import FakeGraphBackend
 
 from flowblend.bench.memory import LiveTensorBytes
 from flowblend.bench.pairing import round_order
 from flowblend.bench.report import render_markdown
 from flowblend.bench.run import BenchOptions, run_bench
-from flowblend.bench.runtime_cost import TINY_WAN, measure_overhead
+from flowblend.bench.runtime_cost import measure_overhead
+from flowblend.bench.tiny import TEXT, WAN_LATENT, tiny_pair
 from flowblend.cli.main import main
 from flowblend.engines.signature import signature_for
 from flowblend.export.pairs import load_pair
@@ -168,12 +170,9 @@ def test_compile_failure_is_reported_not_fatal(monkeypatch):
 
 
 def test_runtime_and_bare_loop_compute_the_same_latents():
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(0)
-    modules = {m: signature_for(WanTransformer3DModel(**TINY_WAN[m]).eval()) for m in ("large", "small")}
+    modules = {m: signature_for(module) for m, module in tiny_pair("wan").items()}
     result = measure_overhead(modules, BlendPlan.parse("LSL", 5), {"solver": "unipc", "shift": 3.0}, 4.0,
-                              TINY_WAN["latent"], TINY_WAN["text"], 2, torch.device("cpu"), "tiny Wan")
+                              WAN_LATENT, TEXT, 2, torch.device("cpu"), "tiny Wan")
     assert result["max_abs_diff_vs_bare"] < 1e-4
     assert result["bare_loop_ms"] > 0 and result["runtime_loop_ms"] > 0 and result["repeats"] == 2
     # the default engines (schedule constants split out) are timed too and compute the same latents
@@ -256,35 +255,28 @@ def test_readme_reads_the_lsl_figure_from_its_number():
     assert "measured 96.1%" in text and "94.9% (`a.json`)" in text and "met in 1 of 2" in text
 
 
-class ReplayingGraphBackend:
-    """Stand-in for runtime/graph.py's CUDA backend: a "graph" re-runs the body it was captured with."""
+class CountingGraphBackend(FakeGraphBackend):
+    """tests/fake_cuda_graph.py's stand-in (replays only what was recorded while capturing), counting calls."""
 
     def __init__(self):
+        super().__init__()
         self.captures, self.replays = [], 0
 
-    def warm_up(self, fn):
-        fn()
-
-    def begin_capture(self, body):
-        self.captures.append(body)
-        return body
-
-    def end_capture(self, graph):
-        pass
-
-    def is_capturing(self):
-        return False
+    def begin_capture(self, body=None):
+        graph = super().begin_capture(body)
+        self.captures.append(graph)
+        return graph
 
     def discard_stream(self):
         pass
 
     def replay(self, graph):
         self.replays += 1
-        graph()
+        super().replay(graph)
 
 
 def test_graph_modes_run_through_the_graph_runner(monkeypatch):
-    """On CPU with a stand-in capture backend: graph cases capture once, replay per run, match the eager loop."""
+    """On CPU with the recording graph stand-in: graph cases capture once, replay per run, match the eager loop."""
     import flowblend.bench.run as bench
 
     backends = []
@@ -292,7 +284,7 @@ def test_graph_modes_run_through_the_graph_runner(monkeypatch):
     real_runner = bench.GraphRunner
 
     def runner_with_stand_in(sampler, mode):
-        backends.append(ReplayingGraphBackend())
+        backends.append(CountingGraphBackend())
         return real_runner(sampler, mode, backend=backends[-1])
 
     monkeypatch.setattr(bench, "GraphRunner", runner_with_stand_in)

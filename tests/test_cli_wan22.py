@@ -185,14 +185,14 @@ def test_tensorrt_three_engines_share_one_activation_block_sized_to_the_largest(
     engines = {name: TrtEngine(plan(size), name=name, device="cpu")
                for name, size in (("high", 7000), ("low", 9000), ("small", 2000))}
     block = share_activation_memory(engines)
-    given = fake_tensorrt.events("set_device_memory")
-    assert [(ptr, size) for _, ptr, size, _ in given] == [(block.data_ptr(), 9000)] * 3
     experts = expert_schedule_for("unipc", STEPS, 12.0, 0.875)
     plan_ = BlendPlan.parse("experts:1,1", STEPS, EXPERTS_AND_SMALL, experts)
     table = guidance_table(plan_, 4.0, {"high": 4.0, "low": 3.0}, experts)
     sampler = Sampler(engines, plan_, options=SamplerOptions("unipc", 12.0, 4.0, guidance_table=table))
     t = torch.randn(1, 7, 16)
     sampler.sample(torch.randn(1, *lat[1:]), t, t)
+    given = fake_tensorrt.events("set_device_memory")  # each context gets the block when it is bound
+    assert [(ptr, size) for _, ptr, size, _ in given] == [(block.data_ptr(), 9000)] * 3
     contexts = {id(e.context): name for name, e in engines.items()}
     runs = fake_tensorrt.events("execute_async_v3")
     assert [contexts[ctx] for *_, ctx in runs] == list(plan_.models)
@@ -200,7 +200,7 @@ def test_tensorrt_three_engines_share_one_activation_block_sized_to_the_largest(
 
 
 def test_whole_loop_graph_over_three_engines_replays_the_eager_loop(checkpoints):
-    from test_graph import FakeGraphBackend
+    from fake_cuda_graph import FakeGraphBackend
 
     from flowblend.runtime.graph import GraphRunner
 

@@ -148,8 +148,14 @@ def test_fused_kernel_equals_the_pytorch_step(kernel_library, dtype, solver, gui
 
 
 @needs_gpu
+def test_the_load_time_probe_passes_on_the_gpu(kernel_library):
+    assert fused.probe_library(kernel_library, torch.device("cuda")) is None
+
+
+@needs_gpu
 def test_whole_graph_with_the_fused_kernel_equals_the_eager_pytorch_loop(kernel_library, monkeypatch):
     monkeypatch.setattr(fused, "load_library", lambda path=None: kernel_library)
+    fused._usable.cache_clear()
     engines = {n: TorchEngine(m, device="cuda") for n, m in tiny_pair("wan").items()}
     plan = BlendPlan.parse("LSL:0.4,0.2", 8)
     eager = Sampler(engines, plan, options=no_fused(guidance_scale=4.0), device="cuda")
@@ -230,6 +236,13 @@ def test_tiny_engine_matches_pytorch_and_its_loop_captures(tmp_path, dtype):
     assert rel(a, torch_ref.sample(*request(1))) <= (1e-4 if dtype == "fp32" else 2e-2)
     runner = GraphRunner(Sampler(engines, plan, options=no_fused(guidance_scale=4.0)), mode="whole")
     assert rel(runner.sample(*request(2)), trt_eager.sample(*request(2))) <= 1e-5
+    # a second plan over the same engines binds new contexts; the first graph still replays correctly
+    other = BlendPlan.parse("LLL", 8)
+    per_step = GraphRunner(Sampler(engines, other, options=no_fused(guidance_scale=4.0)), mode="per_step")
+    b = per_step.sample(*request(3))
+    assert rel(runner.sample(*request(3)), trt_eager.sample(*request(3))) <= 1e-5
+    assert rel(b, Sampler(engines, other, options=no_fused(guidance_scale=4.0)).sample(*request(3))) <= 1e-5
+    assert all(len(e.contexts) == 4 for e in engines.values())  # eager, whole, per-step, second eager sampler
 
 
 @pytest.mark.tensorrt

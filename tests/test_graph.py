@@ -1,7 +1,9 @@
 """runtime/graph.py on CPU: the capture state machine and cache, driven through a stand-in graph backend.
 
-`FakeGraphBackend` records the calls GraphRunner makes; a fake "graph" replays by re-running the
-steps that were captured, so results can be compared with the plain eager sampler (the reference).
+`FakeGraphBackend` (tests/fake_cuda_graph.py) records the calls GraphRunner makes; its graphs
+replay only the aten ops and TensorRT enqueues recorded while capturing, never the Python step, so a
+value frozen at capture time gives a wrong result there as on a GPU. Results are compared with the
+plain eager sampler (the reference).
 Also checked here, because it decides whether a real capture can succeed: the loop of the real
 diffusers transformers never syncs with the host. The real torch.cuda.CUDAGraph path runs in
 tests/test_gpu.py.
@@ -10,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from fake_cuda_graph import FakeGraphBackend
 from tiny_models import TEXT, WAN_LATENT, latent_shape, tiny_pair
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -20,45 +23,6 @@ from flowblend.runtime.plan import BlendPlan
 from flowblend.runtime.sampler import Sampler, SamplerOptions
 
 STEPS = 6
-
-
-class FakeGraph:
-    def __init__(self, body):
-        self.body = body
-
-
-class FakeGraphBackend:
-    """Records warm_up/begin/end/replay; a graph replays what was run while it was being captured."""
-
-    def __init__(self, fail_end=False):
-        self.events, self.capturing, self.fail_end = [], False, fail_end
-
-    def warm_up(self, fn):
-        self.events.append("warm_up")
-        fn()
-
-    def begin_capture(self, body):
-        assert not self.capturing, "captures must not nest"
-        self.events.append("begin")
-        self.capturing = True
-        return FakeGraph(body)
-
-    def end_capture(self, graph):
-        self.events.append("end")
-        self.capturing = False
-        if self.fail_end:
-            raise RuntimeError("operation not permitted when stream is capturing (capture invalidated)")
-
-    def is_capturing(self):
-        return self.capturing
-
-    def discard_stream(self):
-        assert not self.capturing, "a stream is discarded only after its capture ended"
-        self.events.append("discard_stream")
-
-    def replay(self, graph):
-        self.events.append("replay")
-        graph.body()
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +90,29 @@ class FailingEngine:
         if self.backend.capturing and step == self.fail_step:
             raise self.error("cudaErrorStreamCaptureUnsupported: operation not permitted when stream is capturing")
         self.engine.run(step)
+
+
+def test_the_eager_loop_runs_on_a_dedicated_stream(wan_engines):
+    """Never the legacy default stream (handle 0), where TensorRT syncs the device around every enqueue."""
+    from flowblend.engines.streams import DEFAULT_STREAM, current_stream_handle
+
+    seen = []
+
+    class Spy:
+        def __init__(self, engine):
+            self.engine, self.input_names, self.output_names = engine, engine.input_names, engine.output_names
+            self.device, self.dtype = engine.device, engine.dtype
+
+        def bind(self, tensors):
+            self.engine.bind(tensors)
+
+        def run(self, step):
+            seen.append(current_stream_handle(torch.device("cpu")))
+            self.engine.run(step)
+
+    sampler = Sampler({n: Spy(e) for n, e in wan_engines.items()}, BlendPlan.parse("LSL:0.4,0.2", 4), SamplerOptions(guidance_scale=4.0))
+    sampler.sample(*request(1))
+    assert len(seen) == 4 and DEFAULT_STREAM not in seen and len(set(seen)) == 1
 
 
 def test_exception_mid_capture_ends_the_capture_and_fails_clearly(wan_engines):
@@ -237,10 +224,33 @@ def test_the_loop_of_the_real_transformers_never_syncs_with_the_host(family):
     assert rec.syncs == [], f"{family}: host syncs inside the loop would break capture: {sorted(set(rec.syncs))}"
 
 
-def test_tensorrt_engines_are_captured_with_every_steps_timestep_row(monkeypatch):
+def test_frozen_python_values_are_frozen_in_the_stand_in_graph(wan_engines):
+    """The graph stand-in replays recorded ops, not Python: a step that reads a Python value gets the captured one."""
+    backend = FakeGraphBackend()
+    x = torch.zeros(3)
+    scale = {"value": 1.0}
+    graph = backend.begin_capture()
+    x.add_(scale["value"])  # the Python float 1.0 is an argument of the recorded op
+    backend.end_capture(graph)
+    scale["value"] = 5.0
+    backend.replay(graph)
+    assert x.tolist() == [2.0, 2.0, 2.0]  # 1 at capture + 1 at replay: 5.0 never reaches the graph
+    y = torch.zeros(2)
+    graph = backend.begin_capture()
+    z = y + 1.0  # a fresh tensor at capture: replay writes into that same tensor
+    backend.end_capture(graph)
+    y.fill_(10.0)
+    backend.replay(graph)
+    assert z.tolist() == [11.0, 11.0]
+    graph = backend.begin_capture()
+    with pytest.raises(RuntimeError, match="StreamCaptureUnsupported"):
+        torch.ones(1).item()
+    backend.end_capture(graph)
+
+
+def _trt_pair(monkeypatch):
     import fake_tensorrt
-    from test_trt_engine import LATENT, make_pair
-    from test_trt_engine import TEXT as TRT_TEXT
+    from test_trt_engine import make_pair
 
     from flowblend.engines.trt_engine import share_activation_memory
 
@@ -248,17 +258,95 @@ def test_tensorrt_engines_are_captured_with_every_steps_timestep_row(monkeypatch
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt)
     engines = make_pair()
     share_activation_memory(engines)
+    return fake_tensorrt, engines
+
+
+def _trt_reference(plan, noise, text, guidance=4.0):
+    """The eager blended loop over the stand-in's velocity function (fp16 I/O like the engines), no TensorRT."""
+    import fake_tensorrt
+
+    class Reference:
+        input_names, output_names = ("latents", "timestep", "text_embeds"), ("velocity",)
+        device, dtype = torch.device("cpu"), torch.float16
+
+        def bind(self, t):
+            self.t = t
+
+        def run(self, step):
+            t = self.t
+            t["velocity"].copy_(fake_tensorrt.reference_velocity(t["latents"], t["timestep"][step], t["text_embeds"]))
+
+    ref = {"large": Reference(), "small": Reference()}
+    return Sampler(ref, plan, SamplerOptions(guidance_scale=guidance), dtype=torch.float16).sample(noise, text, text)
+
+
+@pytest.mark.parametrize("mode", ["whole", "per_step"])
+def test_tensorrt_loop_replays_equal_eager_with_addresses_bound_once(monkeypatch, mode):
+    from test_trt_engine import LATENT
+    from test_trt_engine import TEXT as TRT_TEXT
+
+    trt, engines = _trt_pair(monkeypatch)
     plan = BlendPlan.parse("LSL:0.4,0.2", STEPS)
-    runner = GraphRunner(Sampler(engines, plan, SamplerOptions(guidance_scale=4.0)), backend=FakeGraphBackend())
-    text = torch.randn(1, *TRT_TEXT)
-    runner.sample(torch.randn(1, *LATENT), text, text)
-    runs = fake_tensorrt.events("execute_async_v3")
-    assert len(runs) == 3 * STEPS  # warm-up, capture, replay
-    table = runner.current.sampler.buffers.timestep_table
-    captured = runs[STEPS:2 * STEPS]
-    contexts = {id(e.context): n for n, e in engines.items()}
-    assert [contexts[r[3]] for r in captured] == list(plan.models)
-    assert [r[2]["timestep"] for r in captured] == [table[i].data_ptr() for i in range(STEPS)]
+    runner = GraphRunner(Sampler(engines, plan, SamplerOptions(guidance_scale=4.0)), mode=mode, backend=FakeGraphBackend())
+    g = torch.Generator().manual_seed(3)
+    noise, text = torch.randn(1, *LATENT, generator=g), torch.randn(1, *TRT_TEXT, generator=g)
+    out = runner.sample(noise, text, text)
+    reference = _trt_reference(plan, noise, text)
+    assert rel(out, reference) <= 1e-3  # fp16 engine I/O in both
+    # every context got its four addresses once, all 256-byte aligned; none changed per step
+    addresses = trt.events("set_tensor_address")
+    assert len(addresses) == 4 * len(engines) and all(ptr % 256 == 0 for _, _, ptr, _ in addresses)
+    # a second request replays only (no new contexts, no new addresses) and still equals eager
+    noise2 = torch.randn(1, *LATENT, generator=g)
+    before = len(trt.EVENTS)
+    out2 = runner.sample(noise2, text, text)
+    assert not [e for e in trt.EVENTS[before:] if e[0] in ("set_tensor_address", "create_execution_context")]
+    assert rel(out2, _trt_reference(plan, noise2, text)) <= 1e-3 and rel(out2, out) > 1e-2
+
+
+def test_a_second_sampler_never_rebinds_a_captured_context(monkeypatch):
+    """Two samplers (plans) over the same engines: each binding set gets its own context."""
+    from test_trt_engine import LATENT
+    from test_trt_engine import TEXT as TRT_TEXT
+
+    trt, engines = _trt_pair(monkeypatch)
+    plan_a, plan_b = BlendPlan.parse("LSL:0.4,0.2", STEPS), BlendPlan.parse("LLL", STEPS)
+    runner_a = GraphRunner(Sampler(engines, plan_a, SamplerOptions(guidance_scale=4.0)), backend=FakeGraphBackend())
+    runner_b = GraphRunner(Sampler(engines, plan_b, SamplerOptions(guidance_scale=4.0)), backend=FakeGraphBackend())
+    g = torch.Generator().manual_seed(4)
+    noise, text = torch.randn(1, *LATENT, generator=g), torch.randn(1, *TRT_TEXT, generator=g)
+    runner_a.sample(noise, text, text)
+    out_b = runner_b.sample(noise, text, text)  # binds both engines to B's buffers: new contexts, A's untouched
+    out_a = runner_a.sample(noise, text, text)  # A's graph still replays into A's buffers
+    assert rel(out_a, _trt_reference(plan_a, noise, text)) <= 1e-3
+    assert rel(out_b, _trt_reference(plan_b, noise, text)) <= 1e-3
+    assert len(trt.events("create_execution_context")) == 4 and all(len(e.contexts) == 2 for e in engines.values())
+
+
+def test_torch_graph_backend_captures_every_graph_into_one_pool(monkeypatch):
+    """TorchGraphBackend passes one graph_pool_handle() to every capture_begin (per-step graphs share memory)."""
+    calls = []
+
+    class Graph:
+        def capture_begin(self, pool=None, **kw):
+            calls.append(pool)
+
+        def capture_end(self):
+            pass
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: ("pool", 1))
+    backend = TorchGraphBackend(torch.device("cuda", 0))
+    for _ in range(3):
+        backend.end_capture(backend.begin_capture(None))
+    assert calls == [("pool", 1)] * 3
 
 
 def test_cli_generate_graph_needs_cuda(tmp_path, capsys):

@@ -115,7 +115,7 @@ def test_graph_backend_protocol_lists_every_method_the_runner_calls():
     import re
     from pathlib import Path
 
-    from test_bench import ReplayingGraphBackend
+    from test_bench import CountingGraphBackend  # the bench's stand-in (tests/fake_cuda_graph.py, counting)
     from test_graph import FakeGraphBackend
 
     from flowblend.runtime import graph
@@ -124,7 +124,7 @@ def test_graph_backend_protocol_lists_every_method_the_runner_calls():
     promised = {name for name in vars(graph.GraphBackend) if not name.startswith("_")}
     assert called and called == promised
     assert issubclass(graph.TorchGraphBackend, graph.GraphBackend)  # the CUDA one (not constructible on CPU)
-    for stand_in in (FakeGraphBackend(), ReplayingGraphBackend()):
+    for stand_in in (FakeGraphBackend(), CountingGraphBackend()):
         assert isinstance(stand_in, graph.GraphBackend), type(stand_in).__name__
 
 
@@ -141,3 +141,55 @@ def test_sampler_and_graph_runner_are_the_latent_sampler_a_pipeline_takes():
     for implementation in (sampler, GraphRunner(sampler, mode="eager")):
         assert isinstance(implementation, LatentSampler)
         assert params(implementation.sample) == params(LatentSampler.sample)[1:], type(implementation).__name__
+
+
+# -- written once ----------------------------------------------------------------------------------
+
+
+def test_graph_modes_are_defined_once_and_every_spelling_maps_onto_them():
+    import argparse
+
+    from flowblend.bench import run as bench
+    from flowblend.cli import generate
+    from flowblend.runtime import graph, graph_modes
+
+    assert graph.MODES is graph_modes.MODES and bench.MODES is graph_modes.BENCH_MODES
+    for spelling in (graph_modes.GRAPH_FLAGS, graph_modes.BENCH_MODES):
+        assert sorted(spelling.values()) == sorted(graph_modes.MODES)
+    parser = argparse.ArgumentParser()
+    generate.register(parser.add_subparsers())
+    for flag, mode in graph_modes.GRAPH_FLAGS.items():
+        assert parser.parse_args(["generate", "--graph", flag]).graph == flag
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "--graph", "per_step"])  # the runtime's name is not a CLI spelling
+
+
+def test_a_family_makes_its_io_spec_in_one_place():
+    from pathlib import Path
+
+    from flowblend.engines.iospec import IOSpec
+    from flowblend.export.pairs import get_family
+
+    ltx = get_family("ltx")
+    spec = ltx.io_spec((128, 2, 4, 6), guidance=3.0, dtype=torch.bfloat16, dynamic={"frames": (1, 4)})
+    assert spec == IOSpec(batch=2, latent=(128, 2, 4, 6), text_len=ltx.text_len, text_dim=ltx.text_dim, dtype="bf16",
+                          with_mask=True, dynamic={"frames": (1, 4)}, patch=(1, 1, 1))
+    wan = get_family("wan")
+    assert wan.io_spec((16, 3, 4, 6), guidance=1.0, dtype="fp16").batch == 1  # no CFG: one row
+    with pytest.raises(FlowblendError, match="unsupported dtype torch.float64: choose one of fp32, fp16, bf16"):
+        wan.io_spec((16, 3, 4, 6), 5.0, torch.float64)
+    root = Path(__file__).resolve().parents[1]
+    for folder in ("cli", "bench", "calibrate", "toy"):
+        for path in (root / folder).glob("*.py"):
+            assert "IOSpec(" not in path.read_text(), f"{path}: build the spec with PairFamily.io_spec"
+
+
+def test_tiny_pairs_are_defined_once_in_the_package():
+    from pathlib import Path
+
+    import tiny_models
+
+    from flowblend.bench import runtime_cost, tiny
+
+    assert tiny_models.WAN_TINY is tiny.WAN_TINY and tiny_models.tiny_pair is tiny.tiny_pair
+    assert "num_attention_heads" not in Path(runtime_cost.__file__).read_text()

@@ -59,6 +59,11 @@ def test_abi_version_matches_the_loader(built):
     assert ctypes.sizeof(fused.CombineStruct) == 8 + 8 * fused.MAX_TERMS
 
 
+def test_the_load_time_probe_passes_on_the_host_build(built):
+    """The test step runtime/fused.py launches at load equals the PyTorch step (host build here, device in test_gpu)."""
+    assert fused.probe_library(fused.load_library(built / fused.LIBRARY_NAME), torch.device("cpu")) is None
+
+
 class ScaleEngine:
     """Velocity = per-row scale * model input: the rows differ, so CFG really combines two predictions.
 

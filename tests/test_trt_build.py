@@ -184,6 +184,41 @@ def test_builder_failure_and_parser_failure_are_clear_errors(tmp_path, trt):
         build_mod.build_pair_engines("toy", "tensorrt", bad, progress=False)
 
 
+def write_onnx_with_external_weights(path):
+    """latents + bias, the bias stored in `<name>.onnx.data` beside the graph (how large exports keep weights)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    lat = list(SPEC.shapes("opt")["latents"])
+    bias = numpy_helper.from_array(np.arange(64, dtype=np.float16).reshape(1, 1, 1, 1, 64)[..., :6], "bias")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["latents", "bias"], ["velocity"])], "tiny",
+        [helper.make_tensor_value_info("latents", TensorProto.FLOAT16, lat),
+         helper.make_tensor_value_info("timestep", TensorProto.FLOAT, [SPEC.batch]),
+         helper.make_tensor_value_info("text_embeds", TensorProto.FLOAT16, [SPEC.batch, SPEC.text_len, SPEC.text_dim])],
+        [helper.make_tensor_value_info("velocity", TensorProto.FLOAT16, lat)], initializer=[bias])
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path),
+                    save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data",
+                    size_threshold=0)
+    return path.with_name(path.name + ".data")
+
+
+@pytest.mark.parametrize("damage", ["none", "missing", "truncated"])
+def test_the_parser_reads_external_weights_beside_the_onnx(tmp_path, trt, damage):
+    """TensorRT's parse_from_file loads external data from the .onnx's folder; a missing/short .data fails there."""
+    data = write_onnx_with_external_weights(tmp_path / "large.onnx")
+    if damage == "missing":
+        data.unlink()
+    elif damage == "truncated":
+        data.write_bytes(data.read_bytes()[:4])
+    if damage == "none":
+        assert build_plan_bytes(tmp_path / "large.onnx", build_settings(SPEC), progress=False).startswith(trt.PLAN_MAGIC)
+        return
+    with pytest.raises(FlowblendError, match="ONNX parser rejected .*" + ("does not exist" if damage == "missing"
+                                                                          else "truncated")):
+        build_plan_bytes(tmp_path / "large.onnx", build_settings(SPEC), progress=False)
+
+
 def test_progress_is_reported_per_builder_phase(tmp_path, trt, capsys):
     onnx_path = tmp_path / "m.onnx"
     write_onnx(onnx_path, SPEC)

@@ -1,8 +1,10 @@
 """TrtEngine's binding logic against the recording TensorRT stand-in (tests/fake_tensorrt.py), on CPU.
 
-What a GPU run cannot show cheaply is checked here: every I/O tensor points at the runtime's shared
-buffers, the timestep input is re-pointed at row `step` of the table before each enqueue, both
-engines get one activation block sized to the larger need, and every failure is a clear error.
+What a GPU run cannot show cheaply is checked here, with the stand-in enforcing TensorRT's documented
+rules (256-byte-aligned addresses, no enqueue on the default stream, no change to a captured context,
+version >= 10.1): every I/O tensor of a context points at the runtime's shared buffers, set once;
+the step's timestep reaches the context's fixed timestep input by a copy of its table row; every
+context gets one activation block sized to the larger need; every failure is a clear error.
 """
 import sys
 
@@ -41,41 +43,85 @@ def make_pair(large_bytes=3000, small_bytes=5000, **kw):
 
 def test_one_activation_block_sized_to_the_larger_engine(trt):
     engines = make_pair(3000, 5000)
-    assert trt.events("create_execution_context") == [("create_execution_context", "USER_MANAGED")] * 2
     assert shared_activation_bytes(engines.values()) == 5000
     block = share_activation_memory(engines)
-    assert block.numel() >= 5000
+    assert block.numel() >= 5000 and block.data_ptr() % 256 == 0
+    sampler = Sampler(engines, BlendPlan.parse("LSL:0.4,0.2", 4), SamplerOptions(guidance_scale=4.0))
+    text = torch.randn(1, *TEXT)
+    sampler.sample(torch.randn(1, *LATENT), text, text)
+    assert trt.events("create_execution_context") == [("create_execution_context", "USER_MANAGED")] * 2
     given = trt.events("set_device_memory")
     assert [(ptr, size) for _, ptr, size, _ in given] == [(block.data_ptr(), 5000)] * 2
     assert {ctx for *_, ctx in given} == {id(engines["large"].context), id(engines["small"].context)}
 
 
-def test_every_step_points_the_timestep_at_its_row_and_enqueues_the_plans_engine(trt):
+def test_addresses_are_set_once_aligned_and_the_timestep_row_is_copied_per_step(trt):
     engines = make_pair()
     share_activation_memory(engines)
     plan = BlendPlan.parse("LSL:0.4,0.2", 6)
     sampler = Sampler(engines, plan, SamplerOptions(guidance_scale=4.0))
     assert (sampler.device, sampler.dtype) == (torch.device("cpu"), torch.float16)  # taken from the engines
     text = torch.randn(1, *TEXT)
-    sampler.sample(torch.randn(1, *LATENT), text, text)
+    noise = torch.randn(1, *LATENT)
+    out = sampler.sample(noise, text, text)
     bufs = sampler.buffers
     table = bufs.timestep_table
     assert table.shape == (6, 2) and table.dtype == torch.float32
+    addresses = trt.events("set_tensor_address")
+    assert len(addresses) == 8 and all(ptr % 256 == 0 for _, _, ptr, _ in addresses)  # 4 per context, once
     runs = trt.events("execute_async_v3")
     assert len(runs) == 6
     contexts = {id(e.context): name for name, e in engines.items()}
-    for step, (_, stream, addresses, ctx) in enumerate(runs):
-        assert contexts[ctx] == plan.models[step]
-        assert addresses["timestep"] == table.data_ptr() + step * table.stride(0) * table.element_size()
-        assert addresses["latents"] == bufs.model_input.data_ptr()
-        assert addresses["text_embeds"] == bufs.text_embeds.data_ptr()
-        assert addresses["velocity"] == bufs.velocity.data_ptr()
-    # a second request re-points nothing but the timestep: the shared buffers stay where they are
+    for step, (_, stream, bound, ctx) in enumerate(runs):
+        assert contexts[ctx] == plan.models[step] and stream != 0  # never the legacy default stream
+        assert bound["latents"] == bufs.model_input.data_ptr()
+        assert bound["text_embeds"] == bufs.text_embeds.data_ptr()
+        assert bound["velocity"] == bufs.velocity.data_ptr()
+        assert bound["timestep"] == engines[plan.models[step]]._current.timestep_input.data_ptr()
+    # the stand-in computes from what the addresses hold: a stale timestep row would change the result
+    from test_graph import _trt_reference
+
+    assert ((out - _trt_reference(plan, noise, text)).norm() / out.norm()).item() <= 1e-3
+    # a second request sets no address at all
     before = len(trt.events("set_tensor_address"))
     sampler.sample(torch.randn(1, *LATENT), text, text)
-    new = trt.events("set_tensor_address")[before:]
-    assert [e[3] for e in new if e[1] == "timestep"][-6:] == [id(engines[m].context) for m in plan.models]
-    assert {e[2] for e in new if e[1] == "latents"} == {bufs.model_input.data_ptr()}
+    assert len(trt.events("set_tensor_address")) == before
+
+
+def test_misaligned_buffers_are_refused_before_tensorrt_sees_them(trt):
+    engine = make_pair()["large"]
+    from flowblend.engines.base import aligned_zeros
+
+    lat = (2, *LATENT)
+    raw = aligned_zeros((2 * 4 * 3 * 4 * 6 + 8,), torch.float16, "cpu")
+    tensors = {"latents": raw[8:].view(lat), "timestep": aligned_zeros((3, 2), torch.float32, "cpu"),
+               "text_embeds": aligned_zeros((2, *TEXT), torch.float16, "cpu"),
+               "velocity": aligned_zeros(lat, torch.float16, "cpu")}
+    with pytest.raises(FlowblendError, match="'latents' starts at an address that is not 256-byte aligned"):
+        engine.bind(tensors)
+    ctx = engine.engine.create_execution_context()
+    assert not ctx.set_tensor_address("latents", raw[8:].data_ptr())  # the stand-in refuses it too
+
+
+def test_direct_runs_leave_the_default_stream(trt):
+    """An engine run outside the sampler (checks, benchmarks) still enqueues on a stream of its own."""
+    engines = make_pair()
+    share_activation_memory(engines)
+    sampler = Sampler(engines, BlendPlan.parse("LLL", 2), SamplerOptions(guidance_scale=4.0))
+    text = torch.randn(1, *TEXT)
+    sampler.load_request(torch.randn(1, *LATENT), text, text)
+    engines["large"].run(0)
+    assert trt.events("execute_async_v3")[-1][1] != 0
+    with pytest.raises(trt.ContractViolation, match="default stream"):
+        engines["large"].context.execute_async_v3(0)
+
+
+def test_tensorrt_older_than_10_1_is_refused_naming_the_fix(trt, monkeypatch):
+    monkeypatch.setattr(trt, "__version__", "10.0.1.6")
+    with pytest.raises(FlowblendError, match=r"TensorRT 10.0.1.6 is too old.*tensorrt>=10.1"):
+        TrtEngine(plan_bytes(), device="cpu")
+    monkeypatch.setattr(trt, "__version__", "11.1.0")
+    assert TrtEngine(plan_bytes(), device="cpu").dtype == torch.float16
 
 
 def test_enqueue_failure_is_a_clear_error_naming_the_step(trt):
@@ -96,6 +142,8 @@ def test_running_without_activation_memory_is_refused(trt):
         sampler.sample(torch.randn(1, *LATENT), text, text)
     with pytest.raises(FlowblendError, match="needs 5000 bytes"):
         engines["small"].set_activation_memory(0, 4999)
+    with pytest.raises(FlowblendError, match="give it activation memory once, before binding"):
+        share_activation_memory(engines)  # after binding: a captured context must keep its memory
 
 
 def test_buffers_that_do_not_match_the_plan_are_refused(trt):
@@ -142,3 +190,22 @@ def test_generate_with_tensorrt_on_this_machine_says_what_is_missing(tmp_path, m
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "flowblend export" in err or "TensorRT is not installed" in err
     assert not (tmp_path / "v.mp4").exists()
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt"])
+def test_compiled_backends_never_load_the_pytorch_transformers(tmp_path, monkeypatch, capsys, backend):
+    """generate --backend onnxruntime/tensorrt loads text encoder + VAE only: the engines replace the transformers."""
+    from flowblend.cli.main import main
+    from flowblend.toy import model as toy_model
+
+    loaded = []
+    real = toy_model.load_toy_transformer
+    monkeypatch.setattr(toy_model, "load_toy_transformer", lambda *a, **k: loaded.append(a) or real(*a, **k))
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    code = main(["generate", "--backend", backend, "--prompt", "a red circle moving left", "--steps", "2",
+                 "--artifacts", str(tmp_path), "--out", str(tmp_path / "v.mp4"), "--no-progress"])
+    assert code == 2 and "flowblend export" in capsys.readouterr().err  # no engines here: it stops there
+    assert loaded == []
+    main(["generate", "--backend", "torch", "--prompt", "a red circle moving left", "--steps", "1",
+          "--out", str(tmp_path / "t.gif"), "--no-progress"])
+    assert len(loaded) == 2  # the PyTorch backend does load them (the spy works)

@@ -120,13 +120,15 @@ def load_toy_transformer(size: str, weights_dir: Path = WEIGHTS_DIR, dtype: torc
     return WanTransformer3DModel.from_pretrained(path, torch_dtype=dtype).eval()
 
 
-def load_pair(family, large: str | None, small: str | None, dtype: torch.dtype, device) -> LoadedPair:
+def load_pair(family, large: str | None, small: str | None, dtype: torch.dtype, device,
+              load_transformers: bool = True) -> LoadedPair:
     """The toy family's loader (export.pairs resolves it by module name): shipped weights unless overridden."""
     models = {}
-    for size, override in (("large", large), ("small", small)):
+    for size, override in (("large", large), ("small", small)) if load_transformers else ():
         models[size] = load_transformer(family, override, dtype, False) if override else \
             load_toy_transformer(size, dtype=dtype)
-    check_compatible(family, dict(models["large"].config), dict(models["small"].config))
+    if models:
+        check_compatible(family, dict(models["large"].config), dict(models["small"].config))
     for m in models.values():
         m.to(device)
     encoder, vae = ToyTextEncoder(), PixelVAE()
