@@ -297,3 +297,17 @@ def test_calibrate_divergence_and_plan_commands(checkpoints, fake_shared, tmp_pa
     video = tmp_path / "v.gif"
     assert main(["generate", *ckpt_args(root), "--plan-file", str(plan_file), "--prompt", "a cat", "--out", str(video),
                  "--no-progress"] + VIDEO) == 0
+
+
+def test_gpu_bench_script_dry_run_for_wan22(tmp_path):
+    """scripts/gpu_bench.py --pair wan22 (random weights at real sizes on a GPU) checked end to end at tiny sizes."""
+    from test_bench import load_script
+
+    script = load_script("gpu_bench")
+    assert script.main(["--dry-run", "--pair", "wan22", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu-bench.json").read_text())
+    assert set(report["model_depth"]) == {"high", "low", "small"}
+    switch = _diffusers_switch(6)
+    expected = {f"H{switch},L{6 - switch}", f"H{switch - 1},S2,L{6 - switch - 1}"}
+    assert {r["stages"] for r in report["cases"]} == expected
+    assert next(r for r in report["cases"] if r["plan"] == "experts")["reference"]
