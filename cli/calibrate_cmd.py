@@ -11,7 +11,15 @@ from pathlib import Path
 
 from flowblend.errors import FlowblendError
 
-from .common import add_expert_args, add_pair_args, add_video_args, family_of, resolve_experts, resolve_video
+from .common import (
+    add_expert_args,
+    add_pair_args,
+    add_video_args,
+    family_of,
+    resolve_experts,
+    resolve_scales,
+    resolve_video,
+)
 
 DEFAULT_TOLERANCE = 0.5
 
@@ -103,17 +111,8 @@ def resolve_setup(args, family):
         kw["solver"] = args.solver
     if args.shift is not None:
         kw["shift"], kw["mu"] = args.shift, None
-    guidance = args.guidance if args.guidance is not None else family.guidance
-    if guidance < 0:
-        raise FlowblendError(f"--guidance must be >= 0, got {guidance}")
     experts = resolve_experts(args, family, steps, kw["solver"], kw["shift"], kw.get("mu"))
-    scales = dict(family.expert_guidance)
-    if experts is not None:  # each expert's CFG scale; the small model takes the replaced expert's unless given
-        scales[experts.high] = guidance
-        if args.guidance_2 is not None:
-            scales[experts.low] = args.guidance_2
-    if args.small_guidance is not None:
-        scales["small"] = args.small_guidance
+    guidance, scales = resolve_scales(args, family, experts)  # the small model: the replaced expert's unless given
     return SamplingSetup(steps, kw["solver"], kw["shift"], guidance, tuple(latent_shape), kw.get("mu"),
                          experts.boundary_ratio if experts is not None else None, tuple(scales.items()),
                          tuple(family.models), tuple(family.letters))

@@ -68,6 +68,13 @@ def resolve_experts(args, family: PairFamily, steps: int, solver: str, shift: fl
 def resolve_guidance(args, family: PairFamily, plan: BlendPlan, experts: ExpertSchedule | None
                      ) -> tuple[float, tuple[float, ...]]:
     """(the --guidance scale, the per-step table): each model's scale, the small one's by the step it takes."""
+    default, scales = resolve_scales(args, family, experts)
+    return default, guidance_table(plan, default, scales, experts)
+
+
+def resolve_scales(args, family: PairFamily, experts: ExpertSchedule | None) -> tuple[float, dict[str, float]]:
+    """(the --guidance scale, each model's own scale): wan22's experts from --guidance / --guidance-2, and
+    --small-guidance; a model without one takes the scale of the expert whose step it runs."""
     default = args.guidance if args.guidance is not None else family.guidance
     scales = dict(family.expert_guidance)
     if experts is not None:
@@ -77,9 +84,9 @@ def resolve_guidance(args, family: PairFamily, plan: BlendPlan, experts: ExpertS
     if args.small_guidance is not None:
         scales["small"] = args.small_guidance
     for name, value in {"--guidance": default, **scales}.items():
-        if value < 0:
+        if not value >= 0:
             raise FlowblendError(f"guidance_scale must be >= 0 (1 disables CFG), got {value} for {name}")
-    return default, guidance_table(plan, default, scales, experts)
+    return default, scales
 
 
 def add_video_args(p: argparse.ArgumentParser) -> None:

@@ -10,6 +10,7 @@ row i at step i, so the whole-loop graph reads the scale from memory rather than
 from __future__ import annotations
 
 from .plan import BlendPlan, ExpertSchedule
+from .solvers import make_solver_table
 
 
 def guidance_table(plan: BlendPlan, default: float, scales: dict[str, float] | None = None,
@@ -41,6 +42,4 @@ def guidance_table(plan: BlendPlan, default: float, scales: dict[str, float] | N
 def expert_schedule_for(solver: str, steps: int, shift: float, boundary_ratio: float,
                         mu: float | None = None) -> ExpertSchedule:
     """The expert of every step for a solver's own timesteps (what WanPipeline compares to the boundary)."""
-    from .solvers import make_solver_table
-
     return ExpertSchedule(make_solver_table(solver, steps, shift, mu).timesteps, boundary_ratio)
