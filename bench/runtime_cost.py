@@ -119,7 +119,8 @@ def memory_budget(pair, engines: dict, plan: BlendPlan, sampler_kwargs: dict, gu
     """
     device = torch.device(options.device)
     rss_loaded = current_rss_bytes()  # models loaded, no buffers yet
-    sampler = Sampler(engines, plan, SamplerOptions(guidance_scale=guidance, **sampler_kwargs), device=device, dtype=options.dtype)
+    sampler = Sampler(engines, plan,
+                      SamplerOptions(guidance_scale=guidance, **sampler_kwargs), device=device, dtype=options.dtype)
     embeds, mask = pair.encode_prompt([prompt, ""])
     masks = {} if mask is None else {"prompt_mask": mask[0:1], "negative_prompt_mask": mask[1:2]}
     bufs = sampler.load_request(noise, embeds[0:1], embeds[1:2], **masks)

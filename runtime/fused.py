@@ -24,13 +24,15 @@ import ctypes
 import functools
 import logging
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from flowblend.errors import FlowblendError
 
 from .buffers import SamplerBuffers
-from .solvers import Combine, SolverTable, apply_combine
+from .solvers import SolverTable
+from .step import Combine, apply_combine
 
 log = logging.getLogger("flowblend")
 
@@ -117,11 +119,12 @@ def pack_step(ops: tuple[Combine, ...], slots: dict[str, int]):
 class FusedSteps:
     """The kernel's arguments for every step of one buffer set; `step(i)` runs step i's update.
 
+    `guidance_scale` is one scale for every step or one per step (runtime/step.py's g[i]).
     `host=True` runs the library's host build of the same per-element code on CPU tensors (tests).
     """
 
     def __init__(self, lib: ctypes.CDLL, buffers: SamplerBuffers, table: SolverTable,
-                 guidance: float | tuple[float, ...], host: bool = False):
+                 guidance_scale: float | Sequence[float], host: bool = False):
         velocity = buffers.velocity
         if velocity.dtype not in DTYPE_CODES:
             raise FlowblendError(f"the fused kernel takes fp32/fp16/bf16 velocity, not {velocity.dtype}")
@@ -140,14 +143,14 @@ class FusedSteps:
         slots = SlotArray(*[tensors[n].data_ptr() if n in tensors else None for n in names])
         index = {n: i for i, n in enumerate(names)}
         model_input = None if buffers.model_input is buffers.latents else buffers.model_input.data_ptr()
-        # Per-step CFG scales (Wan 2.2's experts) ride in each step's own argument pack: the C ABI already
-        # takes the scale per call, and a captured graph keeps each launch's arguments.
-        scales = (float(guidance),) * table.num_steps if isinstance(guidance, (int, float)) else tuple(guidance)
+        scales = [guidance_scale] * table.num_steps if isinstance(guidance_scale, (int, float)) else guidance_scale
+        if len(scales) != table.num_steps:
+            raise FlowblendError(f"{len(scales)} guidance scales for {table.num_steps} steps: give one per step")
         self._args = []
         for ops, scale in zip(table.steps, scales):
             packed, count = pack_step(ops, index)
-            self._args.append((velocity.data_ptr(), velocity.shape[0], DTYPE_CODES[velocity.dtype], float(scale),
-                               slots, len(names), packed, count, model_input, buffers.latents.numel()))
+            self._args.append((velocity.data_ptr(), velocity.shape[0], DTYPE_CODES[velocity.dtype], float(scale), slots,
+                               len(names), packed, count, model_input, buffers.latents.numel()))
 
     def step(self, i: int) -> None:
         """Guide, apply step i's Combines and refresh the model input, in one launch on the current stream."""
@@ -212,9 +215,9 @@ def usable_library(device: torch.device) -> ctypes.CDLL | None:
 
 
 def fused_steps_for(buffers: SamplerBuffers, table: SolverTable,
-                    guidance: float | tuple[float, ...]) -> FusedSteps | None:
+                    guidance_scale: float | Sequence[float]) -> FusedSteps | None:
     """FusedSteps for CUDA buffers when the library is built and runs there; None means: use the PyTorch ops."""
     if not buffers.latents.is_cuda:
         return None
     lib = usable_library(buffers.latents.device)
-    return None if lib is None else FusedSteps(lib, buffers, table, guidance)
+    return None if lib is None else FusedSteps(lib, buffers, table, guidance_scale)

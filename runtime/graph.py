@@ -155,9 +155,9 @@ class GraphRunner:
 
     # -- cache --------------------------------------------------------------------------------
     def key(self, latent_shape, text_shape) -> tuple:
-        s, o = self.sampler, self.sampler.options
-        return (self.mode, tuple(latent_shape), tuple(text_shape), s.plan.models, o.solver, o.shift, o.mu,
-                s.guidance, s.dtype, str(s.device), tuple((n, id(e)) for n, e in s.engines.items()))
+        s = self.sampler
+        return (self.mode, tuple(latent_shape), tuple(text_shape), s.plan.models, s.options, s.guidance_scales,
+                s.dtype, str(s.device), tuple((n, id(e)) for n, e in s.engines.items()))
 
     def _sampler_for_new_key(self) -> Sampler:
         """The runner's sampler for its first shape; a sibling with its own buffers for every other."""

@@ -18,7 +18,8 @@ from flowblend.errors import FlowblendError
 from .buffers import SamplerBuffers
 from .fused import fused_steps_for
 from .plan import BlendPlan
-from .solvers import SOLVERS, SolverTable, apply_combine, make_solver_table
+from .solvers import SOLVERS, SolverTable, make_solver_table
+from .step import apply_combine, guide
 
 
 @dataclass(frozen=True)
@@ -50,18 +51,13 @@ class SamplerOptions:
             if not all(g >= 0 for g in self.guidance_table):
                 raise FlowblendError(f"guidance_table has a negative or NaN scale: {self.guidance_table}")
 
-    @property
-    def cfg(self) -> bool:
-        # diffusers' rule: CFG only above 1; with per-step scales, the batch is 2 if any step guides
-        return max(self.guidance_table or (self.guidance_scale,)) > 1.0
-
     def guidance_for(self, steps: int) -> tuple[float, ...]:
         """The scale of every step (the table, or guidance_scale repeated)."""
         if self.guidance_table is None:
             return (float(self.guidance_scale),) * steps
         if len(self.guidance_table) != steps:
             raise FlowblendError(f"guidance_table has {len(self.guidance_table)} scales but the plan {steps} steps: "
-                             "give one scale per step (runtime/guidance.py's guidance_table)")
+                                 "give one scale per step (runtime/guidance.py's guidance_table)")
         return self.guidance_table
 
     def replace(self, **changes) -> "SamplerOptions":
@@ -73,9 +69,9 @@ class SamplerOptions:
 class LatentSampler(Protocol):
     """What a pipeline drives: `Sampler` (the eager loop) and `GraphRunner` (the loop in CUDA graphs)."""
 
-    def sample(self, noise: torch.Tensor, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor | None = None,
-               prompt_mask: torch.Tensor | None = None, negative_prompt_mask: torch.Tensor | None = None,
-               progress: bool = False) -> torch.Tensor:
+    def sample(self, noise: torch.Tensor, prompt_embeds: torch.Tensor,
+               negative_prompt_embeds: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None,
+               negative_prompt_mask: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
         """Denoise `noise` [1, C, F, H, W]; returns the final latents (float32, a copy)."""
 
 
@@ -103,7 +99,10 @@ class Sampler:
         self.engines = engines
         self.plan = plan
         self.table: SolverTable = make_solver_table(options.solver, len(plan), options.shift, options.mu)
-        self.guidance = options.guidance_for(len(plan))
+        # CFG scale per step, a table like the solver's coefficients (runtime/step.py's g[i]; Wan 2.2's experts
+        # each bring theirs, runtime/guidance.py); the buffers carry the unconditional row when any step guides
+        self.guidance_scales: tuple[float, ...] = options.guidance_for(len(plan))
+        self.cfg = any(g > 1.0 for g in self.guidance_scales)  # diffusers' rule: CFG only above 1
         first = next(iter(engines.values()))
         self.device = torch.device(device) if device is not None else torch.device(first.device)
         self.dtype = dtype if dtype is not None else first.dtype
@@ -124,18 +123,18 @@ class Sampler:
             for engine in self.engines.values():
                 engine.bind(self.buffers.engine_bindings())
             return self.buffers
-        bufs = SamplerBuffers.allocate(latent_shape, text_shape, self.table.timesteps, self.options.cfg,
+        bufs = SamplerBuffers.allocate(latent_shape, text_shape, self.table.timesteps, self.cfg,
                                        self.dtype, self.device, self.table.state_names, self.needs_mask,
-                                       guidance=self.guidance)
+                                       guidance=self.guidance_scales)
         for engine in self.engines.values():
             engine.bind(bufs.engine_bindings())
         self.buffers, self._shape_key = bufs, key
         self._solver_tensors = bufs.solver_tensors()
         self._v_cond, self._v_uncond = bufs.velocity[0:1], bufs.velocity[-1:]
         self._step_ops = self.table.steps
-        self._guidance_rows = [bufs.guidance_table[i] for i in range(len(self.plan))]  # 0-d views, read per step
-        self._fused = fused_steps_for(bufs, self.table, self.guidance) \
-            if self.options.fused_kernel else None
+        # g[i] as 0-d views of the buffers' guidance table: a captured loop reads each step's scale from memory
+        self._guidance_rows = [bufs.guidance_table[i] for i in range(len(self.plan))]
+        self._fused = fused_steps_for(bufs, self.table, self.guidance_scales) if self.options.fused_kernel else None
         return bufs
 
     def load_request(self, noise, prompt_embeds, negative_prompt_embeds=None, prompt_mask=None,
@@ -146,24 +145,25 @@ class Sampler:
         if prompt_embeds.dim() == 2:
             prompt_embeds = prompt_embeds[None]
         if prompt_embeds.shape[0] != 1:
-            raise FlowblendError(f"prompt_embeds must be [1, L, D] (one prompt per call), got {tuple(prompt_embeds.shape)}")
-        if self.options.cfg and negative_prompt_embeds is None:
-            raise FlowblendError(f"guidance scale {max(self.guidance)} > 1 needs negative_prompt_embeds "
-                             "(encode the negative prompt, \"\" by default), or set guidance_scale=1")
+            raise FlowblendError(f"prompt_embeds must be [1, L, D] (one prompt per call), "
+                                 f"got {tuple(prompt_embeds.shape)}")
+        if self.cfg and negative_prompt_embeds is None:
+            raise FlowblendError(f"guidance_scale={max(self.guidance_scales)} > 1 needs negative_prompt_embeds "
+                                 "(encode the negative prompt, \"\" by default), or set guidance_scale=1")
         if self.needs_mask and prompt_mask is None:
             raise FlowblendError("this model family takes a text mask: pass prompt_mask (and negative_prompt_mask)")
         bufs = self.prepare(noise.shape[1:], prompt_embeds.shape[1:])
         bufs.latents.copy_(noise)
         bufs.text_embeds[0:1].copy_(prompt_embeds)
-        if self.options.cfg:
+        if self.cfg:
             neg = negative_prompt_embeds[None] if negative_prompt_embeds.dim() == 2 else negative_prompt_embeds
             if neg.shape[1:] != prompt_embeds.shape[1:]:
                 raise FlowblendError(f"negative_prompt_embeds {tuple(neg.shape)} must match prompt_embeds "
-                                 f"{tuple(prompt_embeds.shape)}: pad both to the same length")
+                                     f"{tuple(prompt_embeds.shape)}: pad both to the same length")
             bufs.text_embeds[1:2].copy_(neg)
         if bufs.text_mask is not None:
             bufs.text_mask[0:1].copy_(prompt_mask.reshape(1, -1))
-            if self.options.cfg:
+            if self.cfg:
                 bufs.text_mask[1:2].copy_((negative_prompt_mask if negative_prompt_mask is not None
                                            else prompt_mask).reshape(1, -1))
         for tensor in bufs.state.values():
@@ -177,22 +177,14 @@ class Sampler:
         if bufs.model_input is not bufs.latents:
             bufs.model_input.copy_(bufs.latents)  # broadcasts over the CFG batch, casts to engine dtype
 
-    def _guide(self, i: int) -> None:
-        bufs = self.buffers
-        if bufs.cfg:  # uncond + g_i * (cond - uncond), as diffusers' pipelines; g_i read from the table
-            torch.sub(self._v_cond, self._v_uncond, out=bufs.guided)
-            bufs.guided.mul_(self._guidance_rows[i]).add_(self._v_uncond)
-        elif bufs.guided is not bufs.velocity:
-            bufs.guided.copy_(bufs.velocity)
-
     def step(self, i: int) -> None:
-        """One denoising step: engine, CFG combine, solver update, next model input."""
-        if self._fused is not None:  # the last three in one CUDA kernel (same math, runtime/fused.py)
+        """One denoising step, the formulas of runtime/step.py: velocity, guidance, solver update."""
+        if self._fused is not None:  # guidance, update and next input in one CUDA kernel (runtime/fused.py)
             self._step_engines[i].run(i)
             self._fused.step(i)
             return
-        self.evaluate(i)
-        self.advance(i)
+        self.evaluate(i)  # velocity = model(latents, t[i]); guided = uncond + g[i] * (cond - uncond)
+        self.advance(i)  # latents = solver update (Euler: latents + (sigma[i+1] - sigma[i]) * guided)
 
     def evaluate(self, i: int, model: str | None = None) -> None:
         """First half of step i: run an engine and CFG-combine into `buffers.guided`, latents untouched.
@@ -201,13 +193,17 @@ class Sampler:
         compares both models' velocities at one latent); the last evaluate before `advance` is the
         velocity the solver uses.
         """
+        bufs = self.buffers
         engine = self._step_engines[i] if model is None else self.engines[model]
         engine.run(i)
-        self._guide(i)
+        if bufs.cfg:
+            guide(self._v_cond, self._v_uncond, self._guidance_rows[i], out=bufs.guided)
+        elif bufs.guided is not bufs.velocity:
+            bufs.guided.copy_(bufs.velocity)  # to float32 for the solver
 
     def advance(self, i: int) -> None:
-        """Second half of step i: solver update from `buffers.guided`, then the next model input."""
-        for op in self._step_ops[i]:
+        """Second half of step i: the solver's update of step i from `buffers.guided`, then the next model input."""
+        for op in self._step_ops[i]:  # the table runtime/solvers.py derived from runtime/step.py's formulas
             apply_combine(op, self._solver_tensors)
         self._prepare_model_input()
 

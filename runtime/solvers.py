@@ -2,11 +2,12 @@
 
 Every Euler or UniPC step is a linear combination of the current sample, the guided velocity and
 a short history of data predictions, with coefficients that depend only on the sigma schedule.
-Computing them once per (solver, steps, shift) turns each step into a fixed sequence of in-place
-tensor ops: nothing to allocate, nothing to branch on, so the whole loop can be captured in one
-CUDA graph. The sigma schedule itself comes from diffusers' schedulers (the reference), and the
-coefficients follow their arithmetic (float32, same formulas) so the tables match them step by
-step; tests/test_solvers.py checks that against the schedulers themselves.
+The formulas are written once in runtime/step.py; evaluating them here on symbolic buffers once per
+(solver, steps, shift) turns each step into a fixed sequence of in-place tensor ops: nothing to
+allocate, nothing to branch on, so the whole loop can be captured in one CUDA graph. The sigma
+schedule itself comes from diffusers' schedulers (the reference), and the scalars are computed in
+their arithmetic (float32 tensors), so the tables match them step by step; tests/test_solvers.py
+checks that against the schedulers themselves.
 """
 from __future__ import annotations
 
@@ -14,16 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .step import Combine, Lin, euler_update, flow_data_prediction, unipc_corrector, unipc_predictor
+
 SOLVERS = ("euler", "unipc")
 UNIPC_HISTORY = 3  # data predictions kept: this step's, the previous and the one before
-
-
-@dataclass(frozen=True)
-class Combine:
-    """`target <- sum(coef * source)` over named buffers; a target may appear among its sources."""
-
-    target: str
-    terms: tuple[tuple[str, float], ...]
 
 
 @dataclass(frozen=True)
@@ -84,103 +79,29 @@ def make_solver_table(solver: str, steps: int, shift: float = 1.0, mu: float | N
 
 
 def _euler_table(sigmas: torch.Tensor, timesteps: tuple[float, ...]) -> SolverTable:
-    steps = tuple(
-        (Combine("latents", (("latents", 1.0), ("velocity", float(sigmas[i + 1] - sigmas[i])))),)
-        for i in range(len(timesteps)))
+    latents, velocity = Lin.of("latents"), Lin.of("velocity")
+    steps = tuple((Combine.of("latents", euler_update(latents, velocity, sigmas[i], sigmas[i + 1])),)
+                  for i in range(len(timesteps)))
     return SolverTable("euler", timesteps, tuple(float(s) for s in sigmas), (), steps)
 
 
-def _lambda(sigma: torch.Tensor) -> torch.Tensor:
-    # flow sigmas: alpha = 1 - sigma; log(0) = -inf at the final level is what diffusers relies on too
-    return torch.log(1 - sigma) - torch.log(sigma)
-
-
-def _phi_terms(sigma_t: torch.Tensor, sigma_s0: torch.Tensor):
-    h = _lambda(sigma_t) - _lambda(sigma_s0)
-    hh = -h
-    h_phi_1 = torch.expm1(hh)
-    return h, hh, h_phi_1, torch.expm1(hh)  # B_h for bh2
-
-
 def _unipc_table(sigmas: torch.Tensor, timesteps: tuple[float, ...]) -> SolverTable:
+    """Wan's UniPC (order 2, bh2, lower order at the first and last step) as diffusers' step() runs it."""
     n = len(timesteps)
+    latents, velocity, last_sample = Lin.of("latents"), Lin.of("velocity"), Lin.of("last_sample")
     slot = lambda i: f"x0_{i % UNIPC_HISTORY}"  # noqa: E731 - ring of data predictions
-    orders = [min(2, n - i, i + 1) for i in range(n)]
+    x0 = lambda i: Lin.of(slot(i))  # noqa: E731
+    orders = [min(2, n - i, i + 1) for i in range(n)]  # lower_order_final, and one history at the start
     steps = []
     for i in range(n):
-        ops = [Combine(slot(i), (("latents", 1.0), ("velocity", -float(sigmas[i]))))]
-        if i > 0:
-            ops.append(_unipc_corrector(sigmas, i, orders[i - 1], slot))
-        ops.append(Combine("last_sample", (("latents", 1.0),)))
-        ops.append(_unipc_predictor(sigmas, i, orders[i], slot))
+        ops = [Combine.of(slot(i), flow_data_prediction(latents, velocity, sigmas[i]))]
+        if i > 0:  # UniC corrects the last prediction now that the model has seen sigma[i], at that predictor's order
+            m1, s1 = (x0(i - 2), sigmas[i - 2]) if orders[i - 1] == 2 else (None, None)
+            ops.append(Combine.of("latents", unipc_corrector(last_sample, x0(i), x0(i - 1), m1, sigmas[i],
+                                                             sigmas[i - 1], s1)))
+        ops.append(Combine.of("last_sample", latents))
+        m1, s1 = (x0(i - 1), sigmas[i - 1]) if orders[i] == 2 else (None, None)
+        ops.append(Combine.of("latents", unipc_predictor(latents, x0(i), m1, sigmas[i + 1], sigmas[i], s1)))
         steps.append(tuple(ops))
     state = ("last_sample",) + tuple(f"x0_{k}" for k in range(UNIPC_HISTORY))
     return SolverTable("unipc", timesteps, tuple(float(s) for s in sigmas), state, tuple(steps))
-
-
-def _unipc_predictor(sigmas, i, order, slot) -> Combine:
-    """UniP-bh2 from sigmas[i] to sigmas[i+1], as diffusers' multistep_uni_p_bh_update."""
-    sigma_t, sigma_s0 = sigmas[i + 1], sigmas[i]
-    alpha_t = 1 - sigma_t
-    h, hh, h_phi_1, b_h = _phi_terms(sigma_t, sigma_s0)
-    coef_m0 = -alpha_t * h_phi_1
-    terms = [("latents", float(sigma_t / sigma_s0))]
-    if order == 2:
-        rk = (_lambda(sigmas[i - 1]) - _lambda(sigma_s0)) / h
-        # pred_res = 0.5 * (m1 - m0) / rk, scaled by -alpha_t * B_h
-        k = alpha_t * b_h * 0.5 / rk
-        terms += [(slot(i), float(coef_m0 + k)), (slot(i - 1), float(-k))]
-    else:
-        terms += [(slot(i), float(coef_m0))]
-    return Combine("latents", tuple(terms))
-
-
-def _unipc_corrector(sigmas, i, order, slot) -> Combine:
-    """UniC-bh2 correcting the sample at step i, as diffusers' multistep_uni_c_bh_update."""
-    sigma_t, sigma_s0 = sigmas[i], sigmas[i - 1]
-    alpha_t = 1 - sigma_t
-    h, hh, h_phi_1, b_h = _phi_terms(sigma_t, sigma_s0)
-    if order == 1:
-        rho_last, rho_hist, rk = torch.tensor(0.5), None, None
-    else:
-        rk = (_lambda(sigmas[i - 2]) - _lambda(sigma_s0)) / h
-        rks = torch.stack([rk, torch.ones(())])
-        h_phi_k = h_phi_1 / hh - 1
-        factorial = 1
-        rows, b = [], []
-        for p in range(1, order + 1):
-            rows.append(torch.pow(rks, p - 1))
-            b.append(h_phi_k * factorial / b_h)
-            factorial *= p + 1
-            h_phi_k = h_phi_k / hh - 1 / factorial
-        rhos = torch.linalg.solve(torch.stack(rows), torch.stack(b))
-        rho_hist, rho_last = rhos[0], rhos[1]
-    scale = alpha_t * b_h
-    coef_m0 = -alpha_t * h_phi_1 + scale * rho_last  # from D1_t = model_t - m0
-    terms = [("last_sample", float(sigma_t / sigma_s0)), (slot(i), float(-scale * rho_last))]
-    if rho_hist is not None:
-        k = scale * rho_hist / rk  # corr_res = rho_hist * (m_{i-2} - m0) / rk
-        coef_m0 = coef_m0 + k
-        terms.append((slot(i - 2), float(-k)))
-    terms.append((slot(i - 1), float(coef_m0)))
-    return Combine("latents", tuple(terms))
-
-
-def apply_combine(op: Combine, tensors: dict[str, torch.Tensor]) -> None:
-    """Run one Combine in place: no tensor is allocated (mul with out=, then add_)."""
-    target = tensors[op.target]
-    terms = op.terms
-    own = [c for name, c in terms if name == op.target]
-    if own:
-        if own[0] != 1.0:
-            target.mul_(own[0])
-        rest = [(n, c) for n, c in terms if n != op.target]
-    else:
-        first_name, first_coef = terms[0]
-        if first_coef == 1.0:
-            target.copy_(tensors[first_name])
-        else:
-            torch.mul(tensors[first_name], first_coef, out=target)
-        rest = terms[1:]
-    for name, coef in rest:
-        target.add_(tensors[name], alpha=coef)

@@ -81,7 +81,8 @@ def test_onnxruntime_latents_and_video_match_pytorch(artifacts):
     plan = BlendPlan.parse("LSL:0.4,0.2", int(STEPS))
     results = {}
     for backend, chosen in engines.items():
-        sampler = Sampler(chosen, plan, SamplerOptions(guidance_scale=family.guidance, **family.sampler_kwargs(latent_shape)))
+        sampler = Sampler(chosen, plan,
+                          SamplerOptions(guidance_scale=family.guidance, **family.sampler_kwargs(latent_shape)))
         results[backend] = BlendPipeline(sampler, pair.encode_prompt, pair.decode)(PROMPT, latent_shape, seed=0)
     (video_ort, lat_ort), (video_torch, lat_torch) = results["onnxruntime"], results["torch"]
     assert ((lat_ort - lat_torch).norm() / lat_torch.norm()).item() <= 1e-4

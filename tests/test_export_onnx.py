@@ -116,7 +116,8 @@ def test_blended_loop_over_ort_engines_matches_the_pytorch_backend(exported, fam
     latents = {}
     for backend, engines in (("onnxruntime", ort_engines), ("torch", torch_engines)):
         solver = "unipc" if family == "wan" else "euler"
-        latents[backend] = Sampler(engines, plan, SamplerOptions(solver=solver, shift=3.0, guidance_scale=GUIDANCE)).sample(
+        latents[backend] = Sampler(engines, plan,
+                                   SamplerOptions(solver=solver, shift=3.0, guidance_scale=GUIDANCE)).sample(
             noise, cond, uncond, **kw)
     rel = ((latents["onnxruntime"] - latents["torch"]).norm() / latents["torch"].norm()).item()
     assert rel <= 1e-4, f"{family}: ORT vs PyTorch final latents relative error {rel:.2e}"

@@ -118,7 +118,8 @@ def test_the_eager_loop_runs_on_a_dedicated_stream(wan_engines):
 def test_exception_mid_capture_ends_the_capture_and_fails_clearly(wan_engines):
     backend = FakeGraphBackend()
     engines = {"large": wan_engines["large"], "small": FailingEngine(wan_engines["small"], backend, fail_step=3)}
-    runner = GraphRunner(Sampler(engines, BlendPlan.parse("LSL:0.4,0.2", STEPS), SamplerOptions(guidance_scale=4.0)), backend=backend)
+    runner = GraphRunner(Sampler(engines, BlendPlan.parse("LSL:0.4,0.2", STEPS),
+                                 SamplerOptions(guidance_scale=4.0)), backend=backend)
     with pytest.raises(FlowblendError, match=r"capture failed at step 3 \(small\).*StreamCaptureUnsupported.*eager"):
         runner.sample(*request(1))
     assert backend.events == ["warm_up", "begin", "end", "discard_stream"] and not backend.capturing
@@ -134,7 +135,8 @@ def test_interrupt_mid_capture_still_ends_the_capture(wan_engines):
     backend = FakeGraphBackend()
     engines = {"large": FailingEngine(wan_engines["large"], backend, 0, KeyboardInterrupt),
                "small": wan_engines["small"]}
-    runner = GraphRunner(Sampler(engines, BlendPlan.parse("LLL", 3), SamplerOptions(guidance_scale=4.0)), backend=backend)
+    runner = GraphRunner(Sampler(engines, BlendPlan.parse("LLL", 3),
+                                 SamplerOptions(guidance_scale=4.0)), backend=backend)
     with pytest.raises(KeyboardInterrupt):
         runner.sample(*request(1))
     assert backend.events[-2:] == ["end", "discard_stream"] and not backend.capturing
@@ -143,7 +145,8 @@ def test_interrupt_mid_capture_still_ends_the_capture(wan_engines):
 
 def test_invalidated_capture_and_failed_warm_up_are_clear_errors(wan_engines):
     backend = FakeGraphBackend(fail_end=True)
-    runner = GraphRunner(Sampler(wan_engines, BlendPlan.parse("LLL", 3), SamplerOptions(guidance_scale=4.0)), backend=backend)
+    runner = GraphRunner(Sampler(wan_engines, BlendPlan.parse("LLL", 3),
+                                 SamplerOptions(guidance_scale=4.0)), backend=backend)
     with pytest.raises(FlowblendError, match="capture failed at step 2 .*capture invalidated"):
         runner.sample(*request(1))
     assert runner.state is GraphState.FAILED
@@ -152,7 +155,8 @@ def test_invalidated_capture_and_failed_warm_up_are_clear_errors(wan_engines):
         def warm_up(self, fn):
             raise RuntimeError("CUBLAS_STATUS_NOT_INITIALIZED")
 
-    runner = GraphRunner(Sampler(wan_engines, BlendPlan.parse("LLL", 3), SamplerOptions(guidance_scale=4.0)), backend=BrokenWarmUp())
+    runner = GraphRunner(Sampler(wan_engines, BlendPlan.parse("LLL", 3),
+                                 SamplerOptions(guidance_scale=4.0)), backend=BrokenWarmUp())
     with pytest.raises(FlowblendError, match="warm-up failed: RuntimeError: CUBLAS"):
         runner.sample(*request(1))
     assert runner.state is GraphState.FAILED

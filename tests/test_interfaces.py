@@ -35,7 +35,7 @@ def test_sampler_takes_its_numerics_from_options_only():
     with pytest.raises(FlowblendError, match="options must be a SamplerOptions.*SamplerOptions\\(solver="):
         Sampler(engines, plan, {"solver": "euler"})
     sampler = Sampler(engines, plan, SamplerOptions(solver="euler", guidance_scale=1.0))
-    assert sampler.table.name == "euler" and not sampler.options.cfg
+    assert sampler.table.name == "euler" and not sampler.cfg and sampler.guidance_scales == (1.0,) * 3
 
 
 @pytest.mark.parametrize("changes,match", [
@@ -115,8 +115,8 @@ def test_graph_backend_protocol_lists_every_method_the_runner_calls():
     import re
     from pathlib import Path
 
-    from test_bench import CountingGraphBackend  # the bench's stand-in (tests/fake_cuda_graph.py, counting)
-    from test_graph import FakeGraphBackend
+    from fake_cuda_graph import FakeGraphBackend
+    from test_bench import CountingGraphBackend
 
     from flowblend.runtime import graph
 

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from flowblend.runtime.solvers import apply_combine, make_solver_table, scheduler_for
+from flowblend.runtime.solvers import make_solver_table, scheduler_for
+from flowblend.runtime.step import apply_combine
 
 SHAPE = (1, 4, 3, 6, 5)
 
@@ -73,3 +74,43 @@ def test_unknown_solver_and_zero_steps_raise():
         make_solver_table("ddim", 10)
     with pytest.raises(ValueError, match="steps must be"):
         make_solver_table("euler", 0)
+
+
+def test_the_step_formulas_on_tensors_match_diffusers():
+    """runtime/step.py's formulas run on real tensors (no table) reproduce the schedulers' steps."""
+    from flowblend.runtime.step import euler_update, flow_data_prediction, unipc_corrector, unipc_predictor
+
+    steps, shift = 12, 3.0
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
+    for solver in ("euler", "unipc"):
+        ref, velocities, _ = _run_scheduler(solver, steps, shift, x, _two_models())
+        sigmas = make_solver_table(solver, steps, shift).sigmas
+        sigmas = torch.tensor(sigmas, dtype=torch.float32)
+        sample, x0, last, order = x.clone(), [], None, lambda i: min(2, steps - i, i + 1)  # noqa: E731
+        for i, v in enumerate(velocities):
+            if solver == "euler":
+                sample = euler_update(sample, v, sigmas[i], sigmas[i + 1])
+            else:
+                x0.append(flow_data_prediction(sample, v, sigmas[i]))
+                if i > 0:
+                    older = (x0[i - 2], sigmas[i - 2]) if order(i - 1) == 2 else (None, None)
+                    sample = unipc_corrector(last, x0[i], x0[i - 1], older[0], sigmas[i], sigmas[i - 1], older[1])
+                last = sample
+                older = (x0[i - 1], sigmas[i - 1]) if order(i) == 2 else (None, None)
+                sample = unipc_predictor(sample, x0[i], older[0], sigmas[i + 1], sigmas[i], older[1])
+            rel = ((sample - ref[i]).norm() / ref[i].norm()).item()
+            assert rel <= 1e-5, f"{solver} step {i}: rel err {rel:.2e}"
+
+
+def test_a_formula_over_symbols_is_the_table_entry_that_applies_it():
+    from flowblend.runtime.step import Combine, Lin, unipc_predictor
+
+    g = torch.Generator().manual_seed(2)
+    tensors = {name: torch.randn(SHAPE, generator=g) for name in ("latents", "x0_0", "x0_1")}
+    sigmas = torch.tensor([0.9, 0.7, 0.4])
+    expected = unipc_predictor(tensors["latents"], tensors["x0_1"], tensors["x0_0"], sigmas[2], sigmas[1], sigmas[0])
+    op = Combine.of("latents", unipc_predictor(Lin.of("latents"), Lin.of("x0_1"), Lin.of("x0_0"), sigmas[2],
+                                               sigmas[1], sigmas[0]))
+    assert [name for name, _ in op.terms] == ["latents", "x0_1", "x0_0"]
+    apply_combine(op, tensors)
+    torch.testing.assert_close(tensors["latents"], expected, rtol=1e-6, atol=1e-6)
