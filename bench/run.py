@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
-from flowblend.engines.torch_engine import TorchEngine
+from flowblend.engines.factory import BACKENDS
+from flowblend.engines.factory import make_engines as factory_engines
+from flowblend.engines.iospec import dtype_name
 from flowblend.errors import FlowblendError
 from flowblend.runtime.graph import GraphRunner
 from flowblend.runtime.graph_modes import BENCH_MODES
@@ -36,7 +38,6 @@ from .plans import DEFAULT_PLANS, bench_plans
 from .report import case_rows, targets
 from .runtime_cost import measure_overhead, memory_budget, sync_device, tiny_wan_overhead
 
-BACKENDS = ("torch", "torch-compile", "onnxruntime", "tensorrt")
 MODES = BENCH_MODES  # bench mode -> runtime/graph.py mode
 DEFAULT_BACKENDS = ("torch", "torch-compile")
 PROMPT = "a red circle moving left"
@@ -130,53 +131,36 @@ class Case:
 
 
 # -- engines per backend ---------------------------------------------------------------------------
-def _compiled_engines(backend: str, pair, options: BenchOptions, latent_shape, guidance: float) -> dict:
-    """ONNX Runtime / TensorRT engines from the engine store, exported and built first if none exist."""
+def _ensure_compiled(backend: str, pair, options: BenchOptions, latent_shape, guidance: float) -> None:
+    """Export and build what the engine store lacks for an ONNX Runtime / TensorRT case."""
     from flowblend.engines.build import build_pair_engines, locate_pair_engines
 
     family = pair.family
     spec = family.io_spec(latent_shape, guidance, options.dtype)
-    try:
-        if backend == "tensorrt":
-            from flowblend.engines.trt_engine import TrtEngine as engine_class
-        else:
-            from flowblend.engines.ort_engine import OrtEngine as engine_class
-    except ImportError as exc:
-        raise Unavailable(f"{backend} backend not importable here ({exc})") from None
-    try:
-        if not (Path(options.artifacts) / family.name / "onnx" / "export.json").is_file():
-            from flowblend.export.onnx import export_pair
+    if not (Path(options.artifacts) / family.name / "onnx" / "export.json").is_file():
+        from flowblend.export.onnx import export_pair
 
-            export_pair(pair, spec, options.artifacts, progress=options.progress)
-        try:
-            paths = locate_pair_engines(family.name, backend, spec, options.artifacts)
-        except FlowblendError:
-            build_pair_engines(family.name, backend, options.artifacts, progress=options.progress)
-            paths = locate_pair_engines(family.name, backend, spec, options.artifacts)
-    except FlowblendError as exc:
-        raise Unavailable(str(exc)) from None
-    if backend == "onnxruntime":
-        providers = ["CUDAExecutionProvider"] if options.device.startswith("cuda") else ["CPUExecutionProvider"]
-        return {m: engine_class(p, providers=providers, name=m) for m, p in paths.items()}
-    from flowblend.engines.trt_engine import share_activation_memory
-
-    engines = {m: engine_class(p, name=m) for m, p in paths.items()}
-    share_activation_memory(engines)  # TensorRT contexts are USER_MANAGED: one block for all, before binding
-    return engines
+        export_pair(pair, spec, options.artifacts, progress=options.progress)
+    try:
+        locate_pair_engines(family.name, backend, spec, options.artifacts)
+    except FlowblendError:
+        build_pair_engines(family.name, backend, options.artifacts, progress=options.progress)
 
 
 def make_engines(backend: str, pair, options: BenchOptions, latent_shape, guidance: float) -> dict:
-    """Engines 'large'/'small' for a backend, or Unavailable with the reason."""
-    if backend == "torch":
-        return {m: TorchEngine(t, name=m) for m, t in pair.transformers.items()}
-    if backend == "torch-compile":
-        from flowblend.engines.signature import signature_for
-
-        kwargs = {"mode": options.compile_mode} if options.compile_mode else {}
-        return {m: TorchEngine(torch.compile(signature_for(t), **kwargs), name=m) for m, t in pair.transformers.items()}
+    """Engines 'large'/'small' for a backend (engines/factory.py), or Unavailable with the reason."""
     if backend == "tensorrt" and not options.device.startswith("cuda"):
         raise Unavailable("TensorRT needs a CUDA GPU (--device cuda)")
-    return _compiled_engines(backend, pair, options, latent_shape, guidance)
+    try:
+        if backend in ("onnxruntime", "tensorrt"):
+            _ensure_compiled(backend, pair, options, latent_shape, guidance)
+        return factory_engines(backend, pair, latent_shape=latent_shape, guidance=guidance, device=options.device,
+                               dtype=dtype_name(options.dtype), artifacts=options.artifacts,
+                               compile_mode=options.compile_mode)
+    except ImportError as exc:
+        raise Unavailable(f"{backend} backend not importable here ({exc})") from None
+    except FlowblendError as exc:
+        raise Unavailable(str(exc)) from None
 
 
 def _check_mode(mode: str, device: torch.device) -> None:

@@ -11,16 +11,13 @@ from flowblend.bench.run import (
     bench_pair_by_name,
     equivalent_command,
 )
-from flowblend.errors import FlowblendError
+from flowblend.engines.factory import torch_dtype
 
-from .backends import parse_dtype
-from .common import add_pair_args, add_video_args, family_of
+from .common import family_of, subscribe, video_of
 
 
-def register(sub) -> None:
-    p = sub.add_parser("bench", help="benchmark plans and backends against eager PyTorch LLL (JSON, markdown, PNG)")
-    add_pair_args(p)
-    add_video_args(p)
+def register(p) -> None:
+    subscribe(p, "pair", "video", "steps", "guidance", "device", "dtype", "threads", "artifacts", "progress")
     p.add_argument("--backend", action="append", metavar="NAME",
                    help=f"{' | '.join(BACKENDS)} | all (repeatable; default {' '.join(DEFAULT_BACKENDS)}; eager torch "
                         "is always measured as the reference; onnxruntime/tensorrt export and build what is missing)")
@@ -28,20 +25,14 @@ def register(sub) -> None:
                    help=f"{' | '.join(MODES)} (repeatable; default loop; graph modes need --device cuda)")
     p.add_argument("--plan", action="append", help=f"plan spelling (repeatable; default {' '.join(DEFAULT_PLANS)})")
     p.add_argument("--plan-file", action="append", default=[], help="JSON plan file (repeatable)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the family's)")
-    p.add_argument("--guidance", type=float, help="CFG scale (default: the family's; wan22: the high-noise expert's)")
-    p.add_argument("--boundary-ratio", type=float, help="wan22: expert boundary (default 0.875)")
+    p.add_argument("--boundary-ratio", type=float, help="wan22: expert boundary (default 0.875; --guidance is the "
+                                                        "high-noise expert's scale)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per case (at least 1 where a compiler runs)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per case (medians, min, max)")
     p.add_argument("--overhead-repeats", type=int, default=10,
                    help="interleaved repeats of the runtime-overhead comparison (0 skips it)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--compile-mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
-    p.add_argument("--artifacts", default="artifacts", help="artifact root for onnxruntime/tensorrt engines")
+    p.add_argument("--compile-mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs (default: torch's)")
     p.add_argument("--out", default="bench-out", help="folder for bench.json, bench.md, bench.png")
-    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
 
@@ -52,23 +43,16 @@ def options_from_args(args) -> BenchOptions:
     return BenchOptions(backends=backends, modes=tuple(args.mode or ("loop",)),
                         plans=tuple(args.plan or (() if args.plan_file else DEFAULT_PLANS)),
                         plan_files=tuple(args.plan_file), steps=args.steps, frames=args.frames, height=args.height,
-                        width=args.width, guidance=args.guidance, boundary_ratio=args.boundary_ratio, warmup=args.warmup, repeats=args.repeats,
-                        overhead_repeats=args.overhead_repeats, device=args.device, dtype=parse_dtype(args.dtype),
+                        width=args.width, guidance=args.guidance, boundary_ratio=args.boundary_ratio,
+                        warmup=args.warmup, repeats=args.repeats,
+                        overhead_repeats=args.overhead_repeats, device=args.device, dtype=torch_dtype(args.dtype),
                         artifacts=args.artifacts, compile_mode=args.compile_mode, progress=not args.no_progress)
 
 
 def run(args) -> int:
-    import torch
-
     family = family_of(args)
     options = options_from_args(args)  # every flag is checked before a model is loaded
-    family.check_video_shape(*(family_default if value is None else value for value, family_default in
-                               ((options.frames, family.frames), (options.height, family.height),
-                                (options.width, family.width))))
-    if options.device.startswith("cuda") and not torch.cuda.is_available():
-        raise FlowblendError(f"--device {options.device} but no CUDA GPU is visible: use --device cpu")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    video_of(args, family)  # the device, dtype, threads and guidance were checked by cli/common.py
     report = bench_pair_by_name(family.name, options, args.large, args.small, args.allow_download)
     report["command"] = equivalent_command(family.name, options) + (f" --threads {args.threads}" if args.threads else "")
     paths = write_outputs(report, args.out)

@@ -3,25 +3,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flowblend.engines.build import build_pair_engines
+from .common import subscribe
 
 
-def register(sub) -> None:
-    p = sub.add_parser("build", help="build (or reuse) both engines of an exported pair")
-    p.add_argument("--pair", default="toy")
-    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"))
-    p.add_argument("--dtype", default=None, help="accepted for symmetry; the precision is the export's")
-    p.add_argument("--artifacts", default="artifacts")
+def register(p) -> None:
+    subscribe(p, "pair_name", "artifacts", "progress")
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"),
+                   help="engine kind: onnxruntime (offline-optimized graph) or tensorrt (a plan for this GPU)")
+    p.add_argument("--dtype", help="accepted for symmetry with export; the precision is the export's")
     p.add_argument("--force", action="store_true", help="rebuild even if a matching engine exists")
     p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level (0-5)")
     p.add_argument("--workspace-gib", type=float, default=8.0, help="TensorRT workspace limit")
     p.add_argument("--no-verify", action="store_true",
                    help="TensorRT: store engines without checking them against the FP32 PyTorch models")
-    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from flowblend.engines.build import build_pair_engines
+
     trt = {}
     if args.backend == "tensorrt":
         trt = {"opt_level": args.opt_level, "workspace_gib": args.workspace_gib, "phase_progress": not args.no_progress,

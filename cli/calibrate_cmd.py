@@ -11,21 +11,12 @@ from pathlib import Path
 
 from flowblend.errors import FlowblendError
 
-from .common import (
-    add_expert_args,
-    add_pair_args,
-    add_video_args,
-    family_of,
-    resolve_experts,
-    resolve_scales,
-    resolve_video,
-)
+from .common import family_of, resolve_experts, resolve_scales, subscribe, video_of
 
 DEFAULT_TOLERANCE = 0.5
 
 
-def register(sub) -> None:
-    p = sub.add_parser("calibrate", help="velocity divergence and automatic stage boundaries for a model pair")
+def register(p) -> None:
     cal = p.add_subparsers(dest="calibrate_command", required=True)
     div = cal.add_parser("divergence", help="small-vs-large velocity divergence along LLL trajectories (JSON + PNG)")
     _add_common(div)
@@ -36,7 +27,7 @@ def register(sub) -> None:
     plan = cal.add_parser("plan", help="pick stage boundaries automatically, verified by quality metrics")
     _add_common(plan)
     plan.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                      help=f"fraction of the SSS->LLL quality gap a plan may lose, in (0, 1] (default {DEFAULT_TOLERANCE})")
+                      help="fraction of the SSS->LLL quality gap a plan may lose, in (0, 1]")
     plan.add_argument("--metric", choices=("toy", "dino", "clip"),
                       help="per-video quality ranking the search: toy (exact mask IoU, toy pair; its default), "
                            "dino (DINOv2 similarity to LLL; default otherwise), clip (text-video score)")
@@ -48,29 +39,22 @@ def register(sub) -> None:
     plan.add_argument("--threshold", type=float, help="divergence threshold for the seed plan (default: the median)")
     plan.add_argument("--radius", type=int, help="boundary move per search step (default steps/10)")
     plan.add_argument("--heldout-prompt", action="append", default=[], help="held-out prompt (repeatable)")
-    plan.add_argument("--heldout-prompt-file")
+    plan.add_argument("--heldout-prompt-file", help="file with one held-out prompt per line")
     plan.add_argument("--heldout-seeds", type=int, nargs="+", help="held-out seeds (default: 1000 + each seed)")
-    plan.add_argument("--reduced-steps", type=int, help="also score LLL and the chosen plan at this step count")
+    plan.add_argument("--reduced-steps", type=int,
+                      help="also score LLL and the chosen plan at this step count (default: not scored)")
     plan.add_argument("--report", help="markdown report path (default OUT_DIR/calibration.md); PNGs go beside it")
     plan.add_argument("--title", default="", help="report title")
     plan.set_defaults(func=run_plan)
 
 
 def _add_common(p) -> None:
-    add_pair_args(p)
-    add_video_args(p)
-    p.add_argument("--prompt", action="append", default=[], help="calibration prompt (repeatable)")
+    subscribe(p, "pair", "video", "steps", "solver", "guidance", "experts", "device", "threads", "progress")
+    p.add_argument("--prompt", action="append", default=[],
+                   help="calibration prompt, repeatable (default for the toy pair: 12 of its 72 prompts)")
     p.add_argument("--prompt-file", help="file with one calibration prompt per line")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="noise seeds (default 0)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the family's)")
-    p.add_argument("--solver", choices=("unipc", "euler"), help="default: the family's")
-    p.add_argument("--shift", type=float, help="flow shift (default: the family's)")
-    p.add_argument("--guidance", type=float,
-                   help="CFG scale (default: the family's; 1 disables CFG; wan22: the high-noise expert's)")
-    add_expert_args(p)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out-dir", default="calibration", help="where JSON, plots and plan.json go (default ./calibration)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="noise seeds")
+    p.add_argument("--out-dir", default="calibration", help="where JSON, plots and plan.json go")
 
 
 def _read(prompts: list[str], path: str | None, what: str) -> list[str]:
@@ -95,16 +79,14 @@ def resolve_prompts(args, family) -> list[str]:
         return _toy_default_prompts(0)  # 12 of the 72 toy prompts, every colour/shape/direction
     if not prompts:
         raise FlowblendError("no prompt given: pass --prompt \"...\" (repeatable) or --prompt-file with one per line")
-    return prompts
+    return [family.normalise_prompt(p) for p in prompts]
 
 
 def resolve_setup(args, family):
     from flowblend.calibrate.divergence import SamplingSetup
 
     steps = args.steps if args.steps is not None else family.steps
-    if steps < 1:
-        raise FlowblendError(f"--steps must be >= 1, got {steps}")
-    frames, height, width = resolve_video(args, family)
+    frames, height, width = video_of(args, family)
     latent_shape = family.latent_shape(frames, height, width)
     kw = family.sampler_kwargs(latent_shape)
     if args.solver:
@@ -168,7 +150,8 @@ def run_plan(args) -> int:
     if args.radius is not None and args.radius < 1:
         raise FlowblendError(f"--radius {args.radius} must be >= 1 step: it is how far the search moves a boundary")
     prompts = resolve_prompts(args, family)
-    heldout = _read(args.heldout_prompt, args.heldout_prompt_file, "held-out prompt")
+    heldout = [family.normalise_prompt(p) for p in _read(args.heldout_prompt, args.heldout_prompt_file,
+                                                         "held-out prompt")]
     if args.heldout_prompt_file and not heldout:
         raise FlowblendError(f"held-out prompt file {args.heldout_prompt_file} is empty: give one prompt per line")
     if not heldout and family.name == "toy" and not (args.prompt or args.prompt_file):

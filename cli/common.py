@@ -1,49 +1,213 @@
-"""Argument groups that several commands share, and turning their values into validated objects."""
+"""Flags that several commands share, declared once as argument groups each command subscribes to.
+
+As in Polygraphy's tools: a command lists the groups it takes (`subscribe(p, "pair", "video", ...)`)
+and each group knows its flags, their help and defaults, and the one check that runs on them
+before the command does (`check_groups`, called by cli/main.py before anything loads). What the
+flags mean is checked by plain functions outside cli/ (runtime/request.py, engines/factory.py)
+that the server calls too. Nothing here imports torch.
+"""
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
+from flowblend.engines.factory import DTYPE_NAMES, check_dtype
 from flowblend.errors import FlowblendError
 from flowblend.export.pairs import FAMILIES, PairFamily, get_family
-from flowblend.runtime.guidance import expert_schedule_for, guidance_table
 from flowblend.runtime.plan import BlendPlan, ExpertSchedule, ModelSet
+from flowblend.runtime.request import SOLVER_NAMES, check_device, check_guidance, resolve_plan
+
+__all__ = ["HelpFormatter", "Parser", "subscribe", "check_groups", "family_of", "plan_of", "video_of", "guidance_of",
+           "FlowblendError"]
 
 
-def add_pair_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pair", default="toy", help=f"model pair family: {', '.join(FAMILIES)} (default toy)")
-    p.add_argument("--large", help="large model checkpoint (local diffusers folder or hub id in your cache)")
-    p.add_argument("--small", help="small model checkpoint")
-    p.add_argument("--allow-download", action="store_true", help="let diffusers download hub ids")
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every default that is a value; a None default ("the family's") is said in the help itself."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in help_text or "%(default)" in help_text:
+            return help_text
+        return help_text + " (default: %(default)s)"
 
 
-def add_plan_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--plan", help="LSL:0.4,0.2 (default) | LLL | SSS | L20,S20,L10 | LLSSL...; wan22 (letters H high, "
-                                  "L low, S small): experts (default) | experts:4,2 (small takes the last 4 steps "
-                                  "before the expert switch and the first 2 after) | H20,S6,L14 ...")
-    p.add_argument("--plan-file", help="JSON plan (as written by `flowblend calibrate plan`); overrides --plan")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the family's)")
-    add_expert_args(p)
+class Parser(argparse.ArgumentParser):
+    """Every flowblend parser and subparser: defaults shown in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
-def add_expert_args(p: argparse.ArgumentParser) -> None:
-    """Two-expert families (wan22): the boundary and the experts' CFG scales, as diffusers' WanPipeline."""
-    p.add_argument("--boundary-ratio", type=float,
-                   help="wan22: the high-noise expert runs t >= ratio*1000 (default 0.875, T2V; I2V uses 0.9)")
-    p.add_argument("--guidance-2", type=float,
-                   help="wan22: the low-noise expert's CFG scale (diffusers' guidance_scale_2; default 3.0); "
-                        "--guidance is the high-noise expert's")
-    p.add_argument("--small-guidance", type=float,
+def family_defaults(attr: str) -> str:
+    """'toy 20, wan 50, ltx 40': each family's default for a flag left unset, read from the registry."""
+    return ", ".join(f"{name} {getattr(f, attr):g}" for name, f in FAMILIES.items())
+
+
+def _pair_name(p) -> None:
+    p.add_argument("--pair", default="toy", help=f"model pair family: {' | '.join(FAMILIES)}")
+
+
+def _pair(p) -> None:
+    g = p.add_argument_group("model pair")
+    _pair_name(g)
+    g.add_argument("--large", help="large model checkpoint: a local diffusers folder or a hub id in your cache "
+                                   "(default: the family's; toy: the shipped weights)")
+    g.add_argument("--small", help="small model checkpoint (default: the family's; toy: the shipped weights)")
+    g.add_argument("--allow-download", action="store_true", help="let diffusers download hub ids missing from the cache")
+
+
+def _plan(p) -> None:
+    g = p.add_argument_group("blend plan")
+    g.add_argument("--plan", help="which model runs each step: LSL:0.4,0.2 (paper; the default) | LLL | SSS | "
+                                  "L20,S20,L10 | LLSSL...; wan22 (letters H high, L low, S small): experts (the "
+                                  "default) | experts:4,2 (small takes the last 4 steps before the expert switch "
+                                  "and the first 2 after) | H20,S6,L14 ...")
+    g.add_argument("--plan-file", help="JSON plan as written by `flowblend calibrate plan`; overrides --plan")
+    g.add_argument("--steps", type=int, help=f"denoising steps (default: the family's; {family_defaults('steps')})")
+
+
+def _steps(p) -> None:
+    p.add_argument("--steps", type=int, help=f"denoising steps (default: the family's; {family_defaults('steps')})")
+
+
+def _video(p) -> None:
+    g = p.add_argument_group("video size")
+    g.add_argument("--height", type=int, help="pixels; a multiple of the VAE x patch factor (default: the family's; "
+                                              f"{family_defaults('height')})")
+    g.add_argument("--width", type=int, help=f"pixels (default: the family's; {family_defaults('width')})")
+    g.add_argument("--frames", type=int, help="frames; what the VAE and patch take, e.g. 4k+1 for wan "
+                                              f"(default: the family's; {family_defaults('frames')})")
+
+
+def _guidance(p) -> None:
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale; > 1 runs two forwards a step, "
+                                                  f"<= 1 disables CFG (default: the family's; {family_defaults('guidance')})")
+
+
+def _solver(p) -> None:
+    g = p.add_argument_group("solver")
+    g.add_argument("--solver", choices=SOLVER_NAMES, help="default: the family's (toy and wan unipc, ltx euler)")
+    g.add_argument("--shift", type=float, help="flow shift > 0 (default: the family's; ltx shifts by token count)")
+
+
+def _experts(p) -> None:
+    g = p.add_argument_group("two experts (wan22)")
+    g.add_argument("--boundary-ratio", type=float,
+                   help="the high-noise expert runs t >= ratio*1000 (default 0.875, T2V; I2V uses 0.9)")
+    g.add_argument("--guidance-2", type=float, help="the low-noise expert's CFG scale (diffusers' guidance_scale_2; "
+                                                     "default 3.0); --guidance is the high-noise expert's")
+    g.add_argument("--small-guidance", type=float,
                    help="the small model's CFG scale (default: that of the model whose step it takes)")
+
+
+def _device(p) -> None:
+    p.add_argument("--device", default="cpu", help="where the models run: cpu | cuda | cuda:N")
+
+
+def _dtype(p) -> None:
+    p.add_argument("--dtype", default="fp32", help=f"weights and activations: {' | '.join(DTYPE_NAMES)}")
+
+
+def _artifacts(p) -> None:
+    p.add_argument("--artifacts", default="artifacts", help="artifact root: ONNX exports and the engine store")
+
+
+def _threads(p) -> None:
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's, one per core; on a shared "
+                                               "machine fewer threads degrade more gracefully)")
+
+
+def _progress(p) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+GROUPS = {"pair": _pair, "pair_name": _pair_name, "plan": _plan, "steps": _steps, "video": _video, "guidance": _guidance,
+          "experts": _experts, "solver": _solver,
+          "device": _device, "dtype": _dtype, "artifacts": _artifacts, "threads": _threads, "progress": _progress}
+
+
+def subscribe(p: argparse.ArgumentParser, *groups: str) -> None:
+    """Add the named shared groups' flags to a command and remember them for `check_groups`."""
+    for name in groups:
+        GROUPS[name](p)
+    p.set_defaults(arg_groups=groups)
+
+
+def apply_thread_policy(threads: int | None) -> None:
+    """OpenMP threads sleep instead of spinning when they wait, so a shared CPU slows torch gracefully.
+
+    Busy-waiting threads (OpenMP's default) made a toy generate loop ~40x slower beside another
+    2-thread process on 2 cores (docs/shared-cpu.md). Both variables are read when torch loads, so
+    this runs before torch is imported; `threads` then also caps torch's intra-op threads.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if threads is None:
+        return
+    if threads < 1:
+        raise FlowblendError(f"--threads must be >= 1, got {threads}")
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    if "torch" in sys.modules:  # already loaded (a test calling main() in-process): set it directly
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def check_groups(args: argparse.Namespace) -> None:
+    """The shared groups' own checks, before the command runs: bad flags fail before anything loads."""
+    groups = args.arg_groups
+    apply_thread_policy(args.threads if "threads" in groups else None)
+    if "pair" in groups or "pair_name" in groups:
+        family = get_family(args.pair)
+        if "video" in groups:
+            video_of(args, family)
+    if "dtype" in groups and args.dtype is not None:
+        check_dtype(args.dtype)
+    if "guidance" in groups and args.guidance is not None:
+        check_guidance(args.guidance)
+    if "steps" in groups and args.steps is not None and args.steps < 1:
+        raise FlowblendError(f"--steps must be >= 1, got {args.steps}")
+    if "device" in groups:
+        check_device(args.device)  # imports torch only for a cuda device
+
+
+def family_of(args) -> PairFamily:
+    return get_family(args.pair)
 
 
 def model_set_of(family: PairFamily) -> ModelSet:
     return ModelSet(tuple(family.models), tuple(family.letters))
 
 
-def resolve_steps(args, family: PairFamily) -> int:
+def plan_of(args, family: PairFamily, experts: ExpertSchedule | None = None) -> BlendPlan:
+    """--plan / --plan-file / --steps as one BlendPlan in the family's model names; `experts` (wan22) for
+    the `experts[:before,after]` spelling and its default plan."""
+    model_set = model_set_of(family)
     if args.plan_file:
-        return len(_read_plan_file(args))
+        path = Path(args.plan_file)
+        if not path.is_file():
+            raise FlowblendError(f"plan file {path} does not exist: write one with `flowblend calibrate plan`")
+        try:
+            plan = BlendPlan.from_json(path.read_text())
+        except ValueError as exc:
+            raise FlowblendError(f"plan file {path}: {exc}") from None
+        if args.steps is not None and args.steps != len(plan):
+            raise FlowblendError(f"--steps {args.steps} disagrees with the plan file's {len(plan)} steps: drop --steps")
+        unknown = sorted(set(plan.models) - set(model_set.names))
+        if unknown:
+            raise FlowblendError(f"plan file {path} names {unknown}, which pair {family.name} does not have "
+                                 f"({', '.join(model_set.names)})")
+        return BlendPlan(plan.models, plan.spec, model_set)
+    spec = args.plan or ("experts" if family.experts is not None else "LSL:0.4,0.2")
+    return resolve_plan(spec, args.steps, family.steps, model_set, experts)
+
+
+def steps_of(args, family: PairFamily) -> int:
+    """The step count a plan will have (the plan file's, --steps, or the family's)."""
+    if args.plan_file:
+        return len(plan_of(args, family))
     steps = args.steps if args.steps is not None else family.steps
     if steps < 1:
         raise FlowblendError(f"--steps must be a positive integer, got {steps}")
@@ -53,6 +217,8 @@ def resolve_steps(args, family: PairFamily) -> int:
 def resolve_experts(args, family: PairFamily, steps: int, solver: str, shift: float,
                     mu: float | None = None) -> ExpertSchedule | None:
     """The expert of every step for a two-expert family (None otherwise), on the solver's own timesteps."""
+    from flowblend.runtime.guidance import expert_schedule_for  # imports torch: only once a command runs
+
     ratio = args.boundary_ratio
     if family.experts is None:
         if ratio is not None or args.guidance_2 is not None:
@@ -65,17 +231,10 @@ def resolve_experts(args, family: PairFamily, steps: int, solver: str, shift: fl
     return expert_schedule_for(solver, steps, shift, ratio, mu)
 
 
-def resolve_guidance(args, family: PairFamily, plan: BlendPlan, experts: ExpertSchedule | None
-                     ) -> tuple[float, tuple[float, ...]]:
-    """(the --guidance scale, the per-step table): each model's scale, the small one's by the step it takes."""
-    default, scales = resolve_scales(args, family, experts)
-    return default, guidance_table(plan, default, scales, experts)
-
-
 def resolve_scales(args, family: PairFamily, experts: ExpertSchedule | None) -> tuple[float, dict[str, float]]:
     """(the --guidance scale, each model's own scale): wan22's experts from --guidance / --guidance-2, and
     --small-guidance; a model without one takes the scale of the expert whose step it runs."""
-    default = args.guidance if args.guidance is not None else family.guidance
+    default = guidance_of(args, family)
     scales = dict(family.expert_guidance)
     if experts is not None:
         scales[experts.high] = default
@@ -83,44 +242,23 @@ def resolve_scales(args, family: PairFamily, experts: ExpertSchedule | None) -> 
             scales[experts.low] = args.guidance_2
     if args.small_guidance is not None:
         scales["small"] = args.small_guidance
-    for name, value in {"--guidance": default, **scales}.items():
+    for name, value in scales.items():
         if not value >= 0:
             raise FlowblendError(f"guidance_scale must be >= 0 (1 disables CFG), got {value} for {name}")
     return default, scales
 
 
-def add_video_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--frames", type=int)
+def resolve_guidance(args, family: PairFamily, plan: BlendPlan, experts: ExpertSchedule | None
+                     ) -> tuple[float, tuple[float, ...]]:
+    """(the --guidance scale, the per-step table): each model's scale, the small one's by the step it takes."""
+    from flowblend.runtime.guidance import guidance_table
+
+    default, scales = resolve_scales(args, family, experts)
+    return default, guidance_table(plan, default, scales, experts)
 
 
-def _read_plan_file(args) -> BlendPlan:
-    path = Path(args.plan_file)
-    if not path.is_file():
-        raise FlowblendError(f"plan file {path} does not exist: write one with `flowblend calibrate plan`")
-    plan = BlendPlan.from_json(path.read_text())
-    if args.steps is not None and args.steps != len(plan):
-        raise FlowblendError(f"--steps {args.steps} disagrees with the plan file's {len(plan)} steps: drop --steps")
-    return plan
-
-
-def resolve_plan(args, family: PairFamily, experts: ExpertSchedule | None = None) -> BlendPlan:
-    """The plan in the family's model names; `experts` (two-expert pairs) for the `experts:k,k` spelling."""
-    model_set = model_set_of(family)
-    if args.plan_file:
-        plan = _read_plan_file(args)
-        unknown = sorted(set(plan.models) - set(model_set.names))
-        if unknown:
-            raise FlowblendError(f"plan file {args.plan_file} names {unknown}, which pair {family.name} does not have "
-                                 f"({', '.join(model_set.names)})")
-        return BlendPlan(plan.models, plan.spec, model_set)
-    steps = args.steps if args.steps is not None else family.steps
-    spec = args.plan or ("experts" if family.experts is not None else "LSL:0.4,0.2")
-    return BlendPlan.parse(spec, steps, model_set, experts)
-
-
-def resolve_video(args, family: PairFamily) -> tuple[int, int, int]:
+def video_of(args, family: PairFamily) -> tuple[int, int, int]:
+    """(frames, height, width) with the family's defaults, checked against its VAE and patch."""
     frames = args.frames if args.frames is not None else family.frames
     height = args.height if args.height is not None else family.height
     width = args.width if args.width is not None else family.width
@@ -128,22 +266,5 @@ def resolve_video(args, family: PairFamily) -> tuple[int, int, int]:
     return frames, height, width
 
 
-def family_of(args) -> PairFamily:
-    return get_family(args.pair)
-
-
-def add_shape_args(p: argparse.ArgumentParser) -> None:
-    """Video size and CFG batch: what an exported graph and its engines are specialised for."""
-    add_video_args(p)
-    p.add_argument("--guidance", type=float, help="CFG scale the engines will serve (> 1: batch 2)")
-    p.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16")
-    p.add_argument("--artifacts", default="artifacts", help="artifact root (default ./artifacts)")
-
-
-def resolve_spec(args, family: PairFamily, dynamic: dict | None = None):
-    """The IOSpec for a family at the requested video size, CFG and dtype."""
-    frames, height, width = resolve_video(args, family)
-    guidance = args.guidance if args.guidance is not None else family.guidance
-    if guidance < 0:
-        raise FlowblendError(f"guidance must be >= 0, got {guidance}")
-    return family.io_spec(family.latent_shape(frames, height, width), guidance, args.dtype, dynamic)
+def guidance_of(args, family: PairFamily) -> float:
+    return check_guidance(family.guidance if args.guidance is None else args.guidance)

@@ -2,27 +2,21 @@
 from __future__ import annotations
 
 from flowblend.errors import FlowblendError
-from flowblend.export.onnx import EXTERNAL_DATA_THRESHOLD, export_pair
-from flowblend.export.pairs import load_pair
-from flowblend.export.record import EXPORT_RECORD, onnx_dir
 
-from .backends import parse_dtype
-from .common import add_pair_args, add_shape_args, family_of, resolve_spec
+from .common import family_of, guidance_of, subscribe, video_of
 
 DYNAMIC_DIMS = ("frames", "height", "width")
 
 
-def register(sub) -> None:
-    p = sub.add_parser("export", help="export both transformers of a pair to ONNX (verified by default)")
-    add_pair_args(p)
-    add_shape_args(p)
+def register(p) -> None:
+    subscribe(p, "pair", "video", "guidance", "dtype", "artifacts", "progress")
     p.add_argument("--dynamic", default="",
                    help="min:max latent dims for a dynamic profile, e.g. frames=1:9,height=4:8 (default: static "
                         "shapes, the fastest and what CUDA graphs need)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
-    p.add_argument("--external-data-threshold", type=int, default=EXTERNAL_DATA_THRESHOLD,
-                   help="weights of this many bytes or more go to an external .data file (default 2 GiB)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--external-data-threshold", type=int,
+                   help="weights of this many bytes or more go to an external .data file (default: 2 GiB, ONNX's "
+                        "protobuf limit)")
     p.set_defaults(func=run)
 
 
@@ -43,14 +37,21 @@ def parse_dynamic(text: str) -> dict:
 
 def run(args) -> int:
     family = family_of(args)
-    parse_dtype(args.dtype)
-    if args.external_data_threshold <= 0:
+    if args.external_data_threshold is not None and args.external_data_threshold <= 0:
         raise FlowblendError("--external-data-threshold must be a positive byte count, got "
                              f"{args.external_data_threshold}")
-    spec = resolve_spec(args, family, parse_dynamic(args.dynamic))
+    dynamic = parse_dynamic(args.dynamic)
+    frames, height, width = video_of(args, family)
+
+    from flowblend.export.onnx import EXTERNAL_DATA_THRESHOLD, export_pair
+    from flowblend.export.pairs import load_pair
+    from flowblend.export.record import EXPORT_RECORD, onnx_dir
+
+    spec = family.io_spec(family.latent_shape(frames, height, width), guidance_of(args, family), args.dtype, dynamic)
     pair = load_pair(family.name, args.large, args.small, allow_download=args.allow_download)
+    threshold = args.external_data_threshold or EXTERNAL_DATA_THRESHOLD
     record = export_pair(pair, spec, args.artifacts, verify=not args.no_verify,
-                         external_data_threshold=args.external_data_threshold, progress=not args.no_progress)
+                         external_data_threshold=threshold, progress=not args.no_progress)
     out = onnx_dir(args.artifacts, family.name)
     for name, entry in record["models"].items():
         check = entry["verify"]

@@ -1,58 +1,46 @@
-"""`flowblend generate`: prompts -> blended sampling -> video files (+ a JSON of what ran)."""
+"""`flowblend generate`: prompts -> blended sampling -> video files (+ a JSON of what ran).
+
+Every flag is checked by runtime/request.validate_request (the server's check too) before torch,
+diffusers or a model loads; then the pair loads, engines come from engines/factory.py and each
+prompt becomes a video, written to a temporary name and renamed.
+"""
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
 
+from flowblend.engines.factory import BACKENDS, TORCH_BACKENDS
 from flowblend.errors import FlowblendError
-from flowblend.export.pairs import load_pair
-from flowblend.runtime.graph import GraphRunner
 from flowblend.runtime.graph_modes import GRAPH_FLAGS
-from flowblend.runtime.pipeline import BlendPipeline
-from flowblend.runtime.sampler import Sampler, SamplerOptions
-from flowblend.runtime.video import save_video
+from flowblend.runtime.request import GenerationRequest, validate_request
+from flowblend.toy.vocab import vocabulary_line
 
-from .backends import BACKENDS, make_engines, parse_dtype
-from .common import (
-    add_pair_args,
-    add_plan_args,
-    add_video_args,
-    family_of,
-    resolve_experts,
-    resolve_guidance,
-    resolve_plan,
-    resolve_steps,
-    resolve_video,
-)
+from .common import family_of, plan_of, resolve_experts, resolve_guidance, steps_of, subscribe, video_of
 
 
-def register(sub) -> None:
-    p = sub.add_parser("generate", help="generate videos with a blend plan")
-    add_pair_args(p)
-    add_plan_args(p)
-    add_video_args(p)
-    p.add_argument("--prompt", action="append", default=[], help="text prompt (repeat for several videos)")
-    p.add_argument("--prompt-file", help="file with one prompt per line")
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--guidance", type=float,
-                   help="CFG scale (default: the family's; 1 disables CFG; wan22: the high-noise expert's)")
-    p.add_argument("--solver", choices=("unipc", "euler"), help="default: the family's")
-    p.add_argument("--shift", type=float, help="flow shift (default: the family's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default="torch", choices=BACKENDS)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16")
-    p.add_argument("--out", default="out.mp4", help="video path; with several prompts, an index is appended")
-    p.add_argument("--artifacts", default="artifacts", help="artifact root for compiled backends")
-    p.add_argument("--graph", default="none", choices=GRAPH_FLAGS,
+def register(p) -> None:
+    p.description = ("Generate one video per prompt with a blend plan. Toy pair prompts use its "
+                                   f"vocabulary: {vocabulary_line()}.")
+    subscribe(p, "pair", "plan", "video", "guidance", "experts", "solver", "device", "dtype", "threads", "artifacts",
+              "progress")
+    g = p.add_argument_group("prompts and output")
+    g.add_argument("--prompt", action="append", default=[], help="text prompt (repeat for several videos)")
+    g.add_argument("--prompt-file", help="file with one prompt per line")
+    g.add_argument("--negative-prompt", default="", help="what CFG steers away from (used when guidance > 1)")
+    g.add_argument("--seed", type=int, default=0, help="noise seed, 0 to 2**63-1 (the same for every prompt)")
+    g.add_argument("--out", default="out.mp4", help="video path (.mp4 or .gif); with several prompts an index is "
+                                                     "appended (out_0.mp4, ...)")
+    r = p.add_argument_group("backend")
+    r.add_argument("--backend", default="torch", choices=BACKENDS,
+                   help="torch-compile, onnxruntime and tensorrt use the engines `flowblend export`/`build` made")
+    r.add_argument("--graph", default="none", choices=GRAPH_FLAGS,
                    help="CUDA graphs (--device cuda): the whole loop in one graph, one per step, or none")
-    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
 
 def read_prompts(args) -> list[str]:
-    prompts = [p for p in args.prompt]
+    prompts = list(args.prompt)
     if args.prompt_file:
         path = Path(args.prompt_file)
         if not path.is_file():
@@ -73,46 +61,63 @@ def output_paths(out: str, n: int) -> list[Path]:
     return [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(n)]
 
 
-def run(args) -> int:
+def request_of(args, experts=None) -> GenerationRequest:
+    """The flags as one checked request (runtime/request.py): nothing has loaded yet."""
     family = family_of(args)
-    frames, height, width = resolve_video(args, family)
-    latent_shape = family.latent_shape(frames, height, width)
-    solver_kw = family.sampler_kwargs(latent_shape)
-    if args.solver:
-        solver_kw["solver"] = args.solver
-    if args.shift is not None:
-        solver_kw["shift"], solver_kw["mu"] = args.shift, None
-    experts = resolve_experts(args, family, resolve_steps(args, family), solver_kw["solver"], solver_kw["shift"],
-                              solver_kw.get("mu"))
-    plan = resolve_plan(args, family, experts)
-    guidance, guidance_table = resolve_guidance(args, family, plan, experts)
-    prompts = read_prompts(args)
+    return validate_request(family, read_prompts(args), args.negative_prompt, plan_of(args, family, experts),
+                            args.steps, args.seed, args.height, args.width, args.frames, args.guidance, args.solver,
+                            args.shift)
+
+
+def experts_of(args):
+    """wan22: which expert runs each step, on the requested solver's timesteps (None for two-model pairs)."""
+    family = family_of(args)
+    if family.experts is None:
+        return resolve_experts(args, family, 1, "unipc", 1.0)  # refuses --boundary-ratio/--guidance-2 here
+    settings = family.sampler_kwargs(family.latent_shape(*video_of(args, family)))
+    shift, mu = (args.shift, None) if args.shift is not None else (settings["shift"], settings.get("mu"))
+    return resolve_experts(args, family, steps_of(args, family), args.solver or settings["solver"], shift, mu)
+
+
+def run(args) -> int:
+    experts = experts_of(args)
+    request = request_of(args, experts)
+    guidance, guidance_table = resolve_guidance(args, request.family, request.plan, experts)
     if args.graph != "none" and not args.device.startswith("cuda"):
         raise FlowblendError(f"--graph {args.graph} captures CUDA graphs: pass --device cuda, or drop --graph")
-    outs = output_paths(args.out, len(prompts))
-    dtype = parse_dtype(args.dtype)
+    outs = output_paths(args.out, len(request.prompts))
 
-    pair = load_pair(family.name, args.large, args.small, dtype=dtype, device=args.device,
-                     allow_download=args.allow_download, load_transformers=args.backend == "torch")  # engines only
-    engines = make_engines(args.backend, pair, args.device, dtype, args=args, latent_shape=latent_shape,
-                           guidance=max(guidance_table))
-    options = SamplerOptions(solver_kw["solver"], solver_kw["shift"], guidance, solver_kw.get("mu"),
-                             guidance_table=guidance_table)
-    sampler = Sampler(engines, plan, options=options, device=args.device, dtype=dtype)
+    from flowblend.engines.factory import make_engines, torch_dtype
+    from flowblend.export.pairs import load_pair
+    from flowblend.runtime.graph import GraphRunner
+    from flowblend.runtime.pipeline import BlendPipeline
+    from flowblend.runtime.sampler import Sampler, SamplerOptions
+    from flowblend.runtime.video import save_video
+
+    dtype = torch_dtype(args.dtype)
+    pair = load_pair(request.family.name, args.large, args.small, dtype=dtype, device=args.device,
+                     allow_download=args.allow_download,
+                     load_transformers=args.backend in TORCH_BACKENDS)  # compiled backends run their engines only
+    engines = make_engines(args.backend, pair, latent_shape=request.latent_shape, guidance=max(guidance_table),
+                           device=args.device, dtype=args.dtype, artifacts=args.artifacts)
+    sampler = Sampler(engines, request.plan, SamplerOptions(**request.sampler_settings(), guidance_table=guidance_table),
+                      device=args.device, dtype=dtype)
     pipe = BlendPipeline(GraphRunner(sampler, mode=GRAPH_FLAGS[args.graph]), pair.encode_prompt, pair.decode)
-    for prompt, out in zip(prompts, outs):
+    settings = {k: v for k, v in request.sampler_settings().items() if v is not None and k != "guidance_scale"}
+    for prompt, out in zip(request.prompts, outs):
         start = time.perf_counter()
-        video, _ = pipe(prompt, latent_shape, seed=args.seed, negative_prompt=args.negative_prompt,
+        video, _ = pipe(prompt, request.latent_shape, seed=request.seed, negative_prompt=request.negative_prompt,
                         progress=not args.no_progress)
         seconds = time.perf_counter() - start
         written = save_video(video, out)
-        record = {"prompt": prompt, "seed": args.seed, "pair": family.name, "backend": args.backend,
-                  "plan": plan.to_dict(), "guidance": guidance, "guidance_per_step": list(guidance_table),
+        record = {"prompt": prompt, "seed": request.seed, "pair": request.family.name, "backend": args.backend,
+                  "plan": request.plan.to_dict(), "guidance": request.guidance,
+                  "guidance_per_step": list(guidance_table),
                   **({"boundary_ratio": experts.boundary_ratio, "expert_switch_step": experts.switch_step}
                      if experts is not None else {}),
-                  **{k: v for k, v in solver_kw.items() if v is not None},
-                  "frames": frames, "height": height, "width": width, "dtype": args.dtype, "graph": args.graph,
-                  "seconds": round(seconds, 4), "video": str(written), "sources": pair.sources}
+                  **settings,
+                  "frames": request.frames, "height": request.height, "width": request.width, "dtype": args.dtype,
+                  "graph": args.graph, "seconds": round(seconds, 4), "video": str(written), "sources": pair.sources}
         written.with_suffix(".json").write_text(json.dumps(record, indent=2))
-        print(f"wrote {written} ({plan.label}, {seconds:.2f} s)")
+        print(f"wrote {written} ({request.plan.label}, {seconds:.2f} s)")
     return 0

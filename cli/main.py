@@ -1,33 +1,62 @@
-"""The `flowblend` command: each subcommand is a thin layer over a Python function."""
+"""The `flowblend` command: each subcommand is a thin layer over a Python function.
+
+Start-up stays short: the command modules import torch, diffusers and the backends inside the
+functions that need them, every flag is checked before anything loads (cli/common.py's groups,
+then the command's own checks), and the OpenMP thread policy is set before torch loads.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from flowblend.errors import FlowblendError
 
-# One module per subcommand, each with register(subparsers).
-COMMAND_MODULES = ["generate", "plan_cmd", "demo_cmd", "export_cmd", "build_cmd", "bench_cmd", "calibrate_cmd",
-                   "verify_cmd"]
+# command -> (module with register(parser), one-line help). Only the module of the command being run is
+# imported, so `flowblend --help` loads none of them.
+COMMANDS = {
+    "generate": ("generate", "generate videos with a blend plan"),
+    "plan": ("plan_cmd", "show which model runs each step and the plan's FLOPs vs LLL"),
+    "demo": ("demo_cmd", "see FlowBlending work on the shipped toy pair (CPU, seconds)"),
+    "export": ("export_cmd", "export both transformers of a pair to ONNX (verified by default)"),
+    "build": ("build_cmd", "build (or reuse) both engines of an exported pair"),
+    "bench": ("bench_cmd", "benchmark plans and backends against eager PyTorch LLL (JSON, markdown, PNG)"),
+    "calibrate": ("calibrate_cmd", "velocity divergence and automatic stage boundaries for a model pair"),
+    "verify": ("verify_cmd", "check exported ONNX graphs against PyTorch (exit 1 below thresholds)"),
+}
+INTERRUPTED = 130  # the shell's exit status for a command ended by SIGINT (128 + 2)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flowblend", description="Stage-aware two-model video sampling, compiled.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"flowblend.cli.{name}").register(sub)
+def build_parser(commands=tuple(COMMANDS)) -> argparse.ArgumentParser:
+    """The parser with every command listed and the flags of `commands` registered (default: all)."""
+    from .common import Parser
+
+    parser = Parser(prog="flowblend", description="Stage-aware two-model video sampling, compiled.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")  # subparsers are Parsers too
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name in commands:
+            importlib.import_module(f"flowblend.cli.{module}").register(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see common.apply_thread_policy
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(commands=argv[:1])  # `flowblend --help` imports no command module
     args = parser.parse_args(argv)
     try:
+        from .common import check_groups
+
+        check_groups(args)
         return int(args.func(args) or 0)
     except (FlowblendError, ValueError) as exc:
         print(f"flowblend {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"flowblend {args.command}: interrupted", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

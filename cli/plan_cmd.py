@@ -9,29 +9,24 @@ from flowblend.bench.flops import step_flops
 from flowblend.export.pairs import reference_configs
 from flowblend.runtime.plan import BlendPlan
 
-from .common import (
-    add_pair_args,
-    add_plan_args,
-    add_video_args,
-    family_of,
-    model_set_of,
-    resolve_experts,
-    resolve_guidance,
-    resolve_plan,
-    resolve_steps,
-    resolve_video,
-)
+from .common import family_of, model_set_of, plan_of, resolve_experts, resolve_guidance, steps_of, subscribe, video_of
+
+FLOP_UNITS = ((1e15, "PFLOPs"), (1e12, "TFLOPs"), (1e9, "GFLOPs"), (1e6, "MFLOPs"))
 
 
-def register(sub) -> None:
-    p = sub.add_parser("plan", help="show which model runs each step, its CFG scale and the plan's FLOPs")
-    add_pair_args(p)
-    add_plan_args(p)
-    add_video_args(p)
-    p.add_argument("--guidance", type=float, help="CFG scale (> 1 doubles every forward; wan22: the high expert's)")
-    p.add_argument("--solver", choices=("unipc", "euler"), help="default: the family's (sets the timesteps)")
-    p.add_argument("--shift", type=float, help="flow shift (default: the family's; sets the timesteps)")
+def register(p) -> None:
+    subscribe(p, "pair", "plan", "video", "guidance", "experts", "solver")
     p.set_defaults(func=run)
+
+
+def flop_unit(flops: float) -> tuple[float, str]:
+    """(scale, name) of the largest unit that keeps `flops` at 1 or more: 2.3e9 -> GFLOPs."""
+    return next(((scale, name) for scale, name in FLOP_UNITS if flops >= scale), FLOP_UNITS[-1])
+
+
+def format_flops(flops: float) -> str:
+    scale, name = flop_unit(flops)
+    return f"{flops / scale:.3g} {name}"
 
 
 def reference_plan(family, steps: int, experts=None) -> BlendPlan:
@@ -42,10 +37,8 @@ def reference_plan(family, steps: int, experts=None) -> BlendPlan:
 
 
 def plan_costs(family, plan, latent_shape, guidance, reference: BlendPlan | None = None) -> dict:
-    """Per-step FLOPs of each model (CFG doubling a step whose scale is > 1), the plan's and the reference's totals.
-
-    `guidance` is one scale or the per-step table; a CFG batch of 2 runs whenever any step guides.
-    """
+    """Per-step FLOPs of each model (CFG doubling every step when any step guides), the plan's and the reference's
+    totals; `guidance` is one scale or the per-step table."""
     configs = reference_configs(family.name)
     table = (float(guidance),) * len(plan) if isinstance(guidance, (int, float)) else tuple(guidance)
     cfg = max(table) > 1.0
@@ -59,27 +52,27 @@ def plan_costs(family, plan, latent_shape, guidance, reference: BlendPlan | None
 
 def run(args) -> int:
     family = family_of(args)
-    frames, height, width = resolve_video(args, family)
+    frames, height, width = video_of(args, family)
     latent_shape = family.latent_shape(frames, height, width)
     kw = family.sampler_kwargs(latent_shape)
     solver = args.solver or kw["solver"]
     shift, mu = (args.shift, None) if args.shift is not None else (kw["shift"], kw.get("mu"))
-    steps = resolve_steps(args, family)
-    experts = resolve_experts(args, family, steps, solver, shift, mu)
-    plan = resolve_plan(args, family, experts)
-    default, table = resolve_guidance(args, family, plan, experts)
+    experts = resolve_experts(args, family, steps_of(args, family), solver, shift, mu)
+    plan = plan_of(args, family, experts)
+    guidance, table = resolve_guidance(args, family, plan, experts)
     costs = plan_costs(family, plan, latent_shape, table, reference_plan(family, len(plan), experts))
     cfg = max(table) > 1
     print(f"pair {family.name}: {frames} frames {height}x{width}, latents {latent_shape}, {solver} shift {shift:g}, "
-          f"guidance {default} ({'CFG: 2 forwards/step' if cfg else 'no CFG'})")
+          f"guidance {guidance} ({'CFG: 2 forwards/step' if cfg else 'no CFG'})")
     if experts is not None:
         print(f"expert switch at step {experts.switch_step}: {experts.high} runs t >= {experts.boundary_timestep:g} "
               f"(boundary_ratio {experts.boundary_ratio:g}), {experts.low} the rest")
     counts = " + ".join(f"{plan.count(m)} {m}" for m in family.models)
     print(f"plan {plan.spec or plan.label} = {plan.label}  ({counts} steps)")
-    print(f"{'step':>4}  {'model':<6}  {'guidance':>8}  {'TFLOPs':>10}")
+    scale, unit = flop_unit(max(costs["per_step"].values()))
+    print(f"{'step':>4}  {'model':<6}  {'guidance':>8}  {unit:>10}")
     for i, m in enumerate(plan.models):
-        print(f"{i:>4}  {m:<6}  {table[i]:>8g}  {costs['per_step'][m] / 1e12:>10.3f}")
-    print(f"total {costs['total'] / 1e12:.1f} TFLOPs vs {costs['reference']} {costs['lll'] / 1e12:.1f} TFLOPs: "
+        print(f"{i:>4}  {m:<6}  {table[i]:>8g}  {costs['per_step'][m] / scale:>10.3f}")
+    print(f"total {format_flops(costs['total'])} vs {costs['reference']} {format_flops(costs['lll'])}: "
           f"{100 * (1 - costs['total'] / costs['lll']):.1f}% fewer, FLOP-ideal speedup {costs['ideal_speedup']:.2f}x")
     return 0

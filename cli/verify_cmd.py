@@ -3,22 +3,19 @@ from __future__ import annotations
 
 import sys
 
-from flowblend.export.pairs import load_pair
-from flowblend.export.record import checked_export
-from flowblend.export.verify import THRESHOLDS, verify_export
-
-from .common import add_pair_args, family_of
+from .common import family_of, subscribe
 
 
-def register(sub) -> None:
-    p = sub.add_parser("verify", help="check exported ONNX graphs against PyTorch (exit 1 below thresholds)")
-    add_pair_args(p)
-    p.add_argument("--artifacts", default="artifacts", help="artifact root (default ./artifacts)")
-    p.add_argument("--device", default="cpu", help="where ONNX Runtime runs the graphs (cpu | cuda)")
+def register(p) -> None:
+    subscribe(p, "pair", "artifacts", "device")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from flowblend.export.pairs import load_pair
+    from flowblend.export.record import checked_export
+    from flowblend.export.verify import THRESHOLDS, verify_export
+
     family = family_of(args)
     checked = checked_export(args.artifacts, family.name)  # a missing or damaged export fails before models load
     pair = load_pair(family.name, args.large, args.small, allow_download=args.allow_download)

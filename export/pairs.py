@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-
-from flowblend.engines.iospec import IOSpec, dtype_name
 from flowblend.errors import FlowblendError
+
+if TYPE_CHECKING:  # torch loads when a pair does: `flowblend --help` and argument checks stay fast
+    import torch
+
+    from flowblend.engines.iospec import IOSpec
 
 
 @dataclass(frozen=True)
@@ -71,21 +73,42 @@ class PairFamily:
         return self.spatial_factor * self.patch[1]
 
     def check_video_shape(self, frames: int, height: int, width: int) -> None:
-        """Raise FlowblendError naming the fix if the VAE/transformer cannot take this video size."""
+        """Raise FlowblendError naming the fix if the VAE/transformer cannot take this video size.
+
+        Every size it suggests is one this check accepts (tests/test_cli_help.py feeds them back).
+        """
         m = self.pixel_multiple
         if height <= 0 or width <= 0 or height % m or width % m:
             raise FlowblendError(f"{self.name}: height and width must be positive multiples of {m}, got "
                                  f"{height}x{width}; try {max(m, round(height / m) * m)}x{max(m, round(width / m) * m)}")
+        if not self.frames_ok(frames):
+            k, pt = self.temporal_factor, self.patch[0]
+            below = [f for f in range(frames - 1, 0, -1) if self.frames_ok(f)][:1]
+            above = next(f for f in range(max(frames + 1, 1), frames + 2 + k * pt * 2) if self.frames_ok(f))
+            rule = f"{k}k+1 for this VAE" if pt == 1 else \
+                f"{k}k+1 for this VAE and fill whole {pt}-frame patches of the transformer, i.e. a multiple of {pt} latent frames"
+            raise FlowblendError(f"{self.name}: frames must be {rule}, got {frames}; try "
+                                 f"{' or '.join(str(f) for f in below + [above])}")
+
+    def frames_ok(self, frames: int) -> bool:
+        """Whether the VAE (frames = k*t + 1) and the transformer's temporal patch both take `frames`."""
         k = self.temporal_factor
-        if frames < 1 or (frames - 1) % k:
-            lo = (max(frames, 1) - 1) // k * k + 1
-            raise FlowblendError(f"{self.name}: frames must be {k}k+1 for this VAE, got {frames}; try {lo} or {lo + k}")
-        pt, latent_frames = self.patch[0], (frames - 1) // k + 1
-        if latent_frames % pt:
-            lo = max(pt, latent_frames // pt * pt)
-            raise FlowblendError(f"{self.name}: the transformer patches {pt} latent frames at a time, so frames must "
-                                 f"give a multiple of {pt} latent frames, got {frames}; try {(lo - 1) * k + 1} or "
-                                 f"{(lo + pt - 1) * k + 1}")
+        return frames >= 1 and (frames - 1) % k == 0 and ((frames - 1) // k + 1) % self.patch[0] == 0
+
+    def normalise_prompt(self, prompt: str, negative: bool = False) -> str:
+        """The prompt as this family's text encoder reads it; FlowblendError naming the fix if it cannot.
+
+        Real text encoders take any text. A family with a closed vocabulary (the toy pair) puts the
+        prompt in the form its models were trained on and refuses unknown words (its provider's
+        normalise_prompt).
+        """
+        if not isinstance(prompt, str):
+            raise FlowblendError(f"a prompt is text, got {type(prompt).__name__}")
+        if not negative and not prompt.strip():
+            raise FlowblendError("the prompt is empty: give the text to generate from")
+        if not self.provider:
+            return prompt.strip()
+        return _provider(self).normalise_prompt(prompt, negative=negative)
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         self.check_video_shape(frames, height, width)
@@ -105,6 +128,8 @@ class PairFamily:
         """The I/O spec of this family's transformers at a latent shape (C, F, H, W): the one place a
         family's text size, mask and patch become a spec (export, engine builds and engine lookup).
         Batch 2 with CFG (guidance > 1, the sampler's rule), else 1."""
+        from flowblend.engines.iospec import IOSpec, dtype_name
+
         return IOSpec(batch=2 if guidance > 1 else 1, latent=tuple(latent_shape), text_len=self.text_len,
                       text_dim=self.text_dim, dtype=dtype_name(dtype), with_mask=self.takes_text_mask,
                       dynamic=dynamic or {}, patch=tuple(self.patch))
@@ -190,16 +215,27 @@ class LoadedPair:
     decode: Callable[[torch.Tensor], torch.Tensor]  # latents -> video [B, 3, F, H, W] in [-1, 1]
     sources: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def large(self) -> torch.nn.Module:
+        return self.transformers["large"]
 
-def load_pair(name: str, large: str | None = None, small: str | None = None, dtype: torch.dtype = torch.float32,
+    @property
+    def small(self) -> torch.nn.Module:
+        return self.transformers["small"]
+
+
+def load_pair(name: str, large: str | None = None, small: str | None = None, dtype: torch.dtype | None = None,
               device: str | torch.device = "cpu", allow_download: bool = False,
               load_transformers: bool = True) -> LoadedPair:
-    """Load a pair from local paths or hub ids (the user's cache; no download unless allowed).
+    """Load a pair from local paths or hub ids (the user's cache; no download unless allowed); dtype default fp32.
 
     `load_transformers=False` loads only the shared parts (text encoder, VAE): compiled backends run
     their own engines, and the PyTorch transformers would only take device memory (about 31 GB of
     FP16 weights for Wan 14B + 1.3B). `transformers` is then empty.
     """
+    import torch
+
+    dtype = dtype or torch.float32
     family = get_family(name)
     if family.provider:
         return _provider(family).load_pair(family, large, small, dtype, device, load_transformers=load_transformers)
@@ -216,19 +252,32 @@ def load_pair(name: str, large: str | None = None, small: str | None = None, dty
     return LoadedPair(family, models, shared.encode, shared.decode, sources)
 
 
-def _check_source(source: str, allow_download: bool) -> None:
+def _check_source(source: str, allow_download: bool, family: PairFamily | None = None) -> None:
     p = Path(source)
     looks_local = source.startswith((".", "/", "~")) or p.exists()
     if looks_local and not p.expanduser().exists():
         raise FlowblendError(f"checkpoint path {source!r} does not exist: pass --large/--small with a diffusers "
                              "checkpoint folder (containing transformer/) or a hub id in your local cache")
+    if not looks_local and not allow_download and not _in_hub_cache(source):
+        what = f"{family.name} checkpoint" if family else "checkpoint"
+        raise FlowblendError(f"{what} {source!r} is not in your Hugging Face cache: pass --large/--small with local "
+                             "diffusers checkpoint folders, or --allow-download to fetch it (README: what the "
+                             "real checkpoints need)")
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether a hub id's transformer config is already in the local cache (no network, no warning)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "transformer/config.json")
+    return isinstance(found, str)
 
 
 def load_transformer(family: PairFamily, source: str, dtype, allow_download: bool, subfolder: str | None = None):
     """One transformer; `subfolder` None means transformer/ when the folder has one (or for a hub id)."""
     import diffusers
 
-    _check_source(source, allow_download)
+    _check_source(source, allow_download, family)
     cls = getattr(diffusers, family.transformer_class)
     root = Path(source).expanduser()
     if subfolder is None:
@@ -241,7 +290,8 @@ def load_transformer(family: PairFamily, source: str, dtype, allow_download: boo
         return cls.from_pretrained(str(root) if root.exists() else source, subfolder=subfolder, torch_dtype=dtype,
                                    local_files_only=not allow_download).eval()
     except (OSError, ValueError) as exc:
-        raise FlowblendError(f"cannot load {family.transformer_class} from {source!r}: {exc}. Point --large/--small "
+        reason = str(exc).strip().splitlines()[0].rstrip(". ")
+        raise FlowblendError(f"cannot load {family.transformer_class} from {source!r}: {reason}. Point --large/--small "
                              "at a local diffusers checkpoint, or pass --allow-download to fetch a hub id") from exc
 
 
@@ -265,8 +315,13 @@ class _SharedComponents:
                 raise FlowblendError(f"cannot load the text encoder and VAE of {self.source!r}: {exc}") from exc
         return self._pipe
 
-    @torch.no_grad()
     def encode(self, prompts: list[str]):
+        import torch
+
+        with torch.no_grad():
+            return self._encode(prompts)
+
+    def _encode(self, prompts: list[str]):
         pipe = self._pipeline()
         if self.family.pipeline_class == "WanPipeline":
             embeds, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False,
@@ -276,8 +331,15 @@ class _SharedComponents:
                                                 max_sequence_length=self.family.text_len, device=self.device)
         return embeds, mask.long()
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        with torch.no_grad():
+            return self._decode(latents)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        import torch
+
         vae = self._pipeline().vae
         latents = latents.to(vae.dtype)
         if self.family.pipeline_class == "WanPipeline":

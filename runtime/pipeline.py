@@ -6,6 +6,8 @@ from typing import Callable
 
 import torch
 
+from flowblend.errors import FlowblendError
+
 from .sampler import LatentSampler
 
 
@@ -26,6 +28,10 @@ class BlendPipeline:
         """Returns (video [3, F, H, W] in [-1, 1], final latents)."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("prompt is empty: give the text to generate from")
+        latent_shape = tuple(latent_shape)
+        if len(latent_shape) != 4:
+            hint = ": drop the batch, the pipeline makes one video per call" if len(latent_shape) == 5 else ""
+            raise FlowblendError(f"latent_shape is one video's [C, F, H, W], got {list(latent_shape)}{hint}")
         embeds, mask = self.encode_prompt([prompt, negative_prompt])
         noise = torch.randn((1, *latent_shape), generator=torch.Generator("cpu").manual_seed(seed))
         kwargs = {}

@@ -140,8 +140,10 @@ class Sampler:
     def load_request(self, noise, prompt_embeds, negative_prompt_embeds=None, prompt_mask=None,
                      negative_prompt_mask=None) -> SamplerBuffers:
         """Copy one request's noise and text into the static buffers (the only per-request writes)."""
-        if noise.dim() < 2 or noise.shape[0] != 1:
-            raise FlowblendError(f"noise must have batch 1, e.g. [1, C, F, H, W]; got shape {tuple(noise.shape)}")
+        if noise.dim() != 5 or noise.shape[0] != 1:
+            hint = ": add the batch with noise[None]" if noise.dim() == 4 else ""
+            raise FlowblendError(f"noise must be one video's latents with batch 1, [1, C, F, H, W]; got shape "
+                                 f"{list(noise.shape)}{hint}")
         if prompt_embeds.dim() == 2:
             prompt_embeds = prompt_embeds[None]
         if prompt_embeds.shape[0] != 1:

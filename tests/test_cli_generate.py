@@ -35,10 +35,10 @@ def test_generate_several_prompts_and_plan_file(tmp_path):
     (["--height", "30"], "multiples of 4"),
     (["--pair", "wan", "--frames", "80"], "4k+1"),
     (["--pair", "ltx", "--frames", "120"], "8k+1"),
-    (["--guidance", "-1"], "guidance_scale must be >= 0"),
+    (["--guidance", "-1"], "guidance must be a number >= 0"),
     (["--plan", "LSL:0.8,0.5"], "exceed 1"),
     (["--plan-file", "/no/plan.json"], "does not exist"),
-    (["--steps", "0"], "positive"),
+    (["--steps", "0"], "steps must be >= 1"),
     (["--dtype", "fp8"], "unknown dtype"),
 ])
 def test_bad_input_one_line_error_exit_2_no_output(tmp_path, capsys, extra, message):

@@ -147,17 +147,14 @@ def test_sampler_and_graph_runner_are_the_latent_sampler_a_pipeline_takes():
 
 
 def test_graph_modes_are_defined_once_and_every_spelling_maps_onto_them():
-    import argparse
-
     from flowblend.bench import run as bench
-    from flowblend.cli import generate
+    from flowblend.cli.main import build_parser
     from flowblend.runtime import graph, graph_modes
 
     assert graph.MODES is graph_modes.MODES and bench.MODES is graph_modes.BENCH_MODES
     for spelling in (graph_modes.GRAPH_FLAGS, graph_modes.BENCH_MODES):
         assert sorted(spelling.values()) == sorted(graph_modes.MODES)
-    parser = argparse.ArgumentParser()
-    generate.register(parser.add_subparsers())
+    parser = build_parser(["generate"])
     for flag, mode in graph_modes.GRAPH_FLAGS.items():
         assert parser.parse_args(["generate", "--graph", flag]).graph == flag
     with pytest.raises(SystemExit):

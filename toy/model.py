@@ -8,18 +8,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from flowblend.export.pairs import LoadedPair, check_compatible, load_transformer
 
-# Vocabulary of the procedural world (toy/data.py draws prompts from it).
-COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan")
-SHAPES = ("circle", "square", "triangle")
-DIRECTIONS = ("left", "right", "up", "down")
-FILLER_WORDS = ("a", "moving")
-VOCAB = ("<pad>", "<unk>") + FILLER_WORDS + COLOURS + SHAPES + DIRECTIONS
+# Vocabulary of the procedural world (toy/data.py draws prompts from it); normalise_prompt is what
+# the family's provider offers export.pairs.PairFamily.normalise_prompt.
+from .vocab import COLOURS, DIRECTIONS, FILLER_WORDS, SHAPES, VOCAB, check_words, normalise_prompt, words
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["COLOURS", "DIRECTIONS", "FILLER_WORDS", "SHAPES", "VOCAB", "normalise_prompt"]
 
 TEXT_LEN = 8
 TEXT_DIM = 32
@@ -54,10 +56,14 @@ class ToyTextEncoder:
     """Word tokens -> fixed embeddings, zero-padded to TEXT_LEN, like UMT5 output in Wan's pipeline.
 
     The table is drawn once from a fixed numpy seed (PCG64 is stable across numpy versions), so the
-    encoder needs no weights file and both toy models see identical conditioning.
+    encoder needs no weights file and both toy models see identical conditioning. Case, punctuation
+    and articles are read as in the training prompts; a word outside the vocabulary is refused
+    (FlowblendError), as it would reach the model as <unk> and give a near-black video.
     """
 
     def __init__(self, text_len: int = TEXT_LEN, dim: int = TEXT_DIM, seed: int = TEXT_SEED):
+        import torch
+
         self.text_len = text_len
         self.dim = dim
         rng = np.random.default_rng(seed)
@@ -67,12 +73,15 @@ class ToyTextEncoder:
         self.index = {word: i for i, word in enumerate(VOCAB)}
 
     def tokenize(self, prompt: str) -> list[int]:
-        words = prompt.lower().replace(",", " ").split()
-        ids = [self.index.get(w, 1) for w in words][: self.text_len]
-        return ids
+        check_words(prompt)
+        return [self.index[w] for w in words(prompt)][: self.text_len]
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (embeddings [B, TEXT_LEN, TEXT_DIM] float32, mask [B, TEXT_LEN] int64)."""
+        import torch
+
+        if isinstance(prompts, str):
+            raise TypeError("encode_prompt takes a list of prompts, e.g. [prompt, negative_prompt]")
         embeds = torch.zeros(len(prompts), self.text_len, self.dim)
         mask = torch.zeros(len(prompts), self.text_len, dtype=torch.int64)
         for row, prompt in enumerate(prompts):
@@ -97,9 +106,19 @@ class PixelVAE:
         return video
 
 
-def build_toy_transformer(size: str, dtype: torch.dtype = torch.float32):
+def _wan_class():
+    """WanTransformer3DModel from its own submodule: diffusers' top-level lazy module imports far more."""
+    from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
+
+    return WanTransformer3DModel
+
+
+def build_toy_transformer(size: str, dtype: torch.dtype | None = None):
     """A toy transformer with random weights (size 'large' or 'small')."""
-    from diffusers import WanTransformer3DModel
+    import torch
+
+    dtype = dtype or torch.float32
+    WanTransformer3DModel = _wan_class()
 
     config = {"large": TOY_LARGE_CONFIG, "small": TOY_SMALL_CONFIG}[size]
     model = WanTransformer3DModel(**config).eval()
@@ -110,14 +129,15 @@ def trained_weights_available(weights_dir: Path = WEIGHTS_DIR) -> bool:
     return all((weights_dir / size / "config.json").is_file() for size in ("large", "small"))
 
 
-def load_toy_transformer(size: str, weights_dir: Path = WEIGHTS_DIR, dtype: torch.dtype = torch.float32):
+def load_toy_transformer(size: str, weights_dir: Path = WEIGHTS_DIR, dtype: torch.dtype | None = None):
     """The shipped trained toy transformer, or random weights if none are shipped yet."""
-    from diffusers import WanTransformer3DModel
+    import torch
 
+    dtype = dtype or torch.float32
     path = Path(weights_dir) / size
     if not (path / "config.json").is_file():
         return build_toy_transformer(size, dtype)
-    return WanTransformer3DModel.from_pretrained(path, torch_dtype=dtype).eval()
+    return _wan_class().from_pretrained(path, torch_dtype=dtype).eval()
 
 
 def load_pair(family, large: str | None, small: str | None, dtype: torch.dtype, device,

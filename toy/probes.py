@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from flowblend.toy.model import COLOURS, SHAPES
+from flowblend.toy.vocab import COLOURS, SHAPES
 
 from .data import COLOUR_RGB, PromptSpec, render, shape_mask
 
@@ -172,8 +172,11 @@ def video_features(videos) -> np.ndarray:
 
 
 def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
+    """Frechet distance of two feature sets; NaN below 2 videos a side, where no covariance exists."""
     from scipy import linalg
 
+    if min(len(feats_a), len(feats_b)) < 2:
+        return float("nan")  # `flowblend demo --prompt X` with one seed: every other score still stands
     mu_a, mu_b = feats_a.mean(0), feats_b.mean(0)
     cov_a, cov_b = np.cov(feats_a, rowvar=False), np.cov(feats_b, rowvar=False)
     covmean = linalg.sqrtm(cov_a @ cov_b).real
