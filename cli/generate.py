@@ -12,7 +12,7 @@ from pathlib import Path
 
 from flowblend.engines.factory import BACKENDS, TORCH_BACKENDS
 from flowblend.errors import FlowblendError
-from flowblend.runtime.graph_modes import GRAPH_FLAGS
+from flowblend.runtime.graph_modes import GRAPH_FLAGS, check_graph_flag
 from flowblend.runtime.request import GenerationRequest, validate_request
 from flowblend.toy.vocab import vocabulary_line
 
@@ -83,8 +83,7 @@ def run(args) -> int:
     experts = experts_of(args)
     request = request_of(args, experts)
     guidance, guidance_table = resolve_guidance(args, request.family, request.plan, experts)
-    if args.graph != "none" and not args.device.startswith("cuda"):
-        raise FlowblendError(f"--graph {args.graph} captures CUDA graphs: pass --device cuda, or drop --graph")
+    check_graph_flag(args.graph, args.device)
     outs = output_paths(args.out, len(request.prompts))
 
     from flowblend.engines.factory import make_engines, torch_dtype

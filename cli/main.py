@@ -24,6 +24,7 @@ COMMANDS = {
     "bench": ("bench_cmd", "benchmark plans and backends against eager PyTorch LLL (JSON, markdown, PNG)"),
     "calibrate": ("calibrate_cmd", "velocity divergence and automatic stage boundaries for a model pair"),
     "verify": ("verify_cmd", "check exported ONNX graphs against PyTorch (exit 1 below thresholds)"),
+    "serve": ("serve_cmd", "serve videos over HTTP from warm engines (OpenAI-style /v1/videos; --ray for Ray Serve)"),
 }
 INTERRUPTED = 130  # the shell's exit status for a command ended by SIGINT (128 + 2)
 

@@ -242,17 +242,23 @@ class GraphRunner:
         entry.sampler.load_request(*request)
 
     @torch.no_grad()
-    def replay(self) -> None:
-        """Run every step of the loaded request: one launch (whole), one per step (per_step) or the loop (eager)."""
+    def replay(self, on_step: Callable[[int], None] | None = None) -> None:
+        """Run every step of the loaded request: one launch (whole), one per step (per_step) or the loop (eager).
+
+        `on_step(i)` runs after step i where Python regains control: after each step (eager, per_step), or once
+        after the whole-loop launch (so a cancellation raised from it takes effect at the end).
+        """
         entry = self.current
         if entry is None or entry.state is not GraphState.READY:
             state = "nothing loaded" if entry is None else f"state {entry.state.value}"
             raise FlowblendError(f"replay() before a graph was captured ({state}): call load(...) or sample(...) first")
         if self.mode == "eager":
-            entry.sampler.run_loop()
+            entry.sampler.run_loop(on_step=on_step)
             return
-        for graph in entry.graphs:
+        for i, graph in enumerate(entry.graphs):
             self.backend.replay(graph)
+            if on_step is not None:
+                on_step(i if self.mode == "per_step" else len(entry.sampler.plan) - 1)
 
     @property
     def latents(self) -> torch.Tensor:
@@ -260,15 +266,17 @@ class GraphRunner:
         return self.current.sampler.buffers.latents
 
     def sample(self, noise, prompt_embeds, negative_prompt_embeds=None, prompt_mask=None,
-               negative_prompt_mask=None, progress: bool = False) -> torch.Tensor:
+               negative_prompt_mask=None, progress: bool = False,
+               on_step: Callable[[int], None] | None = None) -> torch.Tensor:
         """Denoise `noise` [1, C, F, H, W]; returns the final latents (float32, a copy), as Sampler.sample.
 
         `progress` draws a per-step bar in eager mode only: a graph runs its steps without returning to Python.
+        `on_step` as in `replay`.
         """
         if self.mode == "eager":
             self.current = CapturedLoop(self.sampler, GraphState.READY)
             return self.sampler.sample(noise, prompt_embeds, negative_prompt_embeds, prompt_mask,
-                                       negative_prompt_mask, progress=progress)
+                                       negative_prompt_mask, progress=progress, on_step=on_step)
         self.load(noise, prompt_embeds, negative_prompt_embeds, prompt_mask, negative_prompt_mask)
-        self.replay()
+        self.replay(on_step)
         return self.latents.clone()

@@ -24,8 +24,8 @@ class BlendPipeline:
 
     @torch.no_grad()
     def __call__(self, prompt: str, latent_shape, seed: int = 0, negative_prompt: str = "",
-                 progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (video [3, F, H, W] in [-1, 1], final latents)."""
+                 progress: bool = False, on_step: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (video [3, F, H, W] in [-1, 1], final latents); `on_step` as in `LatentSampler.sample`."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("prompt is empty: give the text to generate from")
         latent_shape = tuple(latent_shape)
@@ -37,5 +37,5 @@ class BlendPipeline:
         kwargs = {}
         if mask is not None:
             kwargs = dict(prompt_mask=mask[0:1], negative_prompt_mask=mask[1:2])
-        latents = self.sampler.sample(noise, embeds[0:1], embeds[1:2], progress=progress, **kwargs)
+        latents = self.sampler.sample(noise, embeds[0:1], embeds[1:2], progress=progress, on_step=on_step, **kwargs)
         return self.decode(latents)[0], latents

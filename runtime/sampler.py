@@ -7,7 +7,7 @@ which is what lets runtime/graph.py capture it whole.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
@@ -71,8 +71,13 @@ class LatentSampler(Protocol):
 
     def sample(self, noise: torch.Tensor, prompt_embeds: torch.Tensor,
                negative_prompt_embeds: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None,
-               negative_prompt_mask: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
-        """Denoise `noise` [1, C, F, H, W]; returns the final latents (float32, a copy)."""
+               negative_prompt_mask: torch.Tensor | None = None, progress: bool = False,
+               on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Denoise `noise` [1, C, F, H, W]; returns the final latents (float32, a copy).
+
+        `on_step(i)` runs after step i, outside the step (progress, timing, cancellation: it may raise to
+        stop the loop); where the steps run as one CUDA graph it runs once, after the last.
+        """
 
 
 class Sampler:
@@ -209,15 +214,22 @@ class Sampler:
             apply_combine(op, self._solver_tensors)
         self._prepare_model_input()
 
-    def run_loop(self, progress: bool = False) -> None:
+    def run_loop(self, progress: bool = False, on_step: Callable[[int], None] | None = None) -> None:
         """All steps over the loaded request (what a whole-loop CUDA graph captures), on a dedicated stream.
 
         Never the legacy default stream: TensorRT adds device-wide syncs to enqueues there, which
-        would slow the eager baseline (and inflate graph speedups).
+        would slow the eager baseline (and inflate graph speedups). `on_step(i)`, if given, runs after
+        step i, between steps and never inside one (progress, timing, cancellation: it may raise to
+        stop the loop); it is not part of what a graph captures.
         """
         if self._stream is None:
             self._stream = new_stream(self.device)
         with use_stream(self._stream, self.device):
+            if on_step is not None:
+                for i in range(len(self.plan)):
+                    self.step(i)
+                    on_step(i)
+                return
             if not progress:
                 for i in range(len(self.plan)):
                     self.step(i)
@@ -231,8 +243,9 @@ class Sampler:
 
     @torch.no_grad()
     def sample(self, noise, prompt_embeds, negative_prompt_embeds=None, prompt_mask=None,
-               negative_prompt_mask=None, progress: bool = False) -> torch.Tensor:
+               negative_prompt_mask=None, progress: bool = False,
+               on_step: Callable[[int], None] | None = None) -> torch.Tensor:
         """Denoise `noise` [1, C, F, H, W] under the plan; returns the final latents (float32, a copy)."""
         self.load_request(noise, prompt_embeds, negative_prompt_embeds, prompt_mask, negative_prompt_mask)
-        self.run_loop(progress)
+        self.run_loop(progress, on_step)
         return self.buffers.latents.clone()

@@ -57,6 +57,43 @@ def test_replays_equal_the_eager_loop_and_capture_happens_once(wan_engines, mode
     assert rel(second, first) > 1e-3  # the request really changed
 
 
+@pytest.mark.parametrize("mode", ["whole", "per_step", "eager"])
+def test_on_step_runs_between_graph_launches_only(wan_engines, mode):
+    """A per-step callback (the server's progress and cancellation) sees each step where Python regains
+    control: after every per-step graph, once after a whole-loop graph; a raise stops the remaining steps."""
+    plan = BlendPlan.parse("LSL:0.4,0.2", STEPS)
+    backend = FakeGraphBackend() if mode != "eager" else None
+    runner = GraphRunner(Sampler(wan_engines, plan, SamplerOptions(guidance_scale=4.0)), mode=mode, backend=backend)
+    seen = []
+
+    def on_step(i):
+        seen.append((i, backend.events.count("replay") if backend else None))
+
+    plain = runner.sample(*request(1))
+    with_hook = runner.sample(*request(1), on_step=on_step)
+    assert torch.equal(plain, with_hook)
+    if mode == "whole":
+        assert seen == [(STEPS - 1, 2)]
+    elif mode == "per_step":
+        assert seen == [(i, STEPS + i + 1) for i in range(STEPS)]
+    else:
+        assert [i for i, _ in seen] == list(range(STEPS))
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_1(i):
+        if i == 1:
+            raise Stop
+
+    if mode != "whole":
+        before = backend.events.count("replay") if backend else 0
+        with pytest.raises(Stop):
+            runner.sample(*request(2), on_step=stop_after_1)
+        if backend:
+            assert backend.events.count("replay") - before == 2
+
+
 def test_a_new_shape_gets_its_own_graph_and_buffers(wan_engines):
     plan = BlendPlan.parse("LSL:0.4,0.2", STEPS)
     reference = Sampler(wan_engines, plan, SamplerOptions(guidance_scale=4.0))

@@ -1,0 +1,82 @@
+"""`flowblend serve`: the HTTP video API over a warm pipeline, on this machine or as a Ray Serve deployment."""
+from __future__ import annotations
+
+from flowblend.engines.factory import BACKENDS
+from flowblend.errors import FlowblendError
+from flowblend.runtime.graph_modes import GRAPH_FLAGS, check_graph_flag
+
+from .common import subscribe
+
+INSTALL_HINT = "install the extra: pip install 'flowblend[serve]'"
+
+
+def register(p) -> None:
+    p.description = ("Loads the pair and engines once, warms up, then serves POST /v1/videos, "
+                     "GET /v1/videos/{id}[/content], DELETE /v1/videos/{id}, /health and /metrics. The shared flags "
+                     "set the warm configuration and the defaults of requests that leave a value out.")
+    subscribe(p, "pair", "plan", "video", "guidance", "device", "dtype", "threads", "artifacts")
+    r = p.add_argument_group("backend")
+    r.add_argument("--backend", default="torch", choices=BACKENDS, help="engine backend")
+    r.add_argument("--build-engines", action="store_true",
+                   help="build missing onnxruntime/tensorrt engines at start into --artifacts (on shared storage, "
+                        "replicas build each once)")
+    r.add_argument("--graph", default="none", choices=GRAPH_FLAGS,
+                   help="CUDA graphs (--device cuda); with 'whole' a cancel takes effect when the loop ends")
+    s = p.add_argument_group("serving")
+    s.add_argument("--dynamic-shapes", action="store_true",
+                   help="accept sizes other than the warm one (their buffers are built on first use)")
+    s.add_argument("--plans-dir", help="folder of calibrated plans (NAME.json): requests may name them")
+    s.add_argument("--results-dir", default="results", help="where job records and videos are written")
+    s.add_argument("--queue-size", type=int, default=8, help="jobs that may wait; more get 429")
+    s.add_argument("--max-steps", type=int, default=200, help="largest step count a request may ask for")
+    s.add_argument("--drain-seconds", type=float, default=60.0,
+                   help="on SIGTERM, how long the running job may take to finish")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on")
+    s.add_argument("--log-level", default="warning", help="uvicorn's log level")
+    ray = p.add_argument_group("Ray Serve (pip install 'flowblend[ray]')")
+    ray.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (one replica per GPU)")
+    ray.add_argument("--replicas", type=int, default=1, help="replicas (a fixed count; or --min/--max-replicas)")
+    ray.add_argument("--min-replicas", type=int, help="autoscaling lower bound (default 1 when autoscaling)")
+    ray.add_argument("--max-replicas", type=int, help="autoscaling upper bound (default: --replicas)")
+    ray.add_argument("--target-ongoing-requests", type=float, default=2.0, help="autoscaling target per replica")
+    ray.add_argument("--ray-address", help="an existing Ray cluster (default: start a local one)")
+    ray.add_argument("--num-gpus", type=float, help="GPUs per replica (default: 1 with --device cuda, else 0)")
+    ray.add_argument("--num-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args):
+    from flowblend.serve.config import ServeConfig
+
+    if args.queue_size < 1 or args.max_steps < 1 or args.drain_seconds < 0:
+        raise FlowblendError("--queue-size and --max-steps must be >= 1 and --drain-seconds >= 0")
+    return ServeConfig(pair=args.pair, large=args.large, small=args.small, allow_download=args.allow_download,
+                       backend=args.backend, device=args.device, dtype=args.dtype, artifacts=args.artifacts,
+                       build_engines=args.build_engines, graph=args.graph, plan=args.plan,
+                       plan_file=args.plan_file, steps=args.steps,
+                       frames=args.frames, height=args.height, width=args.width, guidance=args.guidance,
+                       dynamic_shapes=args.dynamic_shapes, plans_dir=args.plans_dir, results_dir=args.results_dir,
+                       queue_size=args.queue_size, max_steps=args.max_steps, drain_seconds=args.drain_seconds,
+                       threads=args.threads)
+
+
+def run(args) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise FlowblendError(f"flowblend serve needs {exc.name}: {INSTALL_HINT}") from None
+    check_graph_flag(args.graph, args.device)
+    config = config_from_args(args)
+    if args.ray:
+        from flowblend.serve.ray_app import RayOptions, run_ray
+
+        return run_ray(config, RayOptions(replicas=args.replicas, min_replicas=args.min_replicas,
+                                          max_replicas=args.max_replicas,
+                                          target_ongoing_requests=args.target_ongoing_requests,
+                                          address=args.ray_address, num_gpus=args.num_gpus, num_cpus=args.num_cpus,
+                                          host=args.host, port=args.port))
+    from flowblend.serve.server import run_server
+
+    return run_server(config, args.host, args.port, args.log_level)

@@ -1,0 +1,132 @@
+"""Ray Serve scale-out on this machine: throughput of 2 replicas vs 1, latency, and a replica killed mid-load.
+
+    python scripts/ray_load.py [--requests 40] [--concurrency 4] [--steps 20] [--out docs/serve-ray-cpu]
+
+Starts a local Ray cluster (no dashboard, 200 MB object store), deploys the toy pair's server as a
+Ray Serve app on a free loopback port with 1 replica, runs the bounded load (every request's
+outcome accounted: completed, failed with a reason, refused, lost, duplicated), redeploys with 2
+replicas and runs it again, then runs it once more killing one replica's process (SIGKILL) after
+a quarter of the requests and times Ray's replacement. CPU replicas, one torch thread each.
+Target (issue 17): throughput(2) / throughput(1) >= 1.6 on the 2-core machine; lost = duplicated = 0.
+Writes <out>.json and <out>.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import ray
+from ray import serve
+
+from flowblend.serve.config import ServeConfig
+from flowblend.serve.loadgen import replica_pids, run_load
+from flowblend.serve.ray_app import RayOptions, build_app
+from flowblend.serve.server import bind_socket
+
+QUIET_ENV = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def deploy(config: ServeConfig, replicas: int) -> float:
+    start = time.perf_counter()
+    serve.run(build_app(config, RayOptions(replicas=replicas)), name="flowblend", route_prefix="/")
+    return time.perf_counter() - start
+
+
+def running_replicas() -> int:
+    return serve.status().applications["flowblend"].deployments["flowblend"].replica_states.get("RUNNING", 0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=40)
+    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--out", default="docs/serve-ray-cpu", help="writes OUT.json and OUT.md")
+    args = ap.parse_args()
+    body = {"prompt": "a red circle moving left"}
+    sock = bind_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    sock.close()
+    url = f"http://127.0.0.1:{port}"
+    ray.init(num_cpus=max(4, os.cpu_count() or 1), object_store_memory=200 * 2**20, include_dashboard=False,
+             log_to_driver=False, runtime_env={"env_vars": QUIET_ENV})
+    report = {"command": " ".join(["scripts/ray_load.py", *sys.argv[1:]]), "cores": os.cpu_count(),
+              "requests": args.requests, "concurrency": args.concurrency, "steps": args.steps, "runs": {}}
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        with tempfile.TemporaryDirectory() as tmp:
+            config = ServeConfig(results_dir=str(Path(tmp) / "results"), steps=args.steps, threads=1,
+                                 queue_size=args.requests)
+            for replicas in (1, 2):
+                deploy_seconds = deploy(config, replicas)
+                load = run_load(url, args.requests, args.concurrency, body)
+                report["runs"][f"{replicas}_replicas"] = {**load.summary(), "deploy_seconds": round(deploy_seconds, 2)}
+                print(replicas, "replica(s):", report["runs"][f"{replicas}_replicas"], flush=True)
+            before = replica_pids(url, 2)
+            victim = sorted(before)[0]
+            killed_at: list[float] = []
+
+            def kill(progress) -> None:
+                if len(progress.outcomes) >= args.requests // 4 and not killed_at:
+                    killed_at.append(time.monotonic())
+                    os.kill(victim, signal.SIGKILL)
+
+            replaced_at: list[float] = []
+
+            def watch() -> None:
+                while not replaced_at:
+                    pids = replica_pids(url, 2, attempts=20) if killed_at else set()
+                    if killed_at and running_replicas() == 2 and len(pids) == 2 and victim not in pids:
+                        replaced_at.append(time.monotonic())
+                    time.sleep(0.5)
+
+            watcher = threading.Thread(target=watch, daemon=True)
+            watcher.start()
+            fault = run_load(url, args.requests, args.concurrency, body, on_progress=kill)
+            watcher.join(timeout=180)
+            report["runs"]["fault_2_replicas"] = {
+                **fault.summary(), "killed_pid": victim,
+                "replaced_after_seconds": round(replaced_at[0] - killed_at[0], 2) if replaced_at else None,
+                "not_completed": [{"index": o.index, "status": o.status, "detail": o.detail}
+                                  for o in fault.outcomes if o.status != "completed"]}
+            print("fault:", report["runs"]["fault_2_replicas"], flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    one, two = report["runs"]["1_replicas"], report["runs"]["2_replicas"]
+    report["throughput_ratio"] = round(two["throughput_per_s"] / one["throughput_per_s"], 3) \
+        if one["throughput_per_s"] and two["throughput_per_s"] else None
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    out.with_suffix(".md").write_text(render(report))
+    print(render(report))
+    return 0
+
+
+def render(r: dict) -> str:
+    rows = ["| run | completed | failed | refused | lost | duplicated | throughput (jobs/s) | p50 (s) | p95 (s) |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for name, s in r["runs"].items():
+        rows.append(f"| {name.replace('_', ' ')} | {s['completed']} | {s['failed']} | {s['refused']} | {s['lost']} | "
+                    f"{s['duplicated']} | {s['throughput_per_s']} | {s['p50_seconds']} | {s['p95_seconds']} |")
+    fault = r["runs"].get("fault_2_replicas", {})
+    ratio = r.get("throughput_ratio")
+    return "\n".join([
+        "# flowblend serve on Ray Serve (toy pair, CPU replicas)", "",
+        f"Command: `python {r['command']}`; {r['requests']} requests from {r['concurrency']} concurrent clients, "
+        f"{r['steps']} steps, one torch thread per replica, {r['cores']} cores, loopback only.", "", *rows, "",
+        f"Throughput, 2 replicas / 1: {ratio} (target >= 1.6: {'met' if ratio and ratio >= 1.6 else 'not met'}).",
+        f"Fault run: replica pid {fault.get('killed_pid')} killed after a quarter of the requests; Ray had 2 replicas "
+        f"running again after {fault.get('replaced_after_seconds')} s.", ""])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

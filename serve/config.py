@@ -1,0 +1,42 @@
+"""The server's settings: one frozen object the CLI, the Ray deployment and tests all build the server from."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What `flowblend serve` keeps warm and how it queues; every field has a flag of the same name.
+
+    The warm shape is (frames, height, width) with the family's defaults for None; requests for other
+    sizes are refused unless `dynamic_shapes` (then a new size builds its buffers on first use).
+    """
+
+    pair: str = "toy"
+    large: str | None = None
+    small: str | None = None
+    allow_download: bool = False
+    backend: str = "torch"
+    device: str = "cpu"
+    dtype: str = "fp32"
+    artifacts: str = "artifacts"
+    build_engines: bool = False  # compiled backends: build missing engines into the (shared) engine store
+    graph: str = "none"  # CUDA graphs: none | whole (cancel takes effect at the end) | per-step
+    plan: str = "LSL:0.4,0.2"  # default plan of requests without one; warmed at start
+    plan_file: str | None = None  # a calibrated plan (JSON) as the default instead
+    steps: int | None = None
+    frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    guidance: float | None = None  # default guidance of requests without one
+    dynamic_shapes: bool = False
+    plans_dir: str | None = None  # calibrated plans by name: <plans_dir>/<name>.json
+    results_dir: str = "results"
+    queue_size: int = 8  # queued jobs beyond the running one; more get 429
+    max_steps: int = 200
+    drain_seconds: float = 60.0  # SIGTERM: how long the running job may take to finish
+    retry_after_seconds: int = 5
+    threads: int | None = None  # torch intra-op threads (None: leave torch's default)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

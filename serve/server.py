@@ -1,0 +1,103 @@
+"""`flowblend serve` on one machine: uvicorn over the app, with a drain on SIGTERM/SIGINT.
+
+Start-up order, cheapest check first, so that a bad setting costs milliseconds and one line: the
+request defaults (the CLI's rules), the results directory (writable?), the port (free? the socket
+is bound here and handed to uvicorn, so nothing can take it in between), and only then the pair
+and engines, loaded on the worker thread while `/health` answers 503 "loading".
+"""
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+import time
+
+import uvicorn
+
+from flowblend.errors import FlowblendError
+
+from .app import create_app
+from .config import ServeConfig
+from .service import VideoService
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or FlowblendError in one line (port in use, address not local)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        if exc.errno in (98, 48, 10048):  # EADDRINUSE on Linux, macOS, Windows
+            raise FlowblendError(f"port {port} on {host} is in use: stop the other server or pass --port") from None
+        raise FlowblendError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): pass another --host/--port") \
+            from None
+    sock.set_inheritable(True)
+    return sock
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, except that the first SIGTERM/SIGINT drains the service before the server stops.
+
+    A second signal stops at once (uvicorn's force exit); the process then exits normally (status 0)
+    instead of re-raising the signal, since the drain already did what the signal asked for.
+    """
+
+    def __init__(self, config: uvicorn.Config, service: VideoService):
+        super().__init__(config)
+        self.service = service
+        self._draining = False
+
+    def handle_exit(self, sig, frame) -> None:
+        if self._draining:
+            self.force_exit = self.should_exit = True
+            return
+        self._draining = True
+        threading.Thread(target=self._drain_then_exit, name="flowblend-drain", daemon=True).start()
+
+    def _drain_then_exit(self) -> None:
+        finished = self.service.drain()
+        print(f"flowblend serve: drained ({'the running job finished' if finished else 'running job stopped'}; "
+              "queued jobs persisted as failed, retryable)", file=sys.stderr, flush=True)
+        self.should_exit = True
+
+
+def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> int:
+    """Serve until SIGTERM/SIGINT; returns the process exit status (2 if the pipeline failed to load)."""
+    service = VideoService(config)  # checks the defaults and the results dir before anything loads
+    try:
+        sock = bind_socket(host, port)
+    except FlowblendError:
+        service.store.close()
+        raise
+    server = DrainingServer(uvicorn.Config(create_app(service), log_level=log_level, lifespan="off",
+                                           timeout_graceful_shutdown=5), service)
+    if service.recovered:
+        print(f"flowblend serve: {len(service.recovered)} job(s) of a previous run were queued or running when it "
+              "stopped; reported failed (retryable)", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    service.start()
+    failure: list[str] = []
+
+    def report_ready() -> None:
+        try:
+            service.wait_ready()
+        except FlowblendError as exc:
+            failure.append(str(exc))
+            server.should_exit = True
+            return
+        if service.state == "ready":
+            print(f"flowblend serve: ready on http://{host}:{sock.getsockname()[1]} ({config.pair} pair, "
+                  f"{config.backend} on {config.device}, {time.perf_counter() - start:.1f} s to load and warm up); "
+                  f"results in {service.store.root}", flush=True)
+
+    threading.Thread(target=report_ready, name="flowblend-ready", daemon=True).start()
+    server.run(sockets=[sock])
+    if not server._draining:
+        service.drain(timeout=0)
+    if failure:
+        raise FlowblendError(f"the pipeline failed to load: {failure[0]}")
+    return 0

@@ -1,0 +1,146 @@
+"""`POST /v1/videos` bodies: the JSON schema (pydantic) and its resolution into a checked job.
+
+The schema only says which fields exist and their JSON types; every rule about values (prompts and
+the toy vocabulary, plan spellings, step counts, sizes the VAE takes, guidance, seeds) is the CLI's
+own check, `runtime.request.validate_request`, called here, so the server and `flowblend generate`
+accept and refuse exactly the same things with the same words.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from flowblend.cli.common import plan_of
+from flowblend.errors import FlowblendError
+from flowblend.export.pairs import PairFamily
+from flowblend.runtime.plan import BlendPlan
+from flowblend.runtime.request import validate_request
+from flowblend.runtime.sampler import SamplerOptions
+
+from .config import ServeConfig
+
+MAX_PROMPT_CHARS = 2000  # the longest text encoder (UMT5, 512 tokens) reads far less than this
+PLAN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")
+
+
+class VideoRequest(BaseModel):
+    """The body of `POST /v1/videos` (OpenAI-style: prompt, size "WIDTHxHEIGHT"; flowblend: plan, steps...)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    model: str | None = None  # the pair this server runs (checked if given)
+    plan: str | None = Field(None, max_length=256)  # any BlendPlan spelling, or a calibrated plan's name
+    steps: int | None = None
+    seed: int = 0
+    size: str | None = None  # "WIDTHxHEIGHT", e.g. "32x32"
+    frames: int | None = None
+    guidance: float | None = None
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A request every rule has accepted: what the worker runs."""
+
+    prompt: str
+    negative_prompt: str
+    plan: BlendPlan
+    seed: int
+    frames: int
+    height: int
+    width: int
+    guidance: float
+    options: SamplerOptions
+    latent_shape: tuple[int, ...]
+
+    @property
+    def cfg(self) -> bool:
+        return self.guidance > 1.0  # diffusers' rule (runtime/sampler.py): batch 2 only above 1
+
+    def shape_key(self) -> tuple:
+        """What buffers (and engines' static shapes, graphs) are specialised for."""
+        return (self.latent_shape, self.cfg)
+
+    def to_dict(self) -> dict:
+        return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "plan": self.plan.to_dict(),
+                "seed": self.seed, "frames": self.frames, "height": self.height, "width": self.width,
+                "guidance": self.guidance}
+
+
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    """'WIDTHxHEIGHT' -> (height, width)."""
+    if size is None:
+        return None, None
+    m = SIZE.fullmatch(size.strip())
+    if not m:
+        raise FlowblendError(f"size {size!r} is not WIDTHxHEIGHT, e.g. \"32x32\"")
+    return int(m.group(2)), int(m.group(1))
+
+
+def plan_file(plans_dir: str | None, name: str) -> Path | None:
+    """The calibrated plan called `name` (written by `flowblend calibrate plan`), if the server has one."""
+    if not plans_dir or not PLAN_NAME.fullmatch(name):
+        return None
+    path = Path(plans_dir) / f"{name}.json"
+    return path if path.is_file() else None
+
+
+def resolve(body: VideoRequest, config: ServeConfig, family: PairFamily) -> JobSpec:
+    """Check every value with the CLI's own rules (runtime/request.py's validate_request, cli/common.py's
+    plan_of for plan files) plus the server's limits; FlowblendError names the fix."""
+    if body.model is not None and body.model != family.name:
+        raise FlowblendError(f"model {body.model!r}: this server runs the {family.name} pair; drop model or send "
+                             f"\"{family.name}\"")
+    if body.steps is not None and not 1 <= body.steps <= config.max_steps:
+        raise FlowblendError(f"steps must be between 1 and {config.max_steps} (this server's --max-steps), "
+                             f"got {body.steps}")
+    height, width = parse_size(body.size)
+    spelling = body.plan or config.plan
+    named = plan_file(config.plans_dir, spelling) if body.plan else config.plan_file
+    steps = body.steps if body.steps is not None else config.steps
+    plan: str | BlendPlan = spelling
+    if named:
+        plan = plan_of(argparse.Namespace(plan=spelling, plan_file=str(named), steps=steps), family)
+    try:
+        request = validate_request(family, body.prompt, body.negative_prompt, plan, steps, body.seed,
+                                   height if height is not None else config.height,
+                                   width if width is not None else config.width,
+                                   body.frames if body.frames is not None else config.frames,
+                                   body.guidance if body.guidance is not None else config.guidance)
+    except FlowblendError as exc:
+        known = sorted(p.stem for p in Path(config.plans_dir).glob("*.json")) if config.plans_dir else []
+        if known and str(exc).startswith(f"plan {spelling!r}"):
+            raise FlowblendError(f"{exc}; or name a calibrated plan: {', '.join(known)}") from None
+        raise
+    if len(request.plan) > config.max_steps:
+        raise FlowblendError(f"plan {spelling!r} has {len(request.plan)} steps; this server runs at most "
+                             f"{config.max_steps} (--max-steps)")
+    return JobSpec(request.prompts[0], request.negative_prompt, request.plan, request.seed, request.frames,
+                   request.height, request.width, request.guidance, SamplerOptions(**request.sampler_settings()),
+                   tuple(request.latent_shape))
+
+
+def error_line(errors: list[dict]) -> str:
+    """pydantic's error list as the one line a client reads (the first error names the field and the fix)."""
+    first = errors[0]
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        message = f"the body is not valid JSON ({first.get('ctx', {}).get('error', first.get('msg'))})"
+    elif kind == "extra_forbidden":
+        message = f"unknown field {where!r}: the fields are {', '.join(VideoRequest.model_fields)}"
+    elif kind == "string_too_long":
+        limit = first.get("ctx", {}).get("max_length")
+        message = f"{where} is {len(first.get('input', ''))} characters; at most {limit} are accepted"
+    elif kind == "missing":
+        message = f"{where or 'the body'} is required"
+    else:
+        message = f"{where}: {first.get('msg')}" if where else f"the body must be a JSON object ({first.get('msg')})"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return message + more

@@ -1,0 +1,109 @@
+"""The one warm pipeline a server keeps: pair, engines, buffers (and CUDA graphs) loaded before ready.
+
+`load()` does everything a request would otherwise pay for: load the pair, build or load the
+engines of the configured backend, bind the shared buffers for the warm shape and default plan,
+capture the CUDA graphs (when asked), and run one whole warm-up request including the video
+encoder. After that nothing is loaded or compiled lazily for requests of the warm shape and plan.
+
+Other plans of a warm shape get a sampler of their own on first use (a solver table and buffers:
+milliseconds on CPU; with CUDA graphs, one capture) and are then kept, up to `MAX_SAMPLERS`.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from flowblend.engines.factory import make_engines, torch_dtype
+from flowblend.errors import FlowblendError
+from flowblend.export.pairs import PairFamily, load_pair
+from flowblend.runtime.graph import GraphRunner
+from flowblend.runtime.graph_modes import GRAPH_FLAGS
+from flowblend.runtime.pipeline import BlendPipeline
+from flowblend.runtime.sampler import Sampler
+from flowblend.runtime.video import save_video
+
+from .config import ServeConfig
+from .video_request import JobSpec
+
+MAX_SAMPLERS = 8
+WARMUP_PROMPT = "a red circle moving left"
+
+
+class WarmPipeline:
+    """Generates videos for checked JobSpecs over engines loaded once; one request at a time."""
+
+    def __init__(self, config: ServeConfig, family: PairFamily):
+        self.config, self.family = config, family
+        self.dtype = torch_dtype(config.dtype)
+        self.pair = None
+        self.engines: dict | None = None
+        self.warm_keys: set[tuple] = set()
+        self._pipes: OrderedDict[tuple, BlendPipeline] = OrderedDict()
+        self.load_seconds: dict[str, float] = {}
+
+    # -- start-up -----------------------------------------------------------------------------
+    def load(self, warm_spec: JobSpec, stage: Callable[[str], None] = lambda s: None) -> None:
+        """Pair, engines, buffers/graphs for `warm_spec`, then one warm-up request end to end."""
+        c = self.config
+        if c.threads:
+            torch.set_num_threads(c.threads)
+        t0 = time.perf_counter()
+        stage("loading the pair")
+        self.pair = load_pair(self.family.name, c.large, c.small, dtype=self.dtype, device=c.device,
+                              allow_download=c.allow_download)
+        t1 = time.perf_counter()
+        stage(f"loading {c.backend} engines")
+        if c.backend in ("onnxruntime", "tensorrt") and c.build_engines:
+            from flowblend.engines.build import build_pair_engines
+
+            # The store keys engines by GPU type and locks each build: replicas on shared storage build once.
+            build_pair_engines(self.family.name, c.backend, c.artifacts, progress=False)
+        self.engines = make_engines(c.backend, self.pair, latent_shape=warm_spec.latent_shape,
+                                    guidance=warm_spec.guidance, device=c.device, dtype=c.dtype,
+                                    artifacts=c.artifacts)
+        t2 = time.perf_counter()
+        stage("warming up" + (f" (capturing {c.graph} CUDA graphs)" if c.graph != "none" else ""))
+        self.warm_keys.add(warm_spec.shape_key())
+        with tempfile.TemporaryDirectory() as tmp:
+            video = self.generate(warm_spec)
+            save_video(video, Path(tmp) / "warmup.mp4")  # the encoder's first call (ffmpeg start) too
+        t3 = time.perf_counter()
+        self.load_seconds = {"pair": round(t1 - t0, 3), "engines": round(t2 - t1, 3), "warmup": round(t3 - t2, 3)}
+
+    # -- per request --------------------------------------------------------------------------
+    def _pipe(self, spec: JobSpec) -> BlendPipeline:
+        key = (spec.plan.models, spec.options, spec.latent_shape)
+        pipe = self._pipes.get(key)
+        if pipe is None:
+            if self.engines is None:
+                raise FlowblendError("the pipeline is not loaded yet: wait for GET /health to say ready")
+            sampler = Sampler(self.engines, spec.plan, options=spec.options, device=self.config.device,
+                              dtype=self.dtype)
+            pipe = BlendPipeline(GraphRunner(sampler, mode=GRAPH_FLAGS[self.config.graph]), self.pair.encode_prompt,
+                                 self.pair.decode)
+            self._pipes[key] = pipe
+            if len(self._pipes) > MAX_SAMPLERS:
+                self._pipes.popitem(last=False)
+        self._pipes.move_to_end(key)
+        return pipe
+
+    def generate(self, spec: JobSpec, on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+        """The video [3, F, H, W] in [-1, 1]; `on_step(i)` runs after each step (may raise to stop the job)."""
+        video, _ = self._pipe(spec)(spec.prompt, spec.latent_shape, seed=spec.seed,
+                                    negative_prompt=spec.negative_prompt, on_step=on_step)
+        return video
+
+    @property
+    def syncs_per_step(self) -> bool:
+        """Whether step timings need a device sync to be true (CUDA, eager: kernels run asynchronously)."""
+        return str(self.config.device).startswith("cuda")
+
+    @property
+    def steps_report(self) -> bool:
+        """Whether `on_step` runs at every step boundary (not in a whole-loop graph: once, at the end)."""
+        return self.config.graph != "whole"
