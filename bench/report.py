@@ -38,6 +38,7 @@ def case_rows(cases: list, per_step: dict, reference_plan: BlendPlan, frames: in
         ideal = lll_flops / flops
         row = {"backend": c.backend, "mode": c.mode, "plan": c.plan.spec or c.plan.label, "stages": c.plan.label,
                "reference": c is ref, "large_steps": c.plan.count("large"), "small_steps": c.plan.count("small"),
+               "steps_per_model": {m: c.plan.count(m) for m in c.plan.model_set.names},
                "flops": flops, "ideal_speedup": ideal,
                "loop_s": stats(c.times["loop"]), "e2e_s": stats(c.times["e2e"]),
                "loop_rounds_s": list(c.times["loop"]),  # in round order: pairs with the reference's rounds
@@ -66,7 +67,8 @@ def targets(report: dict) -> list[dict]:
     lsl = next((r for r in report["cases"] if (r["backend"], r["mode"], r["stages"]) == ("torch", "loop", _lsl_label(report))),
                None)
     if lsl:
-        out.append({"name": "LSL realized speedup / FLOP-ideal (eager, loop)", "target": f">= {TARGETS['realized_fraction']:.0%}",
+        name = "LSL" if "expert_switch_step" not in report["pair"] else f"{lsl['plan']} ({lsl['stages']})"
+        out.append({"name": f"{name} realized speedup / FLOP-ideal (eager, loop)", "target": f">= {TARGETS['realized_fraction']:.0%}",
                     "measured": f"{lsl['realized_fraction']:.1%} ({lsl['speedup_loop']:.2f}x of {lsl['ideal_speedup']:.2f}x"
                     + (f"; rounds' quartiles {lsl['realized_quartiles'][0]:.0%}-{lsl['realized_quartiles'][1]:.0%}"
                        if lsl.get("realized_quartiles") else "") + ")",
@@ -97,7 +99,8 @@ def _measured_what(memory: dict) -> str:
 
 
 def _lsl_label(report: dict) -> str:
-    return BlendPlan.parse("LSL:0.4,0.2", report["pair"]["steps"]).label
+    """The blended plan the realized-speedup target is read from (LSL; wan22: small around the expert switch)."""
+    return report.get("blended_stages") or BlendPlan.parse("LSL:0.4,0.2", report["pair"]["steps"]).label
 
 
 def _peak(row: dict) -> str:
@@ -114,6 +117,7 @@ def render_markdown(report: dict, heading: str = "##") -> str:
     """Results table, targets, memory terms and runtime overhead, with the machine and the command."""
     mach, pair = report["machine"], report["pair"]
     hw = mach.get("gpu") or mach["cpu"]
+    models = pair.get("models", ["large", "small"])  # reports before named models had these two
     lines = [f"{heading} Benchmark: {pair['name']} pair, {pair['frames']} frames {pair['width']}x{pair['height']}, "
              f"{pair['steps']} steps, CFG {pair['guidance']}", "",
              f"Machine: {hw}, {mach['cores']} cores ({mach['torch_threads']} torch threads), torch {mach['torch']}"
@@ -130,7 +134,7 @@ def render_markdown(report: dict, heading: str = "##") -> str:
              + f". Medians of {report['options']['repeats']} repeats visited round-robin (each round starts one case later), after "
              f"{max(report['options']['warmup'], 1)} warm-up run(s). Speedups are against eager PyTorch "
              f"{report['flops']['reference_plan']} measured in the same run: the median over repeats of the "
-             "ratio within each round (\"of medians\": ratio of the two medians, for comparison); FLOP-ideal = LLL FLOPs / plan FLOPs "
+             "ratio within each round (\"of medians\": ratio of the two medians, for comparison); FLOP-ideal = reference FLOPs / plan FLOPs "
              "(2 FLOPs per MAC, attention included, CFG counted); realized = measured speedup / FLOP-ideal. "
              "Per-step latencies come from a separate pass that times every engine call; \"outside engines\" is the "
              "share of that pass's loop time spent outside them (CFG combine, solver, Python). Eager PyTorch runs "
@@ -138,8 +142,9 @@ def render_markdown(report: dict, heading: str = "##") -> str:
              "timestep embeddings once when bound to the buffers instead of in every step "
              "(engines/wan_step.py, ltx_step.py; bitwise the same velocities).", "",
              "| backend | mode | plan | stages | GFLOPs | FLOP-ideal | loop s (min-max) | speedup (of medians) | realized "
-             "| end to end s | s/frame | large step ms (min-max) | small step ms (min-max) | outside engines | peak memory |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| end to end s | s/frame | " + "".join(f"{m} step ms (min-max) | " for m in models)
+             + "outside engines | peak memory |",
+             "|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(models) + "---|---|"]
 
     def ms(row, m):
         s = row["step_ms"].get(m)
@@ -149,7 +154,7 @@ def render_markdown(report: dict, heading: str = "##") -> str:
                      f"{r['ideal_speedup']:.2f}x | {r['loop_s']['median']:.3f} ({r['loop_s']['min']:.3f}-"
                      f"{r['loop_s']['max']:.3f}) | {r['speedup_loop']:.2f}x ({r.get('speedup_loop_of_medians', r['speedup_loop']):.2f}x) | "
                      f"{r['realized_fraction']:.0%} | "
-                     f"{r['e2e_s']['median']:.3f} | {r['seconds_per_frame']:.4f} | {ms(r, 'large')} | {ms(r, 'small')} | "
+                     f"{r['e2e_s']['median']:.3f} | {r['seconds_per_frame']:.4f} | {''.join(ms(r, m) + ' | ' for m in models)}"
                      f"{'-' if r['engine_share'] is None else format(1 - r['engine_share'], '.1%')} | "
                      f"{_peak(r)} |")
     first = {}

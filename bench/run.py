@@ -27,18 +27,19 @@ from flowblend.engines.iospec import dtype_name
 from flowblend.errors import FlowblendError
 from flowblend.runtime.graph import GraphRunner
 from flowblend.runtime.graph_modes import BENCH_MODES
-from flowblend.runtime.plan import BlendPlan
+from flowblend.runtime.guidance import guidance_table
+from flowblend.runtime.plan import BlendPlan, ExpertSchedule
 from flowblend.runtime.sampler import Sampler, SamplerOptions
 
 from .flops import step_flops
 from .memory import PeakMemory, current_rss_bytes
 from .pairing import round_order
+from .plans import DEFAULT_PLANS, bench_plans
 from .report import case_rows, targets
 from .runtime_cost import measure_overhead, memory_budget, sync_device, tiny_wan_overhead
 
 MODES = BENCH_MODES  # bench mode -> runtime/graph.py mode
 DEFAULT_BACKENDS = ("torch", "torch-compile")
-DEFAULT_PLANS = ("LLL", "LSL:0.4,0.2", "SSS")
 PROMPT = "a red circle moving left"
 
 
@@ -54,7 +55,8 @@ class BenchOptions:
     frames: int | None = None
     height: int | None = None
     width: int | None = None
-    guidance: float | None = None
+    guidance: float | None = None  # two-expert pairs: the high-noise expert's (the low one keeps the family's)
+    boundary_ratio: float | None = None  # two-expert pairs: default the family's
     warmup: int = 1
     repeats: int = 3
     overhead_repeats: int = 10
@@ -121,21 +123,11 @@ class Case:
     timed_sampler: Sampler
     step_log: list
     times: dict = field(default_factory=lambda: {k: [] for k in ("encode", "loop", "decode", "e2e")})
-    step_seconds: dict = field(default_factory=lambda: {"large": [], "small": []})
+    step_seconds: dict = field(default_factory=dict)  # model name -> seconds of each of its engine calls
     engine_share: list = field(default_factory=list)
     peak: PeakMemory | None = None
     first_run_s: float | None = None  # the first warm-up run: includes compilation for torch-compile
     runner: GraphRunner | None = None  # graph modes: captures on the first run, then replays
-
-
-def resolve_plans(options: BenchOptions, steps: int) -> list[BlendPlan]:
-    plans = [BlendPlan.parse(spec, steps) for spec in options.plans]
-    for path in options.plan_files:
-        plan = BlendPlan.from_json(Path(path).read_text())
-        if len(plan) != steps:
-            raise FlowblendError(f"plan file {path} has {len(plan)} steps but the run has {steps}: pass --steps {len(plan)}")
-        plans.append(plan)
-    return plans
 
 
 # -- engines per backend ---------------------------------------------------------------------------
@@ -210,7 +202,7 @@ def _per_step_pass(case: Case, pair, noise, device) -> None:
     total = 0.0
     for entry in case.step_log:
         seconds = entry[1].elapsed_time(entry[2]) / 1e3 if len(entry) == 3 else entry[1]
-        case.step_seconds[entry[0]].append(seconds)
+        case.step_seconds.setdefault(entry[0], []).append(seconds)
         total += seconds
     case.engine_share.append(total / timing["loop"])
 
@@ -253,10 +245,9 @@ def bench_pair_by_name(name: str, options: BenchOptions, large: str | None = Non
 
 
 def _build_cases(pair, eager: dict, plans, options: BenchOptions, latent_shape, guidance: float,
-                 sampler_kwargs: dict) -> tuple[list[Case], list[dict]]:
+                 sampler_kwargs: dict, scales: dict, experts: ExpertSchedule | None) -> tuple[list[Case], list[dict]]:
     """One Case per (backend, mode, plan) that can run here; the rest listed with the reason."""
     device = torch.device(options.device)
-    sampler_options = SamplerOptions(guidance_scale=guidance, **sampler_kwargs)
     cases, skipped = [], []
     for backend in dict.fromkeys(("torch",) + tuple(options.backends)):
         try:
@@ -273,7 +264,10 @@ def _build_cases(pair, eager: dict, plans, options: BenchOptions, latent_shape, 
                 skipped.append({"backend": backend, "mode": mode, "reason": str(exc)})
                 continue
             for plan in plans:
-                make = lambda e: Sampler(e, plan, sampler_options, device=device, dtype=options.dtype)  # noqa: E731
+                sampler_options = SamplerOptions(sampler_kwargs["solver"], sampler_kwargs["shift"], guidance,
+                                                 sampler_kwargs.get("mu"),
+                                                 guidance_table=guidance_table(plan, guidance, scales, experts))
+                make = lambda e: Sampler(e, plan, options=sampler_options, device=device, dtype=options.dtype)  # noqa: E731
                 case = Case(backend, mode, plan, make(engines), make(timed), log)
                 if MODES[mode] != "eager":
                     case.runner = GraphRunner(case.sampler, MODES[mode])
@@ -336,21 +330,22 @@ def run_bench(pair, options: BenchOptions, baseline_rss: int | None = None) -> d
     latent_shape = family.latent_shape(frames, height, width)
     steps = family.steps if options.steps is None else options.steps
     guidance = family.guidance if options.guidance is None else options.guidance
-    plans = resolve_plans(options, steps)
-    if not any(p.count("small") == 0 for p in plans):
-        plans.insert(0, BlendPlan.parse("LLL", steps))  # the reference is always measured
-    reference_plan = next(p for p in plans if p.count("small") == 0)
     sampler_kwargs = family.sampler_kwargs(latent_shape)
-    per_step = {m: step_flops(family.transformer_class, dict(t.config), latent_shape, family.text_len, guidance > 1)
+    plans, reference_plan, experts, scales = bench_plans(family, options.plans, options.plan_files, steps,
+                                                         sampler_kwargs, guidance, options.boundary_ratio)
+    cfg = max(max(guidance_table(p, guidance, scales, experts)) for p in plans) > 1
+    per_step = {m: step_flops(family.transformer_class, dict(t.config), latent_shape, family.text_len, cfg)
                 for m, t in pair.transformers.items()}
     noise = torch.randn((1, *latent_shape), generator=torch.Generator("cpu").manual_seed(0)).to(device)
     load_start = os.getloadavg()
 
     eager = make_engines("torch", pair, options, latent_shape, guidance)
-    blended_plan = next((p for p in plans if p.count("small") and p.count("large")), plans[-1])
-    memory = memory_budget(pair, eager, blended_plan, sampler_kwargs, guidance, noise, options, PROMPT, baseline_rss)
+    blended_plan = next((p for p in plans if p.count("small") and len(set(p.models)) > 1), plans[-1])
+    memory = memory_budget(pair, eager, blended_plan, sampler_kwargs, guidance, noise, options, PROMPT, baseline_rss,
+                           largest=family.models[0])
 
-    cases, skipped = _build_cases(pair, eager, plans, options, latent_shape, guidance, sampler_kwargs)
+    cases, skipped = _build_cases(pair, eager, plans, options, latent_shape, guidance, sampler_kwargs, scales,
+                                  experts)
     units = len(cases) * (max(options.warmup, 1) + 2 * options.repeats) + 12 * options.overhead_repeats + 4
     bar = tqdm(total=units, desc="bench", unit="run", disable=not options.progress)
     cases = _warm_up(cases, pair, noise, options, skipped, bar)
@@ -369,9 +364,12 @@ def run_bench(pair, options: BenchOptions, baseline_rss: int | None = None) -> d
     bar.close()
 
     report = {"schema": 1, "machine": machine_info(device), "load_average": {"start": load_start, "end": os.getloadavg()},
-              "pair": {"name": family.name, "sources": pair.sources, "frames": frames, "height": height, "width": width,
+              "pair": {"name": family.name, "models": list(family.models), "sources": pair.sources, "frames": frames, "height": height, "width": width,
                        "latent_shape": list(latent_shape), "steps": steps, "guidance": guidance,
-                       "text_len": family.text_len, **sampler_kwargs},
+                       "text_len": family.text_len, **sampler_kwargs,
+                       **({"boundary_ratio": experts.boundary_ratio, "expert_switch_step": experts.switch_step,
+                           "expert_guidance": scales} if experts is not None else {})},
+              "blended_stages": blended_plan.label,
               "options": {**{k: v for k, v in asdict(options).items() if k != "dtype"},
                           "dtype": str(options.dtype).replace("torch.", "")},
               "flops": {"convention": "2 FLOPs per MAC, linear/conv layers and attention matmuls, CFG counted",
@@ -389,9 +387,9 @@ def equivalent_command(pair: str, options: BenchOptions) -> str:
     parts = ["flowblend bench", f"--pair {pair}"]
     parts += [f"--backend {b}" for b in options.backends] + [f"--mode {m}" for m in options.modes]
     parts += [f"--plan {p}" for p in options.plans] + [f"--plan-file {p}" for p in options.plan_files]
-    for flag in ("steps", "frames", "height", "width", "guidance"):
+    for flag in ("steps", "frames", "height", "width", "guidance", "boundary_ratio"):
         if getattr(options, flag) is not None:
-            parts.append(f"--{flag} {getattr(options, flag)}")
+            parts.append(f"--{flag.replace('_', '-')} {getattr(options, flag)}")
     parts += [f"--warmup {options.warmup}", f"--repeats {options.repeats}",
               f"--overhead-repeats {options.overhead_repeats}", f"--device {options.device}"]
     return " ".join(parts)

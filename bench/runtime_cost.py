@@ -109,8 +109,8 @@ def tiny_wan_overhead(repeats: int, sampler_kwargs: dict, guidance: float, steps
 
 @torch.no_grad()
 def memory_budget(pair, engines: dict, plan: BlendPlan, sampler_kwargs: dict, guidance: float, noise, options,
-                  prompt: str, baseline_rss: int | None) -> dict:
-    """The blended run's peak against weights of both models + the large model's activations + buffers.
+                  prompt: str, baseline_rss: int | None, largest: str = "large") -> dict:
+    """The blended run's peak against weights of every model + the `largest` model's activations + buffers.
 
     Taken before any other backend exists (a compiler's own memory is not the runtime's), over the
     benchmark's blended plan. Activations are CUDA allocator peaks on GPU and live tensor storages
@@ -129,7 +129,7 @@ def memory_budget(pair, engines: dict, plan: BlendPlan, sampler_kwargs: dict, gu
     weights = {m: module_bytes(t) for m, t in pair.transformers.items()}
     constants = {m: engines[m].constants_bytes() for m in pair.transformers}  # eager TorchEngines, see above
     tracked = {}
-    for region, run in (("forward", lambda: engines["large"].run(0)), ("blended", sampler.run_loop)):
+    for region, run in (("forward", lambda: engines[largest].run(0)), ("blended", sampler.run_loop)):
         live = LiveTensorBytes() if device.type == "cpu" else contextlib.nullcontext()
         with PeakMemory(device) as peak, live:
             run()

@@ -9,6 +9,10 @@
    keeps, retained = (q - q_SSS) / (q_LLL - q_SSS). A plan is accepted when retained >= 1 - tolerance;
    the search walks to the cheapest accepted plan until no neighbour is cheaper (LLL is always
    accepted, so there is always an answer).
+
+"Large" is the reference plan the small model stands in for: the large model alone for two-model
+pairs, the experts' own plan for wan22 (`reference=`: the small window replaces whichever expert
+runs those steps, and each step keeps that expert's CFG scale).
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from flowblend.errors import FlowblendError
-from flowblend.runtime.plan import BlendPlan
+from flowblend.runtime.plan import LARGE_SMALL, BlendPlan
 
 from .divergence import DivergenceCurve, SamplingSetup
 
@@ -39,10 +43,17 @@ def check_stage_steps(steps: int) -> int:
     return steps
 
 
-def lsl_plan(steps: int, start: int, end: int) -> BlendPlan:
-    """Large for [0, start), small for [start, end), large for [end, steps); start == end means LLL."""
+def lsl_plan(steps: int, start: int, end: int, reference: BlendPlan | None = None) -> BlendPlan:
+    """Large (or `reference`'s models) for [0, start) and [end, steps), small for [start, end); start == end: the reference."""
     if not 0 <= start <= end <= steps:
         raise ValueError(f"small stage [{start}, {end}) does not fit in {steps} steps")
+    if reference is not None:
+        if len(reference) != steps:
+            raise ValueError(f"reference plan has {len(reference)} steps, not {steps}")
+        if start == end:
+            return reference
+        models = reference.models[:start] + ("small",) * (end - start) + reference.models[end:]
+        return BlendPlan(models, "", reference.model_set)
     if start == end:
         return BlendPlan(("large",) * steps, "LLL")
     models = ("large",) * start + ("small",) * (end - start) + ("large",) * (steps - end)
@@ -61,7 +72,7 @@ def default_threshold(curve: DivergenceCurve, key: str = "cosine_guided") -> flo
 
 
 def plan_from_divergence(curve: DivergenceCurve, threshold: float | None = None, pattern: str = "LSL",
-                         key: str = "cosine_guided") -> BlendPlan:
+                         key: str = "cosine_guided", reference: BlendPlan | None = None) -> BlendPlan:
     """Cheapest plan with the small model only where the mean divergence is <= threshold.
 
     LSL: the longest run of such steps that leaves step 0 and the last step to the large model.
@@ -71,7 +82,9 @@ def plan_from_divergence(curve: DivergenceCurve, threshold: float | None = None,
     thr = default_threshold(curve, key) if threshold is None else float(threshold)
     low = curve.mean(key) <= thr
     if pattern.lower() == "any":
-        return BlendPlan(tuple("small" if ok else "large" for ok in low), f"divergence<={thr:.3g}")
+        base = reference.models if reference is not None else ("large",) * steps
+        return BlendPlan(tuple("small" if ok else m for ok, m in zip(low, base)), f"divergence<={thr:.3g}",
+                         reference.model_set if reference is not None else LARGE_SMALL)
     if pattern.upper() != "LSL":
         raise FlowblendError(f"unknown stage pattern {pattern!r}: use LSL or any")
     check_stage_steps(steps)
@@ -87,10 +100,10 @@ def plan_from_divergence(curve: DivergenceCurve, threshold: float | None = None,
             i = j
         else:
             i += 1
-    return lsl_plan(steps, *best)
+    return lsl_plan(steps, *best, reference=reference)
 
 
-def neighbours(plan: BlendPlan, radius: int) -> list[BlendPlan]:
+def neighbours(plan: BlendPlan, radius: int, reference: BlendPlan | None = None) -> list[BlendPlan]:
     """LSL plans with each boundary of `plan`'s small stage moved by -radius, 0 or +radius steps."""
     steps = len(plan)
     start, end = small_window(plan)
@@ -102,7 +115,7 @@ def neighbours(plan: BlendPlan, radius: int) -> list[BlendPlan]:
         for de in (-radius, 0, radius):
             s, e = start + ds, end + de
             s, e = max(1, s), min(steps - 1, e)
-            out.append(lsl_plan(steps, s, e) if s < e else lsl_plan(steps, 0, 0))
+            out.append(lsl_plan(steps, s, e, reference) if s < e else lsl_plan(steps, 0, 0, reference))
     return out
 
 
@@ -121,6 +134,7 @@ class Scored:
     def row(self, lll_flops: float) -> dict:
         return {"plan": self.plan.spec or self.plan.label, "stages": self.plan.label, "role": self.role,
                 "large_steps": self.plan.count("large"), "small_steps": self.plan.count("small"),
+                "steps_per_model": {m: self.plan.count(m) for m in self.plan.model_set.names},
                 "gflops": round(self.flops / 1e9, 4), "flops_vs_lll": round(self.flops / lll_flops, 4),
                 "quality": round(self.quality, 4), "retained": round(self.retained, 4), "accepted": self.accepted,
                 **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.scores.items()}}
@@ -135,7 +149,8 @@ def retained_fraction(quality: float, lll_quality: float, sss_quality: float) ->
 
 
 def search_cheapest(seed: BlendPlan, score: Callable[[BlendPlan], Scored], accept: Callable[[Scored], bool],
-                    radius: int = 1, max_rounds: int = 4, known: list[Scored] = ()) -> tuple[Scored, dict[tuple, Scored]]:
+                    radius: int = 1, max_rounds: int = 4, known: list[Scored] = (),
+                    reference: BlendPlan | None = None) -> tuple[Scored, dict[tuple, Scored]]:
     """Local search over LSL boundaries from `seed`: score its neighbours, move to the cheapest
     accepted plan, stop when that is the centre (or after max_rounds). Scores are memoised, and
     `known` plans (LLL, SSS: already generated) are never generated again. Returns the chosen plan
@@ -153,12 +168,13 @@ def search_cheapest(seed: BlendPlan, score: Callable[[BlendPlan], Scored], accep
             scored[plan.models] = result
         return scored[plan.models]
 
+    window = lambda start, end: lsl_plan(steps, start, end, reference)  # noqa: E731
     centre = seed
-    if seed.count("small") and seed.models != lsl_plan(steps, *small_window(seed)).models:
-        centre = lsl_plan(steps, *small_window(seed))  # a non-contiguous seed: search from its span
-    best = get(lsl_plan(steps, 0, 0))  # LLL: always accepted, the fallback
+    if seed.count("small") and seed.models != window(*small_window(seed)).models:
+        centre = window(*small_window(seed))  # a non-contiguous seed: search from its span
+    best = get(window(0, 0))  # LLL (the reference): always accepted, the fallback
     for _ in range(max_rounds):
-        for plan in [centre] + neighbours(centre, radius):
+        for plan in [centre] + neighbours(centre, radius, reference):
             get(plan)
         accepted = [s for s in scored.values() if s.accepted]
         best = min(accepted, key=lambda s: (s.flops, -s.quality))
@@ -168,7 +184,7 @@ def search_cheapest(seed: BlendPlan, score: Callable[[BlendPlan], Scored], accep
             start, end = small_window(centre)
             if end - start <= 2 * radius:
                 break
-            centre = lsl_plan(steps, start + radius, end - radius)
+            centre = window(start + radius, end - radius)
         else:
             centre = best.plan
     return best, scored
@@ -237,11 +253,11 @@ class PlanScorer:
 
     def anchor(self, lll_videos=None) -> tuple[Scored, Scored]:
         """Score LLL (the references themselves unless given) and SSS, which fix the retained scale."""
-        steps = self.setup.steps
+        steps, reference = self.setup.steps, self.setup.reference_plan()
         if self.references is None:
-            self.references = self.videos(lsl_plan(steps, 0, 0))
-        lll = self.score(lsl_plan(steps, 0, 0), "LLL", videos=self.references if lll_videos is None else lll_videos)
-        sss = self.score(BlendPlan(("small",) * steps, "SSS"), "SSS")
+            self.references = self.videos(reference)
+        lll = self.score(reference, "LLL", videos=self.references if lll_videos is None else lll_videos)
+        sss = self.score(BlendPlan(("small",) * steps, "SSS", reference.model_set), "SSS")
         self.lll_quality, self.sss_quality = lll.quality, sss.quality
         for s in (lll, sss):
             s.retained = retained_fraction(s.quality, lll.quality, sss.quality)
@@ -255,15 +271,23 @@ def per_step_flops(pair, setup, text_len: int) -> dict[str, float]:
                              setup.guidance > 1.0) for name, m in pair.transformers.items()}
 
 
-def rescale_plan(plan: BlendPlan, steps: int) -> BlendPlan:
-    """The same stage fractions at another step count (step reduction)."""
+def rescale_plan(plan: BlendPlan, steps: int, reference: BlendPlan | None = None) -> BlendPlan:
+    """The same stage fractions at another step count (step reduction); `reference` is at `steps`."""
     start, end = small_window(plan)
     if start == end:
-        return lsl_plan(steps, 0, 0)
+        return lsl_plan(steps, 0, 0, reference)
     n = len(plan)
     s, e = round(start * steps / n), round(end * steps / n)
     s, e = max(1, s), min(steps - 1, max(e, s + 1))
-    return lsl_plan(steps, s, e) if s < e else lsl_plan(steps, 0, 0)
+    return lsl_plan(steps, s, e, reference) if s < e else lsl_plan(steps, 0, 0, reference)
+
+
+def paper_default(setup: SamplingSetup) -> BlendPlan:
+    """The paper's LSL:0.4,0.2; for wan22 the same window (steps 40%-80%) over the experts' plan."""
+    if setup.boundary_ratio is None:
+        return BlendPlan.parse(PAPER_DEFAULT, setup.steps)
+    window = BlendPlan.parse(PAPER_DEFAULT, setup.steps)
+    return lsl_plan(setup.steps, *small_window(window), setup.reference_plan())
 
 
 def calibrate_plan(pair, prompts, seeds, setup, metrics, tolerance: float = 0.1, threshold: float | None = None,
@@ -295,11 +319,13 @@ def calibrate_plan(pair, prompts, seeds, setup, metrics, tolerance: float = 0.1,
     scorer = PlanScorer(engines, setup, requests, pair.decode, metrics, flops, references=lll_videos)
     lll, sss = scorer.anchor()
     thr = default_threshold(curve) if threshold is None else float(threshold)
-    seed = plan_from_divergence(curve, thr)
+    reference = setup.reference_plan() if setup.boundary_ratio is not None else None  # wan22: the experts' plan
+    seed = plan_from_divergence(curve, thr, reference=reference)
     radius = radius or max(1, round(setup.steps / 10))
     accept = lambda s: s.retained >= 1.0 - tolerance - 1e-12  # noqa: E731
-    chosen, scored = search_cheapest(seed, scorer.score, accept, radius, max_rounds, known=[lll, sss])
-    paper = BlendPlan.parse(PAPER_DEFAULT, setup.steps)
+    chosen, scored = search_cheapest(seed, scorer.score, accept, radius, max_rounds, known=[lll, sss],
+                                     reference=reference)
+    paper = paper_default(setup)
     if paper.models not in scored:
         scored[paper.models] = scorer.score(paper)
         scored[paper.models].accepted = accept(scored[paper.models])
@@ -328,8 +354,10 @@ def calibrate_plan(pair, prompts, seeds, setup, metrics, tolerance: float = 0.1,
                          per_step_flops(pair, reduced_setup, requests[0].embeds.shape[1]), references=lll_videos)
         red.lll_quality, red.sss_quality = lll.quality, sss.quality  # retained on the full-step scale
         result.reduced_steps = reduced_steps
-        for plan, role in ((lsl_plan(reduced_steps, 0, 0), "LLL"), (rescale_plan(chosen.plan, reduced_steps), "chosen"),
-                           (BlendPlan.parse(PAPER_DEFAULT, reduced_steps), "paper default")):
+        reduced_reference = reduced_setup.reference_plan() if setup.boundary_ratio is not None else None
+        for plan, role in ((lsl_plan(reduced_steps, 0, 0, reduced_reference), "LLL"),
+                           (rescale_plan(chosen.plan, reduced_steps, reduced_reference), "chosen"),
+                           (paper_default(reduced_setup), "paper default")):
             if not any(s.plan.models == plan.models for s in result.reduced):
                 s = red.score(plan, role)
                 s.accepted = accept(s)

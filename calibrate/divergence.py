@@ -1,5 +1,8 @@
 """Velocity divergence: where along the large model's trajectory the small model can stand in.
 
+For a two-expert pair (wan22) the trajectory is the experts' own plan and the small model is
+compared, at every step, with whichever expert runs that step (with that expert's CFG scale).
+
 Driven on the runtime itself: one Sampler runs the large-only plan over TorchEngines bound to its
 shared buffers, and at every step, before the solver update, the small engine is run on the very
 same latent, timestep and text (`Sampler.evaluate(i, "small")`), then the large one
@@ -23,7 +26,8 @@ import numpy as np
 import torch
 
 from flowblend.errors import FlowblendError
-from flowblend.runtime.plan import BlendPlan
+from flowblend.runtime.guidance import expert_schedule_for, guidance_table
+from flowblend.runtime.plan import BlendPlan, ExpertSchedule, ModelSet
 from flowblend.runtime.sampler import Sampler, SamplerOptions
 
 CURVES = ("cosine_guided", "rel_l2_guided", "cosine_cond", "rel_l2_cond")
@@ -39,13 +43,36 @@ class SamplingSetup:
     guidance: float
     latent_shape: tuple[int, ...]
     mu: float | None = None
+    # Two-expert pairs (wan22): the boundary, each model's own CFG scale, and the family's model names.
+    boundary_ratio: float | None = None
+    scales: tuple[tuple[str, float], ...] = ()
+    models: tuple[str, ...] = ("large", "small")
+    letters: tuple[str, ...] = ("L", "S")
+
+    @property
+    def model_set(self) -> ModelSet:
+        return ModelSet(tuple(self.models), tuple(self.letters))
+
+    def experts(self) -> ExpertSchedule | None:
+        if self.boundary_ratio is None:
+            return None
+        return expert_schedule_for(self.solver, self.steps, self.shift, self.boundary_ratio, self.mu)
+
+    def reference_plan(self) -> BlendPlan:
+        """What the small model stands in for: the large model alone (LLL), or the experts' own plan."""
+        experts = self.experts()
+        if experts is not None:
+            return BlendPlan.from_expert_boundary(experts, model_set=self.model_set)
+        return BlendPlan((self.models[0],) * self.steps, "LLL", self.model_set)
 
     def sampler(self, engines: dict, plan: BlendPlan) -> Sampler:
-        return Sampler(engines, plan,
-                       SamplerOptions(solver=self.solver, shift=self.shift, guidance_scale=self.guidance, mu=self.mu))
+        table = guidance_table(plan, self.guidance, dict(self.scales), self.experts())
+        options = SamplerOptions(self.solver, self.shift, self.guidance, self.mu, guidance_table=table)
+        return Sampler(engines, plan, options=options)
 
     def with_steps(self, steps: int) -> "SamplingSetup":
-        return SamplingSetup(steps, self.solver, self.shift, self.guidance, self.latent_shape, self.mu)
+        return SamplingSetup(steps, self.solver, self.shift, self.guidance, self.latent_shape, self.mu,
+                             self.boundary_ratio, self.scales, self.models, self.letters)
 
 
 @dataclass
@@ -137,13 +164,14 @@ class DivergenceCurve:
 @torch.no_grad()
 def measure_divergence(engines: dict, requests: list[Request], setup: SamplingSetup,
                        progress: bool = False) -> tuple[DivergenceCurve, list[torch.Tensor]]:
-    """Run LLL per request, evaluating the small engine on the same bound buffers at every step.
+    """Run the reference plan (LLL, or wan22's experts) per request, evaluating the small engine on the same
+    bound buffers at every step, with the CFG scale of the model it would replace.
 
-    Returns the curve and the LLL final latents of every request (the search's reference).
+    Returns the curve and the reference's final latents of every request (the search's reference).
     """
     if setup.steps < 1:
         raise FlowblendError(f"steps must be >= 1, got {setup.steps}")
-    sampler = setup.sampler(engines, BlendPlan(("large",) * setup.steps, "LLL"))
+    sampler = setup.sampler(engines, setup.reference_plan())
     values = {name: [] for name in CURVES}
     finals = []
     small_guided = small_cond = None
@@ -161,7 +189,7 @@ def measure_divergence(engines: dict, requests: list[Request], setup: SamplingSe
             sampler.evaluate(i, "small")
             small_guided.copy_(bufs.guided)
             small_cond.copy_(bufs.velocity[0:1])
-            sampler.evaluate(i)  # the plan's (large) velocity, last: the one the solver uses
+            sampler.evaluate(i)  # the plan's (large / expert) velocity, last: the one the solver uses
             rows["cosine_guided"].append(_cosine_distance(small_guided, bufs.guided))
             rows["rel_l2_guided"].append(_rel_l2(small_guided, bufs.guided))
             rows["cosine_cond"].append(_cosine_distance(small_cond, bufs.velocity[0:1]))
@@ -176,7 +204,9 @@ def measure_divergence(engines: dict, requests: list[Request], setup: SamplingSe
         bar.close()
     curve = DivergenceCurve(
         setup={"steps": setup.steps, "solver": setup.solver, "shift": setup.shift, "mu": setup.mu,
-               "guidance": setup.guidance, "latent_shape": list(setup.latent_shape)},
+               "guidance": setup.guidance, "latent_shape": list(setup.latent_shape),
+               **({"boundary_ratio": setup.boundary_ratio, "scales": dict(setup.scales),
+                   "reference": list(sampler.plan.models)} if setup.boundary_ratio is not None else {})},
         timesteps=list(sampler.table.timesteps), sigmas=list(sampler.table.sigmas),
         prompts=[r.prompt for r in requests], seeds=[r.seed for r in requests], values=values)
     for name, rows in values.items():

@@ -33,7 +33,7 @@ def table(rows: list[dict], keys: list[str]) -> str:
 
 
 def result_dict(result: CalibrationResult) -> dict:
-    lll_flops = result.per_step_flops["large"] * result.setup.steps
+    lll_flops = result.setup.reference_plan().flops(result.per_step_flops)  # LLL, or wan22's experts plan
 
     def rows(items):
         return [s.row(lll_flops) for s in items]
@@ -136,7 +136,7 @@ def write_outputs(result: CalibrationResult, out_dir: Path, report: Path | None 
 
 def markdown(result: CalibrationResult, paths: dict, title: str = "", command: str = "") -> str:
     s = result.setup
-    lll_flops = result.per_step_flops["large"] * s.steps
+    lll_flops = s.reference_plan().flops(result.per_step_flops)
     c = result.chosen
     extra = sorted({k for x in result.candidates for k in x.scores} - {"wall_s"})
     keys = ["role", "stages", "large_steps", "small_steps", "gflops", "flops_vs_lll", "quality", "retained",
@@ -152,9 +152,14 @@ def markdown(result: CalibrationResult, paths: dict, title: str = "", command: s
         + f", guidance {s.guidance:g}, latents {tuple(s.latent_shape)}; calibration set {len(result.prompts)} prompts x "
         f"seeds {result.seeds}. Quality metric `{result.metric}`: {METRIC_DESCRIPTIONS.get(result.metric, result.metric)}"
         f" (per video, same prompt and seed; mean over the set). Tolerance {result.tolerance:g}: a plan is accepted when it keeps at least "
-        f"{1 - result.tolerance:.0%} of the SSS -> LLL quality gap (retained = (q - q_SSS) / (q_LLL - q_SSS)).", "",
+        f"{1 - result.tolerance:.0%} of the SSS -> LLL quality gap (retained = (q - q_SSS) / (q_LLL - q_SSS))."
+        + (f" Two experts: \"LLL\" is the experts' own plan {s.reference_plan().label} (high-noise expert while "
+           f"t >= {s.boundary_ratio * 1000:g}, as diffusers' WanPipeline), CFG scales {dict(s.scales)}; the small model "
+           "is compared with, and takes the scale of, the expert whose step it runs." if s.boundary_ratio is not None
+           else ""), "",
         "## Chosen plan", "",
-        f"**{c.plan.label}** ({c.plan.spec}): {c.plan.count('large')} large + {c.plan.count('small')} small steps, "
+        f"**{c.plan.label}** ({c.plan.spec}): "
+        + " + ".join(f"{c.plan.count(m)} {m}" for m in c.plan.model_set.names) + " steps, "
         f"{c.flops / 1e9:.4g} GFLOPs per video = {c.flops / lll_flops:.1%} of LLL ({1 - c.flops / lll_flops:.1%} fewer); "
         f"quality {c.quality:.4g}, retained {c.retained:.3f}. Plan file: `{paths['plan']}` "
         f"(`flowblend generate --plan-file {paths['plan']}`):", "", "```json", c.plan.to_json(), "```", "",

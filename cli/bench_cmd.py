@@ -25,6 +25,8 @@ def register(p) -> None:
                    help=f"{' | '.join(MODES)} (repeatable; default loop; graph modes need --device cuda)")
     p.add_argument("--plan", action="append", help=f"plan spelling (repeatable; default {' '.join(DEFAULT_PLANS)})")
     p.add_argument("--plan-file", action="append", default=[], help="JSON plan file (repeatable)")
+    p.add_argument("--boundary-ratio", type=float, help="wan22: expert boundary (default 0.875; --guidance is the "
+                                                        "high-noise expert's scale)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per case (at least 1 where a compiler runs)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per case (medians, min, max)")
     p.add_argument("--overhead-repeats", type=int, default=10,
@@ -41,7 +43,8 @@ def options_from_args(args) -> BenchOptions:
     return BenchOptions(backends=backends, modes=tuple(args.mode or ("loop",)),
                         plans=tuple(args.plan or (() if args.plan_file else DEFAULT_PLANS)),
                         plan_files=tuple(args.plan_file), steps=args.steps, frames=args.frames, height=args.height,
-                        width=args.width, guidance=args.guidance, warmup=args.warmup, repeats=args.repeats,
+                        width=args.width, guidance=args.guidance, boundary_ratio=args.boundary_ratio,
+                        warmup=args.warmup, repeats=args.repeats,
                         overhead_repeats=args.overhead_repeats, device=args.device, dtype=torch_dtype(args.dtype),
                         artifacts=args.artifacts, compile_mode=args.compile_mode, progress=not args.no_progress)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from flowblend.errors import FlowblendError
 
-from .common import family_of, guidance_of, subscribe, video_of
+from .common import family_of, resolve_experts, resolve_scales, subscribe, video_of
 
 DEFAULT_TOLERANCE = 0.5
 
@@ -49,7 +49,7 @@ def register(p) -> None:
 
 
 def _add_common(p) -> None:
-    subscribe(p, "pair", "video", "steps", "solver", "guidance", "device", "threads", "progress")
+    subscribe(p, "pair", "video", "steps", "solver", "guidance", "experts", "device", "threads", "progress")
     p.add_argument("--prompt", action="append", default=[],
                    help="calibration prompt, repeatable (default for the toy pair: 12 of its 72 prompts)")
     p.add_argument("--prompt-file", help="file with one calibration prompt per line")
@@ -93,8 +93,11 @@ def resolve_setup(args, family):
         kw["solver"] = args.solver
     if args.shift is not None:
         kw["shift"], kw["mu"] = args.shift, None
-    guidance = guidance_of(args, family)
-    return SamplingSetup(steps, kw["solver"], kw["shift"], guidance, tuple(latent_shape), kw.get("mu"))
+    experts = resolve_experts(args, family, steps, kw["solver"], kw["shift"], kw.get("mu"))
+    guidance, scales = resolve_scales(args, family, experts)  # the small model: the replaced expert's unless given
+    return SamplingSetup(steps, kw["solver"], kw["shift"], guidance, tuple(latent_shape), kw.get("mu"),
+                         experts.boundary_ratio if experts is not None else None, tuple(scales.items()),
+                         tuple(family.models), tuple(family.letters))
 
 
 def _load(args, family):
@@ -118,7 +121,9 @@ def run_divergence(args) -> int:
     curve, _ = measure_divergence(engines, requests, setup, progress=not args.no_progress)
     out = Path(args.out_dir)
     threshold = default_threshold(curve) if args.threshold is None else args.threshold
-    seed = plan_from_divergence(curve, threshold, args.pattern) if setup.steps >= 3 or args.pattern == "any" else None
+    reference = setup.reference_plan() if setup.boundary_ratio is not None else None  # wan22: the experts' plan
+    seed = plan_from_divergence(curve, threshold, args.pattern, reference=reference) \
+        if setup.steps >= 3 or args.pattern == "any" else None
     json_path = save_curve(curve, out / "divergence.json")
     png = plot_divergence(curve, out / "divergence.png", seed, threshold)
     mean = curve.mean("cosine_guided")
@@ -162,8 +167,9 @@ def run_plan(args) -> int:
     paths = write_outputs(result, Path(args.out_dir), Path(args.report) if args.report else None,
                           args.title or f"Calibration: {family.name} pair", command)
     c = result.chosen
-    lll = result.per_step_flops["large"] * setup.steps
-    print(f"chosen plan {c.plan.label} ({c.plan.spec}): {c.flops / lll:.1%} of LLL FLOPs, {metric} quality "
+    reference = setup.reference_plan()
+    lll = reference.flops(result.per_step_flops)
+    print(f"chosen plan {c.plan.label} ({c.plan.spec}): {c.flops / lll:.1%} of {reference.spec} FLOPs, {metric} quality "
           f"{c.quality:.4f}, retained {c.retained:.3f} (tolerance {result.tolerance:g})")
     print(f"wrote {paths['plan']}, {paths['report']} (+ {paths['divergence_png'].name}, {paths['quality_png'].name})")
     return 0

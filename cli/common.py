@@ -16,7 +16,7 @@ from pathlib import Path
 from flowblend.engines.factory import DTYPE_NAMES, check_dtype
 from flowblend.errors import FlowblendError
 from flowblend.export.pairs import FAMILIES, PairFamily, get_family
-from flowblend.runtime.plan import BlendPlan
+from flowblend.runtime.plan import BlendPlan, ExpertSchedule, ModelSet
 from flowblend.runtime.request import SOLVER_NAMES, check_device, check_guidance, resolve_plan
 
 __all__ = ["HelpFormatter", "Parser", "subscribe", "check_groups", "family_of", "plan_of", "video_of", "guidance_of",
@@ -61,8 +61,10 @@ def _pair(p) -> None:
 
 def _plan(p) -> None:
     g = p.add_argument_group("blend plan")
-    g.add_argument("--plan", default="LSL:0.4,0.2",
-                   help="which model runs each step: LSL:0.4,0.2 (paper) | LLL | SSS | L20,S20,L10 | LLSSL...")
+    g.add_argument("--plan", help="which model runs each step: LSL:0.4,0.2 (paper; the default) | LLL | SSS | "
+                                  "L20,S20,L10 | LLSSL...; wan22 (letters H high, L low, S small): experts (the "
+                                  "default) | experts:4,2 (small takes the last 4 steps before the expert switch "
+                                  "and the first 2 after) | H20,S6,L14 ...")
     g.add_argument("--plan-file", help="JSON plan as written by `flowblend calibrate plan`; overrides --plan")
     g.add_argument("--steps", type=int, help=f"denoising steps (default: the family's; {family_defaults('steps')})")
 
@@ -91,6 +93,16 @@ def _solver(p) -> None:
     g.add_argument("--shift", type=float, help="flow shift > 0 (default: the family's; ltx shifts by token count)")
 
 
+def _experts(p) -> None:
+    g = p.add_argument_group("two experts (wan22)")
+    g.add_argument("--boundary-ratio", type=float,
+                   help="the high-noise expert runs t >= ratio*1000 (default 0.875, T2V; I2V uses 0.9)")
+    g.add_argument("--guidance-2", type=float, help="the low-noise expert's CFG scale (diffusers' guidance_scale_2; "
+                                                     "default 3.0); --guidance is the high-noise expert's")
+    g.add_argument("--small-guidance", type=float,
+                   help="the small model's CFG scale (default: that of the model whose step it takes)")
+
+
 def _device(p) -> None:
     p.add_argument("--device", default="cpu", help="where the models run: cpu | cuda | cuda:N")
 
@@ -112,7 +124,8 @@ def _progress(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-GROUPS = {"pair": _pair, "pair_name": _pair_name, "plan": _plan, "steps": _steps, "video": _video, "guidance": _guidance, "solver": _solver,
+GROUPS = {"pair": _pair, "pair_name": _pair_name, "plan": _plan, "steps": _steps, "video": _video, "guidance": _guidance,
+          "experts": _experts, "solver": _solver,
           "device": _device, "dtype": _dtype, "artifacts": _artifacts, "threads": _threads, "progress": _progress}
 
 
@@ -164,8 +177,14 @@ def family_of(args) -> PairFamily:
     return get_family(args.pair)
 
 
-def plan_of(args, family: PairFamily) -> BlendPlan:
-    """--plan / --plan-file / --steps as one BlendPlan."""
+def model_set_of(family: PairFamily) -> ModelSet:
+    return ModelSet(tuple(family.models), tuple(family.letters))
+
+
+def plan_of(args, family: PairFamily, experts: ExpertSchedule | None = None) -> BlendPlan:
+    """--plan / --plan-file / --steps as one BlendPlan in the family's model names; `experts` (wan22) for
+    the `experts[:before,after]` spelling and its default plan."""
+    model_set = model_set_of(family)
     if args.plan_file:
         path = Path(args.plan_file)
         if not path.is_file():
@@ -176,8 +195,66 @@ def plan_of(args, family: PairFamily) -> BlendPlan:
             raise FlowblendError(f"plan file {path}: {exc}") from None
         if args.steps is not None and args.steps != len(plan):
             raise FlowblendError(f"--steps {args.steps} disagrees with the plan file's {len(plan)} steps: drop --steps")
-        return plan
-    return resolve_plan(args.plan, args.steps, family.steps)
+        unknown = sorted(set(plan.models) - set(model_set.names))
+        if unknown:
+            raise FlowblendError(f"plan file {path} names {unknown}, which pair {family.name} does not have "
+                                 f"({', '.join(model_set.names)})")
+        return BlendPlan(plan.models, plan.spec, model_set)
+    spec = args.plan or ("experts" if family.experts is not None else "LSL:0.4,0.2")
+    return resolve_plan(spec, args.steps, family.steps, model_set, experts)
+
+
+def steps_of(args, family: PairFamily) -> int:
+    """The step count a plan will have (the plan file's, --steps, or the family's)."""
+    if args.plan_file:
+        return len(plan_of(args, family))
+    steps = args.steps if args.steps is not None else family.steps
+    if steps < 1:
+        raise FlowblendError(f"--steps must be a positive integer, got {steps}")
+    return steps
+
+
+def resolve_experts(args, family: PairFamily, steps: int, solver: str, shift: float,
+                    mu: float | None = None) -> ExpertSchedule | None:
+    """The expert of every step for a two-expert family (None otherwise), on the solver's own timesteps."""
+    from flowblend.runtime.guidance import expert_schedule_for  # imports torch: only once a command runs
+
+    ratio = args.boundary_ratio
+    if family.experts is None:
+        if ratio is not None or args.guidance_2 is not None:
+            raise FlowblendError(f"--boundary-ratio / --guidance-2 are for two-expert pairs (--pair wan22), not "
+                                 f"{family.name}: drop them")
+        return None
+    ratio = family.boundary_ratio if ratio is None else ratio
+    if not 0.0 < ratio < 1.0:
+        raise FlowblendError(f"--boundary-ratio must be in (0, 1), got {ratio} (Wan 2.2: 0.875 T2V, 0.9 I2V)")
+    return expert_schedule_for(solver, steps, shift, ratio, mu)
+
+
+def resolve_scales(args, family: PairFamily, experts: ExpertSchedule | None) -> tuple[float, dict[str, float]]:
+    """(the --guidance scale, each model's own scale): wan22's experts from --guidance / --guidance-2, and
+    --small-guidance; a model without one takes the scale of the expert whose step it runs."""
+    default = guidance_of(args, family)
+    scales = dict(family.expert_guidance)
+    if experts is not None:
+        scales[experts.high] = default
+        if args.guidance_2 is not None:
+            scales[experts.low] = args.guidance_2
+    if args.small_guidance is not None:
+        scales["small"] = args.small_guidance
+    for name, value in scales.items():
+        if not value >= 0:
+            raise FlowblendError(f"guidance_scale must be >= 0 (1 disables CFG), got {value} for {name}")
+    return default, scales
+
+
+def resolve_guidance(args, family: PairFamily, plan: BlendPlan, experts: ExpertSchedule | None
+                     ) -> tuple[float, tuple[float, ...]]:
+    """(the --guidance scale, the per-step table): each model's scale, the small one's by the step it takes."""
+    from flowblend.runtime.guidance import guidance_table
+
+    default, scales = resolve_scales(args, family, experts)
+    return default, guidance_table(plan, default, scales, experts)
 
 
 def video_of(args, family: PairFamily) -> tuple[int, int, int]:

@@ -16,13 +16,14 @@ from flowblend.runtime.graph_modes import GRAPH_FLAGS, check_graph_flag
 from flowblend.runtime.request import GenerationRequest, validate_request
 from flowblend.toy.vocab import vocabulary_line
 
-from .common import family_of, plan_of, subscribe
+from .common import family_of, plan_of, resolve_experts, resolve_guidance, steps_of, subscribe, video_of
 
 
 def register(p) -> None:
     p.description = ("Generate one video per prompt with a blend plan. Toy pair prompts use its "
                                    f"vocabulary: {vocabulary_line()}.")
-    subscribe(p, "pair", "plan", "video", "guidance", "solver", "device", "dtype", "threads", "artifacts", "progress")
+    subscribe(p, "pair", "plan", "video", "guidance", "experts", "solver", "device", "dtype", "threads", "artifacts",
+              "progress")
     g = p.add_argument_group("prompts and output")
     g.add_argument("--prompt", action="append", default=[], help="text prompt (repeat for several videos)")
     g.add_argument("--prompt-file", help="file with one prompt per line")
@@ -60,15 +61,28 @@ def output_paths(out: str, n: int) -> list[Path]:
     return [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(n)]
 
 
-def request_of(args) -> GenerationRequest:
+def request_of(args, experts=None) -> GenerationRequest:
     """The flags as one checked request (runtime/request.py): nothing has loaded yet."""
     family = family_of(args)
-    return validate_request(family, read_prompts(args), args.negative_prompt, plan_of(args, family), args.steps,
-                            args.seed, args.height, args.width, args.frames, args.guidance, args.solver, args.shift)
+    return validate_request(family, read_prompts(args), args.negative_prompt, plan_of(args, family, experts),
+                            args.steps, args.seed, args.height, args.width, args.frames, args.guidance, args.solver,
+                            args.shift)
+
+
+def experts_of(args):
+    """wan22: which expert runs each step, on the requested solver's timesteps (None for two-model pairs)."""
+    family = family_of(args)
+    if family.experts is None:
+        return resolve_experts(args, family, 1, "unipc", 1.0)  # refuses --boundary-ratio/--guidance-2 here
+    settings = family.sampler_kwargs(family.latent_shape(*video_of(args, family)))
+    shift, mu = (args.shift, None) if args.shift is not None else (settings["shift"], settings.get("mu"))
+    return resolve_experts(args, family, steps_of(args, family), args.solver or settings["solver"], shift, mu)
 
 
 def run(args) -> int:
-    request = request_of(args)
+    experts = experts_of(args)
+    request = request_of(args, experts)
+    guidance, guidance_table = resolve_guidance(args, request.family, request.plan, experts)
     check_graph_flag(args.graph, args.device)
     outs = output_paths(args.out, len(request.prompts))
 
@@ -83,10 +97,10 @@ def run(args) -> int:
     pair = load_pair(request.family.name, args.large, args.small, dtype=dtype, device=args.device,
                      allow_download=args.allow_download,
                      load_transformers=args.backend in TORCH_BACKENDS)  # compiled backends run their engines only
-    engines = make_engines(args.backend, pair, latent_shape=request.latent_shape, guidance=request.guidance,
+    engines = make_engines(args.backend, pair, latent_shape=request.latent_shape, guidance=max(guidance_table),
                            device=args.device, dtype=args.dtype, artifacts=args.artifacts)
-    sampler = Sampler(engines, request.plan, SamplerOptions(**request.sampler_settings()), device=args.device,
-                      dtype=dtype)
+    sampler = Sampler(engines, request.plan, SamplerOptions(**request.sampler_settings(), guidance_table=guidance_table),
+                      device=args.device, dtype=dtype)
     pipe = BlendPipeline(GraphRunner(sampler, mode=GRAPH_FLAGS[args.graph]), pair.encode_prompt, pair.decode)
     settings = {k: v for k, v in request.sampler_settings().items() if v is not None and k != "guidance_scale"}
     for prompt, out in zip(request.prompts, outs):
@@ -96,7 +110,11 @@ def run(args) -> int:
         seconds = time.perf_counter() - start
         written = save_video(video, out)
         record = {"prompt": prompt, "seed": request.seed, "pair": request.family.name, "backend": args.backend,
-                  "plan": request.plan.to_dict(), "guidance": request.guidance, **settings,
+                  "plan": request.plan.to_dict(), "guidance": request.guidance,
+                  "guidance_per_step": list(guidance_table),
+                  **({"boundary_ratio": experts.boundary_ratio, "expert_switch_step": experts.switch_step}
+                     if experts is not None else {}),
+                  **settings,
                   "frames": request.frames, "height": request.height, "width": request.width, "dtype": args.dtype,
                   "graph": args.graph, "seconds": round(seconds, 4), "video": str(written), "sources": pair.sources}
         written.with_suffix(".json").write_text(json.dumps(record, indent=2))

@@ -1,16 +1,21 @@
-"""`flowblend plan`: the per-step table of a plan and its cost against the large-only plan."""
+"""`flowblend plan`: the per-step table of a plan (model, CFG scale, FLOPs) and its cost against the reference.
+
+The reference is the large model alone (LLL) for two-model pairs, and the experts' own plan for a
+two-expert pair (wan22: what diffusers' WanPipeline runs), whose switch step is printed.
+"""
 from __future__ import annotations
 
 from flowblend.bench.flops import step_flops
 from flowblend.export.pairs import reference_configs
+from flowblend.runtime.plan import BlendPlan
 
-from .common import family_of, guidance_of, plan_of, subscribe, video_of
+from .common import family_of, model_set_of, plan_of, resolve_experts, resolve_guidance, steps_of, subscribe, video_of
 
 FLOP_UNITS = ((1e15, "PFLOPs"), (1e12, "TFLOPs"), (1e9, "GFLOPs"), (1e6, "MFLOPs"))
 
 
 def register(p) -> None:
-    subscribe(p, "pair", "plan", "video", "guidance")
+    subscribe(p, "pair", "plan", "video", "guidance", "experts", "solver")
     p.set_defaults(func=run)
 
 
@@ -24,30 +29,50 @@ def format_flops(flops: float) -> str:
     return f"{flops / scale:.3g} {name}"
 
 
-def plan_costs(family, plan, latent_shape, guidance: float) -> dict:
+def reference_plan(family, steps: int, experts=None) -> BlendPlan:
+    """What a plan's cost is measured against: the experts' own plan, else the first (large) model alone."""
+    if experts is not None:
+        return BlendPlan.from_expert_boundary(experts, model_set=model_set_of(family))
+    return BlendPlan((family.models[0],) * steps, family.letters[0] * 3, model_set_of(family))
+
+
+def plan_costs(family, plan, latent_shape, guidance, reference: BlendPlan | None = None) -> dict:
+    """Per-step FLOPs of each model (CFG doubling every step when any step guides), the plan's and the reference's
+    totals; `guidance` is one scale or the per-step table."""
     configs = reference_configs(family.name)
-    cfg = guidance > 1.0
+    table = (float(guidance),) * len(plan) if isinstance(guidance, (int, float)) else tuple(guidance)
+    cfg = max(table) > 1.0
     per_step = {m: step_flops(family.transformer_class, configs[m], latent_shape, family.text_len, cfg)
-                for m in ("large", "small")}
-    total = plan.flops(per_step)
-    lll = per_step["large"] * len(plan)
-    return {"per_step": per_step, "total": total, "lll": lll, "ideal_speedup": lll / total}
+                for m in family.models}
+    reference = reference or BlendPlan((family.models[0],) * len(plan), "", plan.model_set)
+    total, ref_total = plan.flops(per_step), reference.flops(per_step)
+    return {"per_step": per_step, "total": total, "lll": ref_total, "reference": reference.spec or reference.label,
+            "ideal_speedup": ref_total / total, "guidance": table}
 
 
 def run(args) -> int:
     family = family_of(args)
-    plan = plan_of(args, family)
     frames, height, width = video_of(args, family)
     latent_shape = family.latent_shape(frames, height, width)
-    guidance = guidance_of(args, family)
-    costs = plan_costs(family, plan, latent_shape, guidance)
-    print(f"pair {family.name}: {frames} frames {height}x{width}, latents {latent_shape}, "
-          f"guidance {guidance} ({'CFG: 2 forwards/step' if guidance > 1 else 'no CFG'})")
-    print(f"plan {plan.spec or plan.label} = {plan.label}  ({plan.count('large')} large + {plan.count('small')} small steps)")
+    kw = family.sampler_kwargs(latent_shape)
+    solver = args.solver or kw["solver"]
+    shift, mu = (args.shift, None) if args.shift is not None else (kw["shift"], kw.get("mu"))
+    experts = resolve_experts(args, family, steps_of(args, family), solver, shift, mu)
+    plan = plan_of(args, family, experts)
+    guidance, table = resolve_guidance(args, family, plan, experts)
+    costs = plan_costs(family, plan, latent_shape, table, reference_plan(family, len(plan), experts))
+    cfg = max(table) > 1
+    print(f"pair {family.name}: {frames} frames {height}x{width}, latents {latent_shape}, {solver} shift {shift:g}, "
+          f"guidance {guidance} ({'CFG: 2 forwards/step' if cfg else 'no CFG'})")
+    if experts is not None:
+        print(f"expert switch at step {experts.switch_step}: {experts.high} runs t >= {experts.boundary_timestep:g} "
+              f"(boundary_ratio {experts.boundary_ratio:g}), {experts.low} the rest")
+    counts = " + ".join(f"{plan.count(m)} {m}" for m in family.models)
+    print(f"plan {plan.spec or plan.label} = {plan.label}  ({counts} steps)")
     scale, unit = flop_unit(max(costs["per_step"].values()))
-    print(f"{'step':>4}  {'model':<5}  {unit:>10}")
+    print(f"{'step':>4}  {'model':<6}  {'guidance':>8}  {unit:>10}")
     for i, m in enumerate(plan.models):
-        print(f"{i:>4}  {m:<5}  {costs['per_step'][m] / scale:>10.3f}")
-    print(f"total {format_flops(costs['total'])} vs LLL {format_flops(costs['lll'])}: "
+        print(f"{i:>4}  {m:<6}  {table[i]:>8g}  {costs['per_step'][m] / scale:>10.3f}")
+    print(f"total {format_flops(costs['total'])} vs {costs['reference']} {format_flops(costs['lll'])}: "
           f"{100 * (1 - costs['total'] / costs['lll']):.1f}% fewer, FLOP-ideal speedup {costs['ideal_speedup']:.2f}x")
     return 0

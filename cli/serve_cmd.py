@@ -53,7 +53,7 @@ def config_from_args(args):
         raise FlowblendError("--queue-size and --max-steps must be >= 1 and --drain-seconds >= 0")
     return ServeConfig(pair=args.pair, large=args.large, small=args.small, allow_download=args.allow_download,
                        backend=args.backend, device=args.device, dtype=args.dtype, artifacts=args.artifacts,
-                       build_engines=args.build_engines, graph=args.graph, plan=args.plan,
+                       build_engines=args.build_engines, graph=args.graph, plan=args.plan or "LSL:0.4,0.2",  # serve: two-model pairs (wan22 not wired)
                        plan_file=args.plan_file, steps=args.steps,
                        frames=args.frames, height=args.height, width=args.width, guidance=args.guidance,
                        dynamic_shapes=args.dynamic_shapes, plans_dir=args.plans_dir, results_dir=args.results_dir,

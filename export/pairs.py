@@ -1,8 +1,11 @@
-"""Model-pair registry: what each family (wan, ltx, toy) is and how to load it through diffusers.
+"""Model-pair registry: what each family (wan, wan22, ltx, toy) is and how to load it through diffusers.
 
 A family fixes what both models of a pair must share (latent space, text conditioning, patching)
-and the defaults its diffusers pipeline uses (solver, shift, steps, guidance, video size). Loading
-returns the two transformers plus the shared prompt encoder and latent decoder; the runtime gets
+and the defaults its diffusers pipeline uses (solver, shift, steps, guidance, video size). A family
+names its models and their plan letters: large/small (L, S) for two-model pairs; high/low/small
+(H, L, S) for `wan22`, whose two Wan 2.2 A14B experts come from one checkpoint (`transformer`,
+`transformer_2`) and whose stand-in is Wan 2.1 1.3B. Loading returns the transformers plus the
+shared prompt encoder and latent decoder; the runtime gets
 those as plain callables and never imports this module.
 """
 from __future__ import annotations
@@ -47,6 +50,23 @@ class PairFamily:
     # REFERENCE_CONFIGS.
     # Resolved by name so that export/ never imports the packages that sit on top of it.
     provider: str = ""
+    # The named models, in plan order, with their plan letters; which checkpoint argument (--large /
+    # --small) holds each one, and the subfolder inside it (None: transformer/ if present, else the folder).
+    models: tuple[str, ...] = ("large", "small")
+    letters: tuple[str, ...] = ("L", "S")
+    checkpoint_of: tuple[str, ...] = ("large", "small")
+    subfolders: tuple[str | None, ...] = (None, None)
+    # Two-expert models (Wan 2.2 A14B): the high-noise expert runs t >= boundary_ratio * 1000, as
+    # diffusers' WanPipeline; each expert brings its CFG scale (guidance_scale / guidance_scale_2).
+    boundary_ratio: float | None = None
+    expert_guidance: tuple[tuple[str, float], ...] = ()
+    pipeline_class: str = "WanPipeline"  # diffusers pipeline whose text encoder and VAE the pair shares
+    compat_hint: str = ""  # appended to an incompatibility refusal
+
+    @property
+    def experts(self) -> tuple[str, str] | None:
+        """(high, low) for a two-expert family, else None."""
+        return (self.models[0], self.models[1]) if self.boundary_ratio is not None else None
 
     @property
     def pixel_multiple(self) -> int:
@@ -124,6 +144,20 @@ FAMILIES: dict[str, PairFamily] = {
         text_len=512, text_dim=4096,
         compat_fields=("in_channels", "out_channels", "text_dim", "patch_size"),
         description="Wan 2.1 T2V 14B + 1.3B, shared UMT5-XXL and Wan VAE"),
+    "wan22": PairFamily(
+        name="wan22", transformer_class="WanTransformer3DModel",
+        large="Wan-AI/Wan2.2-T2V-A14B-Diffusers", small="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+        latent_channels=16, spatial_factor=8, temporal_factor=4, patch=(1, 2, 2),
+        # Wan2.2-T2V-A14B's own settings: UniPC, flow shift 12, 40 steps, boundary 0.875, CFG 4.0 high / 3.0 low
+        solver="unipc", shift=12.0, steps=40, guidance=4.0, height=480, width=832, frames=81,
+        text_len=512, text_dim=4096,
+        compat_fields=("in_channels", "out_channels", "text_dim", "patch_size"),
+        description="Wan 2.2 T2V A14B's two experts (high, low noise) + Wan 2.1 1.3B, shared UMT5-XXL and Wan 2.1 VAE",
+        models=("high", "low", "small"), letters=("H", "L", "S"), checkpoint_of=("large", "large", "small"),
+        subfolders=("transformer", "transformer_2", None), boundary_ratio=0.875,
+        expert_guidance=(("high", 4.0), ("low", 3.0)),
+        compat_hint="only Wan2.2-T2V-A14B's experts share Wan 2.1's 16-channel latents and UMT5 with Wan 2.1 1.3B "
+                    "(TI2V-5B has a 48-channel VAE, the I2V experts take 36 input channels)"),
     "ltx": PairFamily(
         name="ltx", transformer_class="LTXVideoTransformer3DModel",
         large="Lightricks/LTX-Video-0.9.7-dev", small="Lightricks/LTX-Video-0.9.8-2B-distilled",
@@ -131,7 +165,7 @@ FAMILIES: dict[str, PairFamily] = {
         solver="euler", shift=1.0, steps=40, guidance=3.0, height=512, width=704, frames=121,
         text_len=128, text_dim=4096, takes_text_mask=True, dynamic_shift=True,
         compat_fields=("in_channels", "out_channels", "caption_channels", "patch_size", "patch_size_t"),
-        description="LTX-Video 13B + 2B (0.9.7/0.9.8), shared T5-XXL and LTX VAE"),
+        description="LTX-Video 13B + 2B (0.9.7/0.9.8), shared T5-XXL and LTX VAE", pipeline_class="LTXPipeline"),
     "toy": PairFamily(
         name="toy", transformer_class="WanTransformer3DModel", large="<shipped>", small="<shipped>",
         latent_channels=3, spatial_factor=1, temporal_factor=1, patch=(3, 4, 4),
@@ -152,11 +186,19 @@ def get_family(name: str) -> PairFamily:
 
 def check_compatible(family: PairFamily, large_config, small_config) -> None:
     """Refuse a pair whose models cannot share latents and text conditioning; name the field."""
-    for key in family.compat_fields:
-        a, b = _as_tuple(large_config.get(key)), _as_tuple(small_config.get(key))
-        if a != b:
-            raise FlowblendError(f"incompatible {family.name} pair: {key} differs (large {a}, small {b}); both "
-                                 "models must share the latent space and text encoder")
+    check_models_compatible(family, {"large": large_config, "small": small_config})
+
+
+def check_models_compatible(family: PairFamily, configs: dict[str, dict]) -> None:
+    """Every model against the first: one line naming the field and both values."""
+    (first, first_config), *others = configs.items()
+    for name, config in others:
+        for key in family.compat_fields:
+            a, b = _as_tuple(first_config.get(key)), _as_tuple(config.get(key))
+            if a != b:
+                hint = f"; {family.compat_hint}" if family.compat_hint else ""
+                raise FlowblendError(f"incompatible {family.name} pair: {key} differs ({first} {a}, {name} {b}); all "
+                                     f"models must share the latent space and text encoder{hint}")
 
 
 def _as_tuple(v):
@@ -203,18 +245,18 @@ def load_pair(name: str, large: str | None = None, small: str | None = None, dty
     if family.provider:
         return _provider(family).load_pair(family, large, small, torch.float32 if export_layout else dtype, device,
                                            load_transformers=load_transformers)
-    large, small = large or family.large, small or family.small
-    shared = _SharedComponents(family, small, dtype, device, allow_download)
+    sources = {"large": large or family.large, "small": small or family.small}
+    shared = _SharedComponents(family, sources["small"], dtype, device, allow_download)
     if not load_transformers:
-        _check_source(small, allow_download)  # the shared parts come from the small model's checkpoint
-        return LoadedPair(family, {}, shared.encode, shared.decode, {"large": large, "small": small})
+        _check_source(sources["small"], allow_download)  # the shared parts come from the small model's checkpoint
+        return LoadedPair(family, {}, shared.encode, shared.decode, sources)
     layout = export_layout and dtype != torch.float32
-    models = {"large": load_transformer(family, large, dtype, allow_download, layout),
-              "small": load_transformer(family, small, dtype, allow_download, layout)}
-    check_compatible(family, dict(models["large"].config), dict(models["small"].config))
+    models = {name: load_transformer(family, sources[arg], dtype, allow_download, subfolder, export_layout=layout)
+              for name, arg, subfolder in zip(family.models, family.checkpoint_of, family.subfolders)}
+    check_models_compatible(family, {name: dict(m.config) for name, m in models.items()})
     for m in models.values():
         m.to(device)
-    return LoadedPair(family, models, shared.encode, shared.decode, {"large": large, "small": small})
+    return LoadedPair(family, models, shared.encode, shared.decode, sources)
 
 
 def _check_source(source: str, allow_download: bool, family: PairFamily | None = None) -> None:
@@ -238,7 +280,11 @@ def _in_hub_cache(repo_id: str) -> bool:
     return isinstance(found, str)
 
 
-def load_transformer(family: PairFamily, source: str, dtype, allow_download: bool, export_layout: bool = False):
+def load_transformer(family: PairFamily, source: str, dtype, allow_download: bool, subfolder: str | None = None,
+                     export_layout: bool = False):
+    """One transformer; `subfolder` None means transformer/ when the folder has one (or for a hub id).
+
+    export_layout=True reads it straight into the export layout of `dtype` (export/precision.py)."""
     import diffusers
 
     from .precision import load_transformer_in_layout
@@ -246,7 +292,12 @@ def load_transformer(family: PairFamily, source: str, dtype, allow_download: boo
     _check_source(source, allow_download, family)
     cls = getattr(diffusers, family.transformer_class)
     root = Path(source).expanduser()
-    subfolder = "transformer" if (not root.exists() or (root / "transformer").is_dir()) else None
+    if subfolder is None:
+        subfolder = "transformer" if (not root.exists() or (root / "transformer").is_dir()) else None
+    elif root.exists() and not (root / subfolder).is_dir():
+        hint = f"; {family.compat_hint}" if family.compat_hint else ""
+        raise FlowblendError(f"{source!r} has no {subfolder}/ folder: {family.name} needs a checkpoint with "
+                             f"{' and '.join(s for s in family.subfolders if s)}{hint}")
     where = str(root) if root.exists() else source
     try:
         if export_layout:
@@ -271,7 +322,7 @@ class _SharedComponents:
         if self._pipe is None:
             import diffusers
 
-            cls = diffusers.WanPipeline if self.family.name == "wan" else diffusers.LTXPipeline
+            cls = getattr(diffusers, self.family.pipeline_class)
             try:
                 self._pipe = cls.from_pretrained(self.source, transformer=None, torch_dtype=self.dtype,
                                                  local_files_only=self.local_only).to(self.device)
@@ -287,7 +338,7 @@ class _SharedComponents:
 
     def _encode(self, prompts: list[str]):
         pipe = self._pipeline()
-        if self.family.name == "wan":
+        if self.family.pipeline_class == "WanPipeline":
             embeds, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False,
                                            max_sequence_length=self.family.text_len, device=self.device)
             return embeds, None
@@ -306,7 +357,7 @@ class _SharedComponents:
 
         vae = self._pipeline().vae
         latents = latents.to(vae.dtype)
-        if self.family.name == "wan":
+        if self.family.pipeline_class == "WanPipeline":
             z = vae.config.z_dim
             mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents)
             std = torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(latents)
@@ -331,9 +382,12 @@ _LTX_COMMON = dict(in_channels=128, out_channels=128, patch_size=1, patch_size_t
 
 def reference_configs(name: str) -> dict[str, dict]:
     """Transformer configs of a family's default large and small models."""
+    wan_14b = dict(_WAN_COMMON, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40)
+    wan_1b = dict(_WAN_COMMON, num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30)
     if name == "wan":
-        return {"large": dict(_WAN_COMMON, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40),
-                "small": dict(_WAN_COMMON, num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30)}
+        return {"large": wan_14b, "small": wan_1b}
+    if name == "wan22":  # both A14B experts have Wan 2.1 14B's architecture
+        return {"high": dict(wan_14b), "low": dict(wan_14b), "small": wan_1b}
     if name == "ltx":
         return {"large": dict(_LTX_COMMON, num_attention_heads=32, attention_head_dim=128, num_layers=48),
                 "small": dict(_LTX_COMMON, num_attention_heads=32, attention_head_dim=64, num_layers=28)}

@@ -20,13 +20,15 @@ class SamplerBuffers:
     text_embeds: torch.Tensor      # [B, L, D] engine dtype, row 0 conditional, row 1 unconditional
     text_mask: torch.Tensor | None  # [B, L] int64, for families that take a mask
     timestep_table: torch.Tensor   # [steps, B] float32
+    guidance_table: torch.Tensor   # [steps] float32: each step's CFG scale (runtime/guidance.py)
     velocity: torch.Tensor         # [B, C, F, H, W] engine dtype: engine output
     guided: torch.Tensor           # [1, C, F, H, W] float32: CFG-combined velocity (aliases `velocity` if possible)
     state: dict[str, torch.Tensor] = field(default_factory=dict)  # solver history
 
     @classmethod
     def allocate(cls, latent_shape, text_shape, timesteps, cfg: bool, dtype: torch.dtype,
-                 device: torch.device, state_names=(), with_mask: bool = False) -> "SamplerBuffers":
+                 device: torch.device, state_names=(), with_mask: bool = False,
+                 guidance=None) -> "SamplerBuffers":
         batch = 2 if cfg else 1
         f32 = torch.float32
         latents = aligned_zeros((1, *latent_shape), f32, device)  # every buffer 256-byte aligned (engines/base.py)
@@ -41,6 +43,8 @@ class SamplerBuffers:
             text_embeds=aligned_zeros((batch, *text_shape), dtype, device),
             text_mask=aligned_zeros((batch, text_shape[0]), torch.int64, device) if with_mask else None,
             timestep_table=table,
+            guidance_table=torch.tensor(list(guidance) if guidance is not None else [1.0] * len(timesteps),
+                                        dtype=f32, device=device),
             velocity=velocity,
             guided=velocity if same else aligned_zeros(latents.shape, f32, device),
             state={name: aligned_zeros(latents.shape, f32, device) for name in state_names},
@@ -63,5 +67,6 @@ class SamplerBuffers:
 
     def addresses(self) -> dict[str, int]:
         """Data pointers of every buffer (tests assert they never change)."""
-        named = {**self.engine_bindings(), "latents32": self.latents, "guided": self.guided, **self.state}
+        named = {**self.engine_bindings(), "latents32": self.latents, "guided": self.guided,
+                 "guidance_table": self.guidance_table, **self.state}
         return {k: v.data_ptr() for k, v in named.items()}

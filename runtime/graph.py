@@ -18,7 +18,7 @@ never change after binding; a new buffer set gets new contexts, engines/trt_engi
 All graphs of one runner are captured into ONE memory pool (`capture_begin(pool=...)`, on the same
 side stream, as torch.cuda.graph's docs ask for effective sharing): per-step graphs with PyTorch
 engines would otherwise each keep a forward's activations alive. Graphs are cached by (mode, shapes, plan, solver,
-shift, guidance, dtype, device, engines); every shape keeps its own buffers (a sampler per
+shift, per-step guidance, dtype, device, engines); every shape keeps its own buffers (a sampler per
 shape), because a graph replays into exactly the memory it was captured on.
 
 `mode="per_step"` captures one graph per step (engine call + its combine), the granularity

@@ -1,10 +1,17 @@
-"""BlendPlan: which model runs each denoising step.
+"""BlendPlan: which named model runs each denoising step.
 
-Three spellings, all of which end as one per-step tuple of model names:
+A pair family names its models and gives each one letter (`ModelSet`): Wan 2.1 / LTX / toy have
+`large` (L) and `small` (S); Wan 2.2 A14B has two experts and a stand-in, `high` (H), `low` (L)
+and `small` (S). Within a family the letters are unique; `L` means large in a two-model pair and
+low in `wan22`, which has no large model. Every spelling ends as one per-step tuple of names:
 - the paper's convention `LSL:0.4,0.2` (the middle stage starts at fraction a of the steps, the
-  last stage covers the final fraction b), also `LLL`, `SSS`, `LSS:0.4`, `SLL:0.4`;
-- explicit stage lengths `L20,S20,L10`;
-- any per-step string or list (`LLSSL`, ["large", "small", ...]).
+  last stage covers the final fraction b), also `LLL`, `SSS`, `LSS:0.4`, `SLL:0.4`, or any three
+  letters of the family (`HSL:0.3,0.4`);
+- explicit stage lengths `L20,S20,L10` (`H16,S4,L20`);
+- any per-step string or list (`LLSSL`, ["large", "small", ...]);
+- for a family with two experts, relative to the expert boundary diffusers' WanPipeline uses
+  (`ExpertSchedule`): `experts` is the pipeline's own plan, `experts:4,2` gives the small model the
+  last 4 steps before the switch and the first 2 after it.
 """
 from __future__ import annotations
 
@@ -13,9 +20,76 @@ import math
 import re
 from dataclasses import dataclass
 
-MODEL_NAMES = ("large", "small")
-_LETTERS = {"L": "large", "S": "small"}
 _PAPER_DEFAULT = (0.4, 0.2)
+
+
+@dataclass(frozen=True)
+class ModelSet:
+    """The models a family's plans may name, and the one letter each is spelled with."""
+
+    names: tuple[str, ...]
+    letters: tuple[str, ...]
+
+    def __post_init__(self):
+        if len(self.names) != len(self.letters) or not self.names:
+            raise ValueError(f"a model set needs one letter per model name, got {self.names} / {self.letters}")
+        if len(set(self.letters)) != len(self.letters) or any(not re.fullmatch(r"[A-Z]", c) for c in self.letters):
+            raise ValueError(f"model letters {self.letters} must be distinct single capital letters")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"model names {self.names} must be distinct")
+
+    def name_of(self, letter: str) -> str:
+        try:
+            return self.names[self.letters.index(letter.upper())]
+        except ValueError:
+            raise ValueError(f"unknown model letter {letter!r}: use {self.describe()}") from None
+
+    def letter_of(self, name: str) -> str:
+        return self.letters[self.names.index(name)]
+
+    def describe(self) -> str:
+        return ", ".join(f"{c} ({n})" for c, n in zip(self.letters, self.names))
+
+    def to_dict(self) -> dict:
+        return {"names": list(self.names), "letters": list(self.letters)}
+
+
+LARGE_SMALL = ModelSet(("large", "small"), ("L", "S"))
+EXPERTS_AND_SMALL = ModelSet(("high", "low", "small"), ("H", "L", "S"))
+MODEL_NAMES = LARGE_SMALL.names  # the two-model pairs' names (wan, ltx, toy)
+
+
+@dataclass(frozen=True)
+class ExpertSchedule:
+    """Which expert diffusers' WanPipeline runs at each step of a two-expert model (Wan 2.2 A14B).
+
+    As `WanPipeline.__call__`: `transformer` (high) while `t >= boundary_ratio * num_train_timesteps`,
+    `transformer_2` (low) after; `timesteps` are the scheduler's own (runtime/solvers.py's table).
+    """
+
+    timesteps: tuple[float, ...]
+    boundary_ratio: float
+    high: str = "high"
+    low: str = "low"
+    num_train_timesteps: int = 1000
+
+    def __post_init__(self):
+        if not 0.0 < self.boundary_ratio < 1.0:
+            raise ValueError(f"boundary_ratio must be in (0, 1), got {self.boundary_ratio} (Wan 2.2: 0.875 T2V, 0.9 I2V)")
+
+    @property
+    def boundary_timestep(self) -> float:
+        return self.boundary_ratio * self.num_train_timesteps
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        b = self.boundary_timestep
+        return tuple(self.high if t >= b else self.low for t in self.timesteps)
+
+    @property
+    def switch_step(self) -> int:
+        """Index of the first low-noise step (= the number of high-noise steps)."""
+        return sum(1 for m in self.models if m == self.high)
 
 
 def _round_half_up(x: float) -> int:
@@ -24,27 +98,31 @@ def _round_half_up(x: float) -> int:
 
 @dataclass(frozen=True)
 class BlendPlan:
-    """An immutable per-step assignment of models; build it with `parse` or the `from_*` methods."""
+    """An immutable per-step assignment of named models; build it with `parse` or the `from_*` methods."""
 
     models: tuple[str, ...]
     spec: str = ""  # how the user spelled it, for reports
+    model_set: ModelSet = LARGE_SMALL
 
     def __post_init__(self):
         if len(self.models) == 0:
             raise ValueError("a plan needs at least one step: pass steps >= 1")
-        unknown = sorted(set(self.models) - set(MODEL_NAMES))
+        unknown = sorted(set(self.models) - set(self.model_set.names))
         if unknown:
-            raise ValueError(f"unknown model name(s) {unknown} in plan: use {' or '.join(MODEL_NAMES)} (or L / S)")
+            raise ValueError(f"unknown model name(s) {unknown} in plan: use {' or '.join(self.model_set.names)} "
+                             f"(letters {self.model_set.describe()})")
         object.__setattr__(self, "models", tuple(self.models))
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def from_fractions(cls, steps: int, pattern: str = "LSL", a: float = 0.4, b: float = 0.2) -> "BlendPlan":
+    def from_fractions(cls, steps: int, pattern: str = "LSL", a: float = 0.4, b: float = 0.2,
+                       model_set: ModelSet = LARGE_SMALL) -> "BlendPlan":
         """Paper convention: stage 2 starts at round(a*steps), stage 3 covers the last round(b*steps)."""
         _check_steps(steps)
         pattern = pattern.upper()
-        if len(pattern) != 3 or any(c not in _LETTERS for c in pattern):
-            raise ValueError(f"pattern {pattern!r} must be three letters of L/S, e.g. LSL")
+        if len(pattern) != 3 or any(c not in model_set.letters for c in pattern):
+            raise ValueError(f"pattern {pattern!r} must be three letters of {model_set.describe()}, e.g. "
+                             f"{model_set.letters[0]}{model_set.letters[-1]}{model_set.letters[0]}")
         for name, value in (("a", a), ("b", b)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"fraction {name}={value} is outside [0, 1]: give fractions of the step count, e.g. LSL:0.4,0.2")
@@ -54,56 +132,92 @@ class BlendPlan:
         last = _round_half_up(b * steps)
         last = min(last, steps - first)
         lengths = (first, steps - first - last, last)
-        models = tuple(m for letter, n in zip(pattern, lengths) for m in [_LETTERS[letter]] * n)
-        spec = pattern if pattern in ("LLL", "SSS") else f"{pattern}:{a:g},{b:g}"
-        return cls(models, spec)
+        models = tuple(m for letter, n in zip(pattern, lengths) for m in [model_set.name_of(letter)] * n)
+        spec = pattern if len(set(pattern)) == 1 else f"{pattern}:{a:g},{b:g}"
+        return cls(models, spec, model_set)
 
     @classmethod
-    def from_stages(cls, stages: str, steps: int | None = None) -> "BlendPlan":
+    def from_stages(cls, stages: str, steps: int | None = None, model_set: ModelSet = LARGE_SMALL) -> "BlendPlan":
         """Explicit stage lengths, e.g. 'L20,S20,L10'; `steps`, if given, must equal their sum."""
         models = []
         for part in stages.replace(" ", "").split(","):
-            m = re.fullmatch(r"([LS])(\d+)", part.upper())
-            if not m:
-                raise ValueError(f"stage {part!r} is not of the form L<n> or S<n> (e.g. L20,S20,L10)")
-            models += [_LETTERS[m.group(1)]] * int(m.group(2))
+            m = re.fullmatch(r"([A-Z])(\d+)", part.upper())
+            if not m or m.group(1) not in model_set.letters:
+                raise ValueError(f"stage {part!r} is not of the form <letter><n> with a letter of "
+                                 f"{model_set.describe()} (e.g. {model_set.letters[0]}20,{model_set.letters[-1]}20)")
+            models += [model_set.name_of(m.group(1))] * int(m.group(2))
         if steps is not None and len(models) != steps:
             raise ValueError(f"stage lengths {stages!r} sum to {len(models)} but steps={steps}: make them add up")
-        return cls(tuple(models), stages)
+        return cls(tuple(models), stages, model_set)
 
     @classmethod
-    def from_steps(cls, per_step) -> "BlendPlan":
-        """Any per-step list of model names, or a string of L/S letters."""
+    def from_steps(cls, per_step, model_set: ModelSet = LARGE_SMALL) -> "BlendPlan":
+        """Any per-step list of model names, or a string of the family's letters."""
         if isinstance(per_step, str):
-            bad = sorted(set(per_step.upper()) - set(_LETTERS))
+            bad = sorted(set(per_step.upper()) - set(model_set.letters))
             if bad:
-                raise ValueError(f"unknown model letter(s) {bad} in {per_step!r}: use L (large) and S (small)")
-            return cls(tuple(_LETTERS[c] for c in per_step.upper()), per_step)
-        return cls(tuple(_LETTERS.get(m, m) for m in per_step), "custom")
+                raise ValueError(f"unknown model letter(s) {bad} in {per_step!r}: use {model_set.describe()}")
+            return cls(tuple(model_set.name_of(c) for c in per_step.upper()), per_step, model_set)
+        by_letter = dict(zip(model_set.letters, model_set.names))
+        return cls(tuple(by_letter.get(m, m) for m in per_step), "custom", model_set)
 
     @classmethod
-    def parse(cls, spec: str, steps: int) -> "BlendPlan":
-        """Parse any spelling; `steps` is the step count the plan must cover."""
+    def from_expert_boundary(cls, experts: ExpertSchedule, before: int = 0, after: int = 0, small: str = "small",
+                             model_set: ModelSet = EXPERTS_AND_SMALL) -> "BlendPlan":
+        """The experts' own plan, with `small` taking the last `before` steps before the switch and the first `after`."""
+        models = list(experts.models)
+        switch = experts.switch_step
+        if before < 0 or after < 0:
+            raise ValueError(f"experts:{before},{after}: step counts must be >= 0")
+        if before > switch:
+            raise ValueError(f"experts:{before},{after}: only {switch} high-noise steps come before the switch "
+                             f"(boundary t >= {experts.boundary_timestep:g}); use at most experts:{switch},{after}")
+        if after > len(models) - switch:
+            raise ValueError(f"experts:{before},{after}: only {len(models) - switch} low-noise steps follow the "
+                             f"switch; use at most experts:{before},{len(models) - switch}")
+        models[switch - before:switch + after] = [small] * (before + after)
+        spec = "experts" if before == after == 0 else f"experts:{before},{after}"
+        return cls(tuple(models), spec, model_set)
+
+    @classmethod
+    def parse(cls, spec: str, steps: int, model_set: ModelSet = LARGE_SMALL,
+              experts: ExpertSchedule | None = None) -> "BlendPlan":
+        """Parse any spelling; `steps` is the step count the plan must cover.
+
+        `experts` (the expert schedule of these steps) is needed for the `experts[:before,after]` form.
+        """
         _check_steps(steps)
         text = spec.strip()
         upper = text.upper()
-        if re.fullmatch(r"[LS]{3}(:[^:]*)?", upper) and (len(upper) == 3 or upper[3] == ":"):
+        letters = "".join(model_set.letters)
+        m = re.fullmatch(r"EXPERTS(?::(\d+),(\d+))?", upper)
+        if m:
+            if experts is None:
+                raise ValueError(f"plan {spec!r} is relative to the expert boundary: it needs a pair with two "
+                                 "experts (--pair wan22)")
+            if len(experts.timesteps) != steps:
+                raise ValueError(f"the expert schedule has {len(experts.timesteps)} steps but steps={steps}")
+            return cls.from_expert_boundary(experts, int(m.group(1) or 0), int(m.group(2) or 0), model_set=model_set)
+        if re.fullmatch(rf"[{letters}]{{3}}(:[^:]*)?", upper):
             pattern, _, rest = upper.partition(":")
             fractions = [float(x) for x in rest.split(",") if x.strip()] if rest else []
             if len(fractions) > 2:
                 raise ValueError(f"plan {spec!r} has more than two fractions: use e.g. LSL:0.4,0.2")
             a, b = (fractions + list(_PAPER_DEFAULT)[len(fractions):])[:2]
-            if pattern in ("LLL", "SSS"):
+            if len(set(pattern)) == 1:
                 a, b = 0.0, 0.0
-            return cls.from_fractions(steps, pattern, a, b)
-        if "," in text or re.fullmatch(r"[LSls]\d+", text):
-            return cls.from_stages(text, steps)
-        if re.fullmatch(r"[LSls]+", text):
-            plan = cls.from_steps(text)
+            return cls.from_fractions(steps, pattern, a, b, model_set)
+        if "," in text or re.fullmatch(r"[A-Za-z]\d+", text):
+            return cls.from_stages(text, steps, model_set)
+        if re.fullmatch(rf"[{letters}]+", upper):
+            plan = cls.from_steps(text, model_set)
             if len(plan) != steps:
                 raise ValueError(f"per-step plan {spec!r} has {len(plan)} steps but steps={steps}")
             return plan
-        raise ValueError(f"cannot read plan {spec!r}: use LSL:0.4,0.2, L20,S20,L10 or a per-step string like LLSSL")
+        hint = ", experts:4,2" if experts is not None else ""
+        raise ValueError(f"cannot read plan {spec!r}: use {letters[0]}{letters[-1]}{letters[0]}:0.4,0.2, "
+                         f"{letters[0]}20,{letters[-1]}20,{letters[0]}10 or a per-step string of "
+                         f"{model_set.describe()}{hint}")
 
     # -- views --------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -128,8 +242,8 @@ class BlendPlan:
 
     @property
     def label(self) -> str:
-        """Short stage label, e.g. L20,S20,L10."""
-        return ",".join(f"{m[0].upper()}{end - start}" for m, start, end in self.stages())
+        """Short stage label, e.g. L20,S20,L10 (H16,S4,L20 for Wan 2.2)."""
+        return ",".join(f"{self.model_set.letter_of(m)}{end - start}" for m, start, end in self.stages())
 
     def flops(self, per_step_flops: dict[str, float]) -> float:
         """Cost of the plan: sum over steps of the running model's per-step FLOPs."""
@@ -137,7 +251,10 @@ class BlendPlan:
 
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"steps": len(self), "models": list(self.models), "spec": self.spec, "stages": self.label}
+        out = {"steps": len(self), "models": list(self.models), "spec": self.spec, "stages": self.label}
+        if self.model_set != LARGE_SMALL:
+            out["model_set"] = self.model_set.to_dict()
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -146,7 +263,9 @@ class BlendPlan:
     def from_dict(cls, data: dict) -> "BlendPlan":
         if "models" not in data:
             raise ValueError("plan JSON needs a 'models' list of per-step model names")
-        plan = cls(tuple(data["models"]), data.get("spec", ""))
+        ms = data.get("model_set")
+        model_set = LARGE_SMALL if ms is None else ModelSet(tuple(ms["names"]), tuple(ms["letters"]))
+        plan = cls(tuple(data["models"]), data.get("spec", ""), model_set)
         if "steps" in data and int(data["steps"]) != len(plan):
             raise ValueError(f"plan JSON says steps={data['steps']} but lists {len(plan)} models")
         return plan

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from flowblend.errors import FlowblendError
 
-from .plan import BlendPlan
+from .plan import LARGE_SMALL, BlendPlan, ExpertSchedule, ModelSet
 
 SOLVER_NAMES = ("unipc", "euler")  # runtime/solvers.SOLVERS, spelled here without importing torch
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes any int up to here
@@ -81,8 +81,10 @@ def check_guidance(guidance) -> float:
     return float(guidance)
 
 
-def resolve_plan(plan: str | BlendPlan, steps: int | None, default_steps: int) -> BlendPlan:
-    """A plan spelling (LSL:0.4,0.2, L20,S20,L10, LLSSL...) or BlendPlan at the requested step count."""
+def resolve_plan(plan: str | BlendPlan, steps: int | None, default_steps: int, model_set: ModelSet = LARGE_SMALL,
+                 experts: ExpertSchedule | None = None) -> BlendPlan:
+    """A plan spelling (LSL:0.4,0.2, L20,S20,L10, LLSSL...; wan22: experts:4,2) or BlendPlan at the requested
+    step count, in `model_set`'s names; `experts` is the two-expert schedule of those steps (wan22)."""
     if steps is not None:
         _check_int("steps", steps, 1)
     if isinstance(plan, BlendPlan):
@@ -90,7 +92,7 @@ def resolve_plan(plan: str | BlendPlan, steps: int | None, default_steps: int) -
             raise FlowblendError(f"steps {steps} disagrees with the plan's {len(plan)} steps: drop steps")
         return plan
     try:
-        return BlendPlan.parse(str(plan), steps if steps is not None else default_steps)
+        return BlendPlan.parse(str(plan), steps if steps is not None else default_steps, model_set, experts)
     except ValueError as exc:
         raise FlowblendError(f"plan {plan!r}: {exc}") from None
 

@@ -35,6 +35,9 @@ class SamplerOptions:
     guidance_scale: float = 5.0
     mu: float | None = None  # dynamic shifting (LTX); replaces `shift` when given
     fused_kernel: bool = True  # on CUDA, runtime/fused.py's one-kernel step when the library is built
+    # Per-step CFG scales (runtime/guidance.py: Wan 2.2's experts each bring theirs); None: guidance_scale
+    # at every step. Read from a device tensor per step, so a captured loop reads it from memory.
+    guidance_table: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
@@ -43,6 +46,19 @@ class SamplerOptions:
             raise FlowblendError(f"guidance_scale must be >= 0 (1 disables CFG), got {self.guidance_scale}")
         if not self.shift > 0:
             raise FlowblendError(f"shift must be > 0 (Wan 480p uses 3.0, 720p 5.0), got {self.shift}")
+        if self.guidance_table is not None:
+            object.__setattr__(self, "guidance_table", tuple(float(g) for g in self.guidance_table))
+            if not all(g >= 0 for g in self.guidance_table):
+                raise FlowblendError(f"guidance_table has a negative or NaN scale: {self.guidance_table}")
+
+    def guidance_for(self, steps: int) -> tuple[float, ...]:
+        """The scale of every step (the table, or guidance_scale repeated)."""
+        if self.guidance_table is None:
+            return (float(self.guidance_scale),) * steps
+        if len(self.guidance_table) != steps:
+            raise FlowblendError(f"guidance_table has {len(self.guidance_table)} scales but the plan {steps} steps: "
+                                 "give one scale per step (runtime/guidance.py's guidance_table)")
+        return self.guidance_table
 
     def replace(self, **changes) -> "SamplerOptions":
         """A copy with `changes` applied (validated again)."""
@@ -88,9 +104,9 @@ class Sampler:
         self.engines = engines
         self.plan = plan
         self.table: SolverTable = make_solver_table(options.solver, len(plan), options.shift, options.mu)
-        # CFG scale per step, a table like the solver's coefficients (runtime/step.py's g[i]); the
-        # buffers carry the unconditional row when any step guides
-        self.guidance_scales: tuple[float, ...] = (options.guidance_scale,) * len(plan)
+        # CFG scale per step, a table like the solver's coefficients (runtime/step.py's g[i]; Wan 2.2's experts
+        # each bring theirs, runtime/guidance.py); the buffers carry the unconditional row when any step guides
+        self.guidance_scales: tuple[float, ...] = options.guidance_for(len(plan))
         self.cfg = any(g > 1.0 for g in self.guidance_scales)  # diffusers' rule: CFG only above 1
         first = next(iter(engines.values()))
         self.device = torch.device(device) if device is not None else torch.device(first.device)
@@ -113,13 +129,16 @@ class Sampler:
                 engine.bind(self.buffers.engine_bindings())
             return self.buffers
         bufs = SamplerBuffers.allocate(latent_shape, text_shape, self.table.timesteps, self.cfg,
-                                       self.dtype, self.device, self.table.state_names, self.needs_mask)
+                                       self.dtype, self.device, self.table.state_names, self.needs_mask,
+                                       guidance=self.guidance_scales)
         for engine in self.engines.values():
             engine.bind(bufs.engine_bindings())
         self.buffers, self._shape_key = bufs, key
         self._solver_tensors = bufs.solver_tensors()
         self._v_cond, self._v_uncond = bufs.velocity[0:1], bufs.velocity[-1:]
         self._step_ops = self.table.steps
+        # g[i] as 0-d views of the buffers' guidance table: a captured loop reads each step's scale from memory
+        self._guidance_rows = [bufs.guidance_table[i] for i in range(len(self.plan))]
         self._fused = fused_steps_for(bufs, self.table, self.guidance_scales) if self.options.fused_kernel else None
         return bufs
 
@@ -185,7 +204,7 @@ class Sampler:
         engine = self._step_engines[i] if model is None else self.engines[model]
         engine.run(i)
         if bufs.cfg:
-            guide(self._v_cond, self._v_uncond, self.guidance_scales[i], out=bufs.guided)
+            guide(self._v_cond, self._v_uncond, self._guidance_rows[i], out=bufs.guided)
         elif bufs.guided is not bufs.velocity:
             bufs.guided.copy_(bufs.velocity)  # to float32 for the solver
 

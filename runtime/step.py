@@ -25,9 +25,10 @@ import torch
 
 
 # -- classifier-free guidance -------------------------------------------------------------------
-def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch.Tensor, out: torch.Tensor) -> None:
     """`out = uncond + scale * (cond - uncond)` in place, as diffusers' pipelines (noise_pred_uncond +
-    guidance_scale * (noise_pred_text - noise_pred_uncond)); `out` may not alias cond or uncond."""
+    guidance_scale * (noise_pred_text - noise_pred_uncond)); `out` may not alias cond or uncond. `scale` may
+    be a 0-d tensor (the sampler's per-step guidance table row), read on the device without a host sync."""
     torch.sub(cond, uncond, out=out)
     out.mul_(scale).add_(uncond)
 

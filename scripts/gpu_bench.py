@@ -12,6 +12,10 @@ and VAE decoding are not part of it (no weights): every time reported is the den
 `--layers-large/--layers-small` run fewer transformer blocks; the report then says so and states
 its numbers for that depth only (nothing is extrapolated). Writes gpu-bench.json and gpu-bench.md
 (and the chart) into --out, for committing under docs/gpu-runs/.
+
+`--pair wan22` measures Wan 2.2 A14B's two experts (each at Wan 2.1 14B's size; --layers-large sets
+both) and the 1.3B stand-in: the experts' own plan (the reference) against the small model taking
+the last and first steps around the expert switch (`--plan experts:1,1` by default).
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DRY_CONFIG = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=32, freq_dim=32)
 DRY = {"large": dict(DRY_CONFIG, num_attention_heads=2, attention_head_dim=16, ffn_dim=64, num_layers=2),
        "small": dict(DRY_CONFIG, num_attention_heads=1, attention_head_dim=16, ffn_dim=32, num_layers=1)}
+PLANS = {"wan": ("LLL", "LSL:0.4,0.2"), "wan22": ("experts", "experts:1,1")}
 
 
 def random_transformer(config: dict, device: torch.device, dtype: torch.dtype, seed: int):
@@ -51,24 +56,30 @@ def random_transformer(config: dict, device: torch.device, dtype: torch.dtype, s
 
 
 def build_pair(args, device: torch.device, dtype: torch.dtype) -> tuple[LoadedPair, dict]:
-    wan = get_family("wan")
-    configs = {m: dict(c) for m, c in (DRY if args.dry_run else reference_configs("wan")).items()}
+    wan = get_family(args.pair)
+    if args.dry_run:  # every model but the small one has the large model's size (Wan 2.2's experts: 14B each)
+        configs = {m: dict(DRY["small" if m == "small" else "large"]) for m in wan.models}
+    else:
+        configs = {m: dict(c) for m, c in reference_configs(args.pair).items()}
     depth = {}
-    for m, layers in (("large", args.layers_large), ("small", args.layers_small)):
+    for m in configs:
+        layers = args.layers_small if m == "small" else args.layers_large
+        flag = "small" if m == "small" else "large"
         full = configs[m]["num_layers"]
         if layers is not None:
             if not 1 <= layers <= full:
-                raise FlowblendError(f"--layers-{m} must be between 1 and {full}, got {layers}")
+                raise FlowblendError(f"--layers-{flag} must be between 1 and {full}, got {layers}")
             configs[m]["num_layers"] = layers
         depth[m] = f"{configs[m]['num_layers']} of {full} layers"
-    family = dataclasses.replace(wan, text_dim=configs["large"]["text_dim"], text_len=8 if args.dry_run else wan.text_len)
+    family = dataclasses.replace(wan, text_dim=configs[wan.models[0]]["text_dim"],
+                                 text_len=8 if args.dry_run else wan.text_len)
     transformers = {m: random_transformer(c, device, dtype, seed=i) for i, (m, c) in enumerate(configs.items())}
     text = torch.randn((2, family.text_len, family.text_dim), generator=torch.Generator().manual_seed(0))
 
     def encode_prompt(prompts):  # stands in for UMT5-XXL: same shape, no weights
         return text[: len(prompts)].to(device=device, dtype=dtype), None
 
-    sizes = "tiny dry-run sizes" if args.dry_run else "Wan 2.1 14B / 1.3B layer sizes"
+    sizes = "tiny dry-run sizes" if args.dry_run else "Wan 2.1 14B / 1.3B layer sizes (Wan 2.2 experts: 14B)"
     sources = {m: f"random weights, {sizes}, {depth[m]}" for m in configs}
     return LoadedPair(family, transformers, encode_prompt, lambda latents: latents, sources), depth
 
@@ -76,6 +87,9 @@ def build_pair(args, device: torch.device, dtype: torch.dtype) -> tuple[LoadedPa
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder for gpu-bench.json/.md/.png (e.g. docs/gpu-runs/h100-bf16)")
+    p.add_argument("--pair", default="wan", choices=tuple(PLANS),
+                   help="wan: 14B + 1.3B, LLL vs LSL; wan22: two 14B experts + 1.3B, experts vs experts:1,1")
+    p.add_argument("--plan", action="append", help="plan spelling (repeatable; default: the pair's, see --pair)")
     p.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU in FP32: checks the script end to end")
     p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
     p.add_argument("--frames", type=int, default=17, help="video frames (4k+1); 17 = 5 latent frames")
@@ -92,7 +106,8 @@ def parse_args(argv):
     p.add_argument("--compile-mode", help="torch.compile mode (default torch's)")
     args = p.parse_args(argv)
     if args.dry_run:
-        args.height, args.width, args.frames, args.steps = 64, 64, 5, min(args.steps, 3)
+        args.height, args.width, args.frames = 64, 64, 5
+        args.steps = min(args.steps, 3 if args.pair == "wan" else 6)  # wan22: 6 steps put the switch at step 4
         args.repeats, args.dtype = 1, "fp32"
         args.backend = args.backend or ["torch"]  # compiling takes minutes on a CPU; name it to include it
     return args
@@ -104,11 +119,11 @@ def main(argv=None) -> int:
     try:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise FlowblendError("no CUDA GPU is visible: run this on a GPU machine, or pass --dry-run to check it on CPU")
-        get_family("wan").check_video_shape(args.frames, args.height, args.width)
+        get_family(args.pair).check_video_shape(args.frames, args.height, args.width)
         dtype = DTYPES[args.dtype]
         options = BenchOptions(backends=tuple(args.backend or ("torch", "torch-compile")),
                                modes=tuple(args.mode or ("loop", "step-graph", "loop-graph")),
-                               plans=("LLL", "LSL:0.4,0.2"), steps=args.steps, frames=args.frames, height=args.height,
+                               plans=tuple(args.plan or PLANS[args.pair]), steps=args.steps, frames=args.frames, height=args.height,
                                width=args.width, warmup=args.warmup, repeats=args.repeats, overhead_repeats=0,
                                device=str(device), dtype=dtype, compile_mode=args.compile_mode, end_to_end=False)
         start = time.perf_counter()
@@ -124,7 +139,7 @@ def main(argv=None) -> int:
               "copied wheels)")
         return SKIPPED
     report["command"] = "python scripts/gpu_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    report["equivalent_bench_options"] = equivalent_command("wan", options)
+    report["equivalent_bench_options"] = equivalent_command(args.pair, options)
     report["model_depth"] = depth
     report["note"] = ("random weights at the stated layer sizes; times are the denoising loop only (no text "
                       "encoder or VAE); numbers hold for the stated depth and frame count, not extrapolated")

@@ -25,10 +25,11 @@ def test_sampler_takes_its_numerics_from_options_only():
     params = list(inspect.signature(Sampler).parameters)
     assert params == ["engines", "plan", "options", "device", "dtype"]
     assert {f.name for f in dataclasses.fields(SamplerOptions)} == {"solver", "shift", "guidance_scale", "mu",
-                                                                     "fused_kernel"}
+                                                                     "fused_kernel", "guidance_table"}
     engines = {n: TorchEngine(m) for n, m in tiny_pair("wan").items()}
     plan = BlendPlan.parse("LLL", 3)
-    for loose in ({"solver": "euler"}, {"shift": 5.0}, {"guidance_scale": 1.0}, {"mu": 0.7}, {"fused_kernel": False}):
+    for loose in ({"solver": "euler"}, {"shift": 5.0}, {"guidance_scale": 1.0}, {"mu": 0.7}, {"fused_kernel": False},
+                  {"guidance_table": (1.0,) * 3}):
         with pytest.raises(TypeError):
             Sampler(engines, plan, **loose)
     with pytest.raises(FlowblendError, match="options must be a SamplerOptions.*SamplerOptions\\(solver="):

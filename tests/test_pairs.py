@@ -8,7 +8,7 @@ from flowblend.export.pairs import FAMILIES, check_compatible, get_family, load_
 
 
 def test_families_and_defaults():
-    assert set(FAMILIES) == {"wan", "ltx", "toy"}
+    assert set(FAMILIES) == {"wan", "wan22", "ltx", "toy"}
     wan, ltx = get_family("wan"), get_family("ltx")
     assert (wan.solver, wan.shift, wan.steps) == ("unipc", 3.0, 50)
     assert ltx.solver == "euler" and ltx.dynamic_shift
@@ -31,7 +31,7 @@ def test_bad_video_shapes_name_the_fix(family, frames, h, w, match):
 
 
 def test_unknown_pair():
-    with pytest.raises(FlowblendError, match="choose one of wan, ltx, toy"):
+    with pytest.raises(FlowblendError, match="choose one of wan, wan22, ltx, toy"):
         get_family("sdxl")
 
 
