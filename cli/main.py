@@ -56,8 +56,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flowblend {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _close_progress_bars()
         print(f"flowblend {args.command}: interrupted", file=sys.stderr)
         return INTERRUPTED
+
+
+def _close_progress_bars() -> None:
+    """Ctrl-C can land while a tqdm bar draws itself (even in its constructor, before any `with` can close
+    it), leaving the bar's line open; closing what is left ends that line, so the message starts its own."""
+    tqdm_std = sys.modules.get("tqdm.std")  # imported only if some command drew a bar
+    if tqdm_std is not None:
+        for bar in list(tqdm_std.tqdm._instances):
+            bar.close()
 
 
 if __name__ == "__main__":
