@@ -231,6 +231,18 @@ def resolve_experts(args, family: PairFamily, steps: int, solver: str, shift: fl
     return expert_schedule_for(solver, steps, shift, ratio, mu)
 
 
+def experts_of(args, family: PairFamily) -> ExpertSchedule | None:
+    """wan22: which expert runs each step, on the requested solver's timesteps (None for two-model pairs).
+
+    `args` carries the plan, video, solver and experts groups' values (generate's flags; the server
+    passes a request's values with its own flags' under the same names)."""
+    if family.experts is None:
+        return resolve_experts(args, family, 1, "unipc", 1.0)  # refuses --boundary-ratio/--guidance-2 here
+    settings = family.sampler_kwargs(family.latent_shape(*video_of(args, family)))
+    shift, mu = (args.shift, None) if args.shift is not None else (settings["shift"], settings.get("mu"))
+    return resolve_experts(args, family, steps_of(args, family), args.solver or settings["solver"], shift, mu)
+
+
 def resolve_scales(args, family: PairFamily, experts: ExpertSchedule | None) -> tuple[float, dict[str, float]]:
     """(the --guidance scale, each model's own scale): wan22's experts from --guidance / --guidance-2, and
     --small-guidance; a model without one takes the scale of the expert whose step it runs."""

@@ -16,7 +16,7 @@ from flowblend.runtime.graph_modes import GRAPH_FLAGS, check_graph_flag
 from flowblend.runtime.request import GenerationRequest, validate_request
 from flowblend.toy.vocab import vocabulary_line
 
-from .common import family_of, plan_of, resolve_experts, resolve_guidance, steps_of, subscribe, video_of
+from .common import experts_of, family_of, plan_of, resolve_guidance, subscribe
 
 
 def register(p) -> None:
@@ -69,18 +69,8 @@ def request_of(args, experts=None) -> GenerationRequest:
                             args.shift)
 
 
-def experts_of(args):
-    """wan22: which expert runs each step, on the requested solver's timesteps (None for two-model pairs)."""
-    family = family_of(args)
-    if family.experts is None:
-        return resolve_experts(args, family, 1, "unipc", 1.0)  # refuses --boundary-ratio/--guidance-2 here
-    settings = family.sampler_kwargs(family.latent_shape(*video_of(args, family)))
-    shift, mu = (args.shift, None) if args.shift is not None else (settings["shift"], settings.get("mu"))
-    return resolve_experts(args, family, steps_of(args, family), args.solver or settings["solver"], shift, mu)
-
-
 def run(args) -> int:
-    experts = experts_of(args)
+    experts = experts_of(args, family_of(args))
     request = request_of(args, experts)
     guidance, guidance_table = resolve_guidance(args, request.family, request.plan, experts)
     check_graph_flag(args.graph, args.device)

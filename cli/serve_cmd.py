@@ -14,7 +14,7 @@ def register(p) -> None:
     p.description = ("Loads the pair and engines once, warms up, then serves POST /v1/videos, "
                      "GET /v1/videos/{id}[/content], DELETE /v1/videos/{id}, /health and /metrics. The shared flags "
                      "set the warm configuration and the defaults of requests that leave a value out.")
-    subscribe(p, "pair", "plan", "video", "guidance", "device", "dtype", "threads", "artifacts")
+    subscribe(p, "pair", "plan", "video", "guidance", "experts", "device", "dtype", "threads", "artifacts")
     r = p.add_argument_group("backend")
     r.add_argument("--backend", default="torch", choices=BACKENDS, help="engine backend")
     r.add_argument("--build-engines", action="store_true",
@@ -53,9 +53,11 @@ def config_from_args(args):
         raise FlowblendError("--queue-size and --max-steps must be >= 1 and --drain-seconds >= 0")
     return ServeConfig(pair=args.pair, large=args.large, small=args.small, allow_download=args.allow_download,
                        backend=args.backend, device=args.device, dtype=args.dtype, artifacts=args.artifacts,
-                       build_engines=args.build_engines, graph=args.graph, plan=args.plan or "LSL:0.4,0.2",  # serve: two-model pairs (wan22 not wired)
+                       build_engines=args.build_engines, graph=args.graph, plan=args.plan,
                        plan_file=args.plan_file, steps=args.steps,
                        frames=args.frames, height=args.height, width=args.width, guidance=args.guidance,
+                       boundary_ratio=args.boundary_ratio, guidance_2=args.guidance_2,
+                       small_guidance=args.small_guidance,
                        dynamic_shapes=args.dynamic_shapes, plans_dir=args.plans_dir, results_dir=args.results_dir,
                        queue_size=args.queue_size, max_steps=args.max_steps, drain_seconds=args.drain_seconds,
                        threads=args.threads)

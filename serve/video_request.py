@@ -3,7 +3,9 @@
 The schema only says which fields exist and their JSON types; every rule about values (prompts and
 the toy vocabulary, plan spellings, step counts, sizes the VAE takes, guidance, seeds) is the CLI's
 own check, `runtime.request.validate_request`, called here, so the server and `flowblend generate`
-accept and refuse exactly the same things with the same words.
+accept and refuse exactly the same things with the same words. The plan, the expert schedule (wan22)
+and the per-step guidance table come from the same cli/common.py functions `flowblend generate` calls,
+given the request's values and the server's flags under the flags' names.
 """
 from __future__ import annotations
 
@@ -14,10 +16,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from flowblend.cli.common import plan_of
+from flowblend.cli.common import experts_of, plan_of, resolve_guidance
 from flowblend.errors import FlowblendError
 from flowblend.export.pairs import PairFamily
-from flowblend.runtime.plan import BlendPlan
+from flowblend.runtime.plan import BlendPlan, ExpertSchedule
 from flowblend.runtime.request import validate_request
 from flowblend.runtime.sampler import SamplerOptions
 
@@ -58,10 +60,15 @@ class JobSpec:
     guidance: float
     options: SamplerOptions
     latent_shape: tuple[int, ...]
+    experts: ExpertSchedule | None = None  # wan22: which expert each step belongs to
+
+    @property
+    def guidance_per_step(self) -> tuple[float, ...]:
+        return self.options.guidance_for(len(self.plan))
 
     @property
     def cfg(self) -> bool:
-        return self.guidance > 1.0  # diffusers' rule (runtime/sampler.py): batch 2 only above 1
+        return any(g > 1.0 for g in self.guidance_per_step)  # diffusers' rule (runtime/sampler.py): batch 2 above 1
 
     def shape_key(self) -> tuple:
         """What buffers (and engines' static shapes, graphs) are specialised for."""
@@ -70,7 +77,9 @@ class JobSpec:
     def to_dict(self) -> dict:
         return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "plan": self.plan.to_dict(),
                 "seed": self.seed, "frames": self.frames, "height": self.height, "width": self.width,
-                "guidance": self.guidance}
+                "guidance": self.guidance, "guidance_per_step": list(self.guidance_per_step),
+                **({"boundary_ratio": self.experts.boundary_ratio, "expert_switch_step": self.experts.switch_step}
+                   if self.experts is not None else {})}
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
@@ -101,29 +110,33 @@ def resolve(body: VideoRequest, config: ServeConfig, family: PairFamily) -> JobS
         raise FlowblendError(f"steps must be between 1 and {config.max_steps} (this server's --max-steps), "
                              f"got {body.steps}")
     height, width = parse_size(body.size)
-    spelling = body.plan or config.plan
-    named = plan_file(config.plans_dir, spelling) if body.plan else config.plan_file
+    named = plan_file(config.plans_dir, body.plan) if body.plan else config.plan_file
     steps = body.steps if body.steps is not None else config.steps
-    plan: str | BlendPlan = spelling
-    if named:
-        plan = plan_of(argparse.Namespace(plan=spelling, plan_file=str(named), steps=steps), family)
+    # generate's flags, by name: the request's values, else the server's (None: the family's default)
+    args = argparse.Namespace(plan=body.plan or config.plan, plan_file=str(named) if named else None, steps=steps,
+                              frames=body.frames if body.frames is not None else config.frames,
+                              height=height if height is not None else config.height,
+                              width=width if width is not None else config.width,
+                              guidance=body.guidance if body.guidance is not None else config.guidance,
+                              solver=None, shift=None, boundary_ratio=config.boundary_ratio,
+                              guidance_2=config.guidance_2, small_guidance=config.small_guidance)
     try:
-        request = validate_request(family, body.prompt, body.negative_prompt, plan, steps, body.seed,
-                                   height if height is not None else config.height,
-                                   width if width is not None else config.width,
-                                   body.frames if body.frames is not None else config.frames,
-                                   body.guidance if body.guidance is not None else config.guidance)
+        experts = experts_of(args, family)
+        request = validate_request(family, body.prompt, body.negative_prompt, plan_of(args, family, experts), steps,
+                                   body.seed, args.height, args.width, args.frames, args.guidance)
     except FlowblendError as exc:
         known = sorted(p.stem for p in Path(config.plans_dir).glob("*.json")) if config.plans_dir else []
-        if known and str(exc).startswith(f"plan {spelling!r}"):
+        if known and args.plan and str(exc).startswith(f"plan {args.plan!r}"):
             raise FlowblendError(f"{exc}; or name a calibrated plan: {', '.join(known)}") from None
         raise
     if len(request.plan) > config.max_steps:
-        raise FlowblendError(f"plan {spelling!r} has {len(request.plan)} steps; this server runs at most "
-                             f"{config.max_steps} (--max-steps)")
+        raise FlowblendError(f"plan {args.plan or request.plan.spec!r} has {len(request.plan)} steps; this server "
+                             f"runs at most {config.max_steps} (--max-steps)")
+    _, table = resolve_guidance(args, family, request.plan, experts)
+    uniform = all(g == request.guidance for g in table)  # two-model pairs: one scale, no table (as before)
+    options = SamplerOptions(**request.sampler_settings(), guidance_table=None if uniform else table)
     return JobSpec(request.prompts[0], request.negative_prompt, request.plan, request.seed, request.frames,
-                   request.height, request.width, request.guidance, SamplerOptions(**request.sampler_settings()),
-                   tuple(request.latent_shape))
+                   request.height, request.width, request.guidance, options, tuple(request.latent_shape), experts)
 
 
 def error_line(errors: list[dict]) -> str:

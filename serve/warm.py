@@ -64,7 +64,7 @@ class WarmPipeline:
             # The store keys engines by GPU type and locks each build: replicas on shared storage build once.
             build_pair_engines(self.family.name, c.backend, c.artifacts, progress=False)
         self.engines = make_engines(c.backend, self.pair, latent_shape=warm_spec.latent_shape,
-                                    guidance=warm_spec.guidance, device=c.device, dtype=c.dtype,
+                                    guidance=max(warm_spec.guidance_per_step), device=c.device, dtype=c.dtype,
                                     artifacts=c.artifacts)
         t2 = time.perf_counter()
         stage("warming up" + (f" (capturing {c.graph} CUDA graphs)" if c.graph != "none" else ""))

@@ -43,10 +43,12 @@ def warm_toy_pipeline() -> WarmPipeline:
 
 
 class ThreadedServer:
-    """A VideoService behind uvicorn on a free loopback port, in a thread; `stop()` shuts both down."""
+    """A VideoService behind uvicorn on a free loopback port, in a thread; `stop()` shuts both down.
 
-    def __init__(self, config: ServeConfig, pipeline: WarmPipeline | None = None):
-        self.service = VideoService(config, pipeline or warm_toy_pipeline()).start(wait=True)
+    `load=True`: the service loads and warms up its own pipeline from `config`, as `flowblend serve` does."""
+
+    def __init__(self, config: ServeConfig, pipeline: WarmPipeline | None = None, load: bool = False):
+        self.service = VideoService(config, None if load else pipeline or warm_toy_pipeline()).start(wait=True)
         sock = bind_socket("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         self.server = uvicorn.Server(uvicorn.Config(create_app(self.service), log_level="warning", lifespan="off"))
