@@ -56,7 +56,7 @@ def main() -> int:
     sock.close()
     url = f"http://127.0.0.1:{port}"
     ray.init(num_cpus=max(4, os.cpu_count() or 1), object_store_memory=200 * 2**20, include_dashboard=False,
-             log_to_driver=False, runtime_env={"env_vars": QUIET_ENV})
+             log_to_driver=False, runtime_env={"env_vars": QUIET_ENV}, _node_ip_address="127.0.0.1")
     report = {"command": " ".join(["scripts/ray_load.py", *sys.argv[1:]]), "cores": os.cpu_count(),
               "requests": args.requests, "concurrency": args.concurrency, "steps": args.steps, "runs": {}}
     try:

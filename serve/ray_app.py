@@ -139,7 +139,8 @@ def start_ray(opts: RayOptions) -> None:
     if opts.address:
         ray.init(address=opts.address)
     else:
-        ray.init(object_store_memory=opts.object_store_mb * 2**20, include_dashboard=False)
+        ray.init(object_store_memory=opts.object_store_mb * 2**20, include_dashboard=False,
+                 _node_ip_address="127.0.0.1")  # a local cluster talks over loopback only
 
 
 def run_ray(config: ServeConfig, opts: RayOptions) -> int:

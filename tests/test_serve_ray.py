@@ -31,7 +31,7 @@ BODY = {"prompt": "a red circle moving left", "steps": SHORT}
 def deployment(tmp_path_factory):
     results = tmp_path_factory.mktemp("ray-results")
     ray.init(num_cpus=4, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": QUIET_ENV})
+             runtime_env={"env_vars": QUIET_ENV}, _node_ip_address="127.0.0.1")  # loopback only
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(toy_config(results, queue_size=16), RayOptions(replicas=2, num_cpus=1)),
