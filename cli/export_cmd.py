@@ -52,7 +52,7 @@ def run(args) -> int:
                      export_layout=True)
     threshold = args.external_data_threshold or EXTERNAL_DATA_THRESHOLD
     record = export_pair(pair, spec, args.artifacts, verify=not args.no_verify,
-                         external_data_threshold=threshold, progress=not args.no_progress)
+                         external_data_threshold=threshold, progress=not args.no_progress, release_models=True)
     out = onnx_dir(args.artifacts, family.name)
     for name, entry in record["models"].items():
         check = entry["verify"]

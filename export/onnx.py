@@ -12,6 +12,7 @@ place only when both graphs pass, so a failed export never replaces a good one.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -63,7 +64,7 @@ def model_hash(transformer: torch.nn.Module) -> str:
     h.update(json.dumps(dict(config) if config is not None else {}, sort_keys=True, default=str).encode())
     for name, tensor in sorted(transformer.state_dict().items()):
         h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        h.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())  # no copy of the bytes
     return h.hexdigest()[:16]
 
 
@@ -79,10 +80,15 @@ def library_versions() -> dict[str, str]:
 
 def export_pair(loaded_pair, spec: IOSpec, artifacts: str | Path = "artifacts", verify: bool = True,
                 external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, progress: bool = True,
-                signature_kwargs: dict | None = None) -> dict:
+                signature_kwargs: dict | None = None, release_models: bool = False) -> dict:
     """Export and verify every transformer of a loaded pair into artifacts/<pair>/onnx/; returns export.json.
 
     Raises FlowblendError (leaving any previous export untouched) if a graph fails verification.
+    release_models=True (the CLI, whose pair is not used afterwards) frees each transformer's weights
+    (moved to the meta device) as soon as its graph is written and hashed, and with verification once its
+    twin is traced and its reference outputs computed, before ONNX Runtime loads the graph: the
+    PyTorch model and the graph's session are then never in memory together. The pair's transformers
+    cannot run afterwards.
     """
     from tqdm.auto import tqdm
 
@@ -104,18 +110,32 @@ def export_pair(loaded_pair, spec: IOSpec, artifacts: str | Path = "artifacts", 
             entry = {"file": path.name, "sha256": files[path.name]["sha256"], "bytes": files[path.name]["bytes"],
                      "files": files, "external_data": len(files) > 1, "source_hash": model_hash(transformer),
                      "fp32_islands": fp32_islands(transformer) if spec.dtype != "fp32" else [], "verify": None}
+            release = _releaser(transformer) if release_models else None
             if verify:
                 bar.set_postfix_str(f"{name}: verifying")
-                report = verify_onnx(path, transformer, spec, **(signature_kwargs or {}))
+                report = verify_onnx(path, transformer, spec, before_run=release, **(signature_kwargs or {}))
                 entry["verify"] = report.to_dict()
                 if not report.passed:
                     raise FlowblendError(f"the exported {name} graph failed verification, nothing was written: "
                                          f"{report.summary()}. {REMEDY[spec.dtype]}")
+            elif release is not None:
+                release()
             record["models"][name] = entry
         _move_into_place(staging, out, record)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return record
+
+
+def _releaser(transformer: torch.nn.Module):
+    """A call that frees a transformer's weights: every parameter and buffer moved to the meta device
+    (export_transformer has already dropped the graph's references to them)."""
+
+    def release() -> None:
+        torch.nn.Module.to(transformer, "meta")
+        gc.collect()
+
+    return release
 
 
 def _move_into_place(staging: Path, out: Path, record: dict) -> None:

@@ -287,7 +287,7 @@ def load_transformer(family: PairFamily, source: str, dtype, allow_download: boo
     export_layout=True reads it straight into the export layout of `dtype` (export/precision.py)."""
     import diffusers
 
-    from .precision import load_transformer_in_layout
+    from .checkpoint import load_transformer_in_layout
 
     _check_source(source, allow_download, family)
     cls = getattr(diffusers, family.transformer_class)

@@ -10,8 +10,8 @@ casts its inputs down and its output up, so the graph carries explicit Casts tha
 TensorRT build keeps. Nearly all the weight bytes sit in the regions.
 
 The layout on disk/in memory: region weights in the export dtype, everything else FP32.
-`load_transformer_in_layout` reads a checkpoint straight into it (diffusers' `_keep_in_fp32_modules`
-mechanism with our island list, so islands come from the source weights, never via FP16), and
+export/checkpoint.py reads a checkpoint straight into it (islands from the source weights, never via
+FP16, one tensor at a time), and
 `RegionPrecision` makes such a model runnable, either as exported (regions in low precision) or as
 the FP32 reference (regions computed in FP32 from the same weights, one region upcast at a time).
 """
@@ -46,7 +46,7 @@ def islands_of(transformer_or_class) -> tuple[str, ...]:
     return tuple(getattr(cls, "_keep_in_fp32_modules", None) or ())
 
 
-def _in_island(name: str, islands) -> bool:
+def in_island(name: str, islands) -> bool:
     return bool(set(islands) & set(name.split(".")))
 
 
@@ -82,7 +82,7 @@ def check_coverage(transformer: nn.Module) -> None:
     """Every floating parameter is in a region or an FP32 island; name the first that is neither."""
     prefixes, islands = _region_prefixes(transformer), islands_of(transformer)
     for name, p in transformer.named_parameters():
-        if p.is_floating_point() and not _in_island(name, islands) and not name.startswith(tuple(prefixes)):
+        if p.is_floating_point() and not in_island(name, islands) and not name.startswith(tuple(prefixes)):
             raise FlowblendError(f"{type(transformer).__name__}.{name} is neither a low-precision region nor an "
                                  "FP32 island; add it to export/precision.py's FP32_ISLANDS or export with --dtype fp32")
 
@@ -102,31 +102,11 @@ def layout_dtype(transformer: nn.Module) -> torch.dtype | None:
 
 def to_layout(transformer: nn.Module, dtype: torch.dtype) -> nn.Module:
     """A copy of an in-memory FP32 model in the export layout (tests and the toy pair; checkpoints on
-    disk are loaded straight into the layout by load_transformer_in_layout, without a copy)."""
+    disk are loaded straight into the layout by export/checkpoint.py, without a copy)."""
     check_coverage(transformer)
     model = nn.Module.float(copy.deepcopy(transformer))  # float64 buffers too (Wan's RoPE before diffusers 0.36)
     for _, _, child in regions(model):
         nn.Module.to(child, dtype)
-    return model
-
-
-def load_transformer_in_layout(cls, source: str, subfolder: str | None, dtype: torch.dtype, **kwargs) -> nn.Module:
-    """`cls.from_pretrained` straight into the export layout: regions read in `dtype`, islands in FP32.
-
-    diffusers converts each tensor as it reads it and keeps every parameter whose name has a segment
-    in `_keep_in_fp32_modules` in FP32; a subclass with our island list (same class name, so signature
-    lookups match) uses that mechanism without touching the real class.
-    """
-    loader = type(cls.__name__, (cls,), {"_keep_in_fp32_modules": list(islands_of(cls)),
-                                         "__module__": cls.__module__})
-    model = loader.from_pretrained(source, subfolder=subfolder, torch_dtype=dtype, **kwargs).eval()
-    check_coverage(model)
-    wrong = [n for n, p in model.named_parameters() if p.is_floating_point() and
-             p.dtype != (torch.float32 if _in_island(n, islands_of(model)) else dtype)]
-    wrong += [n for n, b in model.named_buffers() if b.is_floating_point() and b.dtype != torch.float32]
-    if wrong:
-        raise FlowblendError(f"{cls.__name__} from {source!r} did not load in the export layout ({wrong[:3]} have "
-                             "the wrong dtype); export with --dtype fp32")
     return model
 
 

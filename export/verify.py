@@ -27,7 +27,7 @@ from flowblend.errors import FlowblendError
 
 from .precision import layout_dtype
 from .record import check_external_data, checked_export
-from .trace import traceable
+from .trace import TWIN_UNSHARED, traceable
 
 TIMESTEPS = (999.0, 500.0, 50.0)
 THRESHOLDS = {"fp32": 0.99999, "fp16": 0.999, "bf16": 0.999}  # min cosine; NaN/Inf always fails
@@ -154,6 +154,14 @@ def _unoptimized_session(path: str | Path, spec: IOSpec) -> Callable:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.enable_cpu_mem_arena = False  # a one-off check: nothing to gain from keeping freed activations
+    # nor from prepacked copies of the weights (MLAS packs the constant weights of FP32 Gemms, the islands'
+    # time embedding and projection, at session start: +0.7 GiB resident for the 1-layer real-width Wan 14B
+    # twin, whose .data is 1.4 GiB)
+    opts.add_session_config_entry("session.disable_prepacking", "1")
+    # The Casts ORT inserts to run FP16 MatMuls in FP32 take only initializers: in the default order they
+    # run first and every weight's FP32 copy is alive at once (2x the FP16 weights; 1.1 GiB on that twin);
+    # priority-based order runs each beside its consumer (0.4 GiB there)
+    opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
@@ -222,12 +230,17 @@ def _grid(spec: IOSpec) -> str:
 
 
 def verify_onnx(path: str | Path, transformer: torch.nn.Module, spec: IOSpec, timesteps=TIMESTEPS, seed: int = 0,
-                device: str = "cpu", twin: bool | None = None, **signature_kwargs) -> VerifyReport:
+                device: str = "cpu", twin: bool | None = None, before_run: Callable[[], None] | None = None,
+                **signature_kwargs) -> VerifyReport:
     """Compare the graph at `path` with the FP32 reference at each timestep and profile point.
 
     twin=None decides by size: the written graph runs itself when its attention scores fit in
     ATTENTION_BUDGET bytes, else a twin traced from the same module at twin_spec's shape runs, after
     a structural match with the written graph (same weights, ops and casts).
+
+    One model in memory at a time: the twin is traced and the reference outputs computed first, then
+    `before_run` is called (export_pair frees the PyTorch model's weights there: nothing below reads
+    them), and only then does the graph's session exist.
     """
     path = Path(path)
     check_external_data(path)
@@ -252,6 +265,8 @@ def verify_onnx(path: str | Path, transformer: torch.nn.Module, spec: IOSpec, ti
                     inputs = point_spec.sample_inputs(seed=seed, timestep=t)
                     references[point, t] = reference(*[x.float() if x.is_floating_point() else x
                                                        for x in inputs]).float().numpy()
+        if before_run is not None:
+            before_run()
         runner, run = graph_runner(graph, spec, device)
         report = VerifyReport(path.stem, spec.dtype, THRESHOLDS[spec.dtype], runner=runner, graph=note,
                               reference=what, structure_ok=not mismatch)
@@ -278,6 +293,10 @@ def structure_mismatch(written: Path, twin: Path) -> str:
     import onnx
 
     a, b = (onnx.load(str(p), load_external_data=False) for p in (written, twin))
+    unshared = [n for p in b.metadata_props if p.key == TWIN_UNSHARED for n in p.value.split(",") if n]
+    if unshared:
+        return (f"{len(unshared)} weights of the module differ from the written .data (same dtype and shape, other "
+                f"bytes), e.g. {unshared[:3]}")
     weights = [_module_weights(m) for m in (a, b)]
     if weights[0] != weights[1]:
         differ = sorted(k for k in set(weights[0]) | set(weights[1]) if weights[0].get(k) != weights[1].get(k))

@@ -5,9 +5,9 @@
 
 Makes random-weight checkpoints at the real widths (14B: 40 heads x 128, FFN 13824; 1.3B: 12 x 128,
 FFN 8960) with k layers each, saved with `save_pretrained` (safetensors, FP32 as the published
-diffusers checkpoints), then runs the real command, `flowblend export --pair wan --large DIR --small
+diffusers checkpoints, in 1 GB shards), then runs the real command, `flowblend export --pair wan --large DIR --small
 DIR --dtype fp16` at the family's default video (81 frames, 480x832), in a child process and records
-its peak RSS (getrusage of the child) and wall time, once with `--no-verify` and once with the
+its peak RSS (the child's VmHWM, polled) and wall time, once with `--no-verify` and once with the
 default verification. Peak and time are fitted linearly in the pair's export-layout bytes and
 extrapolated to the real 40-layer 14B + 30-layer 1.3B pair, whose bytes come from the real configs
 built on the meta device. Writes <out>.json and <out>.md from one run.
@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 GIB = 1024**3
+SHARD_SIZE = "1GB"
 EXTERNAL_DATA_THRESHOLD = 1 << 20  # bytes; below the default the weights would be serialised in the protobuf
 WAN_COMMON = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256)
 REAL = {"large": dict(WAN_COMMON, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40),
@@ -61,7 +62,9 @@ def make_checkpoint(config: dict, directory: Path, seed: int) -> None:
         for p in model.parameters():
             if p.abs().sum() == 0:
                 p.normal_(0, 0.02)
-    model.save_pretrained(directory / "transformer", safe_serialization=True)
+    # sharded, as the published 14B checkpoints are (an index json and several files); the export reads
+    # tensor by tensor, so the shard size does not change its peak
+    model.save_pretrained(directory / "transformer", safe_serialization=True, max_shard_size=SHARD_SIZE)
 
 
 def _vm_hwm(pid: int) -> int:
@@ -187,7 +190,8 @@ def markdown(report: dict) -> str:
     lines = [f"# `flowblend export --pair wan --dtype {report['dtype']}` at the real Wan 2.1 widths",
              "",
              "Made by `python scripts/export_memory.py` (random weights, k layers per model, saved with "
-             "`save_pretrained`; the real CLI in a child process; peak RSS from getrusage). Wall times were "
+             "`save_pretrained` in 1 GB shards; the real CLI in a child process; peak RSS: the child's VmHWM). Wall "
+             "times were "
              "measured while the machine was shared with other jobs (upper bounds).",
              "",
              "| layers (large, small) | large layout bytes | pair bytes | mode | peak RSS | peak / large | target "
