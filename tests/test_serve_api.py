@@ -13,6 +13,7 @@ import json
 import re
 import socket
 import time
+from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
@@ -312,3 +313,29 @@ def test_readmes_client_example_runs_against_a_server(server, tmp_path, monkeypa
     exec(compile(block.replace("http://127.0.0.1:8000", server.url), "README.md serving block", "exec"), {})
     written = next(tmp_path.glob("*.mp4"))
     assert iio.imread(written).shape[:3] == (9, 32, 32)
+
+
+def test_the_warm_up_is_a_job_through_the_workers_path_and_leaves_nothing(tmp_path, monkeypatch):
+    """Nothing a job does is first done for a client's request: the warm-up request runs as a job (record saves,
+    the video written into the results directory), then is gone: not listed, not counted, no folder."""
+    import flowblend.serve.worker as worker
+
+    written = []
+
+    def recording_save_video(video, path, *args, **kwargs):
+        written.append(Path(path))
+        return save_video(video, path, *args, **kwargs)
+
+    monkeypatch.setattr(worker, "save_video", recording_save_video)
+    fresh = ThreadedServer(toy_config(tmp_path / "results"))
+    try:
+        jobs = tmp_path / "results" / "jobs"
+        assert [p.parent.parent for p in written] == [jobs] and written[0].parent.name.startswith("warmup-")
+        assert list(jobs.iterdir()) == [] and list((tmp_path / "results" / "queue").iterdir()) == []
+        assert fresh.client.get("/v1/videos").json()["data"] == []
+        samples = metric_samples(fresh.client.get("/metrics").text)
+        assert not any(name.startswith(("flowblend_jobs_finished", "flowblend_step_seconds_count")) and value
+                       for (name, _), value in samples.items())
+        assert fresh.service.pipeline.load_seconds["warmup"] > 0
+    finally:
+        fresh.stop()
