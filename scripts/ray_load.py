@@ -45,9 +45,9 @@ def running_replicas() -> int:
     return serve.status().applications["flowblend"].deployments["flowblend"].replica_states.get("RUNNING", 0)
 
 
-def job_records(results: Path, load) -> dict:
-    """From the jobs' own records: how many each replica ran, and how long jobs waited in a queue while running
-    took (a replica idling while jobs wait shows as queue time with a replica free)."""
+def job_records(results: Path, load, replicas: int | None) -> dict:
+    """From the jobs' own records: how many each replica ran, how long jobs waited and ran, and (for a fixed
+    number of replicas) the replica time left idle while a job waited."""
     records = []
     for o in load.outcomes:
         path = results / "jobs" / str(o.job_id) / "job.json"
@@ -61,7 +61,24 @@ def job_records(results: Path, load) -> dict:
     work = [r["timings"]["generate_seconds"] + r["timings"]["encode_seconds"] for r in done]
     return {"jobs_per_replica": sorted(by_owner.values(), reverse=True),
             "queue_seconds_mean": round(sum(waits) / len(waits), 3) if waits else None,
-            "worker_seconds_mean": round(sum(work) / len(work), 3) if work else None}
+            "worker_seconds_mean": round(sum(work) / len(work), 3) if work else None,
+            "idle_while_waiting_seconds": idle_while_waiting(done, replicas) if replicas else None}
+
+
+def idle_while_waiting(records: list[dict], replicas: int) -> float | None:
+    """Replica-seconds in which a replica was idle while a job waited in a queue (0 for a work-conserving
+    system; a random split of jobs over replicas with their own queues wastes a lot): the integral over time
+    of min(jobs queued, replicas not running a job), from the jobs' created/started/finished times."""
+    if not records:
+        return None
+    events = sorted({t for r in records for t in (r["created_at"], r["started_at"], r["finished_at"])})
+    waste = 0.0
+    for t0, t1 in zip(events, events[1:]):
+        mid = (t0 + t1) / 2
+        queued = sum(1 for r in records if r["created_at"] <= mid < r["started_at"])
+        running = sum(1 for r in records if r["started_at"] <= mid < r["finished_at"])
+        waste += min(queued, max(0, replicas - running)) * (t1 - t0)
+    return round(waste, 3)
 
 
 def main() -> int:
@@ -91,7 +108,7 @@ def main() -> int:
                 deploy_seconds = deploy(config, replicas)
                 load = run_load(url, args.requests, args.concurrency, body)
                 report["runs"][f"{replicas}_replicas"] = {**load.summary(), "deploy_seconds": round(deploy_seconds, 2),
-                                                          **job_records(Path(config.results_dir), load)}
+                                                          **job_records(Path(config.results_dir), load, replicas)}
                 print(replicas, "replica(s):", report["runs"][f"{replicas}_replicas"], flush=True)
             if args.fault:
                 before = replica_pids(url, 2)
@@ -117,7 +134,8 @@ def main() -> int:
                 fault = run_load(url, args.requests, args.concurrency, body, on_progress=kill)
                 watcher.join(timeout=180)
                 report["runs"]["fault_2_replicas"] = {
-                    **fault.summary(), **job_records(Path(config.results_dir), fault), "killed_pid": victim,
+                    **fault.summary(), **job_records(Path(config.results_dir), fault, None),
+                    "killed_pid": victim,
                     "replaced_after_seconds": round(replaced_at[0] - killed_at[0], 2) if replaced_at else None,
                     "not_completed": [{"index": o.index, "status": o.status, "detail": o.detail}
                                       for o in fault.outcomes if o.status != "completed"]}
@@ -142,13 +160,13 @@ def finish(report: dict, args) -> int:
 
 def render(r: dict) -> str:
     rows = ["| run | completed | failed | refused | lost | duplicated | throughput (jobs/s) | p50 (s) | p95 (s) | "
-            "jobs per replica | mean queue wait (s) | mean worker time (s) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "jobs per replica | mean queue wait (s) | mean worker time (s) | replica idle while a job waited (s) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in r["runs"].items():
         rows.append(f"| {name.replace('_', ' ')} | {s['completed']} | {s['failed']} | {s['refused']} | {s['lost']} | "
                     f"{s['duplicated']} | {s['throughput_per_s']} | {s['p50_seconds']} | {s['p95_seconds']} | "
                     f"{' / '.join(map(str, s.get('jobs_per_replica', [])))} | {s.get('queue_seconds_mean')} | "
-                    f"{s.get('worker_seconds_mean')} |")
+                    f"{s.get('worker_seconds_mean')} | {s.get('idle_while_waiting_seconds')} |")
     fault = r["runs"].get("fault_2_replicas")
     ratio = r.get("throughput_ratio")
     return "\n".join([

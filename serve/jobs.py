@@ -22,6 +22,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -37,6 +38,7 @@ QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED = "queued", "in_progress", "comple
 ACTIVE = (QUEUED, RUNNING)
 FINAL = (COMPLETED, FAILED, CANCELLED)
 JOB_ID = re.compile(r"video_[0-9a-f]{32}")
+WARMUP_PREFIX = "warmup-"  # + owner: a server's warm-up job folder (never listed; removed after the warm-up)
 
 
 @dataclass
@@ -198,7 +200,11 @@ class JobStore:
         return [r for r in records if r is not None]
 
     def recover(self) -> list[str]:
-        """At start: every queued/running job of a dead owner reported failed (a restart after a crash)."""
+        """At start: every queued/running job of a dead owner reported failed (a restart after a crash), and the
+        warm-up folders of servers that died warming up removed."""
+        for folder in self.jobs_dir.glob(f"{WARMUP_PREFIX}*"):
+            if not OwnerLock.alive(self.owners_dir, folder.name.removeprefix(WARMUP_PREFIX)):
+                shutil.rmtree(folder, ignore_errors=True)
         orphans = [r for r in map(self._read, self.ids()) if r is not None and self._orphaned(r)]
         return [self._fail_orphan(r).id for r in orphans]
 

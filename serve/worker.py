@@ -23,7 +23,7 @@ from flowblend.export.pairs import PairFamily
 from flowblend.runtime.video import save_video
 
 from .config import ServeConfig
-from .jobs import CANCELLED, COMPLETED, FAILED, QUEUED, RUNNING, JobRecord, JobStore, OwnerLock
+from .jobs import CANCELLED, COMPLETED, FAILED, QUEUED, RUNNING, WARMUP_PREFIX, JobRecord, JobStore, OwnerLock
 from .metrics import ServeMetrics
 from .shared_queue import QueueEntry
 from .video_request import JobSpec, VideoRequest, resolve
@@ -67,7 +67,7 @@ class JobWorker:
         written into the results directory), as a job nobody can list, fetch or take; then its folder goes,
         and its metrics with it."""
         spec = self.default_spec
-        record = JobRecord(f"warmup-{self.store.owner}", spec.to_dict(), self.store.owner, steps=len(spec.plan),
+        record = JobRecord(f"{WARMUP_PREFIX}{self.store.owner}", spec.to_dict(), self.store.owner, steps=len(spec.plan),
                            models=list(spec.plan.models))
         folder = self.store.folder(record.id)
         try:
@@ -103,6 +103,7 @@ class JobWorker:
                 if job_id is not None:
                     return job_id
         listed = {e.job_id for e in entries}
+        self._unrunnable &= {e.name for e in entries}  # forget entries that left the queue
         with self._cond:  # queued here, gone from the index: claimed elsewhere (entries go after their claim)
             gone = [job_id for job_id in self._queue if job_id in known and job_id not in listed]
         for job_id in gone:

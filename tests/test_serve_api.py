@@ -327,11 +327,14 @@ def test_the_warm_up_is_a_job_through_the_workers_path_and_leaves_nothing(tmp_pa
         return save_video(video, path, *args, **kwargs)
 
     monkeypatch.setattr(worker, "save_video", recording_save_video)
+    stale = tmp_path / "results" / "jobs" / "warmup-12345-deadbeef"  # a server that died warming up
+    stale.mkdir(parents=True)
+    (stale / "job.json").write_text("{}")
     fresh = ThreadedServer(toy_config(tmp_path / "results"))
     try:
         jobs = tmp_path / "results" / "jobs"
         assert [p.parent.parent for p in written] == [jobs] and written[0].parent.name.startswith("warmup-")
-        assert list(jobs.iterdir()) == [] and list((tmp_path / "results" / "queue").iterdir()) == []
+        assert list(jobs.iterdir()) == [] and list((tmp_path / "results" / "queue").iterdir()) == []  # stale gone
         assert fresh.client.get("/v1/videos").json()["data"] == []
         samples = metric_samples(fresh.client.get("/metrics").text)
         assert not any(name.startswith(("flowblend_jobs_finished", "flowblend_step_seconds_count")) and value
