@@ -30,7 +30,7 @@ from .video_request import JobSpec, VideoRequest, resolve
 from .warm import WarmPipeline
 
 PROGRESS_SAVE_SECONDS = 0.5  # how often a running job's progress reaches the results dir (other replicas)
-IDLE_POLL_SECONDS = 0.075  # an idle worker lists the shared queue this often (a few names: microseconds)
+IDLE_POLL_SECONDS = 0.05  # an idle worker lists the shared queue this often (a few names: microseconds)
 
 
 class _Stop(Exception):

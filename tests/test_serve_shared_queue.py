@@ -263,7 +263,7 @@ def test_a_job_submitted_while_the_idle_worker_lists_the_queue_is_not_lost(tmp_p
     server = ThreadedServer(toy_config(tmp_path / "results", queue_size=16), pipeline=warm_toy_pipeline(0))
     try:
         outcomes = []
-        for i in range(12):  # one at a time, each landing at another point of the idle worker's ~115 ms cycle
+        for i in range(12):  # one at a time, each landing at another point of the idle worker's ~90 ms cycle
             time.sleep(0.01 * ((7 * i) % 12))
             job = server.client.post("/v1/videos", json={"prompt": PROMPT, "seed": i, "steps": 1}).json()
             outcomes.append(wait_final(server.client, job["id"], timeout=10)["status"])
