@@ -82,6 +82,7 @@ class JobWorker:
         if record.status != COMPLETED:
             raise FlowblendError(f"the warm-up request failed: {record.error}")
         self.metrics = ServeMetrics()
+
     def _take_next(self) -> str | None:
         """Claim the oldest queued job this server can run: its own, or a live server's (then adopted here)."""
         with self._cond:
@@ -156,6 +157,7 @@ class JobWorker:
             watchers = self._watchers.pop(job_id, [])
             self._update_gauges()
         _wake(watchers)
+
     def _run(self, job_id: str) -> None:
         record, spec = self._records[job_id], self._specs[job_id]
         if self.store.cancel_requested(job_id):
@@ -222,6 +224,7 @@ class JobWorker:
         self.metrics.queue_depth.set(len(self._queue))
         self.metrics.active.labels(QUEUED).set(len(self._queue))
         self.metrics.active.labels(RUNNING).set(1 if self._running else 0)
+
 
 def _wake(watchers: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]) -> None:
     for loop, fut in watchers:
