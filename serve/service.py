@@ -162,8 +162,8 @@ class VideoService(JobWorker):
         if not self.config.dynamic_shapes and spec.shape_key() not in self.pipeline.warm_keys:
             self.metrics.rejected.labels("shape").inc()
             d = self.default_spec
-            raise ServiceError(400, f"{spec.width}x{spec.height}, {spec.frames} frames, guidance {spec.guidance:g} is "
-                                    f"not a warm shape of this server (warm: {d.width}x{d.height}, {d.frames} frames, "
+            raise ServiceError(400, f"{spec.request.width}x{spec.request.height}, {spec.request.frames} frames, guidance {spec.request.guidance:g} is "
+                                    f"not a warm shape of this server (warm: {d.request.width}x{d.request.height}, {d.request.frames} frames, "
                                     f"CFG {'on' if d.cfg else 'off'}); restart it with that size or with "
                                     "--dynamic-shapes")
         record = JobRecord(new_job_id(), spec.to_dict(), self.store.owner, steps=len(spec.plan),

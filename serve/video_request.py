@@ -19,7 +19,7 @@ from flowblend.errors import FlowblendError
 from flowblend.export.pairs import PairFamily
 from flowblend.runtime.blend_request import BlendChoices, experts_of, plan_of, resolve_guidance
 from flowblend.runtime.plan import BlendPlan, ExpertSchedule
-from flowblend.runtime.request import validate_request
+from flowblend.runtime.request import GenerationRequest, validate_request
 from flowblend.runtime.sampler import SamplerOptions
 
 from .config import ServeConfig
@@ -47,19 +47,15 @@ class VideoRequest(BaseModel):
 
 @dataclass(frozen=True)
 class JobSpec:
-    """A request every rule has accepted: what the worker runs."""
+    """A request every rule has accepted and the sampler options it runs with: what the worker runs."""
 
-    prompt: str
-    negative_prompt: str
-    plan: BlendPlan
-    seed: int
-    frames: int
-    height: int
-    width: int
-    guidance: float
+    request: GenerationRequest  # one prompt, every default filled in (runtime/request.py)
     options: SamplerOptions
-    latent_shape: tuple[int, ...]
     experts: ExpertSchedule | None = None  # wan22: which expert each step belongs to
+
+    @property
+    def plan(self) -> BlendPlan:
+        return self.request.plan
 
     @property
     def guidance_per_step(self) -> tuple[float, ...]:
@@ -71,12 +67,13 @@ class JobSpec:
 
     def shape_key(self) -> tuple:
         """What buffers (and engines' static shapes, graphs) are specialised for."""
-        return (self.latent_shape, self.cfg)
+        return (self.request.latent_shape, self.cfg)
 
     def to_dict(self) -> dict:
-        return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "plan": self.plan.to_dict(),
-                "seed": self.seed, "frames": self.frames, "height": self.height, "width": self.width,
-                "guidance": self.guidance, "guidance_per_step": list(self.guidance_per_step),
+        r = self.request
+        return {"prompt": r.prompts[0], "negative_prompt": r.negative_prompt, "plan": r.plan.to_dict(),
+                "seed": r.seed, "frames": r.frames, "height": r.height, "width": r.width,
+                "guidance": r.guidance, "guidance_per_step": list(self.guidance_per_step),
                 **({"boundary_ratio": self.experts.boundary_ratio, "expert_switch_step": self.experts.switch_step}
                    if self.experts is not None else {})}
 
@@ -134,8 +131,7 @@ def resolve(body: VideoRequest, config: ServeConfig, family: PairFamily) -> JobS
     _, table = resolve_guidance(choices, family, request.plan, experts)
     uniform = all(g == request.guidance for g in table)  # two-model pairs: one scale, no table (as before)
     options = SamplerOptions(**request.sampler_settings(), guidance_table=None if uniform else table)
-    return JobSpec(request.prompts[0], request.negative_prompt, request.plan, request.seed, request.frames,
-                   request.height, request.width, request.guidance, options, tuple(request.latent_shape), experts)
+    return JobSpec(request, options, experts)
 
 
 def error_line(errors: list[dict]) -> str:

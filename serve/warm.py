@@ -67,7 +67,7 @@ class WarmPipeline:
 
             # The store keys engines by GPU type and locks each build: replicas on shared storage build once.
             build_pair_engines(self.family.name, c.backend, c.artifacts, progress=False)
-        self.engines = make_engines(c.backend, self.pair, latent_shape=warm_spec.latent_shape,
+        self.engines = make_engines(c.backend, self.pair, latent_shape=warm_spec.request.latent_shape,
                                     guidance=max(warm_spec.guidance_per_step), device=c.device, dtype=c.dtype,
                                     artifacts=c.artifacts)
         t2 = time.perf_counter()
@@ -86,7 +86,7 @@ class WarmPipeline:
 
     # -- per request --------------------------------------------------------------------------
     def _pipe(self, spec: JobSpec) -> BlendPipeline:
-        key = (spec.plan.models, spec.options, spec.latent_shape)
+        key = (spec.plan.models, spec.options, spec.request.latent_shape)
         pipe = self._pipes.get(key)
         if pipe is None:
             if self.engines is None:
@@ -103,8 +103,9 @@ class WarmPipeline:
 
     def generate(self, spec: JobSpec, on_step: Callable[[int], None] | None = None) -> torch.Tensor:
         """The video [3, F, H, W] in [-1, 1]; `on_step(i)` runs after each step (may raise to stop the job)."""
-        video, _ = self._pipe(spec)(spec.prompt, spec.latent_shape, seed=spec.seed,
-                                    negative_prompt=spec.negative_prompt, on_step=on_step)
+        r = spec.request
+        video, _ = self._pipe(spec)(r.prompts[0], r.latent_shape, seed=r.seed, negative_prompt=r.negative_prompt,
+                                    on_step=on_step)
         return video
 
     @property

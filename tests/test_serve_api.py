@@ -69,10 +69,10 @@ def test_a_job_runs_and_returns_the_pipelines_video(client, server, tmp_path):
     served = iio.imread(io.BytesIO(content.content), extension=suffix).astype(np.float32)
     # reference: the same pipeline called in-process, written by the CLI's video writer
     spec = server.service.default_spec
-    pipe = warm_toy_pipeline()._pipe(dataclasses.replace(spec, plan=plan))
+    pipe = warm_toy_pipeline()._pipe(dataclasses.replace(spec, request=dataclasses.replace(spec.request, plan=plan)))
 
     def direct(seed: int) -> np.ndarray:
-        video, _ = pipe(PROMPT, spec.latent_shape, seed=seed)
+        video, _ = pipe(PROMPT, spec.request.latent_shape, seed=seed)
         return iio.imread(save_video(video, tmp_path / f"direct-{seed}{suffix}")).astype(np.float32)
 
     assert served.shape == direct(3).shape
@@ -258,8 +258,8 @@ def test_sampler_hook_sees_every_step_and_changes_nothing(server):
     spec = server.service.default_spec
     pipe = warm_toy_pipeline()._pipe(spec)
     seen = []
-    _, with_hook = pipe(PROMPT, spec.latent_shape, seed=5, on_step=seen.append)
-    _, without = pipe(PROMPT, spec.latent_shape, seed=5)
+    _, with_hook = pipe(PROMPT, spec.request.latent_shape, seed=5, on_step=seen.append)
+    _, without = pipe(PROMPT, spec.request.latent_shape, seed=5)
     assert seen == list(range(len(spec.plan))) and torch.equal(with_hook, without)
 
     class Stop(Exception):
@@ -272,7 +272,7 @@ def test_sampler_hook_sees_every_step_and_changes_nothing(server):
 
     seen.clear()
     with pytest.raises(Stop):
-        pipe(PROMPT, spec.latent_shape, seed=5, on_step=stop_at_2)
+        pipe(PROMPT, spec.request.latent_shape, seed=5, on_step=stop_at_2)
     assert seen == [0, 1, 2]
 
 
