@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -71,8 +71,7 @@ class SamplingSetup:
         return Sampler(engines, plan, options=options)
 
     def with_steps(self, steps: int) -> "SamplingSetup":
-        return SamplingSetup(steps, self.solver, self.shift, self.guidance, self.latent_shape, self.mu,
-                             self.boundary_ratio, self.scales, self.models, self.letters)
+        return replace(self, steps=steps)
 
 
 @dataclass

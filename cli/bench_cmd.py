@@ -12,8 +12,9 @@ from flowblend.bench.run import (
     equivalent_command,
 )
 from flowblend.engines.factory import torch_dtype
+from flowblend.runtime.blend_request import video_of
 
-from .common import family_of, subscribe, video_of
+from .common import choices_of, family_of, subscribe
 
 
 def register(p) -> None:
@@ -52,7 +53,7 @@ def options_from_args(args) -> BenchOptions:
 def run(args) -> int:
     family = family_of(args)
     options = options_from_args(args)  # every flag is checked before a model is loaded
-    video_of(args, family)  # the device, dtype, threads and guidance were checked by cli/common.py
+    video_of(choices_of(args), family)  # the device, dtype, threads and guidance were checked by cli/common.py
     report = bench_pair_by_name(family.name, options, args.large, args.small, args.allow_download)
     report["command"] = equivalent_command(family.name, options) + (f" --threads {args.threads}" if args.threads else "")
     paths = write_outputs(report, args.out)

@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 from flowblend.errors import FlowblendError
+from flowblend.runtime.blend_request import resolve_experts, resolve_scales, solver_of, video_of
 
-from .common import family_of, resolve_experts, resolve_scales, subscribe, video_of
+from .common import choices_of, family_of, subscribe
 
 DEFAULT_TOLERANCE = 0.5
 
@@ -85,17 +86,13 @@ def resolve_prompts(args, family) -> list[str]:
 def resolve_setup(args, family):
     from flowblend.calibrate.divergence import SamplingSetup
 
+    choices = choices_of(args)
     steps = args.steps if args.steps is not None else family.steps
-    frames, height, width = video_of(args, family)
-    latent_shape = family.latent_shape(frames, height, width)
-    kw = family.sampler_kwargs(latent_shape)
-    if args.solver:
-        kw["solver"] = args.solver
-    if args.shift is not None:
-        kw["shift"], kw["mu"] = args.shift, None
-    experts = resolve_experts(args, family, steps, kw["solver"], kw["shift"], kw.get("mu"))
-    guidance, scales = resolve_scales(args, family, experts)  # the small model: the replaced expert's unless given
-    return SamplingSetup(steps, kw["solver"], kw["shift"], guidance, tuple(latent_shape), kw.get("mu"),
+    latent_shape = family.latent_shape(*video_of(choices, family))
+    solver, shift, mu = solver_of(choices, family, latent_shape)
+    experts = resolve_experts(choices, family, steps, solver, shift, mu)
+    guidance, scales = resolve_scales(choices, family, experts)  # the small model: the replaced expert's unless given
+    return SamplingSetup(steps, solver, shift, guidance, tuple(latent_shape), mu,
                          experts.boundary_ratio if experts is not None else None, tuple(scales.items()),
                          tuple(family.models), tuple(family.letters))
 

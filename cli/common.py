@@ -11,16 +11,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from flowblend.engines.factory import DTYPE_NAMES, check_dtype
 from flowblend.errors import FlowblendError
 from flowblend.export.pairs import FAMILIES, PairFamily, get_family
-from flowblend.runtime.plan import BlendPlan, ExpertSchedule, ModelSet
-from flowblend.runtime.request import SOLVER_NAMES, check_device, check_guidance, resolve_plan
+from flowblend.runtime.blend_request import BlendChoices, video_of
+from flowblend.runtime.request import SOLVER_NAMES, check_device, check_guidance
 
-__all__ = ["HelpFormatter", "Parser", "subscribe", "check_groups", "family_of", "plan_of", "video_of", "guidance_of",
-           "FlowblendError"]
+__all__ = ["HelpFormatter", "Parser", "subscribe", "check_groups", "family_of", "choices_of", "FlowblendError"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -162,7 +160,7 @@ def check_groups(args: argparse.Namespace) -> None:
     if "pair" in groups or "pair_name" in groups:
         family = get_family(args.pair)
         if "video" in groups:
-            video_of(args, family)
+            video_of(choices_of(args), family)
     if "dtype" in groups and args.dtype is not None:
         check_dtype(args.dtype)
     if "guidance" in groups and args.guidance is not None:
@@ -177,106 +175,7 @@ def family_of(args) -> PairFamily:
     return get_family(args.pair)
 
 
-def model_set_of(family: PairFamily) -> ModelSet:
-    return ModelSet(tuple(family.models), tuple(family.letters))
-
-
-def plan_of(args, family: PairFamily, experts: ExpertSchedule | None = None) -> BlendPlan:
-    """--plan / --plan-file / --steps as one BlendPlan in the family's model names; `experts` (wan22) for
-    the `experts[:before,after]` spelling and its default plan."""
-    model_set = model_set_of(family)
-    if args.plan_file:
-        path = Path(args.plan_file)
-        if not path.is_file():
-            raise FlowblendError(f"plan file {path} does not exist: write one with `flowblend calibrate plan`")
-        try:
-            plan = BlendPlan.from_json(path.read_text())
-        except ValueError as exc:
-            raise FlowblendError(f"plan file {path}: {exc}") from None
-        if args.steps is not None and args.steps != len(plan):
-            raise FlowblendError(f"--steps {args.steps} disagrees with the plan file's {len(plan)} steps: drop --steps")
-        unknown = sorted(set(plan.models) - set(model_set.names))
-        if unknown:
-            raise FlowblendError(f"plan file {path} names {unknown}, which pair {family.name} does not have "
-                                 f"({', '.join(model_set.names)})")
-        return BlendPlan(plan.models, plan.spec, model_set)
-    spec = args.plan or ("experts" if family.experts is not None else "LSL:0.4,0.2")
-    return resolve_plan(spec, args.steps, family.steps, model_set, experts)
-
-
-def steps_of(args, family: PairFamily) -> int:
-    """The step count a plan will have (the plan file's, --steps, or the family's)."""
-    if args.plan_file:
-        return len(plan_of(args, family))
-    steps = args.steps if args.steps is not None else family.steps
-    if steps < 1:
-        raise FlowblendError(f"--steps must be a positive integer, got {steps}")
-    return steps
-
-
-def resolve_experts(args, family: PairFamily, steps: int, solver: str, shift: float,
-                    mu: float | None = None) -> ExpertSchedule | None:
-    """The expert of every step for a two-expert family (None otherwise), on the solver's own timesteps."""
-    from flowblend.runtime.guidance import expert_schedule_for  # imports torch: only once a command runs
-
-    ratio = args.boundary_ratio
-    if family.experts is None:
-        if ratio is not None or args.guidance_2 is not None:
-            raise FlowblendError(f"--boundary-ratio / --guidance-2 are for two-expert pairs (--pair wan22), not "
-                                 f"{family.name}: drop them")
-        return None
-    ratio = family.boundary_ratio if ratio is None else ratio
-    if not 0.0 < ratio < 1.0:
-        raise FlowblendError(f"--boundary-ratio must be in (0, 1), got {ratio} (Wan 2.2: 0.875 T2V, 0.9 I2V)")
-    return expert_schedule_for(solver, steps, shift, ratio, mu)
-
-
-def experts_of(args, family: PairFamily) -> ExpertSchedule | None:
-    """wan22: which expert runs each step, on the requested solver's timesteps (None for two-model pairs).
-
-    `args` carries the plan, video, solver and experts groups' values (generate's flags; the server
-    passes a request's values with its own flags' under the same names)."""
-    if family.experts is None:
-        return resolve_experts(args, family, 1, "unipc", 1.0)  # refuses --boundary-ratio/--guidance-2 here
-    settings = family.sampler_kwargs(family.latent_shape(*video_of(args, family)))
-    shift, mu = (args.shift, None) if args.shift is not None else (settings["shift"], settings.get("mu"))
-    return resolve_experts(args, family, steps_of(args, family), args.solver or settings["solver"], shift, mu)
-
-
-def resolve_scales(args, family: PairFamily, experts: ExpertSchedule | None) -> tuple[float, dict[str, float]]:
-    """(the --guidance scale, each model's own scale): wan22's experts from --guidance / --guidance-2, and
-    --small-guidance; a model without one takes the scale of the expert whose step it runs."""
-    default = guidance_of(args, family)
-    scales = dict(family.expert_guidance)
-    if experts is not None:
-        scales[experts.high] = default
-        if args.guidance_2 is not None:
-            scales[experts.low] = args.guidance_2
-    if args.small_guidance is not None:
-        scales["small"] = args.small_guidance
-    for name, value in scales.items():
-        if not value >= 0:
-            raise FlowblendError(f"guidance_scale must be >= 0 (1 disables CFG), got {value} for {name}")
-    return default, scales
-
-
-def resolve_guidance(args, family: PairFamily, plan: BlendPlan, experts: ExpertSchedule | None
-                     ) -> tuple[float, tuple[float, ...]]:
-    """(the --guidance scale, the per-step table): each model's scale, the small one's by the step it takes."""
-    from flowblend.runtime.guidance import guidance_table
-
-    default, scales = resolve_scales(args, family, experts)
-    return default, guidance_table(plan, default, scales, experts)
-
-
-def video_of(args, family: PairFamily) -> tuple[int, int, int]:
-    """(frames, height, width) with the family's defaults, checked against its VAE and patch."""
-    frames = args.frames if args.frames is not None else family.frames
-    height = args.height if args.height is not None else family.height
-    width = args.width if args.width is not None else family.width
-    family.check_video_shape(frames, height, width)
-    return frames, height, width
-
-
-def guidance_of(args, family: PairFamily) -> float:
-    return check_guidance(family.guidance if args.guidance is None else args.guidance)
+def choices_of(args: argparse.Namespace) -> BlendChoices:
+    """The plan, video, guidance, solver and experts flags as plain values (runtime/blend_request.py resolves
+    them, for the server too); a flag the command does not take is None."""
+    return BlendChoices.of(args)

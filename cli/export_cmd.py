@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from flowblend.errors import FlowblendError
+from flowblend.runtime.blend_request import guidance_of, video_of
 
-from .common import family_of, guidance_of, subscribe, video_of
+from .common import choices_of, family_of, subscribe
 
 DYNAMIC_DIMS = ("frames", "height", "width")
 
@@ -41,13 +42,13 @@ def run(args) -> int:
         raise FlowblendError("--external-data-threshold must be a positive byte count, got "
                              f"{args.external_data_threshold}")
     dynamic = parse_dynamic(args.dynamic)
-    frames, height, width = video_of(args, family)
+    frames, height, width = video_of(choices_of(args), family)
 
     from flowblend.export.onnx import EXTERNAL_DATA_THRESHOLD, export_pair
     from flowblend.export.pairs import load_pair
     from flowblend.export.record import EXPORT_RECORD, onnx_dir
 
-    spec = family.io_spec(family.latent_shape(frames, height, width), guidance_of(args, family), args.dtype, dynamic)
+    spec = family.io_spec(family.latent_shape(frames, height, width), guidance_of(choices_of(args), family), args.dtype, dynamic)
     pair = load_pair(family.name, args.large, args.small, dtype=spec.torch_dtype, allow_download=args.allow_download,
                      export_layout=True)
     threshold = args.external_data_threshold or EXTERNAL_DATA_THRESHOLD

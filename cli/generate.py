@@ -12,11 +12,12 @@ from pathlib import Path
 
 from flowblend.engines.factory import BACKENDS, TORCH_BACKENDS
 from flowblend.errors import FlowblendError
+from flowblend.runtime.blend_request import experts_of, plan_of, resolve_guidance
 from flowblend.runtime.graph_modes import GRAPH_FLAGS, check_graph_flag
 from flowblend.runtime.request import GenerationRequest, validate_request
 from flowblend.toy.vocab import vocabulary_line
 
-from .common import experts_of, family_of, plan_of, resolve_guidance, subscribe
+from .common import choices_of, family_of, subscribe
 
 
 def register(p) -> None:
@@ -64,15 +65,15 @@ def output_paths(out: str, n: int) -> list[Path]:
 def request_of(args, experts=None) -> GenerationRequest:
     """The flags as one checked request (runtime/request.py): nothing has loaded yet."""
     family = family_of(args)
-    return validate_request(family, read_prompts(args), args.negative_prompt, plan_of(args, family, experts),
+    return validate_request(family, read_prompts(args), args.negative_prompt, plan_of(choices_of(args), family, experts),
                             args.steps, args.seed, args.height, args.width, args.frames, args.guidance, args.solver,
                             args.shift)
 
 
 def run(args) -> int:
-    experts = experts_of(args, family_of(args))
+    experts = experts_of(choices_of(args), family_of(args))
     request = request_of(args, experts)
-    guidance, guidance_table = resolve_guidance(args, request.family, request.plan, experts)
+    guidance, guidance_table = resolve_guidance(choices_of(args), request.family, request.plan, experts)
     check_graph_flag(args.graph, args.device)
     outs = output_paths(args.out, len(request.prompts))
 

@@ -7,9 +7,18 @@ from __future__ import annotations
 
 from flowblend.bench.flops import step_flops
 from flowblend.export.pairs import reference_configs
+from flowblend.runtime.blend_request import (
+    model_set_of,
+    plan_of,
+    resolve_experts,
+    resolve_guidance,
+    solver_of,
+    steps_of,
+    video_of,
+)
 from flowblend.runtime.plan import BlendPlan
 
-from .common import family_of, model_set_of, plan_of, resolve_experts, resolve_guidance, steps_of, subscribe, video_of
+from .common import choices_of, family_of, subscribe
 
 FLOP_UNITS = ((1e15, "PFLOPs"), (1e12, "TFLOPs"), (1e9, "GFLOPs"), (1e6, "MFLOPs"))
 
@@ -51,15 +60,13 @@ def plan_costs(family, plan, latent_shape, guidance, reference: BlendPlan | None
 
 
 def run(args) -> int:
-    family = family_of(args)
-    frames, height, width = video_of(args, family)
+    family, choices = family_of(args), choices_of(args)
+    frames, height, width = video_of(choices, family)
     latent_shape = family.latent_shape(frames, height, width)
-    kw = family.sampler_kwargs(latent_shape)
-    solver = args.solver or kw["solver"]
-    shift, mu = (args.shift, None) if args.shift is not None else (kw["shift"], kw.get("mu"))
-    experts = resolve_experts(args, family, steps_of(args, family), solver, shift, mu)
-    plan = plan_of(args, family, experts)
-    guidance, table = resolve_guidance(args, family, plan, experts)
+    solver, shift, mu = solver_of(choices, family, latent_shape)
+    experts = resolve_experts(choices, family, steps_of(choices, family), solver, shift, mu)
+    plan = plan_of(choices, family, experts)
+    guidance, table = resolve_guidance(choices, family, plan, experts)
     costs = plan_costs(family, plan, latent_shape, table, reference_plan(family, len(plan), experts))
     cfg = max(table) > 1
     print(f"pair {family.name}: {frames} frames {height}x{width}, latents {latent_shape}, {solver} shift {shift:g}, "

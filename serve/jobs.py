@@ -7,10 +7,14 @@ answers for any job id: no routing by id is needed, only shared storage.
     <results>/jobs/<id>/job.json     the record (status, request, progress, timings, error)
     <results>/jobs/<id>/video.mp4    the result (.gif where ffmpeg is absent), renamed into place
     <results>/jobs/<id>/cancel       a cancel request, seen by whichever replica runs the job
+    <results>/jobs/<id>/claim        who took the queued job out of the shared queue (serve/shared_queue.py)
+    <results>/queue/...              the shared queue's index: one entry per queued job
     <results>/owners/<owner>.lock    held (flock) by a live server process for as long as it runs
 
-A queued or running job whose owner's lock is free belongs to a process that died: it is reported
-failed (retryable) with that reason by the first reader, never left "running" forever.
+A record's `owner` is the process that accepted the job, and from its claim on the process that runs
+it. A queued or running job whose owner's lock is free belongs to a process that died: it is reported
+failed (retryable) with that reason by the first reader, never left "running" forever (a queued one
+only if that reader wins its claim, so a job another live server has just taken is left to it).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -27,10 +32,13 @@ from pathlib import Path
 
 from flowblend.errors import FlowblendError
 
+from .shared_queue import SharedQueue
+
 QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED = "queued", "in_progress", "completed", "failed", "cancelled"
 ACTIVE = (QUEUED, RUNNING)
 FINAL = (COMPLETED, FAILED, CANCELLED)
 JOB_ID = re.compile(r"video_[0-9a-f]{32}")
+WARMUP_PREFIX = "warmup-"  # + owner: a server's warm-up job folder (never listed; removed after the warm-up)
 
 
 @dataclass
@@ -112,10 +120,13 @@ class JobStore:
     def __init__(self, root: str | os.PathLike, owner: str | None = None):
         self.root = Path(root)
         self.owner = owner or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        if "." in self.owner:
+            raise ValueError(f"owner {self.owner!r}: no dots (queue entries are <created>.<owner>.<job id>)")
         self.jobs_dir, self.owners_dir = self.root / "jobs", self.root / "owners"
         check_writable(self.root)
         self.jobs_dir.mkdir(exist_ok=True)
         self.owners_dir.mkdir(exist_ok=True)
+        self.queue = SharedQueue(self.root, self.jobs_dir, self.owner)
         self._lock = threading.Lock()  # one writer per record within this process
         self._owner_lock = OwnerLock(self.owners_dir, self.owner)
 
@@ -126,13 +137,25 @@ class JobStore:
     def folder(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
 
-    def create(self, record: JobRecord) -> None:
+    def create(self, record: JobRecord, body: dict | None = None) -> None:
+        """A new job's folder and record; a queued one also enters the shared queue (with `body`, the request as
+        submitted, which another server resolves by its own rules before it takes the job)."""
         self.folder(record.id).mkdir()
         self.save(record)
+        if record.status == QUEUED:
+            self.queue.put(record.id, record.owner, body)
 
     def save(self, record: JobRecord) -> None:
         with self._lock:
             _write_atomic(self.folder(record.id) / "job.json", json.dumps(asdict(record)))
+
+    def stamp(self, job_id: str) -> tuple[int, int] | None:
+        """What changes whenever the record is saved (each save renames a new file into place): one stat."""
+        try:
+            st = os.stat(self.folder(job_id) / "job.json")
+        except (FileNotFoundError, ValueError):
+            return None
+        return st.st_ino, st.st_mtime_ns
 
     def load(self, job_id: str) -> JobRecord | None:
         """The record of `job_id`, or None if there is no such job; orphans of dead owners come back failed."""
@@ -152,6 +175,10 @@ class JobStore:
             not OwnerLock.alive(self.owners_dir, record.owner)
 
     def _fail_orphan(self, record: JobRecord) -> JobRecord:
+        if record.status == QUEUED and not self.queue.claim(record.id):
+            claimant = self.queue.claimant(record.id)
+            if claimant and OwnerLock.alive(self.owners_dir, claimant):
+                return self._read(record.id) or record  # a live server has just taken it: its record follows
         where = "before it started" if record.status == QUEUED else f"at step {record.step} of {record.steps}"
         record.status, record.retryable, record.finished_at = FAILED, True, time.time()
         record.error = f"the server process that held this job stopped {where}; submit the request again"
@@ -173,7 +200,11 @@ class JobStore:
         return [r for r in records if r is not None]
 
     def recover(self) -> list[str]:
-        """At start: every queued/running job of a dead owner reported failed (a restart after a crash)."""
+        """At start: every queued/running job of a dead owner reported failed (a restart after a crash), and the
+        warm-up folders of servers that died warming up removed."""
+        for folder in self.jobs_dir.glob(f"{WARMUP_PREFIX}*"):
+            if not OwnerLock.alive(self.owners_dir, folder.name.removeprefix(WARMUP_PREFIX)):
+                shutil.rmtree(folder, ignore_errors=True)
         orphans = [r for r in map(self._read, self.ids()) if r is not None and self._orphaned(r)]
         return [self._fail_orphan(r).id for r in orphans]
 

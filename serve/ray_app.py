@@ -4,7 +4,9 @@ Each replica is a whole `flowblend serve` (warm pipeline, worker, queue) behind 
 Ray's proxy spreads requests over replicas. Job state lives on the shared results directory
 (serve/jobs.py), so any replica answers `GET/DELETE /v1/videos/{id}` for a job another replica
 runs: nothing has to route an id to its replica, and a replica that dies leaves records that the
-next reader reports failed (retryable). Engines come from the engine store under `artifacts`
+next reader reports failed (retryable). The replicas also share one queue there (serve/shared_queue.py):
+a POST returns 202 at once, so Ray's routing cannot see which replica is free; an idle replica takes
+the oldest job queued at a busy one instead. Engines come from the engine store under `artifacts`
 (on shared storage with `--build-engines`: built once per GPU type under the store's lock, then
 loaded by every replica of that type).
 

@@ -4,39 +4,28 @@ One thread runs jobs one at a time (the pipeline's buffers serve one request at 
 model copy would double memory for no gain on one device). The HTTP side only validates, enqueues
 and reads records. Cancellation is checked at step boundaries through the sampler's `on_step`
 hook; SIGTERM drains (`drain`): no new jobs, the running one may finish within `drain_seconds`,
-queued ones are persisted as failed-retryable.
+queued ones are persisted as failed-retryable. Servers on one results directory (Ray Serve
+replicas) share their queues: what the worker runs, and from where, is serve/worker.py's job.
 """
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
-from collections import deque
 from pathlib import Path
 
 from flowblend.errors import FlowblendError
 from flowblend.export.pairs import get_family
-from flowblend.runtime.video import save_video
 
 from .config import ServeConfig
-from .jobs import (
-    ACTIVE,
-    CANCELLED,
-    COMPLETED,
-    FAILED,
-    FINAL,
-    QUEUED,
-    RUNNING,
-    JobRecord,
-    JobStore,
-    check_writable,
-    new_job_id,
-)
-from .metrics import ServeMetrics
+from .jobs import ACTIVE, CANCELLED, FAILED, FINAL, QUEUED, RUNNING, JobRecord, JobStore, check_writable, new_job_id
 from .video_request import JobSpec, VideoRequest, resolve
 from .warm import WARMUP_PROMPT, WarmPipeline
+from .worker import IDLE_POLL_SECONDS, JobWorker, _one_line, _Stop
 
-PROGRESS_SAVE_SECONDS = 0.5  # how often a running job's progress reaches the results dir (other replicas)
+CLAIM_CHECK_SECONDS = 0.1  # a long poll on a job queued here looks this often whether another server took it
+SHARED_POLL_SECONDS = 0.05  # a long poll on another server's job: one stat of its record this often
+ORPHAN_CHECK_SECONDS = 1.0  # ... and a full read (which notices a dead owner) at least this often
 
 
 class ServiceError(FlowblendError):
@@ -47,35 +36,15 @@ class ServiceError(FlowblendError):
         self.status, self.retry_after = status, retry_after
 
 
-class _Stop(Exception):
-    """Raised from `on_step` to end a running job at a step boundary."""
-
-    def __init__(self, status: str, reason: str, retryable: bool):
-        super().__init__(reason)
-        self.status, self.reason, self.retryable = status, reason, retryable
-
-
-class VideoService:
+class VideoService(JobWorker):
     """`VideoService(config).start()`, then `submit / get / cancel / wait` from any thread or event loop."""
 
     def __init__(self, config: ServeConfig, pipeline: WarmPipeline | None = None):
-        self.config = config
-        self.family = get_family(config.pair)
         self.default_spec = self.check_config(config)
-        self.store = JobStore(config.results_dir)
+        super().__init__(config, get_family(config.pair), JobStore(config.results_dir), pipeline)
         self.recovered = self.store.recover()
-        self.metrics = ServeMetrics()
-        self.pipeline = pipeline
         self.state, self.stage, self.error = "loading", "starting", None
-        self._queue: deque[str] = deque()
-        self._records: dict[str, JobRecord] = {}  # this process's queued and running jobs (fresh progress)
-        self._specs: dict[str, JobSpec] = {}
-        self._running: str | None = None
-        self._stop_running: _Stop | None = None
-        self._cond = threading.Condition()
-        self._watchers: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]] = {}
         self._thread: threading.Thread | None = None
-        self._closed = False
 
     @staticmethod
     def check_config(config: ServeConfig) -> JobSpec:
@@ -105,9 +74,13 @@ class VideoService:
 
         if self.pipeline is None:
             self.pipeline = WarmPipeline(self.config, self.family)
-            self.pipeline.load(self.default_spec, stage)
+            self.pipeline.load(self.default_spec, stage, warm_up=False)
         else:
             self.pipeline.warm_keys.add(self.default_spec.shape_key())
+        stage(self.pipeline.warm_up_stage)
+        start = time.perf_counter()
+        self._warm_up()
+        self.pipeline.load_seconds["warmup"] = round(time.perf_counter() - start, 3)
 
     def _work(self) -> None:
         try:
@@ -123,13 +96,13 @@ class VideoService:
             self._cond.notify_all()
         self.metrics.ready.set(1)
         while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._queue or self._closed)
-                if self._closed and not self._queue:
+            with self._cond:  # woken at once by a job submitted here; otherwise looks at the shared queue
+                self._cond.wait_for(lambda: self._queue or self._closed, IDLE_POLL_SECONDS)
+                if self._closed:
                     return
-                job_id = self._queue.popleft()
-                self._running = job_id
-                self._update_gauges()
+            job_id = self._take_next() if self.state == "ready" else None
+            if job_id is None:
+                continue
             try:
                 self._run(job_id)
             finally:
@@ -147,8 +120,11 @@ class VideoService:
             dropped = list(self._queue)
             self._queue.clear()
         for job_id in dropped:
-            self._finish(self._records[job_id], FAILED, f"{reason} before the job started; submit it again",
-                         retryable=True)
+            if self.store.queue.claim(job_id):
+                self._finish(self._records[job_id], FAILED, f"{reason} before the job started; submit it again",
+                             retryable=True)
+            else:
+                self._forget(job_id)  # another server took it and runs it
 
     def drain(self, timeout: float | None = None) -> bool:
         """begin_drain, wait up to `timeout` (default drain_seconds) for the running job, then stop it.
@@ -186,18 +162,21 @@ class VideoService:
         if not self.config.dynamic_shapes and spec.shape_key() not in self.pipeline.warm_keys:
             self.metrics.rejected.labels("shape").inc()
             d = self.default_spec
-            raise ServiceError(400, f"{spec.width}x{spec.height}, {spec.frames} frames, guidance {spec.guidance:g} is "
-                                    f"not a warm shape of this server (warm: {d.width}x{d.height}, {d.frames} frames, "
+            raise ServiceError(400, f"{spec.request.width}x{spec.request.height}, {spec.request.frames} frames, guidance {spec.request.guidance:g} is "
+                                    f"not a warm shape of this server (warm: {d.request.width}x{d.request.height}, {d.request.frames} frames, "
                                     f"CFG {'on' if d.cfg else 'off'}); restart it with that size or with "
                                     "--dynamic-shapes")
         record = JobRecord(new_job_id(), spec.to_dict(), self.store.owner, steps=len(spec.plan),
                            models=list(spec.plan.models))
         with self._cond:
             if len(self._queue) >= self.config.queue_size:
+                for job_id in [j for j in self._queue if self.store.queue.claimed(j)]:
+                    self._forget(job_id)  # taken by other servers since
+            if len(self._queue) >= self.config.queue_size:
                 self.metrics.rejected.labels("queue_full").inc()
                 raise ServiceError(429, f"the queue is full ({self.config.queue_size} jobs waiting); retry later",
                                    self.config.retry_after_seconds)
-            self.store.create(record)
+            self.store.create(record, body.model_dump())
             self._records[record.id], self._specs[record.id] = record, spec
             self._queue.append(record.id)
             self._update_gauges()
@@ -205,7 +184,11 @@ class VideoService:
         return record
 
     def get(self, job_id: str) -> JobRecord:
-        record = self._records.get(job_id) or self.store.load(job_id)
+        with self._cond:
+            if job_id in self._queue and self.store.queue.claimed(job_id):
+                self._forget(job_id)  # another server took it (this worker claims and dequeues in one step)
+            record = self._records.get(job_id)
+        record = record or self.store.load(job_id)
         if record is None:
             raise ServiceError(404, f"no job {job_id!r}: list jobs with GET /v1/videos")
         return record
@@ -218,14 +201,17 @@ class VideoService:
         if self.store.cancel_requested(job_id):
             raise ServiceError(409, f"job {job_id} is already being cancelled (it stops at its next step boundary)")
         self.store.request_cancel(job_id)
-        with self._cond:
-            queued_here = job_id in self._queue
-            if queued_here:
-                self._queue.remove(job_id)
-                self._update_gauges()
-        if queued_here:
+        # Still queued (here or at another server): take it out of the shared queue and drop it. If another
+        # claim came first, the job is starting or running where it was claimed and stops at its next step.
+        dropped = record.status == QUEUED and self.store.queue.claim(job_id)
+        if dropped:
+            with self._cond:
+                if job_id in self._queue:
+                    self._queue.remove(job_id)
+                    self._update_gauges()
+                record = self._records.get(job_id) or self.store.load(job_id)
             self._finish(record, CANCELLED, "cancelled while queued")
-        return self.get(job_id), queued_here
+        return self.get(job_id), dropped
 
     def cancel_requested(self, job_id: str) -> bool:
         return self.store.cancel_requested(job_id)
@@ -242,94 +228,26 @@ class VideoService:
         """The record once final or after `timeout` seconds (long poll without a thread per waiter)."""
         record = self.get(job_id)
         deadline = time.monotonic() + timeout
-        while record.status in ACTIVE and time.monotonic() < deadline:
-            if job_id in self._records:  # ours: woken by the worker
-                loop, fut = asyncio.get_running_loop(), asyncio.get_running_loop().create_future()
-                with self._cond:
+        seen, read_at = self.store.stamp(job_id), time.monotonic()
+        while record.status in ACTIVE and (left := deadline - time.monotonic()) > 0:
+            loop, fut = asyncio.get_running_loop(), asyncio.get_running_loop().create_future()
+            with self._cond:
+                here = job_id in self._records  # queued or running here: the worker (or _forget) wakes us
+                if here:
                     self._watchers.setdefault(job_id, []).append((loop, fut))
-                    final = self._records.get(job_id) is None
-                if not final:
-                    try:
-                        await asyncio.wait_for(fut, max(0.0, deadline - time.monotonic()))
-                    except asyncio.TimeoutError:
-                        pass
-            else:  # another replica's: its record on the shared results dir
-                await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
-            record = self.get(job_id)
+            if here:  # a job queued here may be taken by another server meanwhile: look again now and then
+                try:
+                    await asyncio.wait_for(fut, left if record.status == RUNNING else min(left, CLAIM_CHECK_SECONDS))
+                except asyncio.TimeoutError:
+                    with self._cond:
+                        if fut in (f for _, f in self._watchers.get(job_id, [])):
+                            self._watchers[job_id] = [w for w in self._watchers[job_id] if w[1] is not fut]
+                record = self.get(job_id)
+            else:  # another server's: its record on the shared results dir, read when it changed
+                await asyncio.sleep(min(SHARED_POLL_SECONDS, left))
+                stamp = self.store.stamp(job_id)
+                if stamp != seen or time.monotonic() - read_at >= ORPHAN_CHECK_SECONDS:
+                    seen, read_at = stamp, time.monotonic()
+                    record = self.get(job_id)
         return record
-
-    # -- the worker ---------------------------------------------------------------------------
-    def _run(self, job_id: str) -> None:
-        record, spec = self._records[job_id], self._specs[job_id]
-        if self.store.cancel_requested(job_id):
-            self._finish(record, CANCELLED, "cancelled while queued")
-            return
-        record.status, record.started_at = RUNNING, time.time()
-        self.metrics.queue_seconds.observe(record.started_at - record.created_at)
-        self.store.save(record)
-        self._update_gauges()
-        per_model: dict[str, list[float]] = {m: [] for m in set(spec.plan.models)}
-        last = [time.perf_counter(), time.perf_counter()]  # previous step end, last progress save
-
-        def on_step(i: int) -> None:
-            if self.pipeline.syncs_per_step:
-                import torch
-
-                torch.cuda.synchronize()
-            now = time.perf_counter()
-            model = spec.plan.models[i]
-            if self.pipeline.steps_report:
-                per_model[model].append(now - last[0])
-                self.metrics.step_seconds.labels(model).observe(now - last[0])
-            last[0] = now
-            record.step, record.model = i + 1, model
-            if self._stop_running is not None:
-                raise self._stop_running
-            if self.store.cancel_requested(job_id):
-                raise _Stop(CANCELLED, f"cancelled at step {i + 1} of {record.steps}", retryable=False)
-            if now - last[1] > PROGRESS_SAVE_SECONDS:
-                last[1] = now
-                self.store.save(record)
-
-        t0 = time.perf_counter()
-        try:
-            video = self.pipeline.generate(spec, on_step)
-            t1 = time.perf_counter()
-            written = save_video(video, self.store.folder(job_id) / "video.mp4")
-            t2 = time.perf_counter()
-        except _Stop as stop:
-            self._finish(record, stop.status, stop.reason, stop.retryable)
-            return
-        except Exception as exc:  # noqa: BLE001 - the job fails with the reason; the server goes on
-            self._finish(record, FAILED, _one_line(exc))
-            return
-        record.video = written.name
-        record.timings = {"generate_seconds": round(t1 - t0, 4), "encode_seconds": round(t2 - t1, 4),
-                          "queue_seconds": round(record.started_at - record.created_at, 4),
-                          "step_seconds_mean": {m: round(sum(v) / len(v), 5) for m, v in per_model.items() if v}}
-        self.metrics.job_seconds.observe(t2 - t0)
-        self._finish(record, COMPLETED)
-
-    def _finish(self, record: JobRecord, status: str, error: str | None = None, retryable: bool = False) -> None:
-        record.status, record.error, record.retryable, record.finished_at = status, error, retryable, time.time()
-        self.store.save(record)
-        self.metrics.finished.labels(status).inc()
-        with self._cond:
-            self._records.pop(record.id, None)
-            self._specs.pop(record.id, None)
-            watchers = self._watchers.pop(record.id, [])
-            self._update_gauges()
-        for loop, fut in watchers:
-            loop.call_soon_threadsafe(lambda f=fut: f.done() or f.set_result(None))
-
-    def _update_gauges(self) -> None:
-        self.metrics.queue_depth.set(len(self._queue))
-        self.metrics.active.labels(QUEUED).set(len(self._queue))
-        self.metrics.active.labels(RUNNING).set(1 if self._running else 0)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text and not isinstance(exc, FlowblendError) else \
-        (text[0] if text else type(exc).__name__)
 

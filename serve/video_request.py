@@ -4,23 +4,22 @@ The schema only says which fields exist and their JSON types; every rule about v
 the toy vocabulary, plan spellings, step counts, sizes the VAE takes, guidance, seeds) is the CLI's
 own check, `runtime.request.validate_request`, called here, so the server and `flowblend generate`
 accept and refuse exactly the same things with the same words. The plan, the expert schedule (wan22)
-and the per-step guidance table come from the same cli/common.py functions `flowblend generate` calls,
-given the request's values and the server's flags under the flags' names.
+and the per-step guidance table come from runtime/blend_request.py, as for `flowblend generate`,
+given the request's values and, where it has none, the server's settings.
 """
 from __future__ import annotations
 
-import argparse
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from flowblend.cli.common import experts_of, plan_of, resolve_guidance
 from flowblend.errors import FlowblendError
 from flowblend.export.pairs import PairFamily
+from flowblend.runtime.blend_request import BlendChoices, experts_of, plan_of, resolve_guidance
 from flowblend.runtime.plan import BlendPlan, ExpertSchedule
-from flowblend.runtime.request import validate_request
+from flowblend.runtime.request import GenerationRequest, validate_request
 from flowblend.runtime.sampler import SamplerOptions
 
 from .config import ServeConfig
@@ -48,19 +47,15 @@ class VideoRequest(BaseModel):
 
 @dataclass(frozen=True)
 class JobSpec:
-    """A request every rule has accepted: what the worker runs."""
+    """A request every rule has accepted and the sampler options it runs with: what the worker runs."""
 
-    prompt: str
-    negative_prompt: str
-    plan: BlendPlan
-    seed: int
-    frames: int
-    height: int
-    width: int
-    guidance: float
+    request: GenerationRequest  # one prompt, every default filled in (runtime/request.py)
     options: SamplerOptions
-    latent_shape: tuple[int, ...]
     experts: ExpertSchedule | None = None  # wan22: which expert each step belongs to
+
+    @property
+    def plan(self) -> BlendPlan:
+        return self.request.plan
 
     @property
     def guidance_per_step(self) -> tuple[float, ...]:
@@ -72,12 +67,13 @@ class JobSpec:
 
     def shape_key(self) -> tuple:
         """What buffers (and engines' static shapes, graphs) are specialised for."""
-        return (self.latent_shape, self.cfg)
+        return (self.request.latent_shape, self.cfg)
 
     def to_dict(self) -> dict:
-        return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "plan": self.plan.to_dict(),
-                "seed": self.seed, "frames": self.frames, "height": self.height, "width": self.width,
-                "guidance": self.guidance, "guidance_per_step": list(self.guidance_per_step),
+        r = self.request
+        return {"prompt": r.prompts[0], "negative_prompt": r.negative_prompt, "plan": r.plan.to_dict(),
+                "seed": r.seed, "frames": r.frames, "height": r.height, "width": r.width,
+                "guidance": r.guidance, "guidance_per_step": list(self.guidance_per_step),
                 **({"boundary_ratio": self.experts.boundary_ratio, "expert_switch_step": self.experts.switch_step}
                    if self.experts is not None else {})}
 
@@ -101,8 +97,8 @@ def plan_file(plans_dir: str | None, name: str) -> Path | None:
 
 
 def resolve(body: VideoRequest, config: ServeConfig, family: PairFamily) -> JobSpec:
-    """Check every value with the CLI's own rules (runtime/request.py's validate_request, cli/common.py's
-    plan_of for plan files) plus the server's limits; FlowblendError names the fix."""
+    """Check every value with the CLI's own rules (runtime/request.py's validate_request, runtime/blend_request.py's
+    plans, experts and guidance) plus the server's limits; FlowblendError names the fix."""
     if body.model is not None and body.model != family.name:
         raise FlowblendError(f"model {body.model!r}: this server runs the {family.name} pair; drop model or send "
                              f"\"{family.name}\"")
@@ -112,31 +108,30 @@ def resolve(body: VideoRequest, config: ServeConfig, family: PairFamily) -> JobS
     height, width = parse_size(body.size)
     named = plan_file(config.plans_dir, body.plan) if body.plan else config.plan_file
     steps = body.steps if body.steps is not None else config.steps
-    # generate's flags, by name: the request's values, else the server's (None: the family's default)
-    args = argparse.Namespace(plan=body.plan or config.plan, plan_file=str(named) if named else None, steps=steps,
-                              frames=body.frames if body.frames is not None else config.frames,
-                              height=height if height is not None else config.height,
-                              width=width if width is not None else config.width,
-                              guidance=body.guidance if body.guidance is not None else config.guidance,
-                              solver=None, shift=None, boundary_ratio=config.boundary_ratio,
-                              guidance_2=config.guidance_2, small_guidance=config.small_guidance)
+    # the request's values, else the server's (None: the family's default)
+    choices = BlendChoices(plan=body.plan or config.plan, plan_file=str(named) if named else None, steps=steps,
+                           frames=body.frames if body.frames is not None else config.frames,
+                           height=height if height is not None else config.height,
+                           width=width if width is not None else config.width,
+                           guidance=body.guidance if body.guidance is not None else config.guidance,
+                           boundary_ratio=config.boundary_ratio, guidance_2=config.guidance_2,
+                           small_guidance=config.small_guidance)
     try:
-        experts = experts_of(args, family)
-        request = validate_request(family, body.prompt, body.negative_prompt, plan_of(args, family, experts), steps,
-                                   body.seed, args.height, args.width, args.frames, args.guidance)
+        experts = experts_of(choices, family)
+        request = validate_request(family, body.prompt, body.negative_prompt, plan_of(choices, family, experts),
+                                   steps, body.seed, choices.height, choices.width, choices.frames, choices.guidance)
     except FlowblendError as exc:
         known = sorted(p.stem for p in Path(config.plans_dir).glob("*.json")) if config.plans_dir else []
-        if known and args.plan and str(exc).startswith(f"plan {args.plan!r}"):
+        if known and choices.plan and str(exc).startswith(f"plan {choices.plan!r}"):
             raise FlowblendError(f"{exc}; or name a calibrated plan: {', '.join(known)}") from None
         raise
     if len(request.plan) > config.max_steps:
-        raise FlowblendError(f"plan {args.plan or request.plan.spec!r} has {len(request.plan)} steps; this server "
+        raise FlowblendError(f"plan {choices.plan or request.plan.spec!r} has {len(request.plan)} steps; this server "
                              f"runs at most {config.max_steps} (--max-steps)")
-    _, table = resolve_guidance(args, family, request.plan, experts)
+    _, table = resolve_guidance(choices, family, request.plan, experts)
     uniform = all(g == request.guidance for g in table)  # two-model pairs: one scale, no table (as before)
     options = SamplerOptions(**request.sampler_settings(), guidance_table=None if uniform else table)
-    return JobSpec(request.prompts[0], request.negative_prompt, request.plan, request.seed, request.frames,
-                   request.height, request.width, request.guidance, options, tuple(request.latent_shape), experts)
+    return JobSpec(request, options, experts)
 
 
 def error_line(errors: list[dict]) -> str:

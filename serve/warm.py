@@ -3,7 +3,8 @@
 `load()` does everything a request would otherwise pay for: load the pair, build or load the
 engines of the configured backend, bind the shared buffers for the warm shape and default plan,
 capture the CUDA graphs (when asked), and run one whole warm-up request including the video
-encoder. After that nothing is loaded or compiled lazily for requests of the warm shape and plan.
+encoder (a server runs that request as a job of its own, through the path every job takes). After
+that nothing is loaded or compiled lazily for requests of the warm shape and plan.
 
 Other plans of a warm shape get a sampler of their own on first use (a solver table and buffers:
 milliseconds on CPU; with CUDA graphs, one capture) and are then kept, up to `MAX_SAMPLERS`.
@@ -47,8 +48,11 @@ class WarmPipeline:
         self.load_seconds: dict[str, float] = {}
 
     # -- start-up -----------------------------------------------------------------------------
-    def load(self, warm_spec: JobSpec, stage: Callable[[str], None] = lambda s: None) -> None:
-        """Pair, engines, buffers/graphs for `warm_spec`, then one warm-up request end to end."""
+    def load(self, warm_spec: JobSpec, stage: Callable[[str], None] = lambda s: None, warm_up: bool = True) -> None:
+        """Pair, engines, buffers/graphs for `warm_spec`, then (`warm_up`) one warm-up request end to end.
+
+        A server passes `warm_up=False` and runs its warm-up as a job of its own instead (serve/service.py):
+        through the same worker path, record saves and video write into the results directory as every job."""
         c = self.config
         if c.threads:
             torch.set_num_threads(c.threads)
@@ -63,21 +67,26 @@ class WarmPipeline:
 
             # The store keys engines by GPU type and locks each build: replicas on shared storage build once.
             build_pair_engines(self.family.name, c.backend, c.artifacts, progress=False)
-        self.engines = make_engines(c.backend, self.pair, latent_shape=warm_spec.latent_shape,
+        self.engines = make_engines(c.backend, self.pair, latent_shape=warm_spec.request.latent_shape,
                                     guidance=max(warm_spec.guidance_per_step), device=c.device, dtype=c.dtype,
                                     artifacts=c.artifacts)
         t2 = time.perf_counter()
-        stage("warming up" + (f" (capturing {c.graph} CUDA graphs)" if c.graph != "none" else ""))
         self.warm_keys.add(warm_spec.shape_key())
-        with tempfile.TemporaryDirectory() as tmp:
-            video = self.generate(warm_spec)
-            save_video(video, Path(tmp) / "warmup.mp4")  # the encoder's first call (ffmpeg start) too
-        t3 = time.perf_counter()
-        self.load_seconds = {"pair": round(t1 - t0, 3), "engines": round(t2 - t1, 3), "warmup": round(t3 - t2, 3)}
+        self.load_seconds = {"pair": round(t1 - t0, 3), "engines": round(t2 - t1, 3)}
+        if warm_up:
+            stage(self.warm_up_stage)
+            with tempfile.TemporaryDirectory() as tmp:
+                video = self.generate(warm_spec)
+                save_video(video, Path(tmp) / "warmup.mp4")  # the encoder's first call (ffmpeg start) too
+            self.load_seconds["warmup"] = round(time.perf_counter() - t2, 3)
+
+    @property
+    def warm_up_stage(self) -> str:
+        return "warming up" + (f" (capturing {self.config.graph} CUDA graphs)" if self.config.graph != "none" else "")
 
     # -- per request --------------------------------------------------------------------------
     def _pipe(self, spec: JobSpec) -> BlendPipeline:
-        key = (spec.plan.models, spec.options, spec.latent_shape)
+        key = (spec.plan.models, spec.options, spec.request.latent_shape)
         pipe = self._pipes.get(key)
         if pipe is None:
             if self.engines is None:
@@ -94,8 +103,9 @@ class WarmPipeline:
 
     def generate(self, spec: JobSpec, on_step: Callable[[int], None] | None = None) -> torch.Tensor:
         """The video [3, F, H, W] in [-1, 1]; `on_step(i)` runs after each step (may raise to stop the job)."""
-        video, _ = self._pipe(spec)(spec.prompt, spec.latent_shape, seed=spec.seed,
-                                    negative_prompt=spec.negative_prompt, on_step=on_step)
+        r = spec.request
+        video, _ = self._pipe(spec)(r.prompts[0], r.latent_shape, seed=r.seed, negative_prompt=r.negative_prompt,
+                                    on_step=on_step)
         return video
 
     @property

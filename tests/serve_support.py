@@ -33,9 +33,10 @@ def toy_config(results_dir, **changes) -> ServeConfig:
                           "queue_size": 2, "max_steps": 400, "drain_seconds": 30.0, **changes})
 
 
-@functools.lru_cache(maxsize=1)
-def warm_toy_pipeline() -> WarmPipeline:
-    """The toy pair loaded and warmed up once per test process (what `flowblend serve` does at start)."""
+@functools.lru_cache(maxsize=2)
+def warm_toy_pipeline(copy: int = 0) -> WarmPipeline:
+    """The toy pair loaded and warmed up once per test process (what `flowblend serve` does at start); `copy=1`
+    is a second one, for a second server that works at the same time (a pipeline runs one request at a time)."""
     config = toy_config("unused")
     pipeline = WarmPipeline(config, get_family("toy"))
     pipeline.load(VideoService.check_config(toy_config(os.environ.get("TMPDIR", "/tmp"))))

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from test_metrics import save_tiny_dino
+from tiny_models import stand_in_decode
 
 from flowblend.cli.main import main
 from flowblend.export import pairs
@@ -84,14 +85,8 @@ def _fake_shared(monkeypatch, family):
         rows = [torch.randn(7, 16, generator=torch.Generator().manual_seed(sum(map(ord, p)))) for p in prompts]
         return torch.stack(rows), (torch.ones(len(prompts), 7, dtype=torch.int64) if family == "ltx" else None)
 
-    def decode(self, latents):
-        b, c, f, h, w = latents.shape
-        x = torch.tanh(latents[:, :3]).permute(0, 2, 1, 3, 4).reshape(b * f, 3, h, w)
-        x = torch.nn.functional.interpolate(x, size=(32, 32), mode="nearest")
-        return x.reshape(b, f, 3, 32, 32).permute(0, 2, 1, 3, 4)
-
     monkeypatch.setattr(pairs._SharedComponents, "encode", encode)
-    monkeypatch.setattr(pairs._SharedComponents, "decode", decode)
+    monkeypatch.setattr(pairs._SharedComponents, "decode", stand_in_decode)
 
 
 @pytest.mark.parametrize("family,video", [("wan", ["--frames", "5", "--height", "16", "--width", "16"]),

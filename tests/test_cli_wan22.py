@@ -16,6 +16,7 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 from test_metrics import save_tiny_dino
+from tiny_models import stand_in_decode
 
 from flowblend.calibrate.divergence import SamplingSetup, make_requests, measure_divergence
 from flowblend.cli.main import main
@@ -73,14 +74,8 @@ def fake_shared(monkeypatch):
             out[i, :7] = torch.randn(7, 4096, generator=torch.Generator().manual_seed(sum(map(ord, p)))) * (p != "")
         return out, None
 
-    def decode(self, latents):
-        b, c, f, h, w = latents.shape
-        x = torch.tanh(latents[:, :3]).permute(0, 2, 1, 3, 4).reshape(b * f, 3, h, w)
-        x = torch.nn.functional.interpolate(x, size=(32, 32), mode="nearest")
-        return x.reshape(b, f, 3, 32, 32).permute(0, 2, 1, 3, 4)
-
     monkeypatch.setattr(pairs._SharedComponents, "encode", encode)
-    monkeypatch.setattr(pairs._SharedComponents, "decode", decode)
+    monkeypatch.setattr(pairs._SharedComponents, "decode", stand_in_decode)
 
 
 def ckpt_args(root):

@@ -13,6 +13,7 @@ import json
 import re
 import socket
 import time
+from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
@@ -68,10 +69,10 @@ def test_a_job_runs_and_returns_the_pipelines_video(client, server, tmp_path):
     served = iio.imread(io.BytesIO(content.content), extension=suffix).astype(np.float32)
     # reference: the same pipeline called in-process, written by the CLI's video writer
     spec = server.service.default_spec
-    pipe = warm_toy_pipeline()._pipe(dataclasses.replace(spec, plan=plan))
+    pipe = warm_toy_pipeline()._pipe(dataclasses.replace(spec, request=dataclasses.replace(spec.request, plan=plan)))
 
     def direct(seed: int) -> np.ndarray:
-        video, _ = pipe(PROMPT, spec.latent_shape, seed=seed)
+        video, _ = pipe(PROMPT, spec.request.latent_shape, seed=seed)
         return iio.imread(save_video(video, tmp_path / f"direct-{seed}{suffix}")).astype(np.float32)
 
     assert served.shape == direct(3).shape
@@ -257,8 +258,8 @@ def test_sampler_hook_sees_every_step_and_changes_nothing(server):
     spec = server.service.default_spec
     pipe = warm_toy_pipeline()._pipe(spec)
     seen = []
-    _, with_hook = pipe(PROMPT, spec.latent_shape, seed=5, on_step=seen.append)
-    _, without = pipe(PROMPT, spec.latent_shape, seed=5)
+    _, with_hook = pipe(PROMPT, spec.request.latent_shape, seed=5, on_step=seen.append)
+    _, without = pipe(PROMPT, spec.request.latent_shape, seed=5)
     assert seen == list(range(len(spec.plan))) and torch.equal(with_hook, without)
 
     class Stop(Exception):
@@ -271,7 +272,7 @@ def test_sampler_hook_sees_every_step_and_changes_nothing(server):
 
     seen.clear()
     with pytest.raises(Stop):
-        pipe(PROMPT, spec.latent_shape, seed=5, on_step=stop_at_2)
+        pipe(PROMPT, spec.request.latent_shape, seed=5, on_step=stop_at_2)
     assert seen == [0, 1, 2]
 
 
@@ -312,3 +313,32 @@ def test_readmes_client_example_runs_against_a_server(server, tmp_path, monkeypa
     exec(compile(block.replace("http://127.0.0.1:8000", server.url), "README.md serving block", "exec"), {})
     written = next(tmp_path.glob("*.mp4"))
     assert iio.imread(written).shape[:3] == (9, 32, 32)
+
+
+def test_the_warm_up_is_a_job_through_the_workers_path_and_leaves_nothing(tmp_path, monkeypatch):
+    """Nothing a job does is first done for a client's request: the warm-up request runs as a job (record saves,
+    the video written into the results directory), then is gone: not listed, not counted, no folder."""
+    import flowblend.serve.worker as worker
+
+    written = []
+
+    def recording_save_video(video, path, *args, **kwargs):
+        written.append(Path(path))
+        return save_video(video, path, *args, **kwargs)
+
+    monkeypatch.setattr(worker, "save_video", recording_save_video)
+    stale = tmp_path / "results" / "jobs" / "warmup-12345-deadbeef"  # a server that died warming up
+    stale.mkdir(parents=True)
+    (stale / "job.json").write_text("{}")
+    fresh = ThreadedServer(toy_config(tmp_path / "results"))
+    try:
+        jobs = tmp_path / "results" / "jobs"
+        assert [p.parent.parent for p in written] == [jobs] and written[0].parent.name.startswith("warmup-")
+        assert list(jobs.iterdir()) == [] and list((tmp_path / "results" / "queue").iterdir()) == []  # stale gone
+        assert fresh.client.get("/v1/videos").json()["data"] == []
+        samples = metric_samples(fresh.client.get("/metrics").text)
+        assert not any(name.startswith(("flowblend_jobs_finished", "flowblend_step_seconds_count")) and value
+                       for (name, _), value in samples.items())
+        assert fresh.service.pipeline.load_seconds["warmup"] > 0
+    finally:
+        fresh.stop()

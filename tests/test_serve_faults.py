@@ -91,11 +91,13 @@ def test_sigterm_drains_running_finishes_queued_persisted_failed(tmp_path):
         queued = [client.post("/v1/videos", json={"prompt": PROMPT, "seed": i}).json() for i in range(2)]
         assert wait_running(client, running["id"])["status"] == "in_progress"
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        deadline = time.monotonic() + 30  # the drain starts on a thread of its own: no fixed sleep on a loaded CPU
+        while client.get("/health").json()["status"] != "draining" and time.monotonic() < deadline:
+            time.sleep(0.05)
         refused = client.post("/v1/videos", json={"prompt": PROMPT})
         assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
         for job in queued:
-            record = client.get(f"/v1/videos/{job['id']}").json()
+            record = client.get(f"/v1/videos/{job['id']}", params={"wait": 10}).json()
             assert record["status"] == "failed" and record["retryable"] and "submit it again" in record["error"]
         proc.wait(timeout=120)
         assert proc.returncode == 0, proc.stderr.read()

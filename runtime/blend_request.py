@@ -1,0 +1,168 @@
+"""What picks a request's plan, expert schedule and per-step CFG scales, as plain values.
+
+`flowblend generate`, `plan` and `calibrate` read these from their flags (cli/common.py's
+`choices_of`), the server from a JSON body plus its own settings (serve/video_request.py); both
+resolve them here, so a request means the same and is refused with the same words either way.
+Messages name the CLI flag that sets each value, which the server's settings share.
+
+The family is passed in (an `export.pairs.PairFamily`; runtime/ never imports export/): what it
+supplies beyond `VideoFamily` is written down in `BlendFamily`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Protocol
+
+from flowblend.errors import FlowblendError
+
+from .plan import BlendPlan, ExpertSchedule, ModelSet
+from .request import VideoFamily, check_guidance, resolve_plan
+
+
+class BlendFamily(VideoFamily, Protocol):
+    """A family's named models and, for two-expert models (wan22), their boundary and CFG scales."""
+
+    models: tuple[str, ...]
+    letters: tuple[str, ...]
+    boundary_ratio: float | None
+    expert_guidance: tuple[tuple[str, float], ...]
+
+    @property
+    def experts(self) -> tuple[str, str] | None: ...
+
+
+@dataclass(frozen=True)
+class BlendChoices:
+    """The values that pick a plan and its guidance; None is the family's default (or no such choice)."""
+
+    plan: str | None = None
+    plan_file: str | None = None
+    steps: int | None = None
+    frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    guidance: float | None = None
+    solver: str | None = None
+    shift: float | None = None
+    boundary_ratio: float | None = None
+    guidance_2: float | None = None
+    small_guidance: float | None = None
+
+    @classmethod
+    def of(cls, source) -> "BlendChoices":
+        """From any object with these attributes (an argparse Namespace); missing ones are None."""
+        return cls(**{f.name: getattr(source, f.name, None) for f in fields(cls)})
+
+
+def model_set_of(family: BlendFamily) -> ModelSet:
+    return ModelSet(tuple(family.models), tuple(family.letters))
+
+
+def video_of(choices: BlendChoices, family: BlendFamily) -> tuple[int, int, int]:
+    """(frames, height, width) with the family's defaults, checked against its VAE and patch."""
+    frames = choices.frames if choices.frames is not None else family.frames
+    height = choices.height if choices.height is not None else family.height
+    width = choices.width if choices.width is not None else family.width
+    family.check_video_shape(frames, height, width)
+    return frames, height, width
+
+
+def guidance_of(choices: BlendChoices, family: BlendFamily) -> float:
+    return check_guidance(family.guidance if choices.guidance is None else choices.guidance)
+
+
+def solver_of(choices: BlendChoices, family: BlendFamily, latent_shape) -> tuple[str, float, float | None]:
+    """(solver, shift, mu): the family's for this latent size unless chosen; a chosen shift replaces LTX's mu."""
+    settings = family.sampler_kwargs(latent_shape)
+    shift, mu = (choices.shift, None) if choices.shift is not None else (settings["shift"], settings.get("mu"))
+    return choices.solver or settings["solver"], shift, mu
+
+
+def read_plan_file(path: str | Path, steps: int | None, family: BlendFamily) -> BlendPlan:
+    """A plan written by `flowblend calibrate plan`, in the family's model names."""
+    path, model_set = Path(path), model_set_of(family)
+    if not path.is_file():
+        raise FlowblendError(f"plan file {path} does not exist: write one with `flowblend calibrate plan`")
+    try:
+        plan = BlendPlan.from_json(path.read_text())
+    except ValueError as exc:
+        raise FlowblendError(f"plan file {path}: {exc}") from None
+    if steps is not None and steps != len(plan):
+        raise FlowblendError(f"--steps {steps} disagrees with the plan file's {len(plan)} steps: drop --steps")
+    unknown = sorted(set(plan.models) - set(model_set.names))
+    if unknown:
+        raise FlowblendError(f"plan file {path} names {unknown}, which pair {family.name} does not have "
+                             f"({', '.join(model_set.names)})")
+    return BlendPlan(plan.models, plan.spec, model_set)
+
+
+def plan_of(choices: BlendChoices, family: BlendFamily, experts: ExpertSchedule | None = None) -> BlendPlan:
+    """The plan file, else the plan spelling (default: experts for wan22, the paper's LSL:0.4,0.2) at the step
+    count; `experts` (wan22) for the `experts[:before,after]` spelling."""
+    if choices.plan_file:
+        return read_plan_file(choices.plan_file, choices.steps, family)
+    spec = choices.plan or ("experts" if family.experts is not None else "LSL:0.4,0.2")
+    return resolve_plan(spec, choices.steps, family.steps, model_set_of(family), experts)
+
+
+def steps_of(choices: BlendChoices, family: BlendFamily) -> int:
+    """The step count a plan will have (the plan file's, the chosen one, or the family's)."""
+    if choices.plan_file:
+        return len(plan_of(choices, family))
+    steps = choices.steps if choices.steps is not None else family.steps
+    if steps < 1:
+        raise FlowblendError(f"--steps must be a positive integer, got {steps}")
+    return steps
+
+
+def resolve_experts(choices: BlendChoices, family: BlendFamily, steps: int, solver: str, shift: float,
+                    mu: float | None = None) -> ExpertSchedule | None:
+    """The expert of every step for a two-expert family (None otherwise), on the solver's own timesteps."""
+    from .guidance import expert_schedule_for  # imports torch: only once a command runs
+
+    ratio = choices.boundary_ratio
+    if family.experts is None:
+        if ratio is not None or choices.guidance_2 is not None:
+            raise FlowblendError(f"--boundary-ratio / --guidance-2 are for two-expert pairs (--pair wan22), not "
+                                 f"{family.name}: drop them")
+        return None
+    ratio = family.boundary_ratio if ratio is None else ratio
+    if not 0.0 < ratio < 1.0:
+        raise FlowblendError(f"--boundary-ratio must be in (0, 1), got {ratio} (Wan 2.2: 0.875 T2V, 0.9 I2V)")
+    return expert_schedule_for(solver, steps, shift, ratio, mu)
+
+
+def experts_of(choices: BlendChoices, family: BlendFamily) -> ExpertSchedule | None:
+    """wan22: which expert runs each step, on the chosen solver's timesteps (None for two-model pairs)."""
+    if family.experts is None:
+        return resolve_experts(choices, family, 1, "unipc", 1.0)  # refuses boundary_ratio/guidance_2 here
+    solver, shift, mu = solver_of(choices, family, family.latent_shape(*video_of(choices, family)))
+    return resolve_experts(choices, family, steps_of(choices, family), solver, shift, mu)
+
+
+def resolve_scales(choices: BlendChoices, family: BlendFamily, experts: ExpertSchedule | None
+                   ) -> tuple[float, dict[str, float]]:
+    """(the guidance scale, each model's own scale): wan22's experts from guidance / guidance_2, and
+    small_guidance; a model without one takes the scale of the expert whose step it runs."""
+    default = guidance_of(choices, family)
+    scales = dict(family.expert_guidance)
+    if experts is not None:
+        scales[experts.high] = default
+        if choices.guidance_2 is not None:
+            scales[experts.low] = choices.guidance_2
+    if choices.small_guidance is not None:
+        scales["small"] = choices.small_guidance
+    for name, value in scales.items():
+        if not value >= 0:
+            raise FlowblendError(f"guidance_scale must be >= 0 (1 disables CFG), got {value} for {name}")
+    return default, scales
+
+
+def resolve_guidance(choices: BlendChoices, family: BlendFamily, plan: BlendPlan, experts: ExpertSchedule | None
+                     ) -> tuple[float, tuple[float, ...]]:
+    """(the guidance scale, the per-step table): each model's scale, the small one's by the step it takes."""
+    from .guidance import guidance_table
+
+    default, scales = resolve_scales(choices, family, experts)
+    return default, guidance_table(plan, default, scales, experts)
