@@ -244,6 +244,17 @@ def _replace_atomically(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def write_json_and_markdown(out: str | Path, report: dict, markdown: str) -> tuple[Path, Path]:
+    """<out>.json and <out>.md of a measurement script, each written atomically: a run stopped halfway
+    leaves the previous pair as it was, never a JSON of one run beside the markdown of another."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = out.with_suffix(".json"), out.with_suffix(".md")
+    _replace_atomically(paths[0], lambda p: p.write_text(json.dumps(report, indent=2, default=str)))
+    _replace_atomically(paths[1], lambda p: p.write_text(markdown if markdown.endswith("\n") else markdown + "\n"))
+    return paths
+
+
 def write_outputs(report: dict, out_dir: str | Path, stem: str = "bench") -> dict[str, Path]:
     """Write <stem>.json, <stem>.md and <stem>.png into out_dir (each atomically)."""
     out = Path(out_dir)

@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from flowblend.bench.report import write_json_and_markdown
+
 GIB = 1024**3
 SHARD_SIZE = "1GB"
 EXTERNAL_DATA_THRESHOLD = 1 << 20  # bytes; below the default the weights would be serialised in the protobuf
@@ -158,10 +160,7 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report = summarise(rows, args.dtype)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    out.with_suffix(".md").write_text(markdown(report))
+    write_json_and_markdown(args.out, report, markdown(report))
     print(markdown(report))
     return 0
 

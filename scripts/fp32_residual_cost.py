@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import tempfile
 from collections import Counter
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from tiny_models import TEXT, WAN_TINY  # noqa: E402
 
+from flowblend.bench.report import write_json_and_markdown
 from flowblend.engines.iospec import IOSpec  # noqa: E402
 from flowblend.engines.signature import signature_for  # noqa: E402
 from flowblend.export.onnx import cast_for_export, export_transformer  # noqa: E402
@@ -83,9 +83,6 @@ def main(argv=None) -> int:
     report = {"tiny_config": config, "latent": latent, "ours": ours, "plain_fp16": plain,
               "extra_stream_bytes_per_element_per_block": per_block, "real": real,
               "real_shape": {"batch": REAL_BATCH, "tokens": REAL_TOKENS}}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
     lines = ["# What the FP32 residual stream costs an FP16 graph", "",
              "Made by `python scripts/fp32_residual_cost.py` (tiny random Wan, 4 blocks; counts from the exported "
              "graphs, bytes from ONNX shape inference, before any fusion).", "",
@@ -100,7 +97,7 @@ def main(argv=None) -> int:
     lines += [f"- Wan 2.1 {name}: {r['extra_bytes_per_step'] / 1e9:+.1f} GB of activation writes per step against the "
               f"plain FP16 cast ({r['layers']} blocks x {REAL_BATCH} x {REAL_TOKENS} tokens x {r['width']})"
               for name, r in real.items()]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_json_and_markdown(args.out, report, "\n".join(lines))
     print("\n".join(lines))
     return 0
 

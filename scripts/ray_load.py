@@ -27,6 +27,7 @@ from pathlib import Path
 import ray
 from ray import serve
 
+from flowblend.bench.report import write_json_and_markdown
 from flowblend.serve.config import ServeConfig
 from flowblend.serve.loadgen import replica_pids, run_load
 from flowblend.serve.ray_app import RayOptions, build_app
@@ -150,10 +151,7 @@ def finish(report: dict, args) -> int:
     one, two = report["runs"]["1_replicas"], report["runs"]["2_replicas"]
     report["throughput_ratio"] = round(two["throughput_per_s"] / one["throughput_per_s"], 3) \
         if one["throughput_per_s"] and two["throughput_per_s"] else None
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    out.with_suffix(".md").write_text(render(report))
+    write_json_and_markdown(args.out, report, render(report))
     print(render(report))
     return 0
 

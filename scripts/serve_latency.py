@@ -16,7 +16,6 @@ Writes <out>.json and <out>.md; prints the summary.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -29,6 +28,7 @@ from pathlib import Path
 import httpx
 import torch
 
+from flowblend.bench.report import write_json_and_markdown
 from flowblend.export.pairs import get_family
 from flowblend.runtime.video import save_video
 from flowblend.serve.config import ServeConfig
@@ -143,10 +143,7 @@ def main() -> int:
     report["targets"] = {"added <= 5%": report["added_fraction"] <= 0.05,
                          "first within 10% of tenth": report["first_over_tenth"] is not None
                          and abs(report["first_over_tenth"] - 1) <= 0.10}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    out.with_suffix(".md").write_text(render(report))
+    write_json_and_markdown(args.out, report, render(report))
     print(render(report))
     return 0
 
