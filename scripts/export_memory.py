@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-verify-run", action="store_true", help="only the --no-verify export")
     args = p.parse_args(argv)
 
-    rows = []
+    rows, load_start = [], os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="export-memory.", dir=args.workdir))
     try:
         for k in args.layers:
@@ -160,6 +160,7 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report = summarise(rows, args.dtype)
+    report["load_average"] = [load_start, os.getloadavg()[0]]
     write_json_and_markdown(args.out, report, markdown(report))
     print(markdown(report))
     return 0
@@ -189,9 +190,10 @@ def markdown(report: dict) -> str:
     lines = [f"# `flowblend export --pair wan --dtype {report['dtype']}` at the real Wan 2.1 widths",
              "",
              "Made by `python scripts/export_memory.py` (random weights, k layers per model, saved with "
-             "`save_pretrained` in 1 GB shards; the real CLI in a child process; peak RSS: the child's VmHWM). Wall "
-             "times were "
-             "measured while the machine was shared with other jobs (upper bounds).",
+             "`save_pretrained` in 1 GB shards; the real CLI in a child process; peak RSS: the child's VmHWM). Peak "
+             "memory does not depend on other jobs; wall times do (upper bounds when the CPU is shared)"
+             + (f"; load average {report['load_average'][0]:.2f} at the start, {report['load_average'][1]:.2f} at the "
+                "end." if report.get("load_average") else "."),
              "",
              "| layers (large, small) | large layout bytes | pair bytes | mode | peak RSS | peak / large | target "
              "| met | wall | disk (large + small) | min cosine |",
