@@ -109,6 +109,28 @@ def test_a_damaged_sharded_checkpoint_is_refused_in_one_line(damage, tmp_path, c
     assert not (artifacts / "wan" / "onnx" / "export.json").exists()
 
 
+@pytest.mark.parametrize("damage", ["index not json", "no safetensors", "other model's weights"])
+def test_a_checkpoint_that_is_not_this_models_safetensors_is_refused_in_one_line(damage, tmp_path):
+    folder = tmp_path / "ckpt" / "transformer"
+    if damage == "index not json":
+        saved("wan", tmp_path / "ckpt")
+        (folder / checkpoint.INDEX).write_text("{not json")
+        message = f"{checkpoint.INDEX} is not a safetensors index"
+    elif damage == "no safetensors":
+        saved("wan", tmp_path / "ckpt", shard=None)
+        (folder / checkpoint.WEIGHTS).rename(folder / "diffusion_pytorch_model.bin")
+        message = f"has no {checkpoint.WEIGHTS} or {checkpoint.INDEX} (found: diffusion_pytorch_model.bin)"
+    else:  # the config of a wider FFN beside these weights
+        saved("wan", tmp_path / "ckpt")
+        config = json.loads((folder / "config.json").read_text())
+        config["ffn_dim"] *= 2
+        (folder / "config.json").write_text(json.dumps(config))
+        message = "the config and weights are of different models"
+    with pytest.raises(FlowblendError) as exc:
+        load_transformer(get_family("wan"), str(tmp_path / "ckpt"), torch.float16, False, export_layout=True)
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
 SPEC = IOSpec(batch=2, latent=latent_shape("wan"), text_len=TEXT[0], text_dim=TEXT[1], dtype="fp16")
 
 
