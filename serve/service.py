@@ -161,10 +161,10 @@ class VideoService(JobWorker):
             raise ServiceError(400, str(exc)) from None
         if not self.config.dynamic_shapes and spec.shape_key() not in self.pipeline.warm_keys:
             self.metrics.rejected.labels("shape").inc()
-            d = self.default_spec
-            raise ServiceError(400, f"{spec.request.width}x{spec.request.height}, {spec.request.frames} frames, guidance {spec.request.guidance:g} is "
-                                    f"not a warm shape of this server (warm: {d.request.width}x{d.request.height}, {d.request.frames} frames, "
-                                    f"CFG {'on' if d.cfg else 'off'}); restart it with that size or with "
+            r, d = spec.request, self.default_spec.request
+            raise ServiceError(400, f"{r.width}x{r.height}, {r.frames} frames, guidance {r.guidance:g} is not a warm "
+                                    f"shape of this server (warm: {d.width}x{d.height}, {d.frames} frames, "
+                                    f"CFG {'on' if self.default_spec.cfg else 'off'}); restart it with that size or with "
                                     "--dynamic-shapes")
         record = JobRecord(new_job_id(), spec.to_dict(), self.store.owner, steps=len(spec.plan),
                            models=list(spec.plan.models))

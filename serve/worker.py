@@ -147,8 +147,8 @@ class JobWorker:
         return spec if self.config.dynamic_shapes or spec.shape_key() in self.pipeline.warm_keys else None
 
     def _forget(self, job_id: str) -> None:
-        """A job queued here that another server took: drop it here and wake its long polls (they read the shared
-        record from now on)."""
+        """Drop a job from this process's state and wake its long polls, which read the shared record from now on:
+        a job that finished, or one queued here that another server took."""
         with self._cond:
             if job_id in self._queue:
                 self._queue.remove(job_id)
@@ -213,12 +213,7 @@ class JobWorker:
         record.status, record.error, record.retryable, record.finished_at = status, error, retryable, time.time()
         self.store.save(record)
         self.metrics.finished.labels(status).inc()
-        with self._cond:
-            self._records.pop(record.id, None)
-            self._specs.pop(record.id, None)
-            watchers = self._watchers.pop(record.id, [])
-            self._update_gauges()
-        _wake(watchers)
+        self._forget(record.id)  # final: long polls wake and read the saved record
 
     def _update_gauges(self) -> None:
         self.metrics.queue_depth.set(len(self._queue))
