@@ -33,9 +33,9 @@ from .precision import layout_dtype, region_precision, to_layout
 
 OPSET = 18
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf's 2 GB limit on one file
-DATA_ALIGNMENT = 65536
+DATA_ALIGNMENT = 65536  # large tensors start on 64 KiB boundaries, so runtimes can map them from the file
 TWIN_UNSHARED = "flowblend.twin_unshared"  # twin metadata: its tensors whose twins in the .data hold other bytes
-SHARE_MIN_BYTES = 1024  # the main graph keeps smaller tensors inline (ir.save's size_threshold_bytes)  # large tensors start on 64 KiB boundaries, so runtimes can map them from the file
+SHARE_MIN_BYTES = 1024  # the main graph keeps smaller tensors inline (ir.save's size_threshold_bytes)
 
 
 class ExportDtype(torch.nn.Module):
