@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
+from flowblend.assembly import EngineChoice, engines_for, sampler_for
 from flowblend.engines.factory import BACKENDS
-from flowblend.engines.factory import make_engines as factory_engines
 from flowblend.engines.iospec import dtype_name
 from flowblend.errors import FlowblendError
 from flowblend.runtime.graph import GraphRunner
@@ -131,32 +131,19 @@ class Case:
 
 
 # -- engines per backend ---------------------------------------------------------------------------
-def _ensure_compiled(backend: str, pair, options: BenchOptions, latent_shape, guidance: float) -> None:
-    """Export and build what the engine store lacks for an ONNX Runtime / TensorRT case."""
-    from flowblend.engines.build import build_pair_engines, locate_pair_engines
-
-    family = pair.family
-    spec = family.io_spec(latent_shape, guidance, options.dtype)
-    if not (Path(options.artifacts) / family.name / "onnx" / "export.json").is_file():
-        from flowblend.export.onnx import export_pair
-
-        export_pair(pair, spec, options.artifacts, progress=options.progress)
-    try:
-        locate_pair_engines(family.name, backend, spec, options.artifacts)
-    except FlowblendError:
-        build_pair_engines(family.name, backend, options.artifacts, progress=options.progress)
+def engine_choice(backend: str, options: BenchOptions) -> EngineChoice:
+    """The run assembly's engine options (flowblend/assembly.py) for one backend of the benchmark."""
+    return EngineChoice(backend=backend, device=options.device, dtype=dtype_name(options.dtype),
+                        artifacts=options.artifacts, compile_mode=options.compile_mode)
 
 
 def make_engines(backend: str, pair, options: BenchOptions, latent_shape, guidance: float) -> dict:
-    """Engines 'large'/'small' for a backend (engines/factory.py), or Unavailable with the reason."""
+    """Engines for a backend, exported and built first where the store lacks them, or Unavailable with the reason."""
     if backend == "tensorrt" and not options.device.startswith("cuda"):
         raise Unavailable("TensorRT needs a CUDA GPU (--device cuda)")
     try:
-        if backend in ("onnxruntime", "tensorrt"):
-            _ensure_compiled(backend, pair, options, latent_shape, guidance)
-        return factory_engines(backend, pair, latent_shape=latent_shape, guidance=guidance, device=options.device,
-                               dtype=dtype_name(options.dtype), artifacts=options.artifacts,
-                               compile_mode=options.compile_mode)
+        return engines_for(pair, engine_choice(backend, options), latent_shape, guidance, build=True,
+                           progress=options.progress)
     except ImportError as exc:
         raise Unavailable(f"{backend} backend not importable here ({exc})") from None
     except FlowblendError as exc:
@@ -267,7 +254,8 @@ def _build_cases(pair, eager: dict, plans, options: BenchOptions, latent_shape, 
                 sampler_options = SamplerOptions(sampler_kwargs["solver"], sampler_kwargs["shift"], guidance,
                                                  sampler_kwargs.get("mu"),
                                                  guidance_table=guidance_table(plan, guidance, scales, experts))
-                make = lambda e: Sampler(e, plan, options=sampler_options, device=device, dtype=options.dtype)  # noqa: E731
+                choice = engine_choice(backend, options)
+                make = lambda e: sampler_for(e, plan, sampler_options, choice)  # noqa: E731
                 case = Case(backend, mode, plan, make(engines), make(timed), log)
                 if MODES[mode] != "eager":
                     case.runner = GraphRunner(case.sampler, MODES[mode])

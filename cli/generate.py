@@ -1,8 +1,8 @@
 """`flowblend generate`: prompts -> blended sampling -> video files (+ a JSON of what ran).
 
 Every flag is checked by runtime/request.validate_request (the server's check too) before torch,
-diffusers or a model loads; then the pair loads, engines come from engines/factory.py and each
-prompt becomes a video, written to a temporary name and renamed.
+diffusers or a model loads; then flowblend/assembly.py loads the pair and makes the engines and the
+pipeline (as for the server and bench), and each prompt becomes a video, written to a temporary name and renamed.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import json
 import time
 from pathlib import Path
 
-from flowblend.engines.factory import BACKENDS, TORCH_BACKENDS
+from flowblend.engines.factory import BACKENDS
 from flowblend.errors import FlowblendError
 from flowblend.runtime.blend_request import experts_of, plan_of, resolve_guidance
 from flowblend.runtime.graph_modes import GRAPH_FLAGS, check_graph_flag
@@ -37,6 +37,8 @@ def register(p) -> None:
                    help="torch-compile, onnxruntime and tensorrt use the engines `flowblend export`/`build` made")
     r.add_argument("--graph", default="none", choices=GRAPH_FLAGS,
                    help="CUDA graphs (--device cuda): the whole loop in one graph, one per step, or none")
+    r.add_argument("--compile-mode", help="torch-compile: torch.compile's mode, e.g. max-autotune-no-cudagraphs "
+                                          "(default: torch's)")
     p.set_defaults(func=run)
 
 
@@ -73,26 +75,18 @@ def request_of(args, experts=None) -> GenerationRequest:
 def run(args) -> int:
     experts = experts_of(choices_of(args), family_of(args))
     request = request_of(args, experts)
-    guidance, guidance_table = resolve_guidance(choices_of(args), request.family, request.plan, experts)
+    _, guidance_table = resolve_guidance(choices_of(args), request.family, request.plan, experts)
     check_graph_flag(args.graph, args.device)
     outs = output_paths(args.out, len(request.prompts))
 
-    from flowblend.engines.factory import make_engines, torch_dtype
-    from flowblend.export.pairs import load_pair
-    from flowblend.runtime.graph import GraphRunner
-    from flowblend.runtime.pipeline import BlendPipeline
-    from flowblend.runtime.sampler import Sampler, SamplerOptions
+    from flowblend.assembly import EngineChoice, assemble
+    from flowblend.runtime.sampler import SamplerOptions
     from flowblend.runtime.video import save_video
 
-    dtype = torch_dtype(args.dtype)
-    pair = load_pair(request.family.name, args.large, args.small, dtype=dtype, device=args.device,
-                     allow_download=args.allow_download,
-                     load_transformers=args.backend in TORCH_BACKENDS)  # compiled backends run their engines only
-    engines = make_engines(args.backend, pair, latent_shape=request.latent_shape, guidance=max(guidance_table),
-                           device=args.device, dtype=args.dtype, artifacts=args.artifacts)
-    sampler = Sampler(engines, request.plan, SamplerOptions(**request.sampler_settings(), guidance_table=guidance_table),
-                      device=args.device, dtype=dtype)
-    pipe = BlendPipeline(GraphRunner(sampler, mode=GRAPH_FLAGS[args.graph]), pair.encode_prompt, pair.decode)
+    options = SamplerOptions(**request.sampler_settings(), guidance_table=guidance_table)
+    assembled = assemble(request.family.name, request.latent_shape, request.plan, options, EngineChoice.of(args),
+                        graph=args.graph, large=args.large, small=args.small, allow_download=args.allow_download)
+    pair, pipe = assembled.pair, assembled.pipeline
     settings = {k: v for k, v in request.sampler_settings().items() if v is not None and k != "guidance_scale"}
     for prompt, out in zip(request.prompts, outs):
         start = time.perf_counter()

@@ -19,11 +19,12 @@ ALLOWED = {
     "engines": set(),
     "export": {"engines"},
     "runtime": {"engines"},
-    "bench": {"engines", "runtime", "export"},
-    "toy": {"engines", "runtime", "export", "bench"},
-    "calibrate": {"engines", "runtime", "export", "bench", "toy"},
-    "serve": {"engines", "runtime", "export", "bench", "toy", "calibrate", "cli"},
-    "cli": {"engines", "runtime", "export", "bench", "toy", "calibrate", "serve"},
+    "assembly": {"engines", "runtime", "export"},  # flowblend/assembly.py: the one assembly of a run
+    "bench": {"engines", "runtime", "export", "assembly"},
+    "toy": {"engines", "runtime", "export", "bench", "assembly"},
+    "calibrate": {"engines", "runtime", "export", "bench", "toy", "assembly"},
+    "serve": {"engines", "runtime", "export", "bench", "toy", "calibrate", "cli", "assembly"},
+    "cli": {"engines", "runtime", "export", "bench", "toy", "calibrate", "serve", "assembly"},
 }
 MAX_LINES = 420
 
