@@ -24,6 +24,7 @@ from unittest import mock
 import torch
 from torch import nn
 
+from flowblend.engines.kinds import PRECISIONS
 from flowblend.errors import FlowblendError
 
 # Submodule / parameter names kept in FP32 (matched against each segment of a dotted name, as diffusers'
@@ -35,7 +36,7 @@ FP32_ISLANDS = {
     "LTXVideoTransformer3DModel": ("rope", "time_embed", "scale_shift_table", "norm1", "norm2", "norm_out",
                                    "norm_q", "norm_k"),
 }
-LOW_PRECISION = (torch.float16, torch.bfloat16)
+LOW_PRECISION = tuple(p.torch_dtype for p in PRECISIONS.values() if p.fp32_islands)  # engines/kinds.py
 
 
 def islands_of(transformer_or_class) -> tuple[str, ...]:
