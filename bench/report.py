@@ -10,6 +10,7 @@ import os
 import statistics
 from pathlib import Path
 
+from flowblend.engines.kinds import REFERENCE_KIND
 from flowblend.runtime.plan import BlendPlan
 
 from .pairing import paired_ratios, paired_speedup
@@ -26,7 +27,7 @@ def _quartiles(values: list[float]) -> list[float] | None:
 
 
 def case_rows(cases: list, per_step: dict, reference_plan: BlendPlan, frames: int, device) -> list[dict]:
-    ref = next(c for c in cases if (c.backend, c.mode, c.plan) == ("torch", "loop", reference_plan))
+    ref = next(c for c in cases if (c.backend, c.mode, c.plan) == (REFERENCE_KIND, "loop", reference_plan))
     ref_loop = statistics.median(ref.times["loop"])
     lll_flops = reference_plan.flops(per_step)
     rows = []
@@ -64,7 +65,7 @@ def case_rows(cases: list, per_step: dict, reference_plan: BlendPlan, frames: in
 
 def targets(report: dict) -> list[dict]:
     out = []
-    lsl = next((r for r in report["cases"] if (r["backend"], r["mode"], r["stages"]) == ("torch", "loop", _lsl_label(report))),
+    lsl = next((r for r in report["cases"] if (r["backend"], r["mode"], r["stages"]) == (REFERENCE_KIND, "loop", _lsl_label(report))),
                None)
     if lsl:
         name = "LSL" if "expert_switch_step" not in report["pair"] else f"{lsl['plan']} ({lsl['stages']})"

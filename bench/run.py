@@ -24,6 +24,7 @@ import torch
 from flowblend.assembly import EngineChoice, engines_for, sampler_for
 from flowblend.engines.factory import BACKENDS
 from flowblend.engines.iospec import dtype_name
+from flowblend.engines.kinds import REFERENCE_KIND, engine_kind
 from flowblend.errors import FlowblendError
 from flowblend.runtime.graph import GraphRunner
 from flowblend.runtime.graph_modes import BENCH_MODES
@@ -139,7 +140,7 @@ def engine_choice(backend: str, options: BenchOptions) -> EngineChoice:
 
 def make_engines(backend: str, pair, options: BenchOptions, latent_shape, guidance: float) -> dict:
     """Engines for a backend, exported and built first where the store lacks them, or Unavailable with the reason."""
-    if backend == "tensorrt" and not options.device.startswith("cuda"):
+    if engine_kind(backend).needs_cuda and not options.device.startswith("cuda"):
         raise Unavailable("TensorRT needs a CUDA GPU (--device cuda)")
     try:
         return engines_for(pair, engine_choice(backend, options), latent_shape, guidance, build=True,
@@ -223,7 +224,7 @@ def bench_pair_by_name(name: str, options: BenchOptions, large: str | None = Non
     """Load a registered pair and benchmark it; the RSS before loading is the memory baseline."""
     import diffusers
 
-    from flowblend.export.pairs import get_family, load_pair
+    from flowblend.families import get_family, load_pair
 
     getattr(diffusers, get_family(name).transformer_class)  # import the model code before the baseline
     baseline = current_rss_bytes()
@@ -236,9 +237,9 @@ def _build_cases(pair, eager: dict, plans, options: BenchOptions, latent_shape, 
     """One Case per (backend, mode, plan) that can run here; the rest listed with the reason."""
     device = torch.device(options.device)
     cases, skipped = [], []
-    for backend in dict.fromkeys(("torch",) + tuple(options.backends)):
+    for backend in dict.fromkeys((REFERENCE_KIND,) + tuple(options.backends)):
         try:
-            engines = eager if backend == "torch" else make_engines(backend, pair, options, latent_shape, guidance)
+            engines = eager if backend == REFERENCE_KIND else make_engines(backend, pair, options, latent_shape, guidance)
         except Unavailable as exc:
             skipped.append({"backend": backend, "mode": "*", "reason": str(exc)})
             continue
@@ -276,7 +277,7 @@ def _warm_up(cases: list[Case], pair, noise, options: BenchOptions, skipped: lis
                 _run_once(case, pair, noise, device, options.end_to_end)
                 case.first_run_s = case.first_run_s or time.perf_counter() - t0
             except Exception as exc:  # noqa: BLE001 - a compiler or a capture failing is a result to report
-                if (case.backend, case.mode) == ("torch", "loop"):
+                if (case.backend, case.mode) == (REFERENCE_KIND, "loop"):
                     raise
                 failed.add((case.backend, case.mode))
                 first = (str(exc).strip().splitlines() or [""])[0][:300]
@@ -327,7 +328,7 @@ def run_bench(pair, options: BenchOptions, baseline_rss: int | None = None) -> d
     noise = torch.randn((1, *latent_shape), generator=torch.Generator("cpu").manual_seed(0)).to(device)
     load_start = os.getloadavg()
 
-    eager = make_engines("torch", pair, options, latent_shape, guidance)
+    eager = make_engines(REFERENCE_KIND, pair, options, latent_shape, guidance)
     blended_plan = next((p for p in plans if p.count("small") and len(set(p.models)) > 1), plans[-1])
     memory = memory_budget(pair, eager, blended_plan, sampler_kwargs, guidance, noise, options, PROMPT, baseline_rss,
                            largest=family.models[0])

@@ -24,7 +24,7 @@ DTYPE_NAMES = tuple(PRECISIONS)
 
 
 class PairFamilyShape(Protocol):
-    """What the factory reads of a family (export.pairs.PairFamily) to find compiled engines."""
+    """What the factory reads of a family (families.PairFamily) to find compiled engines."""
 
     name: str
 
@@ -32,7 +32,7 @@ class PairFamilyShape(Protocol):
 
 
 class LoadedModels(Protocol):
-    """A loaded pair as the factory uses it (export.pairs.LoadedPair)."""
+    """A loaded pair as the factory uses it (families.LoadedPair)."""
 
     family: PairFamilyShape
     transformers: Mapping[str, torch.nn.Module]

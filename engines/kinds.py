@@ -90,6 +90,7 @@ ENGINE_KINDS: dict[str, EngineKind] = {k.name: k for k in (
                builder="flowblend.engines.trt_build:build_plan_file",
                loader="flowblend.engines.trt_engine:load_engines", install_hint=TRT_INSTALL_HINT),
 )}
+REFERENCE_KIND = "torch"  # eager PyTorch: what every other kind is measured and verified against
 BUILT_KINDS = tuple(name for name, k in ENGINE_KINDS.items() if not k.runs_transformers)
 
 

@@ -7,18 +7,7 @@ import torch
 from torch import nn
 
 from .base import TIMESTEP, VELOCITY, check_bindings
-from .ltx_step import LtxStep, supports_ltx_step_split
-from .signature import LtxSignature, WanSignature, signature_for
-from .wan_step import WanStep, supports_wan_step_split
-
-
-def step_split_for(module: nn.Module) -> nn.Module | None:
-    """The family's forward with schedule constants taken out (engines/wan_step.py, ltx_step.py), if it has one."""
-    if isinstance(module, WanSignature) and supports_wan_step_split(module.transformer):
-        return WanStep(module.transformer)
-    if isinstance(module, LtxSignature) and supports_ltx_step_split(module.transformer):
-        return LtxStep(module.transformer, module.rope_interpolation_scale)
-    return None
+from .signature import signature_for, step_split_for
 
 
 def _placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -41,6 +30,7 @@ class TorchEngine:
                  dtype: torch.dtype | None = None, name: str = "torch", split_constants: bool = True,
                  **signature_kwargs):
         module = signature_for(transformer, **signature_kwargs)
+        split = step_split_for(transformer, module) if split_constants else None
         if device is not None or dtype is not None:
             module = module.to(device=device, dtype=dtype)
         self.module = module.eval()
@@ -48,7 +38,7 @@ class TorchEngine:
         self.device, self.dtype = _placement(module)
         self.input_names = tuple(module.input_names)
         self.output_names = tuple(module.output_names)
-        self.step_split = step_split_for(module) if split_constants else None
+        self.step_split = split  # the same transformer as `module`: moved with it
         self._inputs: tuple[torch.Tensor, ...] = ()
         self._bound: dict[str, torch.Tensor] = {}
         self._timestep_table: torch.Tensor | None = None

@@ -22,7 +22,7 @@ from flowblend.runtime.graph_modes import GRAPH_FLAGS
 
 if TYPE_CHECKING:
     from flowblend.engines.base import Engine
-    from flowblend.export.pairs import LoadedPair
+    from flowblend.families import LoadedPair
     from flowblend.runtime.pipeline import BlendPipeline
     from flowblend.runtime.plan import BlendPlan
     from flowblend.runtime.sampler import Sampler, SamplerOptions
@@ -65,7 +65,7 @@ ENGINE_OPTIONS = tuple(f.name for f in fields(EngineChoice))
 def load_models(family_name: str, choice: EngineChoice, large: str | None = None, small: str | None = None,
                 allow_download: bool = False, with_transformers: bool | None = None) -> LoadedPair:
     """The pair for `choice`: the PyTorch transformers only where its engines run them (or `with_transformers`)."""
-    from flowblend.export.pairs import load_pair
+    from flowblend.families import load_pair
 
     load = choice.runs_transformers if with_transformers is None else with_transformers
     return load_pair(family_name, large, small, dtype=factory.torch_dtype(choice.dtype), device=choice.device,

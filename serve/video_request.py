@@ -16,7 +16,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from flowblend.errors import FlowblendError
-from flowblend.export.pairs import PairFamily
+from flowblend.families import PairFamily
 from flowblend.runtime.blend_request import BlendChoices, experts_of, plan_of, resolve_guidance
 from flowblend.runtime.plan import BlendPlan, ExpertSchedule
 from flowblend.runtime.request import GenerationRequest, validate_request

@@ -21,7 +21,7 @@ import torch
 
 from flowblend.assembly import EngineChoice, engines_for, load_models, pipeline_for
 from flowblend.errors import FlowblendError
-from flowblend.export.pairs import PairFamily
+from flowblend.families import PairFamily
 from flowblend.runtime.pipeline import BlendPipeline
 from flowblend.runtime.video import save_video
 

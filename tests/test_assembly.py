@@ -85,7 +85,7 @@ def _generate(flags, tmp_path):
 
 
 def _serve(flags, tmp_path):
-    from flowblend.export.pairs import get_family
+    from flowblend.families import get_family
     from flowblend.serve.service import VideoService
     from flowblend.serve.warm import WarmPipeline
 

@@ -53,7 +53,7 @@ def load_copies(paths, device):
 def test_a_new_engine_kind_is_one_table_entry(tmp_path, monkeypatch):
     from flowblend.cli.main import main
     from flowblend.engines.build import build_pair_engines
-    from flowblend.export.pairs import load_pair
+    from flowblend.families import load_pair
 
     here = sys.modules[__name__].__name__
     kind = kinds.EngineKind("copy", runs_transformers=False, store_suffix="onnx", builder=f"{here}:build_copy",
