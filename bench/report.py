@@ -6,10 +6,10 @@ script can render a report from its JSON without measuring anything.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from pathlib import Path
 
+from flowblend.atomic import write_atomic
 from flowblend.engines.kinds import REFERENCE_KIND
 from flowblend.runtime.plan import BlendPlan
 
@@ -236,23 +236,14 @@ def plot_report(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _replace_atomically(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_json_and_markdown(out: str | Path, report: dict, markdown: str) -> tuple[Path, Path]:
     """<out>.json and <out>.md of a measurement script, each written atomically: a run stopped halfway
     leaves the previous pair as it was, never a JSON of one run beside the markdown of another."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = out.with_suffix(".json"), out.with_suffix(".md")
-    _replace_atomically(paths[0], lambda p: p.write_text(json.dumps(report, indent=2, default=str)))
-    _replace_atomically(paths[1], lambda p: p.write_text(markdown if markdown.endswith("\n") else markdown + "\n"))
+    write_atomic(paths[0], json.dumps(report, indent=2, default=str))
+    write_atomic(paths[1], markdown if markdown.endswith("\n") else markdown + "\n")
     return paths
 
 
@@ -261,7 +252,7 @@ def write_outputs(report: dict, out_dir: str | Path, stem: str = "bench") -> dic
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{stem}.json", "markdown": out / f"{stem}.md", "png": out / f"{stem}.png"}
-    _replace_atomically(paths["json"], lambda p: p.write_text(json.dumps(report, indent=1, default=str)))
-    _replace_atomically(paths["markdown"], lambda p: p.write_text(render_markdown(report)))
-    _replace_atomically(paths["png"], lambda p: plot_report(report, p))
+    write_atomic(paths["json"], json.dumps(report, indent=1, default=str))
+    write_atomic(paths["markdown"], render_markdown(report))
+    write_atomic(paths["png"], lambda p: plot_report(report, p), suffix=".partial.png")
     return paths

@@ -15,14 +15,25 @@ from .iospec import IOSpec
 from .kinds import TRT_INSTALL_HINT, built_kind
 from .store import EngineKey, EngineStore, check_files, gpu_identity, tensorrt_version
 
+EXPORT_RECORD = "export.json"  # beside the graphs: what export/ wrote, the contract with the engines
+
+
+def onnx_dir(artifacts: str | Path, pair: str) -> Path:
+    """Where a pair's ONNX export lives under an artifact root: the one spelling of that path."""
+    return Path(artifacts) / pair / "onnx"
+
+
+def export_record_path(artifacts: str | Path, pair: str) -> Path:
+    return onnx_dir(artifacts, pair) / EXPORT_RECORD
+
 
 def read_export(artifacts: str | Path, pair: str) -> tuple[dict, IOSpec, Path]:
-    onnx_dir = Path(artifacts) / pair / "onnx"
-    path = onnx_dir / "export.json"
+    path = export_record_path(artifacts, pair)
+    folder = path.parent
     if not path.is_file():
         raise FlowblendError(f"no export found at {path}: run `flowblend export --pair {pair}` first")
     record = json.loads(path.read_text())
-    return record, IOSpec.from_dict(record["spec"]), onnx_dir
+    return record, IOSpec.from_dict(record["spec"]), folder
 
 
 def checked_onnx(onnx_dir: Path, entry: dict, pair: str) -> Path:

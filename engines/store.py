@@ -23,6 +23,7 @@ from typing import Callable, Union
 
 from filelock import FileLock
 
+from flowblend.atomic import write_atomic
 from flowblend.errors import FlowblendError
 
 from .kinds import built_kind
@@ -152,9 +153,7 @@ def check_files(directory: Path, files: dict[str, dict], fix: str) -> None:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2, default=str))
 
 
 def rebuild_command(key: EngineKey) -> str:

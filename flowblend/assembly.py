@@ -13,7 +13,6 @@ plan) over one pair. `assemble` does all of them for one request. Imports torch 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flowblend.engines import factory
@@ -84,11 +83,11 @@ def engines_for(pair: LoadedPair, choice: EngineChoice, latent_shape, guidance: 
 
 
 def _ensure_built(pair: LoadedPair, choice: EngineChoice, latent_shape, guidance: float, progress: bool) -> None:
-    from flowblend.engines.build import build_pair_engines, locate_pair_engines
+    from flowblend.engines.build import build_pair_engines, export_record_path, locate_pair_engines
 
     family = pair.family
     spec = family.io_spec(latent_shape, guidance, choice.dtype)
-    if pair.transformers and not (Path(choice.artifacts) / family.name / "onnx" / "export.json").is_file():
+    if pair.transformers and not export_record_path(choice.artifacts, family.name).is_file():
         from flowblend.export.onnx import export_pair
 
         export_pair(pair, spec, choice.artifacts, progress=progress)

@@ -62,7 +62,7 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
 
 def _package(module: str) -> str:
     parts = module.split(".")
-    return "flowblend" if len(parts) == 1 or parts[1] == "errors" else parts[1]
+    return "flowblend" if len(parts) == 1 or parts[1] in ("errors", "atomic") else parts[1]
 
 
 def test_no_package_imports_one_above_it():

@@ -12,9 +12,8 @@ from pathlib import Path
 
 from flowblend.engines.factory import BACKENDS
 from flowblend.errors import FlowblendError
-from flowblend.runtime.blend_request import experts_of, plan_of, resolve_guidance
 from flowblend.runtime.graph_modes import GRAPH_FLAGS, check_graph_flag
-from flowblend.runtime.request import GenerationRequest, validate_request
+from flowblend.runtime.resolved import ResolvedRequest, resolve_request
 from flowblend.toy.vocab import vocabulary_line
 
 from .common import choices_of, family_of, subscribe
@@ -64,27 +63,21 @@ def output_paths(out: str, n: int) -> list[Path]:
     return [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(n)]
 
 
-def request_of(args, experts=None) -> GenerationRequest:
-    """The flags as one checked request (runtime/request.py): nothing has loaded yet."""
-    family = family_of(args)
-    return validate_request(family, read_prompts(args), args.negative_prompt, plan_of(choices_of(args), family, experts),
-                            args.steps, args.seed, args.height, args.width, args.frames, args.guidance, args.solver,
-                            args.shift)
+def resolved_of(args) -> ResolvedRequest:
+    """The flags as one resolved request (runtime/resolved.py, the server's resolver too): nothing has loaded yet."""
+    return resolve_request(family_of(args), choices_of(args), read_prompts(args), args.negative_prompt, args.seed)
 
 
 def run(args) -> int:
-    experts = experts_of(choices_of(args), family_of(args))
-    request = request_of(args, experts)
-    _, guidance_table = resolve_guidance(choices_of(args), request.family, request.plan, experts)
+    resolved = resolved_of(args)
+    request, experts, guidance_table = resolved.request, resolved.experts, resolved.guidance_per_step
     check_graph_flag(args.graph, args.device)
     outs = output_paths(args.out, len(request.prompts))
 
     from flowblend.assembly import EngineChoice, assemble
-    from flowblend.runtime.sampler import SamplerOptions
     from flowblend.runtime.video import save_video
 
-    options = SamplerOptions(**request.sampler_settings(), guidance_table=guidance_table)
-    assembled = assemble(request.family.name, request.latent_shape, request.plan, options, EngineChoice.of(args),
+    assembled = assemble(request.family.name, request.latent_shape, request.plan, resolved.options, EngineChoice.of(args),
                         graph=args.graph, large=args.large, small=args.small, allow_download=args.allow_download)
     pair, pipe = assembled.pair, assembled.pipeline
     settings = {k: v for k, v in request.sampler_settings().items() if v is not None and k != "guidance_scale"}
