@@ -22,6 +22,8 @@ def register(p) -> None:
                         "replicas build each once)")
     r.add_argument("--graph", default="none", choices=GRAPH_FLAGS,
                    help="CUDA graphs (--device cuda); with 'whole' a cancel takes effect when the loop ends")
+    r.add_argument("--compile-mode", help="torch-compile: torch.compile's mode, e.g. max-autotune-no-cudagraphs "
+                                          "(default: torch's)")
     s = p.add_argument_group("serving")
     s.add_argument("--dynamic-shapes", action="store_true",
                    help="accept sizes other than the warm one (their buffers are built on first use)")
@@ -53,6 +55,7 @@ def config_from_args(args):
         raise FlowblendError("--queue-size and --max-steps must be >= 1 and --drain-seconds >= 0")
     return ServeConfig(pair=args.pair, large=args.large, small=args.small, allow_download=args.allow_download,
                        backend=args.backend, device=args.device, dtype=args.dtype, artifacts=args.artifacts,
+                       compile_mode=args.compile_mode,
                        build_engines=args.build_engines, graph=args.graph, plan=args.plan,
                        plan_file=args.plan_file, steps=args.steps,
                        frames=args.frames, height=args.height, width=args.width, guidance=args.guidance,

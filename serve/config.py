@@ -20,6 +20,7 @@ class ServeConfig:
     device: str = "cpu"
     dtype: str = "fp32"
     artifacts: str = "artifacts"
+    compile_mode: str | None = None  # torch-compile: torch.compile's mode (flowblend/assembly.EngineChoice)
     build_engines: bool = False  # compiled backends: build missing engines into the (shared) engine store
     graph: str = "none"  # CUDA graphs: none | whole (cancel takes effect at the end) | per-step
     plan: str | None = None  # default plan of requests without one (None: the family's); warmed at start

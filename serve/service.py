@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from flowblend.errors import FlowblendError
-from flowblend.export.pairs import get_family
+from flowblend.families import get_family
 
 from .config import ServeConfig
 from .jobs import ACTIVE, CANCELLED, FAILED, FINAL, QUEUED, RUNNING, JobRecord, JobStore, check_writable, new_job_id

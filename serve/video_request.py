@@ -16,11 +16,9 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from flowblend.errors import FlowblendError
-from flowblend.export.pairs import PairFamily
-from flowblend.runtime.blend_request import BlendChoices, experts_of, plan_of, resolve_guidance
-from flowblend.runtime.plan import BlendPlan, ExpertSchedule
-from flowblend.runtime.request import GenerationRequest, validate_request
-from flowblend.runtime.sampler import SamplerOptions
+from flowblend.families import PairFamily
+from flowblend.runtime.blend_request import BlendChoices
+from flowblend.runtime.resolved import ResolvedRequest, resolve_request
 
 from .config import ServeConfig
 
@@ -46,28 +44,8 @@ class VideoRequest(BaseModel):
 
 
 @dataclass(frozen=True)
-class JobSpec:
-    """A request every rule has accepted and the sampler options it runs with: what the worker runs."""
-
-    request: GenerationRequest  # one prompt, every default filled in (runtime/request.py)
-    options: SamplerOptions
-    experts: ExpertSchedule | None = None  # wan22: which expert each step belongs to
-
-    @property
-    def plan(self) -> BlendPlan:
-        return self.request.plan
-
-    @property
-    def guidance_per_step(self) -> tuple[float, ...]:
-        return self.options.guidance_for(len(self.plan))
-
-    @property
-    def cfg(self) -> bool:
-        return any(g > 1.0 for g in self.guidance_per_step)  # diffusers' rule (runtime/sampler.py): batch 2 above 1
-
-    def shape_key(self) -> tuple:
-        """What buffers (and engines' static shapes, graphs) are specialised for."""
-        return (self.request.latent_shape, self.cfg)
+class JobSpec(ResolvedRequest):
+    """What the worker runs: the one resolved request value (runtime/resolved.py), plus the record it writes."""
 
     def to_dict(self) -> dict:
         r = self.request
@@ -117,21 +95,16 @@ def resolve(body: VideoRequest, config: ServeConfig, family: PairFamily) -> JobS
                            boundary_ratio=config.boundary_ratio, guidance_2=config.guidance_2,
                            small_guidance=config.small_guidance)
     try:
-        experts = experts_of(choices, family)
-        request = validate_request(family, body.prompt, body.negative_prompt, plan_of(choices, family, experts),
-                                   steps, body.seed, choices.height, choices.width, choices.frames, choices.guidance)
+        spec = resolve_request(family, choices, body.prompt, body.negative_prompt, body.seed)  # the CLI's resolver
     except FlowblendError as exc:
         known = sorted(p.stem for p in Path(config.plans_dir).glob("*.json")) if config.plans_dir else []
         if known and choices.plan and str(exc).startswith(f"plan {choices.plan!r}"):
             raise FlowblendError(f"{exc}; or name a calibrated plan: {', '.join(known)}") from None
         raise
-    if len(request.plan) > config.max_steps:
-        raise FlowblendError(f"plan {choices.plan or request.plan.spec!r} has {len(request.plan)} steps; this server "
+    if len(spec.plan) > config.max_steps:
+        raise FlowblendError(f"plan {choices.plan or spec.plan.spec!r} has {len(spec.plan)} steps; this server "
                              f"runs at most {config.max_steps} (--max-steps)")
-    _, table = resolve_guidance(choices, family, request.plan, experts)
-    uniform = all(g == request.guidance for g in table)  # two-model pairs: one scale, no table (as before)
-    options = SamplerOptions(**request.sampler_settings(), guidance_table=None if uniform else table)
-    return JobSpec(request, options, experts)
+    return JobSpec(spec.request, spec.options, spec.experts)
 
 
 def error_line(errors: list[dict]) -> str:

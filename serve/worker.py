@@ -19,7 +19,7 @@ from collections import deque
 from pydantic import ValidationError
 
 from flowblend.errors import FlowblendError
-from flowblend.export.pairs import PairFamily
+from flowblend.families import PairFamily
 from flowblend.runtime.video import save_video
 
 from .config import ServeConfig

@@ -183,7 +183,7 @@ def test_cancelling_a_queued_job_through_the_other_server_drops_it(pair):
 OWNER = """
 import sys, time
 from flowblend.serve.config import ServeConfig
-from flowblend.export.pairs import get_family
+from flowblend.families import get_family
 from flowblend.serve.jobs import JobRecord, JobStore, new_job_id
 from flowblend.serve.video_request import VideoRequest, resolve
 store = JobStore(sys.argv[1])
