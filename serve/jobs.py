@@ -118,7 +118,7 @@ class OwnerLock:
 
     def __init__(self, directory: Path, owner: str):
         self.path = directory / f"{owner}.lock"
-        self._fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        self._fd = os.open(self.path, os.O_CREAT | os.O_RDONLY, 0o644)  # flock needs no write access
         fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
     def release(self) -> None:
@@ -134,7 +134,7 @@ class OwnerLock:
         young, so one being created and not yet locked is never taken for a dead one's)."""
         for path in directory.glob("*.lock"):
             try:
-                fd = os.open(path, os.O_RDWR)
+                fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
                 continue
             try:
@@ -151,7 +151,7 @@ class OwnerLock:
     def alive(directory: Path, owner: str) -> bool:
         path = directory / f"{owner}.lock"
         try:
-            fd = os.open(path, os.O_RDWR)
+            fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             return False
         try:
@@ -310,16 +310,25 @@ class JobStore:
         return path if path.is_file() else None
 
 
-def check_writable(root: Path) -> None:
-    """Refuse a results directory this process cannot create files in (one line, naming the fix)."""
+def writable_error(root: Path) -> OSError | None:
+    """Why this process cannot create and write a file in `root` (None: it can). A full disk still creates empty
+    files, so the probe writes a page."""
     try:
         root.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=root, prefix=".write-probe.")
         try:
-            os.write(fd, b"\0" * 4096)  # a full disk still creates empty files: write a page
+            os.write(fd, b"\0" * 4096)
         finally:
             os.close(fd)
             os.unlink(probe)
     except OSError as exc:
+        return exc
+    return None
+
+
+def check_writable(root: Path) -> None:
+    """Refuse a results directory this process cannot create files in (one line, naming the fix)."""
+    exc = writable_error(root)
+    if exc is not None:
         raise FlowblendError(f"results directory {root} is not writable ({exc.strerror or exc}): pass --results-dir "
-                             "with a folder this user can write") from None
+                             "with a folder this user can write")

@@ -44,7 +44,8 @@ def video_object(record: JobRecord, pair: str, cancel_requested: bool = False) -
         "size": f"{width}x{height}",
         # flowblend's own
         "job_status": record.status, "step": record.step, "steps": record.steps, "models": record.models,
-        "step_model": record.model, "timings": record.timings, "retryable": record.retryable, "owner": record.owner,
+        "step_model": record.model, "started_at": record.started_at, "finished_at": record.finished_at,
+        "timings": record.timings, "retryable": record.retryable, "owner": record.owner,
         "request": request, "video": record.video, "thumbnail": record.thumbnail,
         "cancel_requested": cancel_requested and record.status not in FINAL,
     }

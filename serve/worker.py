@@ -39,7 +39,7 @@ from .jobs import (
     JobRecord,
     JobStore,
     OwnerLock,
-    check_writable,
+    writable_error,
 )
 from .metrics import ServeMetrics
 from .results import NonFiniteVideo, write_results
@@ -177,11 +177,12 @@ class JobWorker:
 
     def check_results_dir(self) -> None:
         """Probe the results dir: clear `fault` if it can be written, else set it and fail the jobs queued here."""
-        try:
-            check_writable(self.store.root)
-            self.store.jobs_dir.stat()
-        except (FlowblendError, OSError) as exc:
-            self.fault = f"{exc}"
+        exc = writable_error(self.store.jobs_dir)
+        if exc is not None:
+            if self.fault is None:
+                log.warning("flowblend serve: results directory %s cannot be written: %s", self.store.root, exc)
+            self.fault = f"the results directory cannot be written ({exc.strerror or exc}): free space on its disk " \
+                         "or make it writable (the server's log names it)"
             for job_id in self.take_queued():
                 if self._claim_quietly(job_id):
                     self.finish(self._records[job_id], FAILED, f"not run: {self.fault}", retryable=True)
