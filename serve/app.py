@@ -40,7 +40,6 @@ POLL_AFTER_MS = 250  # told to the SDK's poll helper (header openai-poll-after-m
 MEDIA_TYPES = {".mp4": "video/mp4", ".gif": "image/gif", ".png": "image/png"}
 UNSUPPORTED = {"/v1/videos/edits": "editing a video", "/v1/videos/extensions": "extending a video",
                "/v1/videos/characters": "characters"}
-GET = ["GET", "HEAD"]
 
 
 def create_app(service: VideoService) -> FastAPI:
@@ -55,6 +54,13 @@ def create_app(service: VideoService) -> FastAPI:
 
     def view(record) -> dict:
         return video_object(record, pair, service.cancel_requested(record.id))
+
+    def get(path: str, **kwargs):
+        """A GET route that answers HEAD too (the HEAD one kept out of the OpenAPI schema)."""
+        def register(fn):
+            app.head(path, include_in_schema=False, **{k: v for k, v in kwargs.items() if k != "include_in_schema"})(fn)
+            return app.get(path, **kwargs)(fn)
+        return register
 
     def off_loop(fn, *args):
         return asyncio.to_thread(fn, *args)
@@ -78,11 +84,11 @@ def create_app(service: VideoService) -> FastAPI:
     async def refused(request: Request, exc: ServiceError):
         return error_response(exc.status, str(exc), exc.retry_after)
 
-    @app.api_route("/", methods=GET, response_class=HTMLResponse, include_in_schema=False)
+    @get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
         return HTMLResponse(resources.files("flowblend.serve").joinpath("page.html").read_text())
 
-    @app.api_route("/v1/limits", methods=GET, include_in_schema=False)
+    @get("/v1/limits", include_in_schema=False)
     async def limits():
         """What the page shows beside the prompt: this server's warm size, default plan and steps, and limits."""
         d = service.default_spec.request
@@ -95,14 +101,14 @@ def create_app(service: VideoService) -> FastAPI:
             raise ServiceError(400, f"{what} is not supported by this server: it generates videos from text "
                                     "(POST /v1/videos, or /v1/videos/{id}/remix for a new prompt)")
         app.add_api_route(path, unsupported, methods=["POST"], include_in_schema=False)
-        app.add_api_route(path + "/{character_id}", unsupported, methods=GET, include_in_schema=False)
+        app.add_api_route(path + "/{character_id}", unsupported, methods=["GET"], include_in_schema=False)
 
     @app.post("/v1/videos", status_code=202)
     async def create_video(request: Request):
         body = await read_video_request(request)
         return view(await off_loop(service.submit, body))
 
-    @app.api_route("/v1/videos", methods=GET)
+    @get("/v1/videos")
     async def list_videos(limit: int = Query(20, ge=1, le=100), after: str | None = Query(None, max_length=64),
                           order: str = Query("desc", pattern="^(asc|desc)$")):
         records, more = await off_loop(service.store.page, limit, after, order == "desc")
@@ -110,12 +116,12 @@ def create_app(service: VideoService) -> FastAPI:
         return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
                 "last_id": data[-1]["id"] if data else None, "has_more": more}
 
-    @app.api_route("/v1/videos/{job_id}", methods=GET)
+    @get("/v1/videos/{job_id}")
     async def get_video(job_id: str, wait: float = Query(0.0, ge=0.0, le=MAX_WAIT_SECONDS)):
         record = await service.wait(job_id, wait) if wait > 0 else await off_loop(service.get, job_id)
         return JSONResponse(view(record), headers={"openai-poll-after-ms": str(POLL_AFTER_MS)})
 
-    @app.api_route("/v1/videos/{job_id}/content", methods=GET)
+    @get("/v1/videos/{job_id}/content")
     async def get_content(job_id: str, variant: str = Query("video")):
         if variant not in ("video", "thumbnail"):
             raise ServiceError(400, f"variant {variant!r}: this server makes 'video' (the mp4) and 'thumbnail' (its "
@@ -139,7 +145,7 @@ def create_app(service: VideoService) -> FastAPI:
         record, done_now = await off_loop(service.cancel, job_id)
         return JSONResponse(view(record), status_code=200 if done_now else 202)
 
-    @app.api_route("/health", methods=GET)
+    @get("/health")
     async def health():
         s = service
         body = {"status": s.state, "stage": s.stage, "pair": c.pair, "backend": c.backend, "device": c.device,
@@ -150,7 +156,7 @@ def create_app(service: VideoService) -> FastAPI:
             body["load_seconds"] = s.pipeline.load_seconds
         return JSONResponse(body, status_code=200 if s.state == "ready" else 503)
 
-    @app.api_route("/metrics", methods=GET)
+    @get("/metrics")
     async def metrics():
         return Response(service.metrics.render(), media_type=CONTENT_TYPE)
 
