@@ -8,12 +8,13 @@ SDK type (Sora's four sizes) cannot hold the toy pair's sizes: it is checked as 
 from __future__ import annotations
 
 import io
+import re
 
 import httpx
 import imageio.v3 as iio
 import numpy as np
 import pytest
-from serve_support import ThreadedServer, toy_config, wait_running
+from serve_support import ROOT, ThreadedServer, toy_config, wait_running
 
 openai = pytest.importorskip("openai")
 from openai.types import Video, VideoDeleteResponse  # noqa: E402
@@ -158,3 +159,20 @@ def test_the_key_is_required_when_set(server):
             wrong.videos.list()
     assert httpx.get(f"{server.url}/v1/videos").status_code == 401
     assert httpx.get(f"{server.url}/health").status_code == 200  # probes carry no key
+
+
+def test_readmes_sdk_example_runs_against_a_server(tmp_path, monkeypatch):
+    """README's OpenAI SDK block runs as written against a server: the only change is the address."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Serving"):]
+    block = next(b for b in re.findall(r"^```py\n(.*?)^```", section, flags=re.S | re.M) if "from openai" in b)
+    assert "http://127.0.0.1:8000/v1" in block
+    server = ThreadedServer(toy_config(tmp_path / "results", queue_size=4))
+    try:
+        monkeypatch.chdir(tmp_path)
+        exec(compile(block.replace("http://127.0.0.1:8000", server.url), "README.md SDK block", "exec"), {})
+        assert iio.imread(tmp_path / "green-circle.mp4").shape == (9, 32, 32, 3)
+        assert iio.imread(tmp_path / "green-circle.png").shape == (32, 32, 3)
+        assert server.client.get("/v1/videos").json()["data"] == []  # the block deleted its video
+    finally:
+        server.stop()
