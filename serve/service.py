@@ -16,6 +16,8 @@ import threading
 import time
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from flowblend.errors import FlowblendError
 from flowblend.export.pairs import get_family
 
@@ -23,7 +25,7 @@ from .config import ServeConfig
 from .guard import check_access
 from .jobs import ACTIVE, CANCELLED, FAILED, FINAL, QUEUED, RUNNING, JobRecord, JobStore, check_writable, new_job_id
 from .metrics import ServeMetrics
-from .video_request import JobSpec, VideoRequest, resolve
+from .video_request import JobSpec, VideoRequest, error_line, resolve
 from .warm import WARMUP_PROMPT, WarmPipeline
 from .worker import JobWorker, _one_line, _Stop
 
@@ -203,8 +205,8 @@ class VideoService:
             raise ServiceError(409, f"job {job_id} was made by an older server that kept no request to remix")
         try:
             request = VideoRequest.model_validate({**body, "prompt": prompt})
-        except ValueError as exc:
-            raise ServiceError(400, f"prompt: {_one_line(exc)}") from None
+        except ValidationError as exc:
+            raise ServiceError(400, error_line(exc.errors())) from None
         return self.submit(request, remixed_from=job_id)
 
     def get(self, job_id: str) -> JobRecord:

@@ -22,6 +22,7 @@ import shutil
 import threading
 import time
 from collections import OrderedDict, deque
+from typing import Callable
 
 from pydantic import ValidationError
 
@@ -148,7 +149,7 @@ class JobWorker:
         return finished
 
     # -- the worker thread --------------------------------------------------------------------
-    def run_loop(self, may_take: callable) -> None:
+    def run_loop(self, may_take: Callable[[], bool]) -> None:
         """Run queued jobs until closed; `may_take()` says whether the server takes jobs now (ready)."""
         probed = 0.0
         while True:

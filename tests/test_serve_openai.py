@@ -7,6 +7,7 @@ SDK type (Sora's four sizes) cannot hold the toy pair's sizes: it is checked as 
 """
 from __future__ import annotations
 
+import asyncio
 import io
 import re
 
@@ -151,6 +152,22 @@ def test_refusals_are_the_sdks_exceptions_with_one_line(sdk):
             call()
         message = caught.value.body["message"]
         assert words in message and "\n" not in message, message
+
+
+def test_the_async_client_too(server):
+    async def run() -> tuple:
+        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="test-key-1234", max_retries=0) as client:
+            video = await client.videos.create_and_poll(prompt=PROMPT, poll_interval_ms=100, extra_body={"steps": 2})
+            content = await client.videos.download_content(video.id)
+            listed = [v.id async for v in client.videos.list(limit=1)]
+            gone = await client.videos.delete(video.id)
+            return video, content.read(), listed, gone
+
+    video, mp4, listed, gone = asyncio.run(run())
+    strict(Video, video)
+    strict(VideoDeleteResponse, gone)
+    assert video.status == "completed" and iio.imread(io.BytesIO(mp4), extension=".mp4").shape == (9, 32, 32, 3)
+    assert video.id in listed and len(listed) == len(set(listed))
 
 
 def test_the_key_is_required_when_set(server):

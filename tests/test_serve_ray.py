@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -25,7 +26,7 @@ from flowblend.serve.ray_app import RayOptions, build, build_app, deployment_opt
 
 pytestmark = pytest.mark.slow
 _spec = importlib.util.spec_from_file_location("loadgen", ROOT / "scripts" / "loadgen.py")  # a client: scripts/
-loadgen = importlib.util.module_from_spec(_spec)
+loadgen = sys.modules["loadgen"] = importlib.util.module_from_spec(_spec)  # dataclasses look their module up
 _spec.loader.exec_module(loadgen)
 replica_pids, run_load = loadgen.replica_pids, loadgen.run_load
 BODY = {"prompt": "a red circle moving left", "steps": SHORT}
