@@ -17,7 +17,7 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "
                405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
                429: "rate_limit_error", 503: "server_unavailable_error"}
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
-OPEN_PATHS = ("/health",)  # probes of load balancers and orchestrators carry no key
+OPEN_PATHS = ("/health", "/")  # probes carry no key; the page is static (its API calls send the key typed in it)
 
 
 def error_response(status: int, message: str, retry_after: int | None = None, headers: dict | None = None,

@@ -88,3 +88,17 @@ def test_the_page_shows_a_refusal_in_one_line(browser, tmp_path):
         assert status.get_attribute("class") == "error" and "purple, cat" in status.text
     finally:
         server.stop()
+
+
+def test_with_an_api_key_the_page_asks_for_it_and_then_works(browser, tmp_path):
+    server = ThreadedServer(toy_config(tmp_path / "results", api_key="page-key-0001"))
+    try:
+        browser.get(f"{server.url}/")  # the page itself needs no key
+        status = browser.find_element("id", "status")
+        assert until(lambda: "no API key" in status.text), status.text
+        browser.find_element("id", "key").send_keys("page-key-0001")
+        browser.find_element("id", "prompt").click()  # leaving the field fires its change event
+        assert until(lambda: "toy pair" in browser.find_element("id", "limits").text)
+        assert status.text == ""
+    finally:
+        server.stop()
