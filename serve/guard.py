@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import re
 
 from starlette.responses import JSONResponse
 
@@ -38,9 +39,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_access(host: str, api_key: str | None) -> None:
-    """Refuse to serve beyond this machine without a key: one line naming the fix, before anything loads."""
+HOST_NAME = re.compile(r"\*|[A-Za-z0-9._-]{1,253}|\[?[0-9A-Fa-f:.]{2,45}\]?")
+
+
+def check_access(host: str, api_key: str | None, extra_hosts: tuple[str, ...] = ()) -> None:
+    """Refuse to serve beyond this machine without a key, and Host names that are not names: one line naming the
+    fix, before anything loads."""
     from flowblend.errors import FlowblendError
+
+    for name in extra_hosts:
+        if not HOST_NAME.fullmatch(name):
+            raise FlowblendError(f"--allowed-host {name!r} is not a host name (e.g. videos.example.com, 10.0.0.5, "
+                                 "or * for any); give the name without scheme, port or path")
 
     if not is_loopback(host) and not api_key:
         raise FlowblendError(f"--host {host} serves other machines: set an API key (--api-key KEY or the "

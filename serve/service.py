@@ -59,7 +59,7 @@ class VideoService:
     def check_config(config: ServeConfig) -> JobSpec:
         """The request defaults by the CLI's rules and a writable results dir: one line, before anything loads."""
         spec = resolve(VideoRequest(prompt=WARMUP_PROMPT), config, get_family(config.pair))
-        check_access(config.host, config.api_key)
+        check_access(config.host, config.api_key, tuple(config.allowed_hosts))
         check_writable(Path(config.results_dir))
         return spec
 

@@ -83,6 +83,7 @@ def test_the_api_key_when_set(tmp_path):
     (["--host", "0.0.0.0"], ["serves other machines", "--api-key", "FLOWBLEND_API_KEY"]),
     (["--host", "127.0.0.1", "--api-key", "short"], ["at least 8 printable characters"]),
     (["--max-body-bytes", "10"], ["--max-body-bytes"]),
+    (["--allowed-host", "https://videos.example.com:443/"], ["is not a host name", "without scheme, port or path"]),
 ])
 def test_serve_refuses_unsafe_access_settings_in_one_line(tmp_path, capsys, monkeypatch, args, words):
     monkeypatch.delenv("FLOWBLEND_API_KEY", raising=False)
@@ -102,7 +103,12 @@ def test_the_key_may_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("FLOWBLEND_API_KEY", KEY)
     args = build_parser().parse_args(["serve", "--host", "0.0.0.0"])
     config = config_from_args(args)
-    assert config.api_key == KEY and KEY not in repr(config)
+    assert config.api_key == KEY and KEY not in repr(config) and config.host == "0.0.0.0"
+    args = build_parser().parse_args(["serve", "--api-key", "flag-key-0000", "--allowed-host", "a.internal",
+                                      "--allowed-host", "10.0.0.5", "--api-docs", "--max-body-bytes", "2048"])
+    config = config_from_args(args)
+    assert (config.api_key, config.allowed_hosts, config.api_docs, config.max_body_bytes) == \
+        ("flag-key-0000", ("a.internal", "10.0.0.5"), True, 2048)
 
 
 def test_host_allow_list_against_dns_rebinding(server, tmp_path):
