@@ -183,3 +183,17 @@ def test_records_that_are_not_records_are_skipped_with_one_log_line(tmp_path, ca
         assert newer["status"] == "failed" and newer["from_the_future"] == {"x": 1}
     finally:
         restarted.stop()
+
+
+def test_a_read_only_results_dir_refuses_to_start_in_one_line(small_disk, capsys):
+    """What tests/test_serve_faults.py cannot do as root (chmod does not stop root): a read-only mount does."""
+    from flowblend.cli.main import main as cli_main
+
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    try:
+        code = cli_main(["serve", "--host", "127.0.0.1", "--port", str(free_port()), "--results-dir",
+                         str(small_disk / "results")])
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], capture_output=True)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Read-only file system" in err and "--results-dir" in err, err
