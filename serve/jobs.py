@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from flowblend.errors import FlowblendError
+from flowblend.runtime.resolved import ResolvedRequest
 
 from .shared_queue import SharedQueue
 
@@ -189,13 +190,13 @@ class JobStore:
     def folder(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
 
-    def create(self, record: JobRecord, body: dict | None = None) -> None:
-        """A new job's folder and record; a queued one also enters the shared queue (with `body`, the request as
-        submitted, which another server resolves by its own rules before it takes the job)."""
+    def create(self, record: JobRecord, request: ResolvedRequest | None = None) -> None:
+        """A new job's folder and record; a queued one also enters the shared queue with `request`, the value its
+        request was resolved into, which another server loads and runs as it is (None: only this server runs it)."""
         self.folder(record.id).mkdir()
         self.save(record)
         if record.status == QUEUED:
-            self.queue.put(record.id, record.owner, body)
+            self.queue.put(record.id, record.owner, request)
 
     def save(self, record: JobRecord) -> None:
         with self._lock:

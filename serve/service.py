@@ -185,7 +185,7 @@ class VideoService:
                            steps=len(spec.plan), models=list(spec.plan.models), remixed_from=remixed_from)
         record.body = body.model_dump(exclude_none=True)
         try:
-            accepted = self.worker.enqueue(record, spec, record.body)
+            accepted = self.worker.enqueue(record, spec)
         except OSError as exc:  # a full or read-only results dir: nothing half-made is left, health says why
             shutil.rmtree(self.store.folder(record.id), ignore_errors=True)
             self.worker.check_results_dir()

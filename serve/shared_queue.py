@@ -5,7 +5,7 @@ directory; whichever server's worker is idle takes the oldest queued job of a li
 so N servers keep N workers busy whatever way requests were spread over them (Ray routes a POST to
 any replica; a 202 returns at once, so which replica gets a job says nothing about how busy it is).
 
-    <results>/queue/<created_ns>.<owner>.<job_id>   one entry per queued job: the request body (JSON)
+    <results>/queue/<created_ns>.<owner>.<job_id>   one entry per queued job: its resolved request (JSON)
     <results>/jobs/<id>/claim                       who took the job out of the queue (owner id)
 
 Taking a job out of the queue is a claim: `os.link` of a complete temporary file onto `claim`, which
@@ -17,6 +17,10 @@ to fail them; the reader that finds a dead owner's queued job claims it to repor
 entry is removed after the claim (a claimer that dies in between leaves an entry whose job has a
 claim: the next lister removes it). The index holds only queued jobs, so an idle worker lists a few
 names, not every finished job.
+
+An entry holds the one value its owner resolved the request into (runtime/resolved.py's ResolvedRequest,
+as JSON): a server that adopts the job loads that value and runs it as its owner would have, never
+resolving the request again by its own defaults and plans.
 """
 from __future__ import annotations
 
@@ -26,6 +30,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from flowblend.atomic import write_atomic
+from flowblend.errors import FlowblendError
+from flowblend.runtime.blend_request import BlendFamily
+from flowblend.runtime.resolved import ResolvedRequest
 
 CLAIM = "claim"
 
@@ -54,13 +63,11 @@ class SharedQueue:
         self.dir, self.jobs_dir, self.owner = root / "queue", jobs_dir, owner
         self.dir.mkdir(exist_ok=True)
 
-    def put(self, job_id: str, owner: str, body: dict | None = None) -> None:
-        """Index a queued job (after its record exists); `body` is the request as submitted, for other servers."""
+    def put(self, job_id: str, owner: str, request: ResolvedRequest | None = None) -> None:
+        """Index a queued job (after its record exists) with the value its request was resolved into (None: a job
+        no other server may take)."""
         name = f"{time.time_ns():020d}.{owner}.{job_id}"
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{job_id}.", suffix=".partial")
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(body or {}))
-        os.replace(tmp, self.dir / name)
+        write_atomic(self.dir / name, json.dumps(None if request is None else request.to_json()))
 
     def entries(self) -> list[QueueEntry]:
         """Queued jobs, oldest first."""
@@ -70,10 +77,13 @@ class SharedQueue:
             return []
         return sorted((e for e in map(QueueEntry.parse, names) if e is not None), key=lambda e: e.created_ns)
 
-    def body(self, entry: QueueEntry) -> dict | None:
+    def request(self, entry: QueueEntry, family: BlendFamily) -> ResolvedRequest | None:
+        """The resolved request `entry` holds, loaded for `family`; None if it is gone, holds none, or is not a
+        value of that family (another pair's job, or an entry some other program wrote)."""
         try:
-            return json.loads((self.dir / entry.name).read_text())
-        except (FileNotFoundError, ValueError):
+            data = json.loads((self.dir / entry.name).read_text())
+            return None if data is None else ResolvedRequest.from_json(data, family)
+        except (FileNotFoundError, ValueError, TypeError, KeyError, AttributeError, FlowblendError):
             return None
 
     def claim(self, job_id: str, entry: QueueEntry | None = None) -> bool:

@@ -16,15 +16,12 @@ new jobs are refused, the queued ones fail with it) and the probe is repeated un
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import shutil
 import threading
 import time
 from collections import OrderedDict, deque
 from typing import Callable
-
-from pydantic import ValidationError
 
 from flowblend.errors import FlowblendError
 from flowblend.families import PairFamily
@@ -45,7 +42,7 @@ from .jobs import (
 from .metrics import ServeMetrics
 from .results import NonFiniteVideo, write_results
 from .shared_queue import QueueEntry
-from .video_request import JobSpec, VideoRequest, resolve
+from .video_request import JobSpec
 from .warm import WarmPipeline
 
 PROGRESS_SAVE_SECONDS = 0.5  # how often a running job's progress reaches the results dir (other replicas)
@@ -88,7 +85,7 @@ class JobWorker:
         self._unrunnable: set[str] = set()  # shared-queue entries this server cannot run (another pair, shape)
 
     # -- what request handlers ask ------------------------------------------------------------
-    def enqueue(self, record: JobRecord, spec: JobSpec, body: dict) -> bool:
+    def enqueue(self, record: JobRecord, spec: JobSpec) -> bool:
         """Create the job and queue it here; False (nothing created) if the queue is full."""
         with self._cond:
             if len(self._queue) >= self.config.queue_size:
@@ -96,7 +93,7 @@ class JobWorker:
                     self.forget(job_id)  # taken by other servers since
             if len(self._queue) >= self.config.queue_size:
                 return False
-            self.store.create(record, body)
+            self.store.create(record, spec)
             self._records[record.id], self._specs[record.id] = record, spec
             self._queue.append(record.id)
             self._update_gauges()
@@ -247,7 +244,7 @@ class JobWorker:
         return None
 
     def _adopt(self, entry: QueueEntry) -> str | None:
-        """Take another server's queued job if its owner lives and this server runs it exactly as it would."""
+        """Take another server's queued job if its owner lives and this server can run the value its owner resolved."""
         if not OwnerLock.alive(self.store.owners_dir, entry.owner):
             self.store.load(entry.job_id)  # a dead owner's job is reported failed (retryable), never run
             return None
@@ -268,17 +265,12 @@ class JobWorker:
         return record.id
 
     def _same_spec(self, entry: QueueEntry) -> JobSpec | None:
-        """The job's request resolved by this server's rules, if that gives what its owner resolved (same pair,
-        defaults, plans) and the shape is warm here; else None."""
-        body, record = self.store.queue.body(entry), self.store.load(entry.job_id)
-        if not body or record is None:
+        """The value its owner resolved the job's request into (stored in the queue entry, loaded, not resolved
+        again), if it is of this server's pair and its shape is warm here; else None."""
+        resolved = self.store.queue.request(entry, self.family)
+        if resolved is None:
             return None
-        try:
-            spec = resolve(VideoRequest(**body), self.config, self.family)
-        except (FlowblendError, ValidationError, TypeError):
-            return None
-        if json.loads(json.dumps(spec.to_dict())) != record.request:
-            return None
+        spec = JobSpec(resolved.request, resolved.options, resolved.experts)
         return spec if self.config.dynamic_shapes or spec.shape_key() in self.pipeline.warm_keys else None
 
     def forget(self, job_id: str) -> None:

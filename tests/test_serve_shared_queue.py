@@ -126,7 +126,7 @@ def test_claims_racing_in_several_processes_take_each_job_exactly_once(tmp_path)
     ids = []
     for i in range(300):
         record = JobRecord(new_job_id(), {"seed": i}, store.owner)
-        store.create(record, {"prompt": PROMPT, "seed": i})
+        store.create(record)  # no resolved value: nobody runs these, the racers only claim them
         ids.append(record.id)
     racers = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path), ("entry", "id")[k % 2]],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, **QUIET_ENV})
@@ -190,15 +190,16 @@ store = JobStore(sys.argv[1])
 body = {"prompt": "a green triangle moving up", "seed": 7}
 spec = resolve(VideoRequest(**body), ServeConfig(**{**__import__("json").loads(sys.argv[2])}), get_family("toy"))
 record = JobRecord(new_job_id(), spec.to_dict(), store.owner, steps=len(spec.plan), models=list(spec.plan.models))
-store.create(record, VideoRequest(**body).model_dump())
+store.create(record, spec)
 print(record.id, flush=True)
 time.sleep(600)
 """
 
 
-def _queued_by_another_process(server) -> tuple[subprocess.Popen, str]:
-    """A server process (as far as the results dir can tell) that accepted one job and never runs it."""
-    config = json.dumps(server.service.config.to_dict())
+def _queued_by_another_process(server, **settings) -> tuple[subprocess.Popen, str]:
+    """A server process (as far as the results dir can tell, with `settings` changed in its config) that accepted
+    one job and never runs it."""
+    config = json.dumps({**server.service.config.to_dict(), **settings})
     proc = subprocess.Popen([sys.executable, "-c", OWNER, str(server.service.store.root), config],
                             stdout=subprocess.PIPE, text=True, env={**os.environ, **QUIET_ENV})
     return proc, proc.stdout.readline().strip()
@@ -270,3 +271,45 @@ def test_a_job_submitted_while_the_idle_worker_lists_the_queue_is_not_lost(tmp_p
         assert outcomes == ["completed"] * 12
     finally:
         server.stop()
+
+
+def test_an_adopted_job_runs_the_value_its_owner_resolved_not_this_servers_defaults(tmp_path):
+    """The owner's server makes SHORT + 3 steps by default; the idle one, SHORT. The job it adopts runs the owner's
+    resolved request (SHORT + 3 steps, as its record says), loaded from the queue entry, never resolved again here
+    (which would give SHORT steps: the code before compared the two and left such a job queued for good)."""
+    server = ThreadedServer(toy_config(tmp_path / "results"), pipeline=warm_toy_pipeline(0))
+    proc = None
+    try:
+        proc, job_id = _queued_by_another_process(server, steps=SHORT + 3)
+        done = wait_final(server.client, job_id)
+        assert done["status"] == "completed" and done["owner"] == owner(server), done
+        assert done["step"] == SHORT + 3 and len(done["request"]["plan"]["models"]) == SHORT + 3, done
+        assert steps_run(server) == SHORT + 3
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        server.stop()
+
+
+def test_a_queue_entry_holds_the_resolved_value_and_loads_only_for_its_pair(tmp_path):
+    from flowblend.families import get_family
+    from flowblend.serve.video_request import VideoRequest, resolve
+
+    toy = get_family("toy")
+    spec = resolve(VideoRequest(prompt=PROMPT, seed=3, steps=5, guidance=2.0), toy_config(tmp_path), toy)
+    store = JobStore(tmp_path / "results")
+    record = JobRecord(new_job_id(), spec.to_dict(), store.owner)
+    store.create(record, spec)
+    other = JobRecord(new_job_id(), {}, store.owner)
+    store.create(other)  # queued without a value: only its owner runs it
+    entries = {e.job_id: e for e in store.queue.entries()}
+    loaded = store.queue.request(entries[record.id], toy)
+    assert (loaded.request, loaded.options, loaded.experts) == (spec.request, spec.options, spec.experts)
+    assert len(loaded.plan) == 5 and loaded.options.guidance_scale == 2.0
+    assert json.loads((store.queue.dir / entries[record.id].name).read_text())["seed"] == 3
+    assert store.queue.request(entries[record.id], get_family("wan")) is None  # another pair's job
+    assert store.queue.request(entries[other.id], toy) is None
+    (store.queue.dir / entries[record.id].name).write_text('{"prompt": "a request body, not a resolved value"}')
+    assert store.queue.request(entries[record.id], toy) is None
+    store.close()
