@@ -15,14 +15,21 @@ from typing import Callable, Union
 Payload = Union[str, bytes, Callable[[Path], None]]  # text, bytes, or write(tmp_path) producing the file
 
 
-def write_atomic(path: str | Path, data: Payload, suffix: str = ".partial") -> Path:
+def write_atomic(path: str | Path, data: Payload, suffix: str = ".partial", mode: int | None = None,
+                 parents: bool = True) -> Path:
     """Write `data` to `path` atomically and return the path; `suffix` ends the temporary name (a writer that
-    picks its format from the file name, such as matplotlib's savefig, needs the real one: ".partial.png")."""
+    picks its format from the file name, such as matplotlib's savefig, needs the real one: ".partial.png").
+    The file keeps mkstemp's 0600 unless `mode` is given (the server's records follow the umask, as its videos).
+    `parents=False` refuses (FileNotFoundError) a folder that is gone instead of making it again: a job folder
+    deleted while its job ran stays deleted."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     tmp = Path(name)
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         if callable(data):
             os.close(fd)
             data(tmp)

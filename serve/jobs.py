@@ -1,4 +1,4 @@
-"""Jobs on disk: one folder per job under the results directory, each record written atomically.
+"""Jobs on disk: one folder per job under the results directory, each record written atomically (flowblend/atomic.py).
 
 The results directory is the single source of truth for a job's state, so that (a) a restarted
 server still lists and serves finished jobs, and (b) with several replicas (Ray Serve) any replica
@@ -37,6 +37,7 @@ import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from flowblend.atomic import write_atomic
 from flowblend.errors import FlowblendError
 from flowblend.runtime.resolved import ResolvedRequest
 
@@ -100,18 +101,6 @@ class JobRecord:
 def new_job_id() -> str:
     """video_<12 hex digits of the creation time in ms><20 random>: ids sort in creation order (as UUIDv7)."""
     return f"video_{time.time_ns() // 1_000_000:012x}{uuid.uuid4().hex[:20]}"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class OwnerLock:
@@ -200,7 +189,8 @@ class JobStore:
 
     def save(self, record: JobRecord) -> None:
         with self._lock:
-            _write_atomic(self.folder(record.id) / "job.json", record.to_json())
+            write_atomic(self.folder(record.id) / "job.json", record.to_json(), mode=FILE_MODE,
+                         parents=False)
 
     def stamp(self, job_id: str) -> tuple[int, int] | None:
         """What changes whenever the record is saved (each save renames a new file into place): one stat."""

@@ -5,14 +5,15 @@ refused here, before the writer would clamp it into an all-black "completed" vid
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
+from flowblend.atomic import write_atomic
 from flowblend.errors import FlowblendError
 from flowblend.runtime.video import save_video, to_frames
 
+from .jobs import FILE_MODE
 from .video_request import FPS
 
 VIDEO, THUMBNAIL = "video.mp4", "thumbnail.png"
@@ -32,10 +33,7 @@ def write_results(video: torch.Tensor, folder: Path) -> tuple[str, str]:
     written = save_video(video, folder / VIDEO, fps=FPS)
     import imageio.v3 as iio
 
-    tmp = folder / f".{THUMBNAIL}.partial"
-    try:
-        iio.imwrite(tmp, to_frames(video)[0], extension=".png")
-        os.replace(tmp, folder / THUMBNAIL)
-    finally:
-        tmp.unlink(missing_ok=True)
+    first = to_frames(video)[0]
+    write_atomic(folder / THUMBNAIL, lambda tmp: iio.imwrite(tmp, first, extension=".png"), mode=FILE_MODE,
+                 parents=False)
     return written.name, THUMBNAIL

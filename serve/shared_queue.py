@@ -67,7 +67,7 @@ class SharedQueue:
         """Index a queued job (after its record exists) with the value its request was resolved into (None: a job
         no other server may take)."""
         name = f"{time.time_ns():020d}.{owner}.{job_id}"
-        write_atomic(self.dir / name, json.dumps(None if request is None else request.to_json()))
+        write_atomic(self.dir / name, json.dumps(None if request is None else request.to_json()), parents=False)
 
     def entries(self) -> list[QueueEntry]:
         """Queued jobs, oldest first."""
