@@ -8,8 +8,8 @@ from tiny_models import tiny_pair
 from flowblend.bench.tiny import TEXT, WAN_LATENT
 from flowblend.engines.compile import CompiledStep, check_compile
 from flowblend.engines.torch_engine import TorchEngine
-from flowblend.engines.wan_step import WanStep
 from flowblend.errors import FlowblendError
+from flowblend.families.wan_step import WanStep
 from flowblend.runtime.plan import BlendPlan
 from flowblend.runtime.sampler import Sampler, SamplerOptions
 from flowblend.toy.model import load_toy_transformer

@@ -1,4 +1,4 @@
-"""engines/wan_step.py and ltx_step.py against diffusers' own forwards: bitwise, every step.
+"""flowblend/families/wan_step.py and ltx_step.py against diffusers' own forwards: bitwise, every step.
 
 The references call WanTransformer3DModel / LTXVideoTransformer3DModel directly (LTX's tokens
 packed and unpacked with LTXPipeline's own static methods), not flowblend's signature modules.

@@ -1,8 +1,8 @@
 """LTX-Video 13B + 2B (0.9.7 / 0.9.8): the family entry and what flowblend knows of LTXVideoTransformer3DModel.
 
-The signature packs tokens inside (engines/signature.py's LtxSignature); the step split computes
-the rotary tables and AdaLayerNormSingle's embeddings once per binding (engines/ltx_step.py); the
-text mask and the VAE's de-normalisation follow LTXPipeline.
+The signature packs tokens inside (ltx_step.py's LtxSignature); the step split computes the rotary
+tables and AdaLayerNormSingle's embeddings once per binding (ltx_step.py's LtxStep; that module imports
+torch, so it is loaded lazily); the text mask and the VAE's de-normalisation follow LTXPipeline.
 """
 from __future__ import annotations
 
@@ -20,15 +20,15 @@ def supports_ltx_step_split(transformer) -> bool:
 
 
 def signature(transformer, **kwargs):
-    """The positional engine signature (engines/signature.py's LtxSignature); torch loads here, not at start-up."""
-    from flowblend.engines.signature import LtxSignature
+    """The positional engine signature (ltx_step.py's LtxSignature); torch loads here, not at start-up."""
+    from .ltx_step import LtxSignature
 
     return LtxSignature(transformer, **kwargs)
 
 
 def step_split(signed):
     """LtxStep over a plain transformer's signature (its rope interpolation scale), else None."""
-    from flowblend.engines.ltx_step import LtxStep
+    from .ltx_step import LtxStep
 
     if not supports_ltx_step_split(signed.transformer):
         return None

@@ -1,7 +1,7 @@
 """Wan 2.1 T2V (14B + 1.3B): the family entry and everything flowblend knows of WanTransformer3DModel.
 
 The architecture (shared by the wan22 and toy families): the positional signature and the step with
-the schedule constants taken out (engines/signature.py, engines/wan_step.py: engine code, named here),
+the schedule constants taken out (wan_step.py beside this module, which imports torch: loaded lazily),
 when that split reproduces the forward exactly, the FP32 islands of the export layout, the FLOP model,
 and how WanPipeline's UMT5 encodes prompts and its VAE decodes latents.
 """
@@ -31,15 +31,15 @@ def supports_wan_step_split(transformer) -> bool:
 
 
 def signature(transformer, **kwargs):
-    """The positional engine signature (engines/signature.py's WanSignature); torch loads here, not at start-up."""
-    from flowblend.engines.signature import WanSignature
+    """The positional engine signature (wan_step.py's WanSignature); torch loads here, not at start-up."""
+    from .wan_step import WanSignature
 
     return WanSignature(transformer, **kwargs)
 
 
 def step_split(signed):
     """WanStep over a plain T2V transformer's signature; None keeps the plain forward (image conditioning...)."""
-    from flowblend.engines.wan_step import WanStep
+    from .wan_step import WanStep
 
     return WanStep(signed.transformer) if supports_wan_step_split(signed.transformer) else None
 

@@ -1,4 +1,8 @@
-"""Wan's forward with its schedule constants taken out of the step.
+"""Wan's torch side: the positional signature WanTransformer3DModel runs and exports in, and its forward with
+the schedule constants taken out of the step (flowblend/families/wan.py hands both to engines/architectures.py).
+
+Kept apart from wan.py because it imports torch, which the family's registry entry must not (start-up:
+`flowblend --help` and every refused request stay torch-free); wan.py imports this module lazily.
 
 Every call of WanTransformer3DModel.forward recomputes the rotary tables (a function of the latent
 shape only) and the timestep embedding and its modulation projection (a function of the step's
@@ -7,10 +11,10 @@ when an engine is bound. Computing them once per binding, as the solver table al
 about 25 small ops from every step, which is most of the per-call cost of a small model that has
 few layers (the toy small model: ~1 ms of ~8 ms on the 2-core CPU).
 
-The step below is WanTransformer3DModel.forward (diffusers 0.42) with those three values passed in;
+WanStep below is WanTransformer3DModel.forward (diffusers 0.42) with those three values passed in;
 tests/test_step_split.py checks it is bitwise equal to diffusers' own forward. Anything the split
 does not cover (image conditioning, Wan 2.2's per-token timesteps, a subclass with its own forward,
-accelerate hooks) keeps the plain forward: flowblend/families/wan.py decides (supports_wan_step_split).
+accelerate hooks) keeps the plain forward: wan.py decides (supports_wan_step_split).
 """
 from __future__ import annotations
 
@@ -19,8 +23,23 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .base import LATENTS, TEXT_EMBEDS, TIMESTEP
-from .step_constants import StepConstants
+from flowblend.engines.base import LATENTS, TEXT_EMBEDS, TIMESTEP, VELOCITY
+from flowblend.engines.step_constants import StepConstants
+
+
+class WanSignature(nn.Module):
+    """WanTransformer3DModel: latents [B,C,F,H,W], timestep [B], text [B,L,D] -> velocity."""
+
+    input_names = (LATENTS, TIMESTEP, TEXT_EMBEDS)
+    output_names = (VELOCITY,)
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, latents, timestep, text_embeds):
+        return self.transformer(hidden_states=latents, timestep=timestep,
+                                encoder_hidden_states=text_embeds, return_dict=False)[0]
 
 
 class WanStep(nn.Module):

@@ -1,4 +1,6 @@
-"""LTX-Video's forward with its schedule constants taken out of the step (as engines/wan_step.py for Wan).
+"""LTX-Video's torch side: the positional signature (tokens packed inside) and its forward with the schedule
+constants taken out of the step (as flowblend/families/wan_step.py for Wan; ltx.py hands both to
+engines/architectures.py and imports this module lazily, so the family entry stays torch-free).
 
 LTXVideoTransformer3DModel.forward recomputes, in every call, the rotary tables from the latent
 grid (shape and the pipeline's interpolation scale only) and AdaLayerNormSingle's timestep
@@ -13,8 +15,34 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .base import LATENTS, TEXT_EMBEDS, TEXT_MASK, TIMESTEP
-from .step_constants import StepConstants
+from flowblend.engines.base import LATENTS, TEXT_EMBEDS, TEXT_MASK, TIMESTEP, VELOCITY
+from flowblend.engines.step_constants import StepConstants
+
+
+class LtxSignature(nn.Module):
+    """LTXVideoTransformer3DModel on unpacked latents [B,C,F,H,W] (patch size 1, as LTX-Video 0.9.x).
+
+    Packing to [B, F*H*W, C] happens inside, as LTXPipeline._pack_latents does, so the runtime's
+    buffers keep one layout for every family. `rope_interpolation_scale` is the pipeline's
+    (temporal_compression / frame_rate, spatial_compression, spatial_compression).
+    """
+
+    input_names = (LATENTS, TIMESTEP, TEXT_EMBEDS, TEXT_MASK)
+    output_names = (VELOCITY,)
+
+    def __init__(self, transformer: nn.Module, rope_interpolation_scale=(8 / 25, 32, 32)):
+        super().__init__()
+        self.transformer = transformer
+        self.rope_interpolation_scale = tuple(float(x) for x in rope_interpolation_scale)
+
+    def forward(self, latents, timestep, text_embeds, text_mask):
+        b, c, f, h, w = latents.shape
+        tokens = latents.permute(0, 2, 3, 4, 1).reshape(b, f * h * w, c)
+        out = self.transformer(hidden_states=tokens, encoder_hidden_states=text_embeds, timestep=timestep,
+                               encoder_attention_mask=text_mask, num_frames=f, height=h, width=w,
+                               rope_interpolation_scale=self.rope_interpolation_scale, return_dict=False)[0]
+        return out.reshape(b, f, h, w, c).permute(0, 4, 1, 2, 3)
+
 
 
 def _pack(latents: torch.Tensor) -> torch.Tensor:
