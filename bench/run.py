@@ -26,11 +26,13 @@ from flowblend.engines.factory import BACKENDS, torch_dtype
 from flowblend.engines.iospec import dtype_name
 from flowblend.engines.kinds import REFERENCE_KIND, engine_kind
 from flowblend.errors import FlowblendError
+from flowblend.runtime.blend_request import BlendChoices
 from flowblend.runtime.graph import GraphRunner
 from flowblend.runtime.graph_modes import BENCH_MODES
 from flowblend.runtime.guidance import guidance_table
-from flowblend.runtime.plan import BlendPlan, ExpertSchedule
-from flowblend.runtime.sampler import Sampler, SamplerOptions
+from flowblend.runtime.plan import BlendPlan
+from flowblend.runtime.resolved import ResolvedRequest, resolve_request
+from flowblend.runtime.sampler import Sampler
 
 from .flops import step_flops
 from .memory import PeakMemory, current_rss_bytes
@@ -123,7 +125,7 @@ class TimedEngine:
 class Case:
     backend: str
     mode: str
-    plan: BlendPlan
+    request: ResolvedRequest  # runtime/resolved.py's value, as generate and the server hold it: plan, guidance...
     sampler: Sampler
     timed_sampler: Sampler
     step_log: list
@@ -134,6 +136,10 @@ class Case:
     first_run_s: float | None = None  # the first warm-up run: includes compilation for torch-compile
     runner: GraphRunner | None = None  # graph modes: captures on the first run, then replays
     attention: str = ""  # the attention kernel its engines run (engines/attention.py), or where it is decided
+
+    @property
+    def plan(self) -> BlendPlan:
+        return self.request.plan
 
 
 # -- engines per backend ---------------------------------------------------------------------------
@@ -249,9 +255,9 @@ def bench_pair_by_name(name: str, options: BenchOptions, large: str | None = Non
     return run_bench(pair, options, baseline_rss=baseline)
 
 
-def _build_cases(pair, eager: dict, plans, options: BenchOptions, latent_shape, guidance: float,
-                 sampler_kwargs: dict, scales: dict, experts: ExpertSchedule | None) -> tuple[list[Case], list[dict]]:
-    """One Case per (backend, mode, plan) that can run here; the rest listed with the reason."""
+def _build_cases(pair, eager: dict, requests: list[ResolvedRequest], options: BenchOptions, latent_shape,
+                 guidance: float) -> tuple[list[Case], list[dict]]:
+    """One Case per (backend, mode, plan's resolved request) that can run here; the rest listed with the reason."""
     device = torch.device(options.device)
     cases, skipped = [], []
     for backend in dict.fromkeys((REFERENCE_KIND,) + tuple(options.backends)):
@@ -268,13 +274,10 @@ def _build_cases(pair, eager: dict, plans, options: BenchOptions, latent_shape, 
             except Unavailable as exc:
                 skipped.append({"backend": backend, "mode": mode, "reason": str(exc)})
                 continue
-            for plan in plans:
-                sampler_options = SamplerOptions(sampler_kwargs["solver"], sampler_kwargs["shift"], guidance,
-                                                 sampler_kwargs.get("mu"),
-                                                 guidance_table=guidance_table(plan, guidance, scales, experts))
+            for request in requests:
                 choice = engine_choice(backend, options)
-                make = lambda e: sampler_for(e, plan, sampler_options, choice)  # noqa: E731
-                case = Case(backend, mode, plan, make(engines), make(timed), log, attention=attention_of(choice))
+                make = lambda e: sampler_for(e, request.plan, request.options, choice)  # noqa: E731
+                case = Case(backend, mode, request, make(engines), make(timed), log, attention=attention_of(choice))
                 if MODES[mode] != "eager":
                     case.runner = GraphRunner(case.sampler, MODES[mode])
                 cases.append(case)
@@ -350,8 +353,10 @@ def run_bench(pair, options: BenchOptions, baseline_rss: int | None = None) -> d
     memory = memory_budget(pair, eager, blended_plan, sampler_kwargs, guidance, noise, options, PROMPT, baseline_rss,
                            largest=family.models[0])
 
-    cases, skipped = _build_cases(pair, eager, plans, options, latent_shape, guidance, sampler_kwargs, scales,
-                                  experts)
+    choices = BlendChoices(steps=options.steps, frames=frames, height=height, width=width, guidance=guidance,
+                           boundary_ratio=options.boundary_ratio)  # each plan's request, resolved as generate's
+    requests = [resolve_request(family, choices, PROMPT, plan=plan) for plan in plans]
+    cases, skipped = _build_cases(pair, eager, requests, options, latent_shape, guidance)
     units = len(cases) * (max(options.warmup, 1) + 2 * options.repeats) + 12 * options.overhead_repeats + 4
     bar = tqdm(total=units, desc="bench", unit="run", disable=not options.progress)
     cases = _warm_up(cases, pair, noise, options, skipped, bar)

@@ -73,12 +73,13 @@ class ResolvedRequest:
 
 
 def resolve_request(family: BlendFamily, choices: BlendChoices, prompts: str | list[str], negative_prompt: str = "",
-                    seed: int = 0) -> ResolvedRequest:
-    """Check and complete a request (FlowblendError naming the fix) and resolve its plan, experts and guidance."""
+                    seed: int = 0, plan: BlendPlan | None = None) -> ResolvedRequest:
+    """Check and complete a request (FlowblendError naming the fix) and resolve its plan, experts and guidance;
+    `plan`, if given, is used instead of the choices' (bench measures several plans of one request)."""
     experts = experts_of(choices, family)
-    request = validate_request(family, prompts, negative_prompt, plan_of(choices, family, experts), choices.steps,
-                               seed, choices.height, choices.width, choices.frames, choices.guidance, choices.solver,
-                               choices.shift)
+    plan = plan_of(choices, family, experts) if plan is None else plan
+    request = validate_request(family, prompts, negative_prompt, plan, choices.steps, seed, choices.height,
+                               choices.width, choices.frames, choices.guidance, choices.solver, choices.shift)
     from .sampler import SamplerOptions
 
     _, table = resolve_guidance(choices, family, request.plan, experts)

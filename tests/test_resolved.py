@@ -60,3 +60,35 @@ def test_the_cli_and_the_server_hold_the_same_value(pair, flags, body, tmp_path)
                      get_family(pair))
     assert server.to_json() == cli.to_json()
     assert choices_of(args).plan == body["plan"]
+
+
+class _Arrived(BaseException):
+    """Raised by the recording stand-in once bench's cases would be built: nothing needs to run after that."""
+
+
+def test_bench_holds_the_value_generate_resolves_for_the_same_flags(monkeypatch):
+    """Each plan bench measures is one resolved request, equal (as JSON) to what `flowblend generate` resolves
+    from the same flags; the reference plan (LLL) is measured too and resolved the same way."""
+    from flowblend.bench import run as bench_run
+    from flowblend.families import load_pair
+
+    held = []
+
+    def record(pair, eager, requests, *rest):
+        held.extend(requests)
+        raise _Arrived
+
+    monkeypatch.setattr(bench_run, "_build_cases", record)
+    options = bench_run.BenchOptions(backends=("torch",), plans=("LSL:0.4,0.2",), steps=10, guidance=3.5, repeats=1,
+                                     warmup=0, overhead_repeats=0, progress=False)
+    with pytest.raises(_Arrived):
+        bench_run.run_bench(load_pair("toy"), options)
+    from flowblend.cli.generate_cmd import resolved_of
+
+    for plan in ("LLL", "LSL:0.4,0.2"):
+        args = build_parser(("generate",)).parse_args(["generate", "--pair", "toy", "--prompt", bench_run.PROMPT,
+                                                       "--plan", plan, "--steps", "10", "--guidance", "3.5"])
+        check_groups(args)
+        cli = resolved_of(args).to_json()
+        assert [r.to_json() for r in held if r.plan.label == resolved_of(args).plan.label] == [cli], plan
+    assert len(held) == 2
