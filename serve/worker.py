@@ -349,6 +349,7 @@ class JobWorker:
             record.video = record.thumbnail = None
         try:
             if self.store.deleted(record.id):
+                self.forget(record.id)  # first: once the folder (and its `deleted` mark) is gone, memory must not answer
                 self.store.remove(record.id)
             else:
                 self.store.save(record)

@@ -187,6 +187,32 @@ def test_unknown_job_ids_are_404(client):
     assert client.delete("/v1/videos/video_" + "1" * 32).status_code == 404
 
 
+def test_a_deleted_running_job_is_not_answered_while_the_worker_removes_its_folder(client, server, monkeypatch):
+    """DELETE of a running job: the worker removes the folder when the job stops. A GET right after the folder went
+    must be a 404, not the job answered from the worker's memory (test_serve_openai's delete test met that now and
+    then). The read is made at that very point, from inside the store's remove."""
+    from flowblend.serve.service import ServiceError
+
+    service, store, seen = server.service, server.service.store, []
+    remove = store.remove
+
+    def remove_then_read(job_id):
+        remove(job_id)
+        try:
+            seen.append(service.get(job_id).status)
+        except ServiceError as exc:
+            seen.append(exc.status)
+
+    monkeypatch.setattr(store, "remove", remove_then_read)
+    job = client.post("/v1/videos", json={"prompt": PROMPT, "steps": LONG}).json()
+    wait_running(client, job["id"])
+    assert client.delete(f"/v1/videos/{job['id']}").json()["deleted"] is True
+    deadline = time.monotonic() + 30
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert seen == [404], seen
+
+
 def test_running_job_cancels_at_a_step_boundary_and_twice_is_refused(client):
     job = client.post("/v1/videos", json={"prompt": PROMPT, "steps": LONG}).json()
     running = wait_running(client, job["id"])
