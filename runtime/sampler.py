@@ -38,6 +38,9 @@ class SamplerOptions:
     # Per-step CFG scales (runtime/guidance.py: Wan 2.2's experts each bring theirs); None: guidance_scale
     # at every step. Read from a device tensor per step, so a captured loop reads it from memory.
     guidance_table: tuple[float, ...] | None = None
+    # (timesteps, sigmas) as a checkpoint's own diffusers scheduler set them (its config may carry options the
+    # solver name and shift do not, e.g. LTX's shift_terminal); None: computed from solver, shift and mu.
+    schedule: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
@@ -103,7 +106,8 @@ class Sampler:
         self.options = options
         self.engines = engines
         self.plan = plan
-        self.table: SolverTable = make_solver_table(options.solver, len(plan), options.shift, options.mu)
+        self.table: SolverTable = make_solver_table(options.solver, len(plan), options.shift, options.mu,
+                                                    schedule=options.schedule)
         # CFG scale per step, a table like the solver's coefficients (runtime/step.py's g[i]; Wan 2.2's experts
         # each bring theirs, runtime/guidance.py); the buffers carry the unconditional row when any step guides
         self.guidance_scales: tuple[float, ...] = options.guidance_for(len(plan))
@@ -177,6 +181,12 @@ class Sampler:
             tensor.zero_()
         self._prepare_model_input()
         return bufs
+
+    def replace_sample(self, latents: torch.Tensor) -> None:
+        """Between steps: make `latents` [1, C, F, H, W] the sample the next step starts from (a diffusers
+        `callback_on_step_end` that returns new latents)."""
+        self.buffers.latents.copy_(latents)
+        self._prepare_model_input()
 
     # -- the loop -------------------------------------------------------------------------------
     def _prepare_model_input(self) -> None:

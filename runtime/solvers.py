@@ -53,10 +53,20 @@ def scheduler_for(solver: str, shift: float = 1.0, use_dynamic_shifting: bool = 
 
 
 def make_solver_table(solver: str, steps: int, shift: float = 1.0, mu: float | None = None,
-                      scheduler=None) -> SolverTable:
-    """Coefficient table for `steps` steps of `solver`; pass `scheduler` to follow a checkpoint's own config."""
+                      scheduler=None, schedule: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> SolverTable:
+    """Coefficient table for `steps` steps of `solver`; pass `scheduler` to follow a checkpoint's own config, or
+    `schedule` = (timesteps, sigmas) as such a scheduler's `set_timesteps` left them (`schedule_of`)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if schedule is not None:
+        timesteps, sigmas = schedule
+        if len(timesteps) != steps or len(sigmas) != steps + 1:
+            raise ValueError(f"schedule has {len(timesteps)} timesteps and {len(sigmas)} sigmas; {steps} steps need "
+                             f"{steps} and {steps + 1}")
+        table = {"euler": _euler_table, "unipc": _unipc_table}.get(solver)
+        if table is None:
+            raise ValueError(f"unknown solver {solver!r}: choose one of {', '.join(SOLVERS)}")
+        return table(torch.tensor(sigmas, dtype=torch.float32), tuple(float(t) for t in timesteps))
     if scheduler is None:
         scheduler = scheduler_for(solver, shift, use_dynamic_shifting=mu is not None)
     kwargs = {} if mu is None else {"mu": mu}
@@ -69,13 +79,23 @@ def make_solver_table(solver: str, steps: int, shift: float = 1.0, mu: float | N
     if solver == "euler":
         return _euler_table(sigmas, timesteps)
     if solver == "unipc":
-        cfg = scheduler.config
-        if (cfg.solver_order, cfg.solver_type, cfg.predict_x0, cfg.prediction_type) != (2, "bh2", True, "flow_prediction") \
-                or not cfg.lower_order_final or list(cfg.disable_corrector):
-            raise ValueError("the UniPC table supports Wan's options only: solver_order=2, solver_type='bh2', "
-                             "predict_x0=True, prediction_type='flow_prediction', lower_order_final=True")
+        check_unipc_config(scheduler.config)
         return _unipc_table(sigmas, timesteps)
     raise ValueError(f"unknown solver {solver!r}: choose one of {', '.join(SOLVERS)}")
+
+
+def check_unipc_config(cfg) -> None:
+    """The UniPC options the table reproduces (Wan's); ValueError naming them for any other config."""
+    if (cfg.solver_order, cfg.solver_type, cfg.predict_x0, cfg.prediction_type) != (2, "bh2", True, "flow_prediction") \
+            or not cfg.lower_order_final or list(cfg.disable_corrector):
+        raise ValueError("the UniPC table supports Wan's options only: solver_order=2, solver_type='bh2', "
+                         "predict_x0=True, prediction_type='flow_prediction', lower_order_final=True")
+
+
+def schedule_of(scheduler) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(timesteps, sigmas) of a diffusers scheduler after `set_timesteps`, as SamplerOptions.schedule takes them."""
+    return (tuple(float(t) for t in scheduler.timesteps),
+            tuple(float(s) for s in scheduler.sigmas.to(torch.float32)))
 
 
 def _euler_table(sigmas: torch.Tensor, timesteps: tuple[float, ...]) -> SolverTable:

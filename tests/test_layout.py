@@ -12,7 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"flowblend": "flowblend", "export": "export", "engines": "engines", "runtime": "runtime",
-            "calibrate": "calibrate", "bench": "bench", "toy": "toy", "serve": "serve", "cli": "cli"}
+            "calibrate": "calibrate", "bench": "bench", "toy": "toy", "serve": "serve", "cli": "cli",
+            "pipelines": "pipelines"}
 # What each package may import (besides itself and flowblend.errors). Everything not listed is "above".
 ALLOWED = {
     "flowblend": set(),
@@ -24,6 +25,7 @@ ALLOWED = {
     "calibrate": {"engines", "runtime", "export", "bench", "toy"},
     "serve": {"engines", "runtime", "export", "bench", "toy", "calibrate", "cli"},
     "cli": {"engines", "runtime", "export", "bench", "toy", "calibrate", "serve"},
+    "pipelines": {"engines", "runtime", "export"},  # diffusers-style classes over the runtime (toy via export)
 }
 MAX_LINES = 420
 
