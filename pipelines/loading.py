@@ -19,8 +19,8 @@ def load_small_transformer(cls, source: str, torch_dtype=None, local_files_only:
         found = cls.load_config(where, subfolder=subfolder, local_files_only=local_files_only).get("_class_name")
         if found != cls.__name__:
             raise ValueError(f"it holds a {found}, not a {cls.__name__}")
-        return cls.from_pretrained(where, subfolder=subfolder,
-                                   torch_dtype=torch_dtype, local_files_only=local_files_only).eval()
+        dtype = {} if torch_dtype is None else {"torch_dtype": torch_dtype}  # diffusers >= 0.36 also says dtype=
+        return cls.from_pretrained(where, subfolder=subfolder, local_files_only=local_files_only, **dtype).eval()
     except (OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"`small` {str(source)!r}: cannot load a {cls.__name__} from it ({reason}); pass a "

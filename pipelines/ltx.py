@@ -48,7 +48,8 @@ class FlowBlendLTXPipeline(BlendCall, LTXPipeline):
         """LTXPipeline.from_pretrained of the large checkpoint plus the small model's transformer (`small`)."""
         if small is not None and kwargs.get("small_transformer") is None:
             kwargs["small_transformer"] = load_small_transformer(
-                LTXVideoTransformer3DModel, small, kwargs.get("torch_dtype"), kwargs.get("local_files_only", False))
+                LTXVideoTransformer3DModel, small, kwargs.get("torch_dtype", kwargs.get("dtype")),
+                kwargs.get("local_files_only", False))
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         pipe.check_models()
         return pipe

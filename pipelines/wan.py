@@ -65,7 +65,8 @@ class FlowBlendWanPipeline(BlendCall, WanPipeline):
             return cls._toy_pipeline(kwargs.pop("torch_dtype", None), small)
         if small is not None and kwargs.get("small_transformer") is None:
             kwargs["small_transformer"] = load_small_transformer(
-                WanTransformer3DModel, small, kwargs.get("torch_dtype"), kwargs.get("local_files_only", False))
+                WanTransformer3DModel, small, kwargs.get("torch_dtype", kwargs.get("dtype")),
+                kwargs.get("local_files_only", False))
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         pipe.check_models()
         return pipe

@@ -249,3 +249,62 @@ def test_loading_and_model_refusals(checkpoints, tmp_path):
         ltx(**LTX_CALL, guidance_rescale=0.7)
     with pytest.raises(ValueError, match="`timesteps`"):
         ltx(**LTX_CALL, timesteps=[999, 500])
+
+
+def test_cuda_graph_modes_through_the_graph_runner_with_the_stand_in(checkpoints, monkeypatch):
+    """The recording graph stand-in (tests/fake_cuda_graph.py: replays only what was captured) in place of CUDA:
+    whole-loop and per-step graphs equal the eager loop, capture once per warm shape, and with per-step graphs a
+    callback still sees and changes every step's latents (== diffusers' loop with the same callback)."""
+    from fake_cuda_graph import FakeGraphBackend
+
+    import flowblend.pipelines.blending as blending
+    import flowblend.runtime.graph as graph
+    from flowblend.pipelines.assembly import check_cuda_graph
+
+    backends, real_runner = [], graph.GraphRunner
+
+    def runner_with_stand_in(sampler, mode="whole"):
+        backends.append(FakeGraphBackend() if mode != "eager" else None)
+        return real_runner(sampler, mode, backend=backends[-1])
+
+    monkeypatch.setattr(graph, "GraphRunner", runner_with_stand_in)
+    monkeypatch.setattr(blending, "check_cuda_graph",  # the real check asks for a CUDA device
+                        lambda value, device, with_callback: check_cuda_graph(value, torch.device("cuda"), with_callback))
+    ours = quiet(FlowBlendWanPipeline.from_pretrained(checkpoints["wan"], small=checkpoints["wan_small"]))
+    eager = ours(**WAN_CALL, generator=generator(), output_type="latent", cuda_graph=False).frames
+    for mode in (True, "per_step"):
+        first = ours(**WAN_CALL, generator=generator(), output_type="latent", cuda_graph=mode).frames
+        again = ours(**WAN_CALL, generator=generator(5), output_type="latent", cuda_graph=mode).frames
+        assert rel(first, eager) <= 1e-6 and rel(again, first) > 1e-3  # the second request is replayed, not frozen
+        captures = backends[-1].events.count("begin")
+        assert captures == (1 if mode is True else WAN_CALL["num_inference_steps"])  # once per shape, not per call
+
+    def halve_at_step_2(pipe, i, t, kwargs):
+        return {"latents": kwargs["latents"] * 0.5} if i == 2 else {}
+    ref = quiet(WanPipeline.from_pretrained(checkpoints["wan"]))(
+        **WAN_CALL, generator=generator(), output_type="latent", callback_on_step_end=halve_at_step_2).frames
+    got = ours(**WAN_CALL, generator=generator(), output_type="latent", plan="LLL", cuda_graph="per_step",
+               callback_on_step_end=halve_at_step_2).frames
+    assert rel(got, ref) <= 1e-5
+
+
+def test_engine_options_reach_the_engine_factory(checkpoints, tmp_path):
+    ours = quiet(FlowBlendWanPipeline.from_pretrained(checkpoints["wan"], small=checkpoints["wan_small"]))
+    call = dict(WAN_CALL, num_inference_steps=3, output_type="latent", plan="LLL")
+    eager = ours(**call, generator=generator()).frames
+    compiled = ours(**call, generator=generator(), engines="compiled").frames  # torch.compile of the same modules
+    assert rel(compiled, eager) <= 1e-4
+    ours.artifacts = str(tmp_path / "artifacts")
+    with pytest.raises(ValueError, match="flowblend export"):  # nothing exported: the store says what to run
+        ours(**call, engines="onnxruntime")
+
+
+def test_torch_dtype_reaches_both_transformers(checkpoints):
+    ours = quiet(FlowBlendWanPipeline.from_pretrained(checkpoints["wan"], small=checkpoints["wan_small"],
+                                                      torch_dtype=torch.bfloat16))
+    assert ours.transformer.dtype == ours.small_transformer.dtype == ours.vae.dtype == torch.bfloat16
+    ref_pipe = quiet(WanPipeline.from_pretrained(checkpoints["wan"], torch_dtype=torch.bfloat16))
+    ref = ref_pipe(**WAN_CALL, generator=generator(), output_type="latent").frames
+    got = ours(**WAN_CALL, generator=generator(), output_type="latent", plan="LLL").frames
+    # diffusers combines CFG in bf16, the runtime in fp32: close, not equal (the fp32 parity is tested above)
+    assert got.dtype == ref.dtype == torch.float32 and rel(got, ref) <= 5e-2
