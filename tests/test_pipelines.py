@@ -308,3 +308,30 @@ def test_torch_dtype_reaches_both_transformers(checkpoints):
     got = ours(**WAN_CALL, generator=generator(), output_type="latent", plan="LLL").frames
     # diffusers combines CFG in bf16, the runtime in fp32: close, not equal (the fp32 parity is tested above)
     assert got.dtype == ref.dtype == torch.float32 and rel(got, ref) <= 5e-2
+
+
+def test_given_latents_batches_and_a_saved_flowblend_pipeline(checkpoints, tmp_path):
+    """`latents=` (LTX: packed tokens), several prompts x num_videos_per_prompt (diffusers draws the batch's noise at
+    once; the runtime samples one video at a time) and save_pretrained -> from_pretrained with the small model."""
+    wan_ref = quiet(WanPipeline.from_pretrained(checkpoints["wan"]))
+    wan = quiet(FlowBlendWanPipeline.from_pretrained(checkpoints["wan"], small=checkpoints["wan_small"]))
+    noise = torch.randn((1, 4, 2, 4, 4), generator=generator(7))
+    call = dict(WAN_CALL, output_type="latent")
+    assert rel(wan(**call, latents=noise, plan="LLL").frames, wan_ref(**call, latents=noise).frames) <= 1e-5
+    batch = dict(call, prompt=["a red circle", "a blue square moving right"], negative_prompt=["", "a dog"],
+                 num_videos_per_prompt=2)
+    ref = wan_ref(**batch, generator=generator()).frames
+    got = wan(**batch, generator=generator(), plan="LLL").frames
+    assert got.shape == ref.shape == (4, 4, 2, 4, 4) and rel(got, ref) <= 1e-5
+
+    ltx_ref = quiet(LTXPipeline.from_pretrained(checkpoints["ltx"]))
+    ltx = quiet(FlowBlendLTXPipeline.from_pretrained(checkpoints["ltx"], small=checkpoints["ltx_small"]))
+    packed = torch.randn((1, 3 * 8 * 8, 8), generator=generator(8))
+    call = dict(LTX_CALL, output_type="latent")
+    assert rel(ltx(**call, latents=packed, plan="LLL").frames, ltx_ref(**call, latents=packed).frames) <= 1e-5
+
+    wan.save_pretrained(tmp_path / "saved")
+    reloaded = quiet(FlowBlendWanPipeline.from_pretrained(tmp_path / "saved"))  # small_transformer/ saved beside
+    assert reloaded.small_transformer is not None
+    blended = dict(WAN_CALL, output_type="latent")  # the default plan LSL:0.4,0.2: the small model runs
+    assert torch.equal(reloaded(**blended, generator=generator()).frames, wan(**blended, generator=generator()).frames)
