@@ -165,3 +165,57 @@ class LiveTensorBytes(TorchDispatchMode):
                     self.peak = max(self.peak, self.current)
                     weakref.finalize(storage, self._free, key, nbytes)
         return out
+
+
+MIB = 2**20
+
+
+def blas_workspace_bytes(capability: tuple[int, int] | None, environ=None) -> int:
+    """The cuBLAS + cuBLASLt workspace PyTorch allocates, through its caching allocator, for each
+    (handle, stream) pair the first time that stream runs a matmul; it stays allocated.
+
+    PyTorch's aten/src/ATen/cuda/CublasHandlePool.cpp (parseChosenWorkspaceSize): CUBLAS_WORKSPACE_CONFIG
+    (":SIZE_KiB:COUNT" terms) or, by default, :4096:8 = 32 MiB on compute capability 9.0 and
+    :4096:2:16:8 (8 MiB + 128 KiB) elsewhere; cuBLASLt's own is CUBLASLT_WORKSPACE_SIZE KiB (default
+    1024). The H200 run of 2026-12-04 showed exactly 33.0 MiB (32 + 1) more in the blended loop, on
+    its own stream, than in the large model's forward on the default stream. None (CPU): 0.
+    """
+    import os
+    import re
+
+    if capability is None:
+        return 0
+    environ = os.environ if environ is None else environ
+    config = environ.get("CUBLAS_WORKSPACE_CONFIG")
+    terms = re.findall(r":(\d+):(\d+)", config or "")
+    if terms:
+        cublas = sum(int(size) * 1024 * int(count) for size, count in terms)
+    else:
+        cublas = 4096 * 8 * 1024 if tuple(capability) == (9, 0) else 4096 * 1024 * 2 + 16 * 1024 * 8
+    try:
+        lt_kib = int(environ.get("CUBLASLT_WORKSPACE_SIZE", "1024"))
+    except ValueError:
+        lt_kib = 1024
+    return cublas + lt_kib * 1024
+
+
+@dataclass(frozen=True)
+class MemoryBound:
+    """What the blended run may hold at its peak, term by term (each named in the report).
+
+    `held_before` is what was allocated when the measurement began beyond the models' weights and
+    constants (the caller's request tensors, the workspaces of streams that already ran); `stream
+    workspaces` are those of the streams the loop runs on for the first time (blas_workspace_bytes).
+    """
+
+    weights: int
+    engine_constants: int
+    shared_buffers: int
+    activations: int
+    held_before: int = 0
+    stream_workspaces: int = 0
+
+    @property
+    def total(self) -> int:
+        return (self.weights + self.engine_constants + self.shared_buffers + self.activations + self.held_before
+                + self.stream_workspaces)

@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from flowblend.bench.fullsize import random_transformer
 from flowblend.bench.report import write_outputs
 from flowblend.bench.run import BenchOptions, equivalent_command, run_bench
 from flowblend.errors import FlowblendError
@@ -38,21 +39,6 @@ DRY_CONFIG = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_di
 DRY = {"large": dict(DRY_CONFIG, num_attention_heads=2, attention_head_dim=16, ffn_dim=64, num_layers=2),
        "small": dict(DRY_CONFIG, num_attention_heads=1, attention_head_dim=16, ffn_dim=32, num_layers=1)}
 PLANS = {"wan": ("LLL", "LSL:0.4,0.2"), "wan22": ("experts", "experts:1,1")}
-
-
-def random_transformer(config: dict, device: torch.device, dtype: torch.dtype, seed: int):
-    """A WanTransformer3DModel with N(0, 0.02) weights created on `device` in `dtype` (no fp32 copy on the host)."""
-    from accelerate import init_empty_weights
-    from diffusers import WanTransformer3DModel
-
-    with init_empty_weights(include_buffers=False):  # parameters on meta; RoPE tables stay real
-        model = WanTransformer3DModel(**config)
-    gen = torch.Generator(device).manual_seed(seed)
-    for name, param in list(model.named_parameters()):
-        owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        value = torch.empty(param.shape, device=device, dtype=dtype).normal_(0.0, 0.02, generator=gen)
-        setattr(owner, name.rpartition(".")[2], torch.nn.Parameter(value, requires_grad=False))
-    return model.to(device).eval()
 
 
 def build_pair(args, device: torch.device, dtype: torch.dtype) -> tuple[LoadedPair, dict]:

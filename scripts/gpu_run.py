@@ -1,21 +1,28 @@
-"""Everything the project checks on a GPU, in one command, on a bare GPU machine (issue #15).
+"""Everything the project checks on a GPU, in one command, on the GPU machine as it comes (issues #15, #22).
 
     python3 scripts/gpu_run.py                       # on the GPU machine, from the project root
     python3 scripts/gpu_run.py --no-install --out /tmp/run --budget 300     # anywhere (CPU: all SKIPPED)
 
-The machine comes with CUDA torch but without diffusers, accelerate, onnxscript or matplotlib and
-without registry access; `../shared/gpu/fetch-wheels.sh` (run on a connected machine) downloads
-that closure into `.whl/`, which travels with the checkout. In order, each step with its share of
-an 8-minute budget (a step that runs out is reported TIMEOUT, the next ones still run):
+The machine comes with CUDA torch in its own python (/opt/torch/.venv, itself a venv) but without
+diffusers, polygraphy, torchao, fastapi, uvicorn or ray, and without registry access;
+`../shared/gpu/fetch-wheels.sh` (run on a connected machine) downloads what it lacks into `.whl/`,
+which travels with the checkout. In order, each step with its share of an 8-minute budget, planned
+from the H200 run of 2026-12-04 (BUDGET_PLAN; a step that runs out is TIMEOUT, the next ones still run):
 
-1. install: a venv over the system site-packages (keeps CUDA torch), the copied wheels
-   (`--no-index --no-deps`), then `pip install --no-deps --no-build-isolation -e .`;
+1. install: the copied wheels (`--no-index --no-deps`) and `pip install --no-deps --no-build-isolation
+   -e .` into THIS interpreter's environment (a venv made from a venv sees the base interpreter's
+   site-packages, not its parent's: no torch there), then the interpreter row: the interpreter every
+   later step uses imports torch and, where nvidia-smi sees a GPU, torch.cuda.is_available() holds
+   (else one FAIL row saying why);
 2. kernels: CMake + nvcc build of csrc/ when nvcc and cmake >= 3.24 are there;
 3. checks: scripts/gpu_checks.py (fused kernel on the device, whole-loop and per-step graphs ==
    eager, FP16/BF16 vs FP32 at the real Wan 2.1 widths, TensorRT, GPU memory of a blended run);
-4. pytest: `pytest -m "gpu or tensorrt"` (junit XML kept);
+4. pytest: `pytest -m "gpu or tensorrt" tests` (junit XML kept; serve tests skip without fastapi);
 5. bench: scripts/gpu_bench.py at one real Wan size (480x832, 17 frames, Wan 14B/1.3B widths at
-   reduced depth, stated in its report).
+   reduced depth, stated in its report);
+6. fullsize: scripts/gpu_fullsize.py, Wan 2.1 14B (40 blocks) + 1.3B (30 blocks) at 480x832x81 in
+   BF16, CFG as batch 2: per-step times per engine option, the blended loop eager vs whole-loop
+   graph, the 50-step projection, peak memory with its snapshot summary, Wan 2.2 for one step each.
 
 Writes gpu-run.json and gpu-run.md (one row per step: PASS / FAIL / SKIPPED / TIMEOUT with its
 reason) next to the steps' own reports in docs/gpu-runs/<date>-<gpu>/. Standard library only, so it
@@ -36,7 +43,14 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARES = {"install": 0.15, "kernels": 0.2, "checks": 0.3, "pytest": 0.3, "bench": 0.25}  # of what is left
+# Seconds each step is planned to take on one H200, from the run of 2026-12-04 (docs/gpu-runs/2026-12-04-h200):
+# install ~15 s (22 MB of wheels + editable install), kernels 10 s, checks 81 s, pytest 29 s (+ ~20 s to
+# collect the whole tests/ folder), bench 42 s; fullsize: both models built in 6 s, a 14B step 6.4 s and a
+# 1.3B step 1.2 s (warm-up + 2 timed each: 23 s), the 3-step loop eager + graph capture + replay 56 s,
+# Wan 2.2's second 14B expert built and stepped ~15 s, the snapshot ~10 s: ~110 s plus the compiled and
+# FP8 options' first calls (regional: 16.5 s + 5.3 s). 470 s in all; each step gets its plan's share of
+# what is left when it starts, so time a fast step leaves goes to the later ones.
+BUDGET_PLAN = {"install": 30, "kernels": 20, "checks": 90, "pytest": 60, "bench": 60, "fullsize": 210}
 MIN_CMAKE = (3, 24)  # CMakeLists.txt's cmake_minimum_required
 
 
@@ -71,9 +85,9 @@ class Runner:
         return self.args.budget - (time.monotonic() - self.start)
 
     def share(self, name: str) -> float:
-        names = list(SHARES)
-        rest = sum(SHARES[n] for n in names[names.index(name):])
-        return max(self.left() * SHARES[name] / rest, 1.0)
+        names = list(BUDGET_PLAN)
+        rest = sum(BUDGET_PLAN[n] for n in names[names.index(name):])
+        return max(self.left() * BUDGET_PLAN[name] / rest, 1.0)
 
     def record(self, name, status, reason="", **extra):
         row = {"step": name, "status": status, "reason": reason, **extra}
@@ -93,45 +107,58 @@ class Runner:
         return row
 
     # -- steps ------------------------------------------------------------------------------------
-    def probe(self) -> dict:
-        code = ("import json, torch; c = torch.cuda.is_available(); print(json.dumps({'torch': torch.__version__, "
-                "'cuda': torch.version.cuda, 'gpu': torch.cuda.get_device_name() if c else None}))")
-        rc, out = run([self.python, "-c", code], 60, self.log)
-        info = json.loads(out.strip().splitlines()[-1]) if rc == 0 else {"torch": None, "gpu": None}
-        info["python"] = sys.version.split()[0]
+    def tools(self) -> dict:
+        """Versions of the machine's tools (the interpreter row adds torch's, as the steps' interpreter sees it)."""
+        info = {"python": self.python, "python_version": sys.version.split()[0]}
         for tool, flag in (("nvidia-smi", "--query-gpu=name,driver_version,memory.total"), ("nvcc", "--version"),
                            ("cmake", "--version")):
             if shutil.which(tool):
                 rc, text = run([tool, flag] + (["--format=csv,noheader"] if tool == "nvidia-smi" else []), 30, self.log)
-                info[tool] = tail(text, 1) if rc == 0 else f"rc {rc}"
+                lines = text.strip().splitlines() or [""]
+                info[tool] = (lines[0] if tool == "cmake" else lines[-1]).strip() if rc == 0 else f"rc {rc}"
         return info
 
     def install(self) -> dict:
         if self.args.no_install:
             return self.record("install", "skipped", "--no-install: using this interpreter as it is")
-        wheels = sorted((ROOT / ".whl").glob("*.whl"))
-        venv = Path(self.args.venv)
-        rc, out = run([sys.executable, "-m", "venv", "--system-site-packages", venv], self.share("install"), self.log)
-        if rc == 0:
-            self.python = str(venv / "bin" / "python")
+        wheels = sorted(Path(self.args.wheels).glob("*.whl"))
         pip = [self.python, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-        extra = [] if rc == 0 else ["--user", "--break-system-packages"]  # no venv module: the user site
         if wheels:
-            rc, out = run(pip + extra + ["--no-index", "--no-deps", *wheels], self.share("install"), self.log)
+            rc, out = run(pip + ["--no-index", "--no-deps", "--no-compile", *wheels], self.share("install"), self.log)
             if rc != 0:
                 return self.record("install", "fail" if rc is not None else "timeout", f"wheels: {tail(out)}")
-        rc, out = run(pip + extra + ["--no-deps", "--no-build-isolation", "-e", "."], self.share("install"), self.log)
+        rc, out = run(pip + ["--no-deps", "--no-build-isolation", "-e", "."], self.share("install"), self.log)
         how = "editable flowblend"
         if rc != 0:  # e.g. no `wheel` for an old setuptools without build isolation: the same mapping by hand
             problem = next((line.strip() for line in reversed(out.splitlines()) if "error:" in line), tail(out, 1))
-            rc, out = run([self.python, "-c", "import site; print(site.getsitepackages()[0])"], 30, self.log)
-            if rc != 0:
-                return self.record("install", "fail", f"editable install: {problem}")
-            link_package_tree(Path(f"{self.args.venv}-src"), Path(out.strip().splitlines()[-1]))
-            how = f"flowblend on the path by a symlink tree (editable install failed: {problem})"
-        return self.record("install", "pass", f"{len(wheels)} wheels from .whl/ + {how}"
-                           + ("" if wheels else " (no .whl/: run ../shared/gpu/fetch-wheels.sh on a connected machine)"),
-                           python=self.python)
+            tree = Path(self.args.source_tree)
+            link_package_tree(tree)
+            path = [str(tree), *filter(None, self.env.get("PYTHONPATH", "").split(os.pathsep))]
+            self.env["PYTHONPATH"] = os.pathsep.join(path)  # every later step runs with it
+            how = f"flowblend on PYTHONPATH by a symlink tree at {tree} (editable install failed: {problem})"
+        return self.record("install", "pass", f"{len(wheels)} wheels from {self.args.wheels} + {how} into "
+                           f"{self.python}" + ("" if wheels else " (no wheels: run ../shared/gpu/fetch-wheels.sh "
+                                               "on a connected machine)"), python=self.python)
+
+    def interpreter(self, gpu_seen: bool) -> dict:
+        """The interpreter every later step runs imports torch and flowblend, and sees the GPU where there is one."""
+        code = ("import importlib.util, json, torch; c = torch.cuda.is_available(); "
+                "assert importlib.util.find_spec('flowblend.runtime'), 'flowblend is not installed'; "
+                "print(json.dumps({'torch': torch.__version__, 'torch_file': torch.__file__, 'cuda': torch.version.cuda, "
+                "'cuda_available': c, 'gpu': torch.cuda.get_device_name() if c else None}))")
+        rc, out = run([self.python, "-c", code], 120, self.log, env=self.env)
+        if rc != 0:
+            return self.record("interpreter", "fail", f"{self.python} cannot import torch and flowblend: {tail(out, 1)}"
+                               " (install into the interpreter that has CUDA torch; see the install row)")
+        info = json.loads(out.strip().splitlines()[-1])
+        self.environment.update(info)
+        where = f"{self.python}: torch {info['torch']} (CUDA {info['cuda']}) from {info['torch_file']}"
+        if info["cuda_available"]:
+            return self.record("interpreter", "pass", f"{where} sees {info['gpu']}", **info)
+        if gpu_seen:
+            return self.record("interpreter", "fail", f"nvidia-smi sees a GPU but torch.cuda.is_available() is False in "
+                               f"{where}: a CPU build of torch, or a venv that hides the CUDA one", **info)
+        return self.record("interpreter", "skipped", f"no GPU on this machine (nvidia-smi finds none); {where}", **info)
 
     def kernels(self) -> dict:
         cmake, nvcc = shutil.which("cmake"), shutil.which("nvcc")
@@ -182,6 +209,22 @@ class Runner:
                                                                       if reasons else "")
         return self.record("pytest", status, reason, counts=counts, report="pytest-gpu.xml")
 
+    def fullsize(self, has_cuda: bool) -> dict:
+        if not has_cuda:
+            return self.record("fullsize", "skipped", "no CUDA GPU (torch.cuda.is_available() is False)")
+        out = self.out / "fullsize"
+        rc, text = run([self.python, "scripts/gpu_fullsize.py", "--out", out, "--budget", f"{self.share('fullsize'):.0f}",
+                        *self.args.fullsize_args], self.share("fullsize") + 15, self.log, env=self.env)
+        if rc is None:
+            return self.record("fullsize", "timeout", f"gpu_fullsize.py ran past {self.share('fullsize'):.0f} s",
+                               report="fullsize/fullsize.md")
+        report = out / "fullsize.json"
+        rows = json.loads(report.read_text())["stages"] if report.is_file() else {}
+        statuses = {r["status"] for r in rows.values()}
+        status = "fail" if rc not in (0, 3) or "fail" in statuses else "pass" if "pass" in statuses else "skipped"
+        reason = "; ".join(f"{k}: {r['status']}" for k, r in rows.items()) or tail(text)
+        return self.record("fullsize", status, reason, stages=rows, report="fullsize/fullsize.md")
+
     def bench(self, has_cuda: bool) -> dict:
         if not has_cuda:
             return self.record("bench", "skipped", "no CUDA GPU (torch.cuda.is_available() is False)")
@@ -207,14 +250,16 @@ class Runner:
         self.out.mkdir(parents=True, exist_ok=True)
         self.log = self.out / "gpu-run.log"
         self.log.write_text("")
+        self.environment = self.tools()
         self.timed("install", self.install)
-        environment = self.probe()
-        has_cuda = bool(environment.get("gpu"))
+        row = self.timed("interpreter", lambda: self.interpreter(gpu_seen=gpu != "cpu"))
+        has_cuda = bool(row.get("cuda_available"))
         self.timed("kernels", self.kernels)
         self.timed("checks", self.checks)
         self.timed("pytest", self.pytest)
         self.timed("bench", lambda: self.bench(has_cuda))
-        report = {"environment": environment, "budget_s": self.args.budget,
+        self.timed("fullsize", lambda: self.fullsize(has_cuda))
+        report = {"environment": self.environment, "budget_s": self.args.budget, "budget_plan_s": BUDGET_PLAN,
                   "wall_s": round(time.monotonic() - self.start, 1), "steps": self.steps,
                   "command": " ".join(["python3 scripts/gpu_run.py", *sys.argv[1:]])}
         (self.out / "gpu-run.json").write_text(json.dumps(report, indent=2, default=str))
@@ -223,8 +268,8 @@ class Runner:
         return 1 if any(s["status"] == "fail" for s in self.steps) else 0
 
 
-def link_package_tree(tree: Path, site_packages: Path) -> None:
-    """pyproject's package-dir mapping as symlinks under `tree`, put on the path by a .pth file."""
+def link_package_tree(tree: Path) -> None:
+    """pyproject's package-dir mapping as symlinks under `tree` (a folder to put on PYTHONPATH)."""
     import tomllib
 
     mapping = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
@@ -236,7 +281,6 @@ def link_package_tree(tree: Path, site_packages: Path) -> None:
                 (tree / "flowblend" / item.name).symlink_to(item)
         else:
             (tree / "flowblend" / package.split(".", 1)[1]).symlink_to(ROOT / folder)
-    (site_packages / "flowblend-src.pth").write_text(str(tree) + "\n")
 
 
 def markdown(report: dict) -> str:
@@ -255,8 +299,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", help="report folder (default docs/gpu-runs/<date>-<gpu>)")
     p.add_argument("--budget", type=float, default=480.0, help="seconds for the whole run (default 8 minutes)")
-    p.add_argument("--no-install", action="store_true", help="use this interpreter as it is (no venv, no wheels)")
-    p.add_argument("--venv", default="/tmp/flowblend-venv", help="where the install step makes its venv")
+    p.add_argument("--no-install", action="store_true", help="use this interpreter as it is (no wheels, no editable "
+                   "install)")
+    p.add_argument("--wheels", default=str(ROOT / ".whl"), help="folder of the copied wheels (default .whl/)")
+    p.add_argument("--source-tree", default="/tmp/flowblend-src",
+                   help="where flowblend's package tree is linked if the editable install fails (put on PYTHONPATH)")
     p.add_argument("--checks-args", nargs="*", default=["--layers", "2", "--steps", "10", "--reps", "3"],
                    help="extra arguments for scripts/gpu_checks.py")
     p.add_argument("--pytest-args", nargs="*", default=["tests"], help="paths/options for pytest")
@@ -264,6 +311,7 @@ def parse_args(argv=None):
                                                        "--layers-large", "4", "--layers-small", "4", "--backend",
                                                        "torch", "--repeats", "2"],
                    help="arguments for scripts/gpu_bench.py (one real Wan size)")
+    p.add_argument("--fullsize-args", nargs="*", default=[], help="extra arguments for scripts/gpu_fullsize.py")
     return p.parse_args(argv)
 
 

@@ -25,22 +25,36 @@ pytestmark = pytest.mark.skipif(not (shutil.which("nvcc") and shutil.which("cmak
                                 reason="nvcc and cmake are needed to compile csrc/ (CUDA toolkit not installed)")
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Path:
-    build = tmp_path_factory.mktemp("kernels")
-    for cmd in (["cmake", "-S", str(ROOT), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release"],
+def _build(build: Path, *flags: str) -> Path:
+    for cmd in (["cmake", "-S", str(ROOT), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", *flags],
                 ["cmake", "--build", str(build), "-j", "2"]):
         done = subprocess.run(cmd, capture_output=True, text=True)
         assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return build
 
 
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    return _build(tmp_path_factory.mktemp("kernels"))
+
+
+def _exported_text_symbols(lib: Path) -> set[str]:
+    out = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True, check=True).stdout
+    return {line.split()[-1] for line in out.splitlines() if line.split()[1:2] == ["T"]}
+
+
 def test_library_exports_exactly_the_c_abi(built):
     lib = built / fused.LIBRARY_NAME
     assert lib.is_file()
-    out = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True, check=True).stdout
-    exported = {line.split()[-1] for line in out.splitlines() if line.split()[1:2] == ["T"]}
-    assert exported == API  # hidden visibility: nothing else (no C++ or static-cudart symbols) leaks
+    assert _exported_text_symbols(lib) == API  # hidden visibility: nothing else (no C++ or static-cudart symbols) leaks
+
+
+def test_a_statically_linked_cxx_runtime_stays_out_of_the_exported_set(tmp_path):
+    """The H200 machine's toolchain (2026-12-04) linked a C++ runtime in statically and the library
+    exported 83 text symbols (79 of libstdc++); -static-libstdc++ reproduces that here (83 without
+    CMakeLists.txt's --exclude-libs,ALL), and the library must still export only its C ABI."""
+    lib = _build(tmp_path / "static-cxx", "-DCMAKE_SHARED_LINKER_FLAGS=-static-libstdc++") / fused.LIBRARY_NAME
+    assert _exported_text_symbols(lib) == API
 
 
 def test_compiled_for_ampere_and_hopper(built):
