@@ -47,30 +47,25 @@ def check_cuda_graph(cuda_graph, device: torch.device, with_callback: bool) -> s
 
 def blend_runner(transformers: dict[str, torch.nn.Module], plan: BlendPlan, options: SamplerOptions, *,
                  engines: str, graph_mode: str, device: torch.device, dtype: torch.dtype, family_name: str,
-                 latent_shape, artifacts: str = "artifacts", signature: dict | None = None) -> LatentSampler:
+                 latent_shape, artifacts: str = "artifacts") -> LatentSampler:
     """A LatentSampler (GraphRunner over a Sampler) of `plan` over `transformers`, engines of kind `engines`.
 
-    `signature` holds the transformers' call options (LTX: rope_interpolation_scale); the compiled
-    backends load the engines `flowblend export` / `build` made for `family_name` at `latent_shape`.
+    `transformers` may come wrapped in their signature (engines/signature.py: LTX's rope_interpolation_scale
+    depends on the VAE and frame rate); compiled backends load what `flowblend export` / `build` made for
+    `family_name` at `latent_shape`. Only the models the plan runs get engines (LLL binds no small one).
     """
     from types import SimpleNamespace
 
-    from flowblend.engines.factory import TORCH_BACKENDS, make_engines
+    from flowblend.engines.factory import make_engines
     from flowblend.engines.iospec import dtype_name
-    from flowblend.engines.torch_engine import TorchEngine
     from flowblend.export.pairs import get_family
     from flowblend.runtime.graph import GraphRunner
     from flowblend.runtime.sampler import Sampler
 
-    backend = check_engines(engines)
-    if backend == "torch":  # the pipeline's own modules, with their call options (the factory has none)
-        built = {name: TorchEngine(m, device=device, dtype=dtype, name=name, **(signature or {}))
-                 for name, m in transformers.items()}
-    else:
-        models = transformers if backend in TORCH_BACKENDS else {}
-        pair = SimpleNamespace(family=get_family(family_name), transformers=models)
-        built = make_engines(backend, pair, latent_shape=latent_shape, guidance=max(options.guidance_for(len(plan))),
-                             device=str(device), dtype=dtype_name(dtype), artifacts=artifacts)
-    used = {name: engine for name, engine in built.items() if name in plan.models}  # LLL binds no small engine
-    sampler = Sampler(used, plan, options, device=device, dtype=dtype)
+    used = {name: m for name, m in transformers.items() if name in plan.models}
+    pair = SimpleNamespace(family=get_family(family_name), transformers=used)  # engines/factory.LoadedModels
+    built = make_engines(check_engines(engines), pair, latent_shape=latent_shape,
+                         guidance=max(options.guidance_for(len(plan))), device=str(device), dtype=dtype_name(dtype),
+                         artifacts=artifacts)
+    sampler = Sampler({name: e for name, e in built.items() if name in used}, plan, options, device=device, dtype=dtype)
     return GraphRunner(sampler, mode=graph_mode)

@@ -115,20 +115,25 @@ class BlendCall:
         return BlendSettings(blend_plan, options, engines, mode, timesteps)
 
     def blend_runner(self, settings: BlendSettings, latent_shape, family_name: str, signature: dict | None = None):
-        """The runtime for these settings, kept warm across calls (engines bound, graphs captured once)."""
-        transformers = {n: m for n, m in self.blend_transformers().items() if m is not None}
-        dtype = next(iter(transformers.values())).dtype
+        """The runtime for these settings, kept warm across calls (engines bound, graphs captured once).
+
+        `signature`: the transformers' call options (LTX: rope_interpolation_scale), bound by wrapping each in
+        its family's signature (engines/signature.py), which every engine kind then runs as it is."""
+        from flowblend.engines.signature import signature_for
+
+        found = {n: m for n, m in self.blend_transformers().items() if m is not None}
+        dtype = next(iter(found.values())).dtype
         device = self._execution_device
         key = (settings.plan, settings.options, settings.engines, settings.graph_mode, tuple(latent_shape),
                tuple(sorted((signature or {}).items())), str(device), dtype,
-               tuple((n, id(m)) for n, m in transformers.items()))
+               tuple((n, id(m)) for n, m in found.items()))
         cache = self.__dict__.setdefault("_blend_runners", {})
         if key not in cache:
             try:
+                transformers = {n: signature_for(m, **signature) if signature else m for n, m in found.items()}
                 runner = blend_runner(transformers, settings.plan, settings.options, engines=settings.engines,
                                       graph_mode=settings.graph_mode, device=device, dtype=dtype,
-                                      family_name=family_name, latent_shape=latent_shape, artifacts=self.artifacts,
-                                      signature=signature)
+                                      family_name=family_name, latent_shape=latent_shape, artifacts=self.artifacts)
             except FlowblendError as exc:
                 raise ValueError(str(exc)) from None
             if len(cache) >= RUNNERS_KEPT:
