@@ -141,20 +141,24 @@ class FlowBlendWanPipeline(BlendCall, WanPipeline):
                                       num_videos_per_prompt=num_videos_per_prompt, prompt_embeds=prompt_embeds,
                                       negative_prompt_embeds=negative_prompt_embeds,
                                       max_sequence_length=max_sequence_length, device=self._execution_device)
-        if prompt_embeds is not None:
-            return prompt_embeds, negative_prompt_embeds
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+        count = len(prompts) if prompt_embeds is None else prompt_embeds.shape[0] // num_videos_per_prompt
         negatives = negative_prompt or ""
-        negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
+        negatives = [negatives] * count if isinstance(negatives, str) else list(negatives)
+        if prompt_embeds is None:
+            prompt_embeds = self._toy_embeddings(prompts, num_videos_per_prompt, negative=False)
+        if cfg and negative_prompt_embeds is None:
+            negative_prompt_embeds = self._toy_embeddings(negatives, num_videos_per_prompt, negative=True)
+        return prompt_embeds, negative_prompt_embeds if cfg else None
+
+    def _toy_embeddings(self, prompts: list[str], num_videos_per_prompt: int, negative: bool) -> torch.Tensor:
+        """The toy's word-level encoder, prompts read as its family reads them (unknown words: ValueError)."""
         try:
-            texts = [self.toy.family.normalise_prompt(p) for p in prompts]
-            texts += [self.toy.family.normalise_prompt(n, negative=True) for n in negatives]
+            texts = [self.toy.family.normalise_prompt(p, negative=negative) for p in prompts]
         except FlowblendError as exc:
-            raise ValueError(f"`prompt`: {exc}") from None
+            raise ValueError(f"`{'negative_prompt' if negative else 'prompt'}`: {exc}") from None
         embeds, _ = self.toy.encode_prompt(texts)
-        embeds = embeds.repeat_interleave(num_videos_per_prompt, dim=0).to(self._execution_device)
-        n = len(prompts) * num_videos_per_prompt
-        return embeds[:n], embeds[n:] if cfg else None
+        return embeds.repeat_interleave(num_videos_per_prompt, dim=0).to(self._execution_device)
 
     def _decode(self, latents: torch.Tensor, output_type: str):
         """WanPipeline's decoding (denormalise, VAE, postprocess); the toy's pixel decoder in place of the VAE."""
@@ -216,11 +220,10 @@ class FlowBlendWanPipeline(BlendCall, WanPipeline):
 
         embeds, negative_embeds = self._encode(prompt, negative_prompt, cfg, num_videos_per_prompt, prompt_embeds,
                                                negative_prompt_embeds, max_sequence_length)
-        dtype = next(m for m in self.blend_transformers().values() if m is not None).dtype
-        embeds = embeds.to(dtype)
-        negative_embeds = negative_embeds.to(dtype) if cfg else None
-        channels = next(m for m in self.blend_transformers().values() if m is not None).config.in_channels
-        noise = self.prepare_latents(embeds.shape[0], channels, height, width, num_frames, torch.float32,
+        first = next(m for m in self.blend_transformers().values() if m is not None)
+        embeds = embeds.to(first.dtype)
+        negative_embeds = negative_embeds.to(first.dtype) if cfg else None
+        noise = self.prepare_latents(embeds.shape[0], first.config.in_channels, height, width, num_frames, torch.float32,
                                      self._execution_device, generator, latents)
         runner = self.blend_runner(settings, noise.shape[1:], self.family_name)
         latents = self.denoise(runner, settings, noise, embeds, negative_embeds, callback=callback_on_step_end,

@@ -167,6 +167,9 @@ def test_toy_pair_runs_through_the_class_and_equals_blend_pipeline():
                       BlendPlan.parse("LSL:0.4,0.2", 20), SamplerOptions(solver="unipc", shift=3.0, guidance_scale=4.0))
     video, _ = BlendPipeline(sampler, pair.encode_prompt, pair.decode)("a red circle moving left", (3, 9, 32, 32))
     assert max_abs(out.frames[0], ((video + 1) / 2).permute(1, 0, 2, 3)) <= 1e-5
+    embeds, _ = pair.encode_prompt(["a red circle moving left"])  # prompt_embeds in place of the prompt
+    given = pipe(prompt_embeds=embeds, generator=generator(0), output_type="pt").frames
+    assert torch.equal(given, out.frames)
 
 
 def test_callback_on_step_end_equals_diffusers_and_is_refused_inside_a_whole_loop_graph(checkpoints):
