@@ -338,3 +338,15 @@ def test_given_latents_batches_and_a_saved_flowblend_pipeline(checkpoints, tmp_p
     assert reloaded.small_transformer is not None
     blended = dict(WAN_CALL, output_type="latent")  # the default plan LSL:0.4,0.2: the small model runs
     assert torch.equal(reloaded(**blended, generator=generator()).frames, wan(**blended, generator=generator()).frames)
+
+
+def test_model_cpu_offload_moves_the_text_encoder_and_vae_only(checkpoints):
+    """diffusers' offload hooks (accelerate) on the text encoder and VAE; the transformers stay where the runtime's
+    buffers are bound (no hook: the engines' step split still applies). CPU as the 'accelerator' here."""
+    ours = quiet(FlowBlendWanPipeline.from_pretrained(checkpoints["wan"], small=checkpoints["wan_small"]))
+    before = ours(**WAN_CALL, generator=generator()).frames
+    ours.enable_model_cpu_offload(device="cpu")
+    hooked = {name for name in ("text_encoder", "vae", "transformer", "small_transformer")
+              if hasattr(getattr(ours, name), "_hf_hook")}
+    assert hooked == {"text_encoder", "vae"}
+    assert max_abs(ours(**WAN_CALL, generator=generator()).frames, before) == 0
