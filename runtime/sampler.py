@@ -53,6 +53,13 @@ class SamplerOptions:
             object.__setattr__(self, "guidance_table", tuple(float(g) for g in self.guidance_table))
             if not all(g >= 0 for g in self.guidance_table):
                 raise FlowblendError(f"guidance_table has a negative or NaN scale: {self.guidance_table}")
+        if self.schedule is not None:
+            timesteps, sigmas = (tuple(float(x) for x in part) for part in self.schedule)
+            if len(sigmas) != len(timesteps) + 1:
+                raise FlowblendError(f"schedule is (timesteps, sigmas) with one sigma more than timesteps (the final "
+                                     f"level), got {len(timesteps)} and {len(sigmas)}: runtime.solvers.schedule_of("
+                                     "scheduler) after set_timesteps gives it")
+            object.__setattr__(self, "schedule", (timesteps, sigmas))
 
     def guidance_for(self, steps: int) -> tuple[float, ...]:
         """The scale of every step (the table, or guidance_scale repeated)."""

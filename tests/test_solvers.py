@@ -114,3 +114,20 @@ def test_a_formula_over_symbols_is_the_table_entry_that_applies_it():
     assert [name for name, _ in op.terms] == ["latents", "x0_1", "x0_0"]
     apply_combine(op, tensors)
     torch.testing.assert_close(tensors["latents"], expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("solver", ["unipc", "euler"])
+def test_a_schedule_from_a_checkpoints_own_scheduler_is_followed(solver):
+    """SamplerOptions.schedule: (timesteps, sigmas) of a scheduler, here one with an option the solver name and
+    shift cannot say (Euler: shift_terminal), give the table of that scheduler passed in, not the default's."""
+    from flowblend.runtime.solvers import schedule_of
+
+    config = {"shift_terminal": 0.1} if solver == "euler" else {}
+    scheduler = scheduler_for(solver, 3.0, **config)
+    scheduler.set_timesteps(7)
+    from_schedule = make_solver_table(solver, 7, schedule=schedule_of(scheduler))
+    assert from_schedule == make_solver_table(solver, 7, scheduler=scheduler_for(solver, 3.0, **config))
+    if solver == "euler":
+        assert from_schedule.sigmas != make_solver_table(solver, 7, 3.0).sigmas  # shift_terminal moved them
+    with pytest.raises(ValueError, match="7 steps need 7 and 8"):
+        make_solver_table(solver, 7, schedule=(from_schedule.timesteps[:-1], from_schedule.sigmas))
