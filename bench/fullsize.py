@@ -28,6 +28,8 @@ LOOP_PLAN = "L1,S1,L1"  # each model's step at least once, and a switch each way
 PROJECTED = {"LLL": "LLL", "LSL": "LSL:0.4,0.2"}  # the paper's default boundaries
 PROJECTED_STEPS = 50
 LOOP_TOLERANCE = 0.02  # loop time == sum of its steps within 2%: what makes the projection honest
+# FP8 vs BF16 at full size with random weights: regression bounds (issue #24), not quality claims.
+FP8_VELOCITY_COSINE, FP8_LATENTS_COSINE = 0.99, 0.98
 # Seconds measured on the H200 run of 2026-12-04, used before this run has its own figures.
 PRIOR = {"large_step": 6.4, "small_step": 1.25, "build": 6.0, "capture_factor": 2.0}
 
@@ -52,11 +54,24 @@ class EngineOption:
     """One way to run a PyTorch transformer; the stage times every model under every option."""
 
     name: str
-    make: Callable[[torch.nn.Module, str], object]  # (model, engine name) -> Engine
-    first_call_factor: float = 1.0  # first call / steady step (compilation), for the budget
+    compile: str = "none"  # engines/compile.py
+    fp8: bool = False  # engines/fp8.py: block linears in FP8 (emulated off CUDA)
+    first_call_factor: float = 1.0  # first call / steady step (compilation), for the budget: H200 figures
+
+    def make(self, model: torch.nn.Module, name: str):
+        if self.fp8:
+            from flowblend.engines.fp8 import fp8_copy
+
+            model = fp8_copy(model, emulate=next(model.parameters()).device.type != "cuda")
+        return TorchEngine(model, name=name, compile=self.compile)
 
 
-ENGINE_OPTIONS = (EngineOption("eager", lambda model, name: TorchEngine(model, name=name)),)
+# In the order they run: a stage that does not fit the budget is a TIMEOUT row, so the costliest
+# (whole-model compile: 110 s first call at 14B on the H200) goes last.
+ENGINE_OPTIONS = (EngineOption("eager"), EngineOption("regional", "regional", first_call_factor=3.0),
+                  EngineOption("regional+fp8", "regional", fp8=True, first_call_factor=4.0),
+                  EngineOption("whole", "whole", first_call_factor=20.0))
+FAST = "regional+fp8"  # the option the second blended loop runs under the whole-loop graph
 
 
 @dataclasses.dataclass
@@ -70,6 +85,15 @@ class FullsizeSettings:
     budget_s: float = 210.0
     wan22_configs: dict[str, dict] | None = None
     options: tuple = ENGINE_OPTIONS
+    fast: str = FAST  # the option whose blended loop runs beside the eager one
+
+    def stage_names(self) -> list[str]:
+        """Every row the stage writes, in order (the CPU run reports each SKIPPED)."""
+        steps = lambda o: [f"step_{m}_{o.name}" for m in self.configs]  # noqa: E731
+        names = ["build", *[n for o in self.options if o.name != "whole" for n in steps(o)]]
+        names += [f"loop_{n}" for n in dict.fromkeys(("eager", self.fast)) if n in {o.name for o in self.options}]
+        names += ["projection"] + (["wan22"] if self.wan22_configs else [])
+        return names + [n for o in self.options if o.name == "whole" for n in steps(o)]
 
 
 class Clock:
@@ -125,6 +149,8 @@ class FullsizeStage:
         self.s, self.clock = settings, Clock(settings.budget_s)
         self.rows: dict[str, dict] = {}
         self.step_s: dict[tuple[str, str], float] = {}  # (model, option) -> steady seconds per CFG step
+        self.velocity: dict[str, torch.Tensor] = {}  # model -> eager BF16 velocity at step 1 (the reference)
+        self.eager_latents: torch.Tensor | None = None  # the eager loop's final latents (the FP8 loop's reference)
         self.models: dict[str, torch.nn.Module] = {}
 
     # -- bookkeeping ------------------------------------------------------------------------------
@@ -162,26 +188,47 @@ class FullsizeStage:
         return out
 
     def per_step(self, model: str, option: EngineOption) -> dict:
-        engine = option.make(self.models[model], model)
+        from flowblend.errors import FlowblendError
+
+        try:
+            engine = option.make(self.models[model], model)
+        except FlowblendError as refused:  # e.g. FP8 on a GPU without FP8 tensor cores: its one line
+            return {"status": "skipped", "reason": str(refused)}
         plan = BlendPlan(tuple([model] * 2))
         sampler = Sampler({model: engine}, plan, sampler_options(), device=self.s.device, dtype=self.s.dtype)
         noise, text = request(self.s)
-        sampler.load_request(noise, *text)
+        bufs = sampler.load_request(noise, *text)
         begun = time.monotonic()
         engine.run(0)
         sync(self.s.device)
         first = time.monotonic() - begun
         times = timed_s(lambda: engine.run(1), self.s.device, self.s.reps)
         self.step_s[model, option.name] = min(times)
-        return {"status": "pass", "model": model, "option": option.name, "first_call_s": round(first, 3),
-                "step_s": min(times), "all_s": times, "latent": list(self.s.latent), "cfg_batch": 2}
+        velocity = bufs.velocity.detach().float().flatten()
+        out = {"status": "pass", "model": model, "option": option.name, "attention": engine.attention.describe(),
+               "first_call_s": round(first, 3), "step_s": min(times), "all_s": times, "latent": list(self.s.latent),
+               "cfg_batch": 2}
+        if option.name == "eager":
+            self.velocity[model] = velocity.clone()
+        elif model in self.velocity:  # the same inputs, step 1: how far the option moves the velocity
+            out["velocity_cosine_vs_eager"] = torch.nn.functional.cosine_similarity(
+                velocity.double(), self.velocity[model].double(), dim=0).item()
+            if option.fp8 and out["velocity_cosine_vs_eager"] < FP8_VELOCITY_COSINE:
+                out["status"], out["reason"] = "fail", (f"FP8 velocity cosine {out['velocity_cosine_vs_eager']:.4f} < "
+                                                        f"{FP8_VELOCITY_COSINE} vs BF16 (random weights: a regression bound)")
+        return out
 
-    def loop(self) -> dict:
-        """The 3-step blended loop eager vs whole-loop graph; replay == eager; loop == sum of its steps."""
+    def loop(self, option: EngineOption) -> dict:
+        """The 3-step blended loop eagerly vs in the whole-loop graph: replay == the same engines' eager
+        loop; loop time == the sum of its steps; under FP8, final latents vs the BF16 eager loop's."""
+        from flowblend.errors import FlowblendError
         from flowblend.runtime.graph import GraphRunner
 
         plan = BlendPlan.parse(LOOP_PLAN, 3)
-        engines = {m: TorchEngine(self.models[m], name=m) for m in set(plan.models)}
+        try:
+            engines = {m: option.make(self.models[m], m) for m in set(plan.models)}
+        except FlowblendError as refused:
+            return {"status": "skipped", "reason": str(refused)}
         noise, text = request(self.s)
         eager = Sampler(engines, plan, sampler_options(), device=self.s.device, dtype=self.s.dtype)
         snapshot = MemoryHistory(self.s.device)
@@ -190,12 +237,21 @@ class FullsizeStage:
             sync(self.s.device)
         eager.load_request(noise, *text)
         eager_s = timed_s(eager.run_loop, self.s.device, 1)[0]
-        steps_sum = sum(self.estimate(m) for m in plan.models)
-        out = {"status": "pass", "plan": plan.label, "eager_loop_s": eager_s, "sum_of_steps_s": steps_sum,
-               "loop_vs_steps": eager_s / steps_sum - 1.0, "memory": snapshot.summary()}
+        steps_sum = sum(self.step_s.get((m, option.name), self.estimate(m)) for m in plan.models)
+        out = {"status": "pass", "option": option.name, "plan": plan.label, "eager_loop_s": eager_s,
+               "sum_of_steps_s": steps_sum, "loop_vs_steps": eager_s / steps_sum - 1.0, "memory": snapshot.summary()}
+        if option.name == "eager":
+            self.eager_latents = reference
+        elif option.fp8 and self.eager_latents is not None:
+            a, b = reference.double().flatten(), self.eager_latents.double().flatten()
+            out["final_latents_cosine_vs_bf16"] = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+            if out["final_latents_cosine_vs_bf16"] < FP8_LATENTS_COSINE:
+                out["status"], out["reason"] = "fail", (f"FP8 loop's final latents cosine "
+                                                        f"{out['final_latents_cosine_vs_bf16']:.4f} < {FP8_LATENTS_COSINE} "
+                                                        "vs the BF16 loop (random weights: a regression bound)")
         if self.s.device.type != "cuda":
             out["loop_vs_steps_checked"] = "not on CPU: millisecond steps of tiny models are timing noise"
-        elif abs(out["loop_vs_steps"]) > LOOP_TOLERANCE:
+        elif abs(out["loop_vs_steps"]) > LOOP_TOLERANCE and out["status"] == "pass":
             out["status"], out["reason"] = "fail", (f"eager loop {eager_s:.2f} s vs sum of its steps {steps_sum:.2f} s: "
                                                     f"{out['loop_vs_steps']:+.1%}, beyond {LOOP_TOLERANCE:.0%}")
         if self.s.device.type != "cuda":
@@ -216,7 +272,7 @@ class FullsizeStage:
         return out
 
     def projection(self) -> dict:
-        loop = self.rows.get("loop", {})
+        loop = self.rows.get("loop_eager", {})
         out = {"status": "pass" if loop.get("status") == "pass" else "skipped",
                "label": f"PROJECTION: each step's measured time x its count over {PROJECTED_STEPS} steps (no text "
                         "encoder, no VAE), honest because the measured loop equals the sum of its steps",
@@ -224,7 +280,7 @@ class FullsizeStage:
         if out["status"] != "pass":
             out["reason"] = "the loop stage did not pass, so the loop == sum-of-steps premise is unchecked"
             return out
-        for option in {o for _, o in self.step_s}:
+        for option in dict.fromkeys(o for _, o in self.step_s):
             if ("large", option) in self.step_s and ("small", option) in self.step_s:
                 per = {}
                 for label, spelling in PROJECTED.items():
@@ -256,17 +312,29 @@ class FullsizeStage:
         self.run("build", PRIOR["build"], self.build)
         if self.rows["build"]["status"] != "pass":
             return self.rows
-        for option in self.s.options:
-            for model in self.s.configs:
-                need = self.estimate(model) * (self.s.reps + option.first_call_factor)
-                self.run(f"step_{model}_{option.name}", need, lambda m=model, o=option: self.per_step(m, o))
+        options = {o.name: o for o in self.s.options}
         loop_models = BlendPlan.parse(LOOP_PLAN, 3).models
-        loop_s = sum(self.estimate(m) for m in loop_models)
-        self.run("loop", loop_s * (3 + PRIOR["capture_factor"]), self.loop)
+        for option in self.s.options:
+            if option.name == "whole":
+                continue  # last: see ENGINE_OPTIONS
+            self.per_step_rows(option)
+        for name in dict.fromkeys(("eager", self.s.fast)):
+            if name in options:
+                loop_s = sum(self.step_s.get((m, name), self.estimate(m)) for m in loop_models)
+                self.run(f"loop_{name}", loop_s * (3 + PRIOR["capture_factor"]) + 10,
+                         lambda o=options[name]: self.loop(o))
         self.run("projection", 0, self.projection)
         if self.s.wan22_configs:
             self.run("wan22", PRIOR["build"] + 2 * self.estimate("large") + self.estimate("small"), self.wan22)
+        if "whole" in options:
+            self.per_step_rows(options["whole"])
+            self.rows["projection"] = self.projection()  # with the whole-compile steps, where they ran
         return self.rows
+
+    def per_step_rows(self, option: EngineOption) -> None:
+        for model in self.s.configs:
+            need = self.estimate(model) * (self.s.reps + option.first_call_factor)
+            self.run(f"step_{model}_{option.name}", need, lambda m=model, o=option: self.per_step(m, o))
 
 
 class MemoryHistory:

@@ -78,9 +78,33 @@ def check_fp8_device(device: torch.device) -> None:
         raise FlowblendError(f"FP8 linears need torchao, which is not installed: {TORCHAO_HINT}") from None
 
 
-def quantize_fp8(transformer: nn.Module, options: Fp8Options = Fp8Options(), *, emulate: bool = False) -> list[str]:
-    """Put the chosen linears in FP8 in place (torchao, or the exact emulation); returns their names."""
+def fp8_copy(transformer: nn.Module, options: Fp8Options = Fp8Options(), *, emulate: bool = False) -> nn.Module:
+    """A copy of `transformer` with the chosen linears in FP8; every other weight is shared, the original untouched.
+
+    Only the modules on the way to a chosen linear are copied (shallowly), so the copy costs the FP8
+    weights alone: the benchmark and the real-size stage keep the BF16 model beside its FP8 variant.
+    """
+    import copy
+
     names = fp8_linear_names(transformer, options)
+    clone = copy.copy(transformer)
+    clone._modules = dict(transformer._modules)
+    for name in names:
+        parent = clone
+        for part in name.split("."):
+            child = copy.copy(parent._modules[part])  # this level's own copy; its children dict copied too
+            child._modules = dict(child._modules)
+            child._parameters = dict(child._parameters)
+            parent._modules[part] = child
+            parent = child
+    quantize_fp8(clone, options, emulate=emulate, names=names)
+    return clone
+
+
+def quantize_fp8(transformer: nn.Module, options: Fp8Options = Fp8Options(), *, emulate: bool = False,
+                 names: list[str] | None = None) -> list[str]:
+    """Put the chosen linears in FP8 in place (torchao, or the exact emulation); returns their names."""
+    names = fp8_linear_names(transformer, options) if names is None else names
     if emulate:
         for name in names:
             owner, _, attr = name.rpartition(".")

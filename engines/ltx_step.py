@@ -56,6 +56,12 @@ class LtxStep(nn.Module):
         return StepConstants(rotary, block_modulation=torch.stack(blocks), output_modulation=torch.stack(output))
 
     def forward(self, bound: Mapping[str, torch.Tensor], constants: StepConstants, step: int) -> torch.Tensor:
+        return self.run_step(bound, constants.rotary, constants.block_modulation[step],
+                             constants.output_modulation[step])
+
+    def run_step(self, bound: Mapping[str, torch.Tensor], rotary, temb: torch.Tensor,
+                 embedded_timestep: torch.Tensor) -> torch.Tensor:
+        """One step from this step's rows of the constants (what engines/compile.py compiles: no step index)."""
         model, latents = self.transformer, bound[LATENTS]
         b, c, f, h, w = latents.shape
         hidden_states = _pack(latents)
@@ -63,13 +69,12 @@ class LtxStep(nn.Module):
         encoder_attention_mask = (1 - bound[TEXT_MASK].to(hidden_states.dtype)) * -10000.0
         encoder_attention_mask = encoder_attention_mask.unsqueeze(1)
         hidden_states = model.proj_in(hidden_states)
-        temb, embedded_timestep = constants.block_modulation[step], constants.output_modulation[step]
         encoder_hidden_states = model.caption_projection(bound[TEXT_EMBEDS])
         encoder_hidden_states = encoder_hidden_states.view(b, -1, hidden_states.size(-1))
 
         for block in model.transformer_blocks:
             hidden_states = block(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb,
-                                  image_rotary_emb=constants.rotary, encoder_attention_mask=encoder_attention_mask)
+                                  image_rotary_emb=rotary, encoder_attention_mask=encoder_attention_mask)
 
         scale_shift_values = model.scale_shift_table[None, None] + embedded_timestep[:, :, None]
         shift, scale = scale_shift_values[:, :, 0], scale_shift_values[:, :, 1]

@@ -6,7 +6,9 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from .attention import choose_attention
 from .base import TIMESTEP, VELOCITY, check_bindings
+from .compile import CompiledStep, check_compile, inductor_options, with_compiled_blocks
 from .ltx_step import LtxStep, supports_ltx_step_split
 from .signature import LtxSignature, WanSignature, signature_for
 from .wan_step import WanStep, supports_wan_step_split
@@ -39,16 +41,27 @@ class TorchEngine:
 
     def __init__(self, transformer: nn.Module, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None, name: str = "torch", split_constants: bool = True,
+                 compile: str = "none", compile_mode: str | None = None, attention: str = "auto",
                  **signature_kwargs):
-        module = signature_for(transformer, **signature_kwargs)
+        check_compile(compile, compile_mode)
         if device is not None or dtype is not None:
-            module = module.to(device=device, dtype=dtype)
-        self.module = module.eval()
+            transformer = transformer.to(device=device, dtype=dtype)
+        if compile == "regional":  # engines/compile.py: the blocks compiled in a shallow copy, the split kept
+            transformer = with_compiled_blocks(transformer, compile_mode)
+        module = signature_for(transformer, **signature_kwargs)
         self.name = name
         self.device, self.dtype = _placement(module)
         self.input_names = tuple(module.input_names)
         self.output_names = tuple(module.output_names)
         self.step_split = step_split_for(module) if split_constants else None
+        if compile == "whole":
+            if self.step_split is not None:
+                self.step_split = CompiledStep(self.step_split, compile_mode)
+            else:
+                module = torch.compile(module, **inductor_options(compile_mode))
+        self.module = module.eval()
+        self.compile = compile
+        self.attention = choose_attention(self.device, self.dtype, attention)
         self._inputs: tuple[torch.Tensor, ...] = ()
         self._bound: dict[str, torch.Tensor] = {}
         self._timestep_table: torch.Tensor | None = None
@@ -83,9 +96,10 @@ class TorchEngine:
 
     @torch.no_grad()
     def run(self, step: int) -> None:
-        if self._constants is not None:
-            self._velocity.copy_(self.step_split(self._bound, self._constants, step))
-            return
-        args = list(self._inputs)
-        args[self._timestep_pos] = self._timestep_table[step]
-        self._velocity.copy_(self.module(*args))
+        with self.attention.context():  # the attention kernel chosen for this engine (engines/attention.py)
+            if self._constants is not None:
+                self._velocity.copy_(self.step_split(self._bound, self._constants, step))
+                return
+            args = list(self._inputs)
+            args[self._timestep_pos] = self._timestep_table[step]
+            self._velocity.copy_(self.module(*args))

@@ -66,15 +66,20 @@ class WanStep(nn.Module):
         return StepConstants(rotary, block_modulation=torch.stack(blocks), output_modulation=torch.stack(output))
 
     def forward(self, bound: Mapping[str, torch.Tensor], constants: StepConstants, step: int) -> torch.Tensor:
+        return self.run_step(bound, constants.rotary, constants.block_modulation[step],
+                             constants.output_modulation[step])
+
+    def run_step(self, bound: Mapping[str, torch.Tensor], rotary, timestep_proj: torch.Tensor,
+                 temb: torch.Tensor) -> torch.Tensor:
+        """One step from this step's rows of the constants (what engines/compile.py compiles: no step index)."""
         model, latents = self.transformer, bound[LATENTS]
         batch_size, _, num_frames, height, width = latents.shape
         p_t, p_h, p_w = model.config.patch_size
 
         hidden_states = model.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()
         encoder_hidden_states = model.condition_embedder.text_embedder(bound[TEXT_EMBEDS])
-        timestep_proj, temb = constants.block_modulation[step], constants.output_modulation[step]
         for block in model.blocks:
-            hidden_states = block(hidden_states, encoder_hidden_states, timestep_proj, constants.rotary)
+            hidden_states = block(hidden_states, encoder_hidden_states, timestep_proj, rotary)
 
         shift, scale = (model.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
         shift, scale = shift.to(hidden_states.device), scale.to(hidden_states.device)

@@ -8,7 +8,9 @@ per-step time of each model under every PyTorch engine option, the 3-step blende
 eager vs whole-loop CUDA graph (replay == eager; loop == sum of its steps within 2%), the 50-step
 LLL / LSL projection (labelled as one), the peak memory with the allocator history summarised at
 the peak, and Wan 2.2's second 14B expert beside the first (two 14B + 1.3B, ~60 GB) for one step
-each. On CPU without --dry-run every row is SKIPPED with its reason. Writes fullsize.json and
+each. Engine options (bench/fullsize.py ENGINE_OPTIONS): eager, regional compile, regional compile with
+FP8 linears (+ the attention each engine names), whole-model compile last. On CPU without --dry-run
+every row is SKIPPED with its reason. Writes fullsize.json and
 fullsize.md into --out (bench/fullsize.py does the work).
 """
 from __future__ import annotations
@@ -20,8 +22,9 @@ from pathlib import Path
 
 import torch
 
+from flowblend.bench.fullsize import ENGINE_OPTIONS, FAST, FullsizeSettings, FullsizeStage
+
 SKIPPED = 3  # exit code scripts/gpu_run.py reads as SKIPPED
-STAGES = ("build", "step_large_eager", "step_small_eager", "loop", "projection", "wan22")
 
 
 def markdown(report: dict) -> str:
@@ -32,7 +35,7 @@ def markdown(report: dict) -> str:
         figures = {k: v for k, v in row.items() if k not in ("status", "seconds", "memory")}
         lines.append(f"| {name} | {row['status'].upper()} | {row.get('seconds', 0):.1f} | "
                      f"`{json.dumps(figures, default=str)}` |".replace("|`", "| `"))
-    memory = report["stages"].get("loop", {}).get("memory")
+    memory = report["stages"].get("loop_eager", {}).get("memory")
     if memory and memory.get("groups"):
         lines += ["", f"## Who held the memory at the blended loop's peak ({memory['peak_live_mib']} MiB live)", "",
                   "| owner (first frame in flowblend/diffusers) | MiB |", "|---|---|"]
@@ -60,19 +63,24 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=2, help="timed steps per model and option after one warm-up")
     p.add_argument("--dry-run", action="store_true", help="tiny Wan configs on CPU in FP32: checks the stage end to end")
     p.add_argument("--no-wan22", action="store_true", help="skip Wan 2.2's second 14B expert (~29 GB more)")
+    p.add_argument("--options", nargs="+", choices=[o.name for o in ENGINE_OPTIONS],
+                   default=[o.name for o in ENGINE_OPTIONS], help="engine options to time (default: all, in this order)")
     args = p.parse_args(argv)
+    options = tuple(o for o in ENGINE_OPTIONS if o.name in args.options)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"command": "python scripts/gpu_fullsize.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "environment": environment(), "stages": {}}
     code = 0
+    fast = FAST if FAST in args.options else args.options[-1]
     if not (args.dry_run or torch.cuda.is_available()):
         reason = "no CUDA GPU (torch.cuda.is_available() is False); --dry-run checks the stage on CPU at tiny sizes"
-        report["stages"] = {name: {"status": "skipped", "reason": reason} for name in STAGES}
+        names = FullsizeSettings(configs={"large": {}, "small": {}}, device=torch.device("cpu"), options=options,
+                                 fast=fast, wan22_configs=None if args.no_wan22 else {"low": {}}).stage_names()
+        report["stages"] = {name: {"status": "skipped", "reason": reason} for name in names}
         code = SKIPPED
     else:
         try:
-            from flowblend.bench.fullsize import FullsizeSettings, FullsizeStage
             from flowblend.export.pairs import reference_configs
         except ModuleNotFoundError as exc:  # the bare machine without its copied wheels: skipped, not failed
             if (exc.name or "").split(".")[0] == "flowblend":
@@ -84,12 +92,12 @@ def main(argv=None) -> int:
 
             configs = {m: dict(c) for m, c in WAN_TINY.items()}
             settings = FullsizeSettings(configs=configs, device=torch.device("cpu"), dtype=torch.float32,
-                                        latent=WAN_LATENT, text=TEXT,
+                                        latent=WAN_LATENT, text=TEXT, options=options, fast=fast,
                                         reps=args.reps, budget_s=args.budget,
                                         wan22_configs=None if args.no_wan22 else {"low": configs["large"]})
         else:
-            settings = FullsizeSettings(configs=reference_configs("wan"), device=torch.device("cuda"),
-                                        reps=args.reps, budget_s=args.budget,
+            settings = FullsizeSettings(configs=reference_configs("wan"), device=torch.device("cuda"), options=options,
+                                        fast=fast, reps=args.reps, budget_s=args.budget,
                                         wan22_configs=None if args.no_wan22 else reference_configs("wan22"))
         report["stages"] = FullsizeStage(settings).main()
         report["dry_run"] = args.dry_run

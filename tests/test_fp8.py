@@ -80,3 +80,14 @@ def test_fp8_refusals_are_one_line_each(monkeypatch):
         fp8.check_fp8_device(torch.device("cuda"))
     with pytest.raises(FlowblendError, match="unknown FP8 granularity 'block'"):
         fp8.Fp8Options(granularity="block")
+
+
+def test_an_fp8_copy_shares_every_other_weight_and_leaves_the_model_as_it_was():
+    model = tiny_pair("wan")["large"]
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    copy = fp8.fp8_copy(model, emulate=True)
+    assert all(type(m) is torch.nn.Linear for n, m in model.named_modules() if ".ffn.net.2" in n)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert isinstance(copy.get_submodule("blocks.0.ffn.net.2"), fp8.EmulatedFp8Linear)
+    assert copy.patch_embedding.weight is model.patch_embedding.weight  # shared, not copied
+    assert copy.blocks[0].norm2 is model.blocks[0].norm2 and copy.blocks[0] is not model.blocks[0]
