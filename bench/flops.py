@@ -17,55 +17,18 @@ from __future__ import annotations
 CONVENTIONS = ("flops", "paper")
 
 
-def _tokens(latent_shape, patch) -> int:
-    _, f, h, w = latent_shape
-    pt, ph, pw = patch
-    return (f // pt) * (h // ph) * (w // pw)
-
-
-def wan_forward_macs(config: dict, latent_shape, text_len: int) -> dict[str, float]:
-    """Multiply-accumulates of one WanTransformer3DModel (T2V) forward at batch 1 for latents (C, F, H, W)."""
-    if config.get("image_dim") or config.get("added_kv_proj_dim"):
-        raise ValueError("the Wan FLOP model covers text-to-video only (image_dim/added_kv_proj_dim are set)")
-    c = latent_shape[0]
-    patch = tuple(config["patch_size"])
-    n = _tokens(latent_shape, patch)
-    d = config["num_attention_heads"] * config["attention_head_dim"]
-    ffn, layers, text_dim = config["ffn_dim"], config["num_layers"], config["text_dim"]
-    freq = config.get("freq_dim", 256)
-    patch_volume = patch[0] * patch[1] * patch[2]
-    per_layer_proj = (4 * n * d * d                      # self-attention q, k, v, out
-                      + 2 * n * d * d + 2 * text_len * d * d  # cross-attention q, out on video; k, v on text
-                      + 2 * n * d * ffn)                  # feed-forward up and down
-    per_layer_attn = 2 * n * n * d + 2 * n * text_len * d  # QK^T and PV, self and cross
-    embed = (n * c * patch_volume * d                     # patch embedding (Conv3d)
-             + text_len * (text_dim * d + d * d)          # text embedder (two linears)
-             + freq * d + d * d + d * 6 * d)              # time embedder + modulation projection
-    head = n * d * config["out_channels"] * patch_volume
-    return {"projections": float(layers * per_layer_proj + embed + head), "attention": float(layers * per_layer_attn)}
-
-
-def ltx_forward_macs(config: dict, latent_shape, text_len: int) -> dict[str, float]:
-    """Multiply-accumulates of one LTXVideoTransformer3DModel forward at batch 1 for unpacked latents (C, F, H, W)."""
-    c = latent_shape[0]
-    n = _tokens(latent_shape, (config.get("patch_size_t", 1),) + (config.get("patch_size", 1),) * 2)
-    d = config["num_attention_heads"] * config["attention_head_dim"]
-    layers, caption = config["num_layers"], config["caption_channels"]
-    per_layer_proj = 4 * n * d * d + 2 * n * d * d + 2 * text_len * d * d + 2 * n * d * 4 * d  # ffn mult 4
-    per_layer_attn = 2 * n * n * d + 2 * n * text_len * d
-    embed = n * c * d + text_len * (caption * d + d * d) + (256 * d + d * d + d * 6 * d)
-    head = n * d * config["out_channels"]
-    return {"projections": float(layers * per_layer_proj + embed + head), "attention": float(layers * per_layer_attn)}
-
-
 def forward_macs(transformer_class: str, config: dict, latent_shape, text_len: int) -> dict[str, float]:
-    """MACs of one forward at batch 1, split into `projections` (linear/conv) and `attention` (matmuls)."""
-    if transformer_class == "WanTransformer3DModel":
-        return wan_forward_macs(config, latent_shape, text_len)
-    if transformer_class == "LTXVideoTransformer3DModel":
-        return ltx_forward_macs(config, latent_shape, text_len)
-    raise ValueError(f"no FLOP model for {transformer_class}: flowblend counts WanTransformer3DModel and "
-                     "LTXVideoTransformer3DModel")
+    """MACs of one forward at batch 1, split into `projections` (linear/conv) and `attention` (matmuls): the FLOP
+    model of the class's family module (flowblend/families/)."""
+    from flowblend.families import ARCHITECTURES
+
+    arch = ARCHITECTURES.get(transformer_class)
+    model = arch.forward_macs if arch is not None else None
+    if model is None:
+        known = [name for name, a in ARCHITECTURES.items() if a.forward_macs is not None]
+        raise ValueError(f"no FLOP model for {transformer_class}: flowblend counts {' and '.join(known)} "
+                         "(a family module gives its Architecture a forward_macs)")
+    return model(config, latent_shape, text_len)
 
 
 def forward_cost(transformer_class: str, config: dict, latent_shape, text_len: int, convention: str = "flops") -> float:

@@ -34,13 +34,14 @@ FP8_VELOCITY_COSINE, FP8_LATENTS_COSINE = 0.99, 0.98
 PRIOR = {"large_step": 6.4, "small_step": 1.25, "build": 6.0, "capture_factor": 2.0}
 
 
-def random_transformer(config: dict, device, dtype: torch.dtype, seed: int):
-    """A WanTransformer3DModel with N(0, 0.02) weights created on `device` in `dtype` (no fp32 copy on the host)."""
+def random_transformer(config: dict, device, dtype: torch.dtype, seed: int, family: str = "wan"):
+    """The family's transformer with N(0, 0.02) weights created on `device` in `dtype` (no fp32 copy on the host)."""
     from accelerate import init_empty_weights
-    from diffusers import WanTransformer3DModel
+
+    from flowblend.families import get_family
 
     with init_empty_weights(include_buffers=False):  # parameters on meta; RoPE tables stay real
-        model = WanTransformer3DModel(**config)
+        model = get_family(family).architecture.model_class()(**config)
     gen = torch.Generator(device).manual_seed(seed)
     for name, param in list(model.named_parameters()):
         owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model

@@ -6,10 +6,11 @@ script can render a report from its JSON without measuring anything.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from pathlib import Path
 
+from flowblend.atomic import write_atomic
+from flowblend.engines.kinds import REFERENCE_KIND
 from flowblend.runtime.plan import BlendPlan
 
 from .pairing import paired_ratios, paired_speedup
@@ -26,7 +27,7 @@ def _quartiles(values: list[float]) -> list[float] | None:
 
 
 def case_rows(cases: list, per_step: dict, reference_plan: BlendPlan, frames: int, device) -> list[dict]:
-    ref = next(c for c in cases if (c.backend, c.mode, c.plan) == ("torch", "loop", reference_plan))
+    ref = next(c for c in cases if (c.backend, c.mode, c.plan) == (REFERENCE_KIND, "loop", reference_plan))
     ref_loop = statistics.median(ref.times["loop"])
     lll_flops = reference_plan.flops(per_step)
     rows = []
@@ -64,7 +65,7 @@ def case_rows(cases: list, per_step: dict, reference_plan: BlendPlan, frames: in
 
 def targets(report: dict) -> list[dict]:
     out = []
-    lsl = next((r for r in report["cases"] if (r["backend"], r["mode"], r["stages"]) == ("torch", "loop", _lsl_label(report))),
+    lsl = next((r for r in report["cases"] if (r["backend"], r["mode"], r["stages"]) == (REFERENCE_KIND, "loop", _lsl_label(report))),
                None)
     if lsl:
         name = "LSL" if "expert_switch_step" not in report["pair"] else f"{lsl['plan']} ({lsl['stages']})"
@@ -246,23 +247,14 @@ def plot_report(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _replace_atomically(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_json_and_markdown(out: str | Path, report: dict, markdown: str) -> tuple[Path, Path]:
     """<out>.json and <out>.md of a measurement script, each written atomically: a run stopped halfway
     leaves the previous pair as it was, never a JSON of one run beside the markdown of another."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = out.with_suffix(".json"), out.with_suffix(".md")
-    _replace_atomically(paths[0], lambda p: p.write_text(json.dumps(report, indent=2, default=str)))
-    _replace_atomically(paths[1], lambda p: p.write_text(markdown if markdown.endswith("\n") else markdown + "\n"))
+    write_atomic(paths[0], json.dumps(report, indent=2, default=str))
+    write_atomic(paths[1], markdown if markdown.endswith("\n") else markdown + "\n")
     return paths
 
 
@@ -271,7 +263,7 @@ def write_outputs(report: dict, out_dir: str | Path, stem: str = "bench") -> dic
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{stem}.json", "markdown": out / f"{stem}.md", "png": out / f"{stem}.png"}
-    _replace_atomically(paths["json"], lambda p: p.write_text(json.dumps(report, indent=1, default=str)))
-    _replace_atomically(paths["markdown"], lambda p: p.write_text(render_markdown(report)))
-    _replace_atomically(paths["png"], lambda p: plot_report(report, p))
+    write_atomic(paths["json"], json.dumps(report, indent=1, default=str))
+    write_atomic(paths["markdown"], render_markdown(report))
+    write_atomic(paths["png"], lambda p: plot_report(report, p), suffix=".partial.png")
     return paths

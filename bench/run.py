@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
+from flowblend.assembly import EngineChoice, engines_for, sampler_for
 from flowblend.engines.factory import BACKENDS
-from flowblend.engines.factory import make_engines as factory_engines
 from flowblend.engines.iospec import dtype_name
+from flowblend.engines.kinds import REFERENCE_KIND, engine_kind
 from flowblend.errors import FlowblendError
 from flowblend.runtime.graph import GraphRunner
 from flowblend.runtime.graph_modes import BENCH_MODES
@@ -131,32 +132,19 @@ class Case:
 
 
 # -- engines per backend ---------------------------------------------------------------------------
-def _ensure_compiled(backend: str, pair, options: BenchOptions, latent_shape, guidance: float) -> None:
-    """Export and build what the engine store lacks for an ONNX Runtime / TensorRT case."""
-    from flowblend.engines.build import build_pair_engines, locate_pair_engines
-
-    family = pair.family
-    spec = family.io_spec(latent_shape, guidance, options.dtype)
-    if not (Path(options.artifacts) / family.name / "onnx" / "export.json").is_file():
-        from flowblend.export.onnx import export_pair
-
-        export_pair(pair, spec, options.artifacts, progress=options.progress)
-    try:
-        locate_pair_engines(family.name, backend, spec, options.artifacts)
-    except FlowblendError:
-        build_pair_engines(family.name, backend, options.artifacts, progress=options.progress)
+def engine_choice(backend: str, options: BenchOptions) -> EngineChoice:
+    """The run assembly's engine options (flowblend/assembly.py) for one backend of the benchmark."""
+    return EngineChoice(backend=backend, device=options.device, dtype=dtype_name(options.dtype),
+                        artifacts=options.artifacts, compile_mode=options.compile_mode)
 
 
 def make_engines(backend: str, pair, options: BenchOptions, latent_shape, guidance: float) -> dict:
-    """Engines 'large'/'small' for a backend (engines/factory.py), or Unavailable with the reason."""
-    if backend == "tensorrt" and not options.device.startswith("cuda"):
+    """Engines for a backend, exported and built first where the store lacks them, or Unavailable with the reason."""
+    if engine_kind(backend).needs_cuda and not options.device.startswith("cuda"):
         raise Unavailable("TensorRT needs a CUDA GPU (--device cuda)")
     try:
-        if backend in ("onnxruntime", "tensorrt"):
-            _ensure_compiled(backend, pair, options, latent_shape, guidance)
-        return factory_engines(backend, pair, latent_shape=latent_shape, guidance=guidance, device=options.device,
-                               dtype=dtype_name(options.dtype), artifacts=options.artifacts,
-                               compile_mode=options.compile_mode)
+        return engines_for(pair, engine_choice(backend, options), latent_shape, guidance, build=True,
+                           progress=options.progress)
     except ImportError as exc:
         raise Unavailable(f"{backend} backend not importable here ({exc})") from None
     except FlowblendError as exc:
@@ -236,7 +224,7 @@ def bench_pair_by_name(name: str, options: BenchOptions, large: str | None = Non
     """Load a registered pair and benchmark it; the RSS before loading is the memory baseline."""
     import diffusers
 
-    from flowblend.export.pairs import get_family, load_pair
+    from flowblend.families import get_family, load_pair
 
     getattr(diffusers, get_family(name).transformer_class)  # import the model code before the baseline
     baseline = current_rss_bytes()
@@ -249,9 +237,9 @@ def _build_cases(pair, eager: dict, plans, options: BenchOptions, latent_shape, 
     """One Case per (backend, mode, plan) that can run here; the rest listed with the reason."""
     device = torch.device(options.device)
     cases, skipped = [], []
-    for backend in dict.fromkeys(("torch",) + tuple(options.backends)):
+    for backend in dict.fromkeys((REFERENCE_KIND,) + tuple(options.backends)):
         try:
-            engines = eager if backend == "torch" else make_engines(backend, pair, options, latent_shape, guidance)
+            engines = eager if backend == REFERENCE_KIND else make_engines(backend, pair, options, latent_shape, guidance)
         except Unavailable as exc:
             skipped.append({"backend": backend, "mode": "*", "reason": str(exc)})
             continue
@@ -267,7 +255,8 @@ def _build_cases(pair, eager: dict, plans, options: BenchOptions, latent_shape, 
                 sampler_options = SamplerOptions(sampler_kwargs["solver"], sampler_kwargs["shift"], guidance,
                                                  sampler_kwargs.get("mu"),
                                                  guidance_table=guidance_table(plan, guidance, scales, experts))
-                make = lambda e: Sampler(e, plan, options=sampler_options, device=device, dtype=options.dtype)  # noqa: E731
+                choice = engine_choice(backend, options)
+                make = lambda e: sampler_for(e, plan, sampler_options, choice)  # noqa: E731
                 case = Case(backend, mode, plan, make(engines), make(timed), log)
                 if MODES[mode] != "eager":
                     case.runner = GraphRunner(case.sampler, MODES[mode])
@@ -288,7 +277,7 @@ def _warm_up(cases: list[Case], pair, noise, options: BenchOptions, skipped: lis
                 _run_once(case, pair, noise, device, options.end_to_end)
                 case.first_run_s = case.first_run_s or time.perf_counter() - t0
             except Exception as exc:  # noqa: BLE001 - a compiler or a capture failing is a result to report
-                if (case.backend, case.mode) == ("torch", "loop"):
+                if (case.backend, case.mode) == (REFERENCE_KIND, "loop"):
                     raise
                 failed.add((case.backend, case.mode))
                 first = (str(exc).strip().splitlines() or [""])[0][:300]
@@ -339,7 +328,7 @@ def run_bench(pair, options: BenchOptions, baseline_rss: int | None = None) -> d
     noise = torch.randn((1, *latent_shape), generator=torch.Generator("cpu").manual_seed(0)).to(device)
     load_start = os.getloadavg()
 
-    eager = make_engines("torch", pair, options, latent_shape, guidance)
+    eager = make_engines(REFERENCE_KIND, pair, options, latent_shape, guidance)
     blended_plan = next((p for p in plans if p.count("small") and len(set(p.models)) > 1), plans[-1])
     memory = memory_budget(pair, eager, blended_plan, sampler_kwargs, guidance, noise, options, PROMPT, baseline_rss,
                            largest=family.models[0])

@@ -26,9 +26,10 @@ TEXT = (7, 16)              # L, D
 
 def tiny_pair(family: str, seed: int = 0) -> dict:
     """Both transformers of a tiny random pair, seeded; zero-initialised output layers lifted so they differ."""
-    from diffusers import LTXVideoTransformer3DModel, WanTransformer3DModel
+    from flowblend.families import get_family
 
-    cls, configs = (WanTransformer3DModel, WAN_TINY) if family == "wan" else (LTXVideoTransformer3DModel, LTX_TINY)
+    configs = WAN_TINY if family == "wan" else LTX_TINY
+    cls = get_family(family).architecture.model_class()
     out = {}
     for i, (name, cfg) in enumerate(configs.items()):
         torch.manual_seed(seed + i)

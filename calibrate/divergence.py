@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from flowblend.atomic import write_atomic
 from flowblend.errors import FlowblendError
 from flowblend.runtime.guidance import expert_schedule_for, guidance_table
 from flowblend.runtime.plan import BlendPlan, ExpertSchedule, ModelSet
@@ -214,16 +214,6 @@ def measure_divergence(engines: dict, requests: list[Request], setup: SamplingSe
     return curve, finals
 
 
-def write_atomic(path: Path, data: str | bytes) -> Path:
-    """Write beside the target, then rename: a failed run never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-    return path
-
-
 def save_curve(curve: DivergenceCurve, path: Path) -> Path:
     return write_atomic(path, json.dumps(curve.to_dict(), indent=1))
 
@@ -258,10 +248,7 @@ def plot_divergence(curve: DivergenceCurve, path: Path, plan: BlendPlan | None =
         ax.legend(fontsize=7)
     fig.suptitle(title or f"velocity divergence along LLL trajectories ({len(curve.prompts)} requests)", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.partial.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100), suffix=".partial.png")
+    finally:
+        plt.close(fig)

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from flowblend.atomic import write_atomic
+
 from .boundaries import CalibrationResult, Scored, default_threshold
-from .divergence import plot_divergence, write_atomic
+from .divergence import plot_divergence
 from .metrics import METRIC_DESCRIPTIONS
 
 ROLE_ORDER = ("LLL", "SSS", "paper default", "divergence seed", "chosen")

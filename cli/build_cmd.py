@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from flowblend.engines.kinds import BUILT_KINDS, engine_kind
+
 from .common import subscribe
 
 
 def register(p) -> None:
     subscribe(p, "pair_name", "artifacts", "progress")
-    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"),
+    p.add_argument("--backend", default="onnxruntime", choices=BUILT_KINDS,
                    help="engine kind: onnxruntime (offline-optimized graph) or tensorrt (a plan for this GPU)")
     p.add_argument("--dtype", help="accepted for symmetry with export; the precision is the export's")
     p.add_argument("--force", action="store_true", help="rebuild even if a matching engine exists")
@@ -23,7 +25,7 @@ def run(args) -> int:
     from flowblend.engines.build import build_pair_engines
 
     trt = {}
-    if args.backend == "tensorrt":
+    if engine_kind(args.backend).keyed_by_gpu:  # TensorRT: built for this GPU, with its own options
         trt = {"opt_level": args.opt_level, "workspace_gib": args.workspace_gib, "phase_progress": not args.no_progress,
                "verify": None if args.no_verify else tensorrt_check(args.artifacts, args.pair)}
     results = build_pair_engines(args.pair, args.backend, args.artifacts, force=args.force,
@@ -48,9 +50,9 @@ def tensorrt_check(artifacts: str, pair: str):
 
         from flowblend.engines.iospec import IOSpec
         from flowblend.engines.trt_engine import run_plan
-        from flowblend.export.pairs import load_pair
         from flowblend.export.record import read_export_record
         from flowblend.export.verify import THRESHOLDS, TIMESTEPS, Comparison, VerifyReport, reference_module
+        from flowblend.families import load_pair
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if not loaded:

@@ -99,7 +99,7 @@ def resolve_setup(args, family):
 
 def _load(args, family):
     from flowblend.engines.torch_engine import TorchEngine
-    from flowblend.export.pairs import load_pair
+    from flowblend.families import load_pair
 
     pair = load_pair(family.name, args.large, args.small, device=args.device, allow_download=args.allow_download)
     engines = {name: TorchEngine(m, name=name) for name, m in pair.transformers.items()}

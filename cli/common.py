@@ -14,7 +14,7 @@ import sys
 
 from flowblend.engines.factory import DTYPE_NAMES, check_dtype
 from flowblend.errors import FlowblendError
-from flowblend.export.pairs import FAMILIES, PairFamily, get_family
+from flowblend.families import FAMILIES, PairFamily, get_family
 from flowblend.runtime.blend_request import BlendChoices, video_of
 from flowblend.runtime.request import SOLVER_NAMES, check_device, check_guidance
 

@@ -1,7 +1,7 @@
 """`flowblend demo`: the toy pair under LLL, LSL and SSS on CPU, with a table of cost and probe scores."""
 from __future__ import annotations
 
-from flowblend.export.pairs import get_family
+from flowblend.families import get_family
 from flowblend.runtime.request import MAX_SEED, resolve_plan
 from flowblend.toy.vocab import DEMO_PLANS, DEMO_PROMPTS, vocabulary_line
 

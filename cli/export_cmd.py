@@ -45,8 +45,8 @@ def run(args) -> int:
     frames, height, width = video_of(choices_of(args), family)
 
     from flowblend.export.onnx import EXTERNAL_DATA_THRESHOLD, export_pair
-    from flowblend.export.pairs import load_pair
     from flowblend.export.record import EXPORT_RECORD, onnx_dir
+    from flowblend.families import load_pair
 
     spec = family.io_spec(family.latent_shape(frames, height, width), guidance_of(choices_of(args), family), args.dtype, dynamic)
     pair = load_pair(family.name, args.large, args.small, dtype=spec.torch_dtype, allow_download=args.allow_download,

@@ -16,7 +16,7 @@ from flowblend.errors import FlowblendError
 # command -> (module with register(parser), one-line help). Only the module of the command being run is
 # imported, so `flowblend --help` loads none of them.
 COMMANDS = {
-    "generate": ("generate", "generate videos with a blend plan"),
+    "generate": ("generate_cmd", "generate videos with a blend plan"),
     "plan": ("plan_cmd", "show which model runs each step and the plan's FLOPs vs LLL"),
     "demo": ("demo_cmd", "see FlowBlending work on the shipped toy pair (CPU, seconds)"),
     "export": ("export_cmd", "export both transformers of a pair to ONNX (verified by default)"),

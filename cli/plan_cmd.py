@@ -6,7 +6,7 @@ two-expert pair (wan22: what diffusers' WanPipeline runs), whose switch step is 
 from __future__ import annotations
 
 from flowblend.bench.flops import step_flops
-from flowblend.export.pairs import reference_configs
+from flowblend.families import reference_configs
 from flowblend.runtime.blend_request import (
     model_set_of,
     plan_of,

@@ -1,12 +1,15 @@
 """`flowblend serve`: the HTTP video API over a warm pipeline, on this machine or as a Ray Serve deployment."""
 from __future__ import annotations
 
+import os
+
 from flowblend.engines.factory import BACKENDS
 from flowblend.errors import FlowblendError
 from flowblend.runtime.graph_modes import GRAPH_FLAGS, check_graph_flag
 
 from .common import subscribe
 
+API_KEY_ENV = "FLOWBLEND_API_KEY"
 INSTALL_HINT = "install the extra: pip install 'flowblend[serve]'"
 
 
@@ -22,6 +25,8 @@ def register(p) -> None:
                         "replicas build each once)")
     r.add_argument("--graph", default="none", choices=GRAPH_FLAGS,
                    help="CUDA graphs (--device cuda); with 'whole' a cancel takes effect when the loop ends")
+    r.add_argument("--compile-mode", help="torch-compile: torch.compile's mode, e.g. max-autotune-no-cudagraphs "
+                                          "(default: torch's)")
     s = p.add_argument_group("serving")
     s.add_argument("--dynamic-shapes", action="store_true",
                    help="accept sizes other than the warm one (their buffers are built on first use)")
@@ -34,6 +39,13 @@ def register(p) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
     s.add_argument("--port", type=int, default=8000, help="port to listen on")
     s.add_argument("--log-level", default="warning", help="uvicorn's log level")
+    a = p.add_argument_group("access")
+    a.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                   help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}; required off loopback)")
+    a.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a Host name clients use beyond loopback and --host (repeat; '*' allows any)")
+    a.add_argument("--api-docs", action="store_true", help="serve /docs and /openapi.json")
+    a.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 unread")
     ray = p.add_argument_group("Ray Serve (pip install 'flowblend[ray]')")
     ray.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (one replica per GPU)")
     ray.add_argument("--replicas", type=int, default=1, help="replicas (a fixed count; or --min/--max-replicas)")
@@ -49,10 +61,12 @@ def register(p) -> None:
 def config_from_args(args):
     from flowblend.serve.config import ServeConfig
 
-    if args.queue_size < 1 or args.max_steps < 1 or args.drain_seconds < 0:
-        raise FlowblendError("--queue-size and --max-steps must be >= 1 and --drain-seconds >= 0")
+    if args.queue_size < 1 or args.max_steps < 1 or args.drain_seconds < 0 or args.max_body_bytes < 1024:
+        raise FlowblendError("--queue-size and --max-steps must be >= 1, --drain-seconds >= 0 and --max-body-bytes "
+                             ">= 1024")
     return ServeConfig(pair=args.pair, large=args.large, small=args.small, allow_download=args.allow_download,
                        backend=args.backend, device=args.device, dtype=args.dtype, artifacts=args.artifacts,
+                       compile_mode=args.compile_mode,
                        build_engines=args.build_engines, graph=args.graph, plan=args.plan,
                        plan_file=args.plan_file, steps=args.steps,
                        frames=args.frames, height=args.height, width=args.width, guidance=args.guidance,
@@ -60,7 +74,9 @@ def config_from_args(args):
                        small_guidance=args.small_guidance,
                        dynamic_shapes=args.dynamic_shapes, plans_dir=args.plans_dir, results_dir=args.results_dir,
                        queue_size=args.queue_size, max_steps=args.max_steps, drain_seconds=args.drain_seconds,
-                       threads=args.threads)
+                       threads=args.threads, host=args.host, api_key=args.api_key or None,
+                       allowed_hosts=tuple(args.allowed_host), api_docs=args.api_docs,
+                       max_body_bytes=args.max_body_bytes)
 
 
 def run(args) -> int:

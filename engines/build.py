@@ -12,19 +12,28 @@ from pathlib import Path
 from flowblend.errors import FlowblendError
 
 from .iospec import IOSpec
+from .kinds import TRT_INSTALL_HINT, built_kind
 from .store import EngineKey, EngineStore, check_files, gpu_identity, tensorrt_version
 
-TRT_INSTALL_HINT = ("install the extra on a machine with an NVIDIA GPU and driver: pip install 'flowblend[trt]' "
-                    "(tensorrt and cuda-python); or use --backend onnxruntime")
+EXPORT_RECORD = "export.json"  # beside the graphs: what export/ wrote, the contract with the engines
+
+
+def onnx_dir(artifacts: str | Path, pair: str) -> Path:
+    """Where a pair's ONNX export lives under an artifact root: the one spelling of that path."""
+    return Path(artifacts) / pair / "onnx"
+
+
+def export_record_path(artifacts: str | Path, pair: str) -> Path:
+    return onnx_dir(artifacts, pair) / EXPORT_RECORD
 
 
 def read_export(artifacts: str | Path, pair: str) -> tuple[dict, IOSpec, Path]:
-    onnx_dir = Path(artifacts) / pair / "onnx"
-    path = onnx_dir / "export.json"
+    path = export_record_path(artifacts, pair)
+    folder = path.parent
     if not path.is_file():
         raise FlowblendError(f"no export found at {path}: run `flowblend export --pair {pair}` first")
     record = json.loads(path.read_text())
-    return record, IOSpec.from_dict(record["spec"]), onnx_dir
+    return record, IOSpec.from_dict(record["spec"]), folder
 
 
 def checked_onnx(onnx_dir: Path, entry: dict, pair: str) -> Path:
@@ -62,29 +71,33 @@ def build_onnxruntime_model(onnx_path: Path, out_path: Path) -> None:
     ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
 
 
+def build_onnxruntime_engine(onnx_path: Path, spec: IOSpec, out_path: Path, **_options) -> None:
+    """The onnxruntime engine kind's builder (engines/kinds.py): its graph takes every shape of the export."""
+    build_onnxruntime_model(onnx_path, out_path)
+
+
+def _target(kind) -> dict | None:
+    return tensorrt_target() if kind.keyed_by_gpu else None
+
+
 def build_pair_engines(pair: str, backend: str, artifacts: str | Path = "artifacts", force: bool = False,
                        progress: bool = True, **trt_options) -> dict[str, tuple[Path, bool]]:
     """Build or reuse every model's engine of an exported pair; returns {model: (path, built_now)}."""
     from tqdm.auto import tqdm
 
+    kind = built_kind(backend)
     record, spec, onnx_dir = read_export(artifacts, pair)
-    target = tensorrt_target() if backend == "tensorrt" else None
+    target = _target(kind)
     store = EngineStore(artifacts)
+    build = kind.build_function()
     out = {}
     for model in tqdm(list(record["models"]), desc=f"build {backend}", unit="model", disable=not progress):
         entry = record["models"][model]
         onnx_path = checked_onnx(onnx_dir, entry, pair)
         key = engine_key(pair, model, backend, spec, entry["sha256"], target)
-        if backend == "onnxruntime":
-            builder = lambda tmp, src=onnx_path: build_onnxruntime_model(src, tmp)  # noqa: E731
-        elif backend == "tensorrt":
-            from .trt_build import build_plan_file
-
-            builder = lambda tmp, src=onnx_path: build_plan_file(src, spec, tmp, **trt_options)  # noqa: E731
-        else:
-            raise FlowblendError(f"unknown backend {backend!r}: choose onnxruntime or tensorrt")
+        builder = lambda tmp, src=onnx_path: build(src, spec, tmp, **trt_options)  # noqa: E731
         metadata = {"onnx": entry["file"], "spec": spec.to_dict()}
-        if backend == "tensorrt":  # what changes the plan but not its key: a different setting rebuilds
+        if kind.keyed_by_gpu:  # what changes the plan but not its key: a different setting rebuilds
             metadata["build_settings"] = {k: trt_options[k] for k in ("opt_level", "workspace_gib") if k in trt_options}
         out[model] = store.build(key, builder, metadata, force=force)
     return out
@@ -99,7 +112,7 @@ def locate_pair_engines(pair: str, backend: str, spec: IOSpec, artifacts: str | 
             f"the {pair} export is for batch {exported.batch}, latents {exported.latent}, {exported.dtype} but this run "
             f"needs batch {spec.batch}, latents {spec.latent}, {spec.dtype}; re-export with matching "
             f"--frames/--height/--width/--guidance/--dtype, then `flowblend build`")
-    target = tensorrt_target() if backend == "tensorrt" else None
+    target = _target(built_kind(backend))
     store = EngineStore(artifacts)
     return {model: store.load(engine_key(pair, model, backend, exported, entry["sha256"], target))
             for model, entry in record["models"].items()}

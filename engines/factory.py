@@ -10,21 +10,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Mapping, Protocol
 
-from flowblend.errors import FlowblendError
-
 if TYPE_CHECKING:
     import torch
 
     from .base import Engine
     from .iospec import IOSpec
 
-BACKENDS = ("torch", "torch-compile", "onnxruntime", "tensorrt")
-TORCH_BACKENDS = ("torch", "torch-compile")  # run the loaded PyTorch transformers; the others run built engines
-DTYPE_NAMES = ("fp32", "fp16", "bf16")  # engines/iospec.DTYPE_NAMES, spelled here without importing torch
+from .kinds import ENGINE_KINDS, PRECISIONS, engine_kind, precision
+
+BACKENDS = tuple(ENGINE_KINDS)  # engines/kinds.py: the table of engine kinds
+TORCH_BACKENDS = tuple(n for n, k in ENGINE_KINDS.items() if k.runs_transformers)  # the others run built engines
+DTYPE_NAMES = tuple(PRECISIONS)
 
 
 class PairFamilyShape(Protocol):
-    """What the factory reads of a family (export.pairs.PairFamily) to find compiled engines."""
+    """What the factory reads of a family (families.PairFamily) to find compiled engines."""
 
     name: str
 
@@ -32,53 +32,37 @@ class PairFamilyShape(Protocol):
 
 
 class LoadedModels(Protocol):
-    """A loaded pair as the factory uses it (export.pairs.LoadedPair)."""
+    """A loaded pair as the factory uses it (families.LoadedPair)."""
 
     family: PairFamilyShape
     transformers: Mapping[str, torch.nn.Module]
 
 
 def check_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise FlowblendError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    return backend
+    return engine_kind(backend).name
 
 
 def check_dtype(name: str) -> str:
-    if name not in DTYPE_NAMES:
-        raise FlowblendError(f"unknown dtype {name!r}: choose one of {', '.join(DTYPE_NAMES)}")
-    return name
+    return precision(name).name
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    """'fp32' | 'fp16' | 'bf16' -> the torch dtype."""
-    from .iospec import DTYPE_NAMES as TORCH_DTYPES
-
-    return TORCH_DTYPES[check_dtype(name)]
+    """A precision name ('fp32', 'fp16', 'bf16') -> the torch dtype."""
+    return precision(name).torch_dtype
 
 
 def make_engines(backend: str, pair: LoadedModels, *, latent_shape, guidance: float, device: str = "cpu",
                  dtype: str = "fp32", artifacts: str = "artifacts", compile_mode: str | None = None
                  ) -> dict[str, Engine]:
     """{'large': engine, 'small': engine} for `backend`; FlowblendError with the fix if it cannot run here."""
-    check_backend(backend)
-    if backend in TORCH_BACKENDS:
-        return _torch_engines(pair, device, torch_dtype(dtype), backend == "torch-compile", compile_mode)
+    kind = engine_kind(backend)
+    if kind.runs_transformers:
+        return _torch_engines(pair, device, torch_dtype(dtype), kind.compiled, compile_mode)
     from .build import locate_pair_engines
 
     spec = pair.family.io_spec(latent_shape, guidance, dtype)
     paths = locate_pair_engines(pair.family.name, backend, spec, artifacts)  # says what to export/build/install
-    if backend == "onnxruntime":
-        from .ort_engine import OrtEngine
-
-        return {name: OrtEngine(path, device=device, name=name) for name, path in paths.items()}
-    if not str(device).startswith("cuda"):
-        raise FlowblendError(f"TensorRT engines run on a CUDA device, not {device!r}: pass --device cuda")
-    from .trt_engine import TrtEngine, share_activation_memory
-
-    engines = {name: TrtEngine(path, name=name, device=device) for name, path in paths.items()}
-    share_activation_memory(engines)  # one activation block for both: they never run at the same time
-    return engines
+    return kind.load_function()(paths, device)
 
 
 def _torch_engines(pair: LoadedModels, device, dtype, compiled: bool, compile_mode: str | None) -> dict:

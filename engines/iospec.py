@@ -13,8 +13,9 @@ import torch
 from flowblend.errors import FlowblendError
 
 from .base import LATENTS, TEXT_EMBEDS, TEXT_MASK, TIMESTEP, VELOCITY
+from .kinds import PRECISIONS
 
-DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_NAMES = {name: p.torch_dtype for name, p in PRECISIONS.items()}  # engines/kinds.py's precisions
 
 
 def dtype_name(dtype: str | torch.dtype) -> str:

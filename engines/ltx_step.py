@@ -17,15 +17,6 @@ from .base import LATENTS, TEXT_EMBEDS, TEXT_MASK, TIMESTEP
 from .step_constants import StepConstants
 
 
-def supports_ltx_step_split(transformer: nn.Module) -> bool:
-    """True for a plain LTXVideoTransformer3DModel, the case LtxStep reproduces exactly."""
-    try:
-        from diffusers import LTXVideoTransformer3DModel
-    except ImportError:  # pragma: no cover - diffusers is a dependency
-        return False
-    return type(transformer) is LTXVideoTransformer3DModel and not hasattr(transformer, "_hf_hook")
-
-
 def _pack(latents: torch.Tensor) -> torch.Tensor:
     b, c, f, h, w = latents.shape
     return latents.permute(0, 2, 3, 4, 1).reshape(b, f * h * w, c)
@@ -36,8 +27,6 @@ class LtxStep(nn.Module):
 
     def __init__(self, transformer: nn.Module, rope_interpolation_scale: tuple[float, float, float]):
         super().__init__()
-        if not supports_ltx_step_split(transformer):
-            raise TypeError(f"{type(transformer).__name__} is not a plain LTXVideoTransformer3DModel")
         self.transformer = transformer
         self.rope_interpolation_scale = tuple(rope_interpolation_scale)
 

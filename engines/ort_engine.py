@@ -139,3 +139,8 @@ class OrtEngine:
 
     def run(self, step: int) -> None:
         self.session.run_with_iobinding(self._bindings[step])
+
+
+def load_engines(paths: dict, device: torch.device | str | None = None) -> dict[str, OrtEngine]:
+    """The onnxruntime engine kind's loader (engines/kinds.py): one session per model's built graph."""
+    return {name: OrtEngine(path, device=device, name=name) for name, path in paths.items()}

@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 
 from torch import nn
 
+from .architectures import entry_for, registered_classes
 from .base import LATENTS, TEXT_EMBEDS, TEXT_MASK, TIMESTEP, VELOCITY
 
 
@@ -68,12 +69,16 @@ class LtxSignature(nn.Module):
 
 def signature_for(transformer: nn.Module, **kwargs) -> nn.Module:
     """Wrap a diffusers transformer in the signature of its family (already-wrapped modules pass through)."""
-    name = type(transformer).__name__
-    if name == "WanTransformer3DModel":
-        return WanSignature(transformer)
-    if name == "LTXVideoTransformer3DModel":
-        return LtxSignature(transformer, **kwargs)
+    entry = entry_for(type(transformer).__name__)
+    if entry is not None:
+        return entry.wrap(transformer, **kwargs)  # the wrappers themselves pass through
     if isinstance(transformer, SignedModule):
-        return transformer  # the wrappers themselves, tests' stand-ins, custom models
-    raise TypeError(f"no I/O signature for {name}: flowblend supports WanTransformer3DModel and "
-                    "LTXVideoTransformer3DModel, or a module with input_names/output_names")
+        return transformer  # tests' stand-ins, custom models
+    raise TypeError(f"no I/O signature for {type(transformer).__name__}: flowblend supports "
+                    f"{' and '.join(c for c in registered_classes() if not c.endswith('Signature'))} (flowblend/families/), or a module with input_names/output_names")
+
+
+def step_split_for(transformer: nn.Module, signed: nn.Module) -> nn.Module | None:
+    """The family's forward of `signed` with schedule constants taken out, if it has one (else None)."""
+    entry = entry_for(type(transformer).__name__)
+    return entry.step_split(signed) if entry is not None else None

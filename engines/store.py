@@ -23,9 +23,11 @@ from typing import Callable, Union
 
 from filelock import FileLock
 
+from flowblend.atomic import write_atomic
 from flowblend.errors import FlowblendError
 
-BACKEND_EXT = {"onnxruntime": "onnx", "tensorrt": "plan"}
+from .kinds import built_kind
+
 MANIFEST = "manifest.json"
 Payload = Union[bytes, Callable[[Path], None]]  # engine bytes, or builder(tmp_path) writing the file there
 
@@ -45,9 +47,7 @@ class EngineKey:
     trt_version: str | None = None
 
     def __post_init__(self):
-        if self.backend not in BACKEND_EXT:
-            raise FlowblendError(f"unknown backend {self.backend!r}: choose one of {', '.join(BACKEND_EXT)}")
-        if self.backend == "tensorrt" and not (self.gpu_name and self.compute_capability and self.trt_version):
+        if built_kind(self.backend).keyed_by_gpu and not (self.gpu_name and self.compute_capability and self.trt_version):
             raise FlowblendError("a TensorRT engine key needs gpu_name, compute_capability and trt_version")
 
     @property
@@ -63,7 +63,7 @@ class EngineKey:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
     def filename(self) -> str:
-        return f"{self.model}-{self.precision}-{self.spec_key}-{self.digest()}.{BACKEND_EXT[self.backend]}"
+        return f"{self.model}-{self.precision}-{self.spec_key}-{self.digest()}.{built_kind(self.backend).store_suffix}"
 
     def identity(self) -> tuple:
         """What names an engine's role regardless of where and from which export it was built."""
@@ -153,9 +153,7 @@ def check_files(directory: Path, files: dict[str, dict], fix: str) -> None:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2, default=str))
 
 
 def rebuild_command(key: EngineKey) -> str:

@@ -9,18 +9,7 @@ from torch import nn
 from .attention import choose_attention
 from .base import TIMESTEP, VELOCITY, check_bindings
 from .compile import CompiledStep, check_compile, inductor_options, with_compiled_blocks
-from .ltx_step import LtxStep, supports_ltx_step_split
-from .signature import LtxSignature, WanSignature, signature_for
-from .wan_step import WanStep, supports_wan_step_split
-
-
-def step_split_for(module: nn.Module) -> nn.Module | None:
-    """The family's forward with schedule constants taken out (engines/wan_step.py, ltx_step.py), if it has one."""
-    if isinstance(module, WanSignature) and supports_wan_step_split(module.transformer):
-        return WanStep(module.transformer)
-    if isinstance(module, LtxSignature) and supports_ltx_step_split(module.transformer):
-        return LtxStep(module.transformer, module.rope_interpolation_scale)
-    return None
+from .signature import signature_for, step_split_for
 
 
 def _placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -53,7 +42,7 @@ class TorchEngine:
         self.device, self.dtype = _placement(module)
         self.input_names = tuple(module.input_names)
         self.output_names = tuple(module.output_names)
-        self.step_split = step_split_for(module) if split_constants else None
+        self.step_split = step_split_for(transformer, module) if split_constants else None
         if compile == "whole":
             if self.step_split is not None:
                 self.step_split = CompiledStep(self.step_split, compile_mode)

@@ -12,7 +12,6 @@ of an FP16/BF16 one) stay FP32, as the ONNX graph that passed its check computed
 """
 from __future__ import annotations
 
-import os
 import sys
 import threading
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Callable
 
 from filelock import FileLock
 
+from flowblend.atomic import write_atomic
 from flowblend.errors import FlowblendError
 
 from .iospec import IOSpec
@@ -108,10 +108,6 @@ def progress_monitor(trt, stream=None):
 
 
 # -- timing cache -------------------------------------------------------------------------------
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def attach_timing_cache(config, path: Path):
@@ -134,7 +130,7 @@ def save_timing_cache(config, path: Path) -> None:
             theirs = config.create_timing_cache(path.read_bytes())
             if theirs is not None:
                 ours.combine(theirs, True)
-        _write_atomic(path, bytes(ours.serialize()))
+        write_atomic(path, bytes(ours.serialize()))
 
 
 # -- build --------------------------------------------------------------------------------------

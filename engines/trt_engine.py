@@ -33,11 +33,10 @@ import torch
 from flowblend.errors import FlowblendError
 
 from .base import ADDRESS_ALIGNMENT, LATENTS, TIMESTEP, VELOCITY, aligned_zeros, check_bindings
+from .kinds import TRT_INSTALL_HINT
 from .streams import DEFAULT_STREAM, current_stream_handle, new_stream, use_stream
 
 MIN_TENSORRT = (10, 1)  # device_memory_size_v2 and set_device_memory(ptr, size) appear in 10.1
-TRT_INSTALL_HINT = ("install the extra on a machine with an NVIDIA GPU and driver: pip install 'flowblend[trt]' "
-                    "(tensorrt>=10.1 and cuda-python); or use --backend onnxruntime")
 
 
 def tensorrt_version(text: str) -> tuple[int, int]:
@@ -289,3 +288,12 @@ def run_plan(plan: str | Path | bytes, inputs: Mapping[str, torch.Tensor],
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return tensors[VELOCITY].float().cpu()
+
+
+def load_engines(paths: dict, device: torch.device | str | None = None) -> dict[str, TrtEngine]:
+    """The tensorrt engine kind's loader (engines/kinds.py): one engine per plan, one shared activation block."""
+    if not str(device).startswith("cuda"):
+        raise FlowblendError(f"TensorRT engines run on a CUDA device, not {device!r}: pass --device cuda")
+    engines = {name: TrtEngine(path, name=name, device=device) for name, path in paths.items()}
+    share_activation_memory(engines)  # one activation block for all: they never run at the same time
+    return engines

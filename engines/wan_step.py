@@ -10,7 +10,7 @@ few layers (the toy small model: ~1 ms of ~8 ms on the 2-core CPU).
 The step below is WanTransformer3DModel.forward (diffusers 0.42) with those three values passed in;
 tests/test_step_split.py checks it is bitwise equal to diffusers' own forward. Anything the split
 does not cover (image conditioning, Wan 2.2's per-token timesteps, a subclass with its own forward,
-accelerate hooks) keeps the plain forward.
+accelerate hooks) keeps the plain forward: flowblend/families/wan.py decides (supports_wan_step_split).
 """
 from __future__ import annotations
 
@@ -23,20 +23,6 @@ from .base import LATENTS, TEXT_EMBEDS, TIMESTEP
 from .step_constants import StepConstants
 
 
-def supports_wan_step_split(transformer: nn.Module) -> bool:
-    """True for a plain text-to-video WanTransformer3DModel, the case WanStep reproduces exactly."""
-    try:
-        from diffusers import WanTransformer3DModel
-    except ImportError:  # pragma: no cover - diffusers is a dependency
-        return False
-    config = getattr(transformer, "config", None)
-    return (type(transformer) is WanTransformer3DModel
-            and getattr(config, "image_dim", None) is None
-            and getattr(config, "added_kv_proj_dim", None) is None
-            and getattr(transformer.condition_embedder, "image_embedder", None) is None
-            and not hasattr(transformer, "_hf_hook"))
-
-
 class WanStep(nn.Module):
     """`constants(bound)` once per binding, then `forward(bound, constants, step)` per step.
 
@@ -45,8 +31,6 @@ class WanStep(nn.Module):
 
     def __init__(self, transformer: nn.Module):
         super().__init__()
-        if not supports_wan_step_split(transformer):
-            raise TypeError(f"{type(transformer).__name__} is not a plain text-to-video WanTransformer3DModel")
         self.transformer = transformer
 
     @torch.no_grad()

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from flowblend.engines.iospec import IOSpec
+from flowblend.engines.kinds import precision
 from flowblend.engines.store import sidecars, write_json_atomic
 from flowblend.errors import FlowblendError
 
@@ -33,9 +34,6 @@ from .trace import EXTERNAL_DATA_THRESHOLD, OPSET, export_transformer, float64_v
 from .verify import verify_onnx
 
 EXPORTER = "torch.onnx.export(dynamo=True)"
-REMEDY = {"fp16": "FP16 keeps the residual stream, norms, modulation and RoPE in FP32 already; try --dtype bf16 "
-                  "(FP32's range) or --dtype fp32",
-          "bf16": "try --dtype fp32", "fp32": "the graph itself is wrong: report it with the summary above"}
 
 
 def cast_for_export(transformer: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -109,7 +107,7 @@ def export_pair(loaded_pair, spec: IOSpec, artifacts: str | Path = "artifacts", 
             files = graph_files(path)
             entry = {"file": path.name, "sha256": files[path.name]["sha256"], "bytes": files[path.name]["bytes"],
                      "files": files, "external_data": len(files) > 1, "source_hash": model_hash(transformer),
-                     "fp32_islands": fp32_islands(transformer) if spec.dtype != "fp32" else [], "verify": None}
+                     "fp32_islands": fp32_islands(transformer) if precision(spec.dtype).fp32_islands else [], "verify": None}
             release = _releaser(transformer) if release_models else None
             if verify:
                 bar.set_postfix_str(f"{name}: verifying")
@@ -117,7 +115,7 @@ def export_pair(loaded_pair, spec: IOSpec, artifacts: str | Path = "artifacts", 
                 entry["verify"] = report.to_dict()
                 if not report.passed:
                     raise FlowblendError(f"the exported {name} graph failed verification, nothing was written: "
-                                         f"{report.summary()}. {REMEDY[spec.dtype]}")
+                                         f"{report.summary()}. {precision(spec.dtype).remedy}")
             elif release is not None:
                 release()
             record["models"][name] = entry

@@ -24,25 +24,19 @@ from unittest import mock
 import torch
 from torch import nn
 
+from flowblend.engines.architectures import entry_for
+from flowblend.engines.kinds import PRECISIONS
 from flowblend.errors import FlowblendError
 
-# Submodule / parameter names kept in FP32 (matched against each segment of a dotted name, as diffusers'
-# loader matches `_keep_in_fp32_modules`). Wan: diffusers' own list plus the modulation projection, the
-# output norm and the attention q/k norms; LTX: diffusers declares none, these are the same roles.
-FP32_ISLANDS = {
-    "WanTransformer3DModel": ("rope", "time_embedder", "time_proj", "scale_shift_table", "norm1", "norm2", "norm3",
-                              "norm_out", "norm_q", "norm_k", "norm_added_k"),
-    "LTXVideoTransformer3DModel": ("rope", "time_embed", "scale_shift_table", "norm1", "norm2", "norm_out",
-                                   "norm_q", "norm_k"),
-}
-LOW_PRECISION = (torch.float16, torch.bfloat16)
+LOW_PRECISION = tuple(p.torch_dtype for p in PRECISIONS.values() if p.fp32_islands)  # engines/kinds.py
 
 
 def islands_of(transformer_or_class) -> tuple[str, ...]:
     """The FP32 islands of a transformer class (by name, so loader subclasses match); else diffusers' own list."""
     cls = transformer_or_class if isinstance(transformer_or_class, type) else type(transformer_or_class)
-    if cls.__name__ in FP32_ISLANDS:
-        return FP32_ISLANDS[cls.__name__]
+    entry = entry_for(cls.__name__)  # the family module's list (flowblend/families/), matched against each
+    if entry is not None:  # segment of a dotted name, as diffusers' loader matches `_keep_in_fp32_modules`
+        return entry.fp32_islands
     return tuple(getattr(cls, "_keep_in_fp32_modules", None) or ())
 
 

@@ -7,15 +7,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from flowblend.engines.build import EXPORT_RECORD, onnx_dir  # noqa: F401 - re-exported
 from flowblend.engines.iospec import IOSpec
 from flowblend.engines.store import check_files, file_sha256, sidecars
 from flowblend.errors import FlowblendError
-
-EXPORT_RECORD = "export.json"
-
-
-def onnx_dir(artifacts: str | Path, pair: str) -> Path:
-    return Path(artifacts) / pair / "onnx"
 
 
 def graph_files(path: Path) -> dict[str, dict]:

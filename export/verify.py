@@ -22,6 +22,7 @@ import torch
 
 from flowblend.engines.base import TIMESTEP, VELOCITY
 from flowblend.engines.iospec import IOSpec
+from flowblend.engines.kinds import PRECISIONS, precision
 from flowblend.engines.signature import signature_for
 from flowblend.errors import FlowblendError
 
@@ -30,10 +31,10 @@ from .record import check_external_data, checked_export
 from .trace import TWIN_UNSHARED, traceable
 
 TIMESTEPS = (999.0, 500.0, 50.0)
-THRESHOLDS = {"fp32": 0.99999, "fp16": 0.999, "bf16": 0.999}  # min cosine; NaN/Inf always fails
+THRESHOLDS = {name: p.min_cosine for name, p in PRECISIONS.items()}  # min cosine; NaN/Inf always fails
 UNOPTIMIZED = "CPU, graph optimizations off"
 ATTENTION_BUDGET = 1 << 30  # above this many bytes of attention scores, a reduced-shape twin runs instead
-DTYPE_LABEL = {torch.float16: "FP16", torch.bfloat16: "BF16"}
+DTYPE_LABEL = {p.torch_dtype: p.label for p in PRECISIONS.values() if p.fp32_islands}
 # Ops that only move shapes around: their counts may differ between two static shapes of one graph.
 SHAPE_OPS = {"Reshape", "Shape", "Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Constant", "Expand",
              "Range", "Transpose", "Split", "Identity"}
@@ -124,9 +125,11 @@ def profile_points(spec: IOSpec) -> dict[str, IOSpec]:
 
 def graph_runner(path: str | Path, spec: IOSpec, device: str = "cpu") -> tuple[str, Callable]:
     """(runner name, run(inputs) -> velocity ndarray) for the graph at `path`."""
-    if spec.dtype == "bf16" and torch.device(device).type == "cpu":
-        return "onnx-reference (ORT's CPU provider has no BF16 kernels)", _reference_evaluator(path, spec)
-    if spec.dtype == "fp16" and torch.device(device).type == "cpu":
+    on_cpu = precision(spec.dtype).onnxruntime_cpu if torch.device(device).type == "cpu" else "session"
+    if on_cpu == "reference":
+        return (f"onnx-reference (ORT's CPU provider has no {precision(spec.dtype).label} kernels)",
+                _reference_evaluator(path, spec))
+    if on_cpu == "unoptimized":
         return f"onnxruntime ({UNOPTIMIZED})", _unoptimized_session(path, spec)
     from flowblend.engines.ort_engine import OrtEngine
 

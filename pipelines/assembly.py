@@ -1,8 +1,9 @@
-"""From a pipeline's transformers to the runtime that samples them: engines, Sampler, graphs.
+"""From a pipeline's transformers to the runtime that samples them, through the one assembly of a run.
 
 The diffusers-style pipelines (pipelines/wan.py, ltx.py) hand over named transformers, a plan and
-the sampler options; `blend_runner` is the one place they touch the runtime's wiring (engine
-factory, Sampler, GraphRunner), so it can follow the project's single assembly of a run.
+the sampler options; `blend_runner` passes them to flowblend/assembly.py (EngineChoice ->
+engines_for -> sampler_for) and wraps the sampler in a GraphRunner, the same steps `flowblend
+generate`, the server and bench take, so an engine option added there reaches the pipelines too.
 `check_engines` and `check_cuda_graph` refuse a bad `engines` / `cuda_graph` argument with a
 ValueError naming it, as diffusers' `check_inputs` does, before anything is built.
 """
@@ -16,19 +17,29 @@ if TYPE_CHECKING:
     from flowblend.runtime.plan import BlendPlan
     from flowblend.runtime.sampler import LatentSampler, SamplerOptions
 
-# The pipelines' `engines=` spellings -> the engine factory's backends (engines/factory.py).
-ENGINE_OPTIONS = {"eager": "torch", "compiled": "torch-compile", "onnxruntime": "onnxruntime",
-                  "tensorrt": "tensorrt"}
+# The pipelines' `engines=` spellings: the engine kinds of engines/kinds.py, and diffusers-friendly names for two.
+ENGINE_ALIASES = {"eager": "torch", "compiled": "torch-compile"}
+
+
+def engine_options() -> list[str]:
+    from flowblend.engines.kinds import ENGINE_KINDS
+
+    return list(ENGINE_ALIASES) + [k for k in ENGINE_KINDS if k not in ENGINE_ALIASES.values()]
+
+
 # `cuda_graph=` -> runtime/graph.py's modes: False none, True the whole loop in one graph, or one per step.
 CUDA_GRAPH_OPTIONS = {False: "eager", True: "whole", "whole": "whole", "per_step": "per_step"}
 
 
 def check_engines(engines: str) -> str:
-    """The factory backend of an `engines=` spelling (today's backend names are accepted too)."""
-    backend = ENGINE_OPTIONS.get(engines, engines if engines in ENGINE_OPTIONS.values() else None)
-    if backend is None:
-        raise ValueError(f"`engines` has to be one of {list(ENGINE_OPTIONS)} but is {engines!r}")
-    return backend
+    """The engine kind (engines/kinds.py) of an `engines=` spelling: an alias or the kind's own name."""
+    from flowblend.engines.kinds import ENGINE_KINDS
+
+    kind = ENGINE_ALIASES.get(engines, engines) if isinstance(engines, str) else None
+    if kind not in ENGINE_KINDS:
+        raise ValueError(f"`engines` has to be one of {engine_options()} (or {list(ENGINE_ALIASES.values())}) "
+                         f"but is {engines!r}")
+    return kind
 
 
 def check_cuda_graph(cuda_graph, device: torch.device, with_callback: bool) -> str:
@@ -48,24 +59,26 @@ def check_cuda_graph(cuda_graph, device: torch.device, with_callback: bool) -> s
 def blend_runner(transformers: dict[str, torch.nn.Module], plan: BlendPlan, options: SamplerOptions, *,
                  engines: str, graph_mode: str, device: torch.device, dtype: torch.dtype, family_name: str,
                  latent_shape, artifacts: str = "artifacts") -> LatentSampler:
-    """A LatentSampler (GraphRunner over a Sampler) of `plan` over `transformers`, engines of kind `engines`.
+    """A LatentSampler (GraphRunner over a Sampler) of `plan` over `transformers`, engines of kind `engines`,
+    made by the project's one assembly of a run (flowblend/assembly.py) from the pipeline's own modules.
 
     `transformers` may come wrapped in their signature (engines/signature.py: LTX's rope_interpolation_scale
-    depends on the VAE and frame rate); compiled backends load what `flowblend export` / `build` made for
+    depends on the VAE and frame rate); built kinds load what `flowblend export` / `build` made for
     `family_name` at `latent_shape`. Only the models the plan runs get engines (LLL binds no small one).
     """
     from types import SimpleNamespace
 
-    from flowblend.engines.factory import make_engines
+    from flowblend.assembly import EngineChoice, engines_for, sampler_for
     from flowblend.engines.iospec import dtype_name
-    from flowblend.export.pairs import get_family
+    from flowblend.families import get_family
     from flowblend.runtime.graph import GraphRunner
-    from flowblend.runtime.sampler import Sampler
 
+    choice = EngineChoice(backend=check_engines(engines), device=str(device), dtype=dtype_name(dtype),
+                          artifacts=artifacts)
     used = {name: m for name, m in transformers.items() if name in plan.models}
-    pair = SimpleNamespace(family=get_family(family_name), transformers=used)  # engines/factory.LoadedModels
-    built = make_engines(check_engines(engines), pair, latent_shape=latent_shape,
-                         guidance=max(options.guidance_for(len(plan))), device=str(device), dtype=dtype_name(dtype),
-                         artifacts=artifacts)
-    sampler = Sampler({name: e for name, e in built.items() if name in used}, plan, options, device=device, dtype=dtype)
+    # What the engines read of a pair (engines/factory.LoadedModels); the pipeline's own text encoder and VAE
+    # encode and decode, so nothing else is loaded.
+    pair = SimpleNamespace(family=get_family(family_name), transformers=used if choice.runs_transformers else {})
+    built = engines_for(pair, choice, latent_shape, max(options.guidance_for(len(plan))))
+    sampler = sampler_for({name: e for name, e in built.items() if name in used}, plan, options, choice)
     return GraphRunner(sampler, mode=graph_mode)

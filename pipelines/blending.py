@@ -91,6 +91,43 @@ class BlendCall:
     """Mixin of the FlowBlend pipelines (before the diffusers pipeline class in the bases)."""
 
     artifacts = "artifacts"  # where compiled engines (`engines='onnxruntime' | 'tensorrt'`) are looked up
+    checkpoint_family = ""  # the family whose transformer class the checkpoints hold (its Architecture loads them)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, small: str | None = None, **kwargs):
+        """The diffusers pipeline's from_pretrained of the large checkpoint, plus the small model's transformer
+        (`small`: a diffusers checkpoint folder or hub id; or pass `small_transformer=` a loaded one)."""
+        from flowblend.families import get_family
+
+        from .loading import load_small_transformer
+
+        if small is not None and kwargs.get("small_transformer") is None:
+            model_class = get_family(cls.checkpoint_family).architecture.model_class()
+            kwargs["small_transformer"] = load_small_transformer(
+                model_class, small, kwargs.get("torch_dtype", kwargs.get("dtype")), kwargs.get("local_files_only", False))
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        pipe.check_models()
+        return pipe
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """DiffusionPipeline.from_pipe with every component of `pipeline` taken as it is (shared, not copied; no
+        type matching), then the pair's compatibility check; pass `small_transformer=` the small model."""
+        expected, _ = cls._get_signature_keys(cls)
+        shared = {name: c for name, c in pipeline.components.items() if name in expected and name not in kwargs}
+        pipe = super().from_pipe(pipeline, **shared, **kwargs)
+        pipe.check_models()
+        return pipe
+
+    def check_models(self) -> None:
+        """Refuse a small transformer that cannot share the latents and text conditioning (ValueError naming it)."""
+        from flowblend.families import check_models_compatible, get_family
+
+        models = {n: m for n, m in self.blend_transformers().items() if m is not None}
+        try:
+            check_models_compatible(get_family(self.family_name), {n: dict(m.config) for n, m in models.items()})
+        except FlowblendError as exc:
+            raise ValueError(f"`small_transformer`: {exc}") from None
 
     def blend_transformers(self) -> dict[str, torch.nn.Module]:
         """The named transformers plans refer to (large/small; Wan 2.2: high/low/small)."""

@@ -32,7 +32,7 @@ def toy_parts(torch_dtype, small: str | None):
     """The toy pair (shipped weights; `small` overrides the small model's folder) and its solver as a scheduler."""
     import torch
 
-    from flowblend.export.pairs import load_pair
+    from flowblend.families import load_pair
     from flowblend.runtime.solvers import scheduler_for
 
     try:

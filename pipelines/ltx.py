@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKLLTXVideo, LTXPipeline, LTXVideoTransformer3DModel
+from diffusers import LTXPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift
 from diffusers.pipelines.ltx.pipeline_output import LTXPipelineOutput
@@ -21,7 +21,6 @@ from flowblend.runtime.guidance import guidance_table
 from flowblend.runtime.plan import LARGE_SMALL
 
 from .blending import BlendCall, check_call_arguments, scheduler_schedule
-from .loading import load_small_transformer
 
 LTX_DEFAULTS = dict(height=512, width=704, num_frames=161, num_inference_steps=50, guidance_scale=3.0)
 
@@ -38,42 +37,11 @@ class FlowBlendLTXPipeline(BlendCall, LTXPipeline):
     _exclude_from_cpu_offload = ["transformer", "small_transformer"]
     _optional_components = ["small_transformer"]
 
-    def __init__(self, scheduler, vae: AutoencoderKLLTXVideo, text_encoder, tokenizer, transformer: LTXVideoTransformer3DModel,
-                 small_transformer: LTXVideoTransformer3DModel | None = None):
+    checkpoint_family = family_name = "ltx"
+
+    def __init__(self, scheduler, vae, text_encoder, tokenizer, transformer, small_transformer=None):
         super().__init__(scheduler, vae, text_encoder, tokenizer, transformer)
         self.register_modules(small_transformer=small_transformer)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, small: str | None = None, **kwargs):
-        """LTXPipeline.from_pretrained of the large checkpoint plus the small model's transformer (`small`)."""
-        if small is not None and kwargs.get("small_transformer") is None:
-            kwargs["small_transformer"] = load_small_transformer(
-                LTXVideoTransformer3DModel, small, kwargs.get("torch_dtype", kwargs.get("dtype")),
-                kwargs.get("local_files_only", False))
-        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        pipe.check_models()
-        return pipe
-
-    @classmethod
-    def from_pipe(cls, pipeline, **kwargs):
-        """DiffusionPipeline.from_pipe (the components already loaded are shared, not copied), then the pair's
-        compatibility check; pass `small_transformer=` the small model."""
-        pipe = super().from_pipe(pipeline, **kwargs)
-        pipe.check_models()
-        return pipe
-
-    family_name = "ltx"
-
-    def check_models(self) -> None:
-        """Refuse a small transformer that cannot share the latents and text conditioning (ValueError naming it)."""
-        from flowblend.errors import FlowblendError
-        from flowblend.export.pairs import check_models_compatible, get_family
-
-        models = {n: m for n, m in self.blend_transformers().items() if m is not None}
-        try:
-            check_models_compatible(get_family(self.family_name), {n: dict(m.config) for n, m in models.items()})
-        except FlowblendError as exc:
-            raise ValueError(f"`small_transformer`: {exc}") from None
 
     def blend_transformers(self) -> dict[str, torch.nn.Module]:
         return {"large": self.transformer, "small": self.small_transformer}

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+from diffusers import WanPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 from diffusers.video_processor import VideoProcessor
@@ -22,7 +22,7 @@ from flowblend.runtime.guidance import guidance_table
 from flowblend.runtime.plan import EXPERTS_AND_SMALL, LARGE_SMALL, ExpertSchedule
 
 from .blending import BlendCall, check_call_arguments, scheduler_schedule
-from .loading import load_small_transformer, toy_parts
+from .loading import toy_parts
 
 # WanPipeline.__call__'s defaults; the toy pair's come from its family.
 WAN_DEFAULTS = dict(height=480, width=832, num_frames=81, num_inference_steps=50, guidance_scale=5.0)
@@ -32,8 +32,8 @@ class FlowBlendWanPipeline(BlendCall, WanPipeline):
     """`FlowBlendWanPipeline.from_pretrained(large, small=small)(prompt=..., plan="LSL:0.4,0.2").frames[0]`.
 
     Called with WanPipeline's arguments (None: WanPipeline's default) plus `plan` (any BlendPlan
-    spelling; default the paper's LSL:0.4,0.2, Wan 2.2 its experts' own plan), `engines`
-    ('eager', 'compiled', 'onnxruntime', 'tensorrt'), `cuda_graph` (False, True: the whole loop in one
+    spelling; default the paper's LSL:0.4,0.2, Wan 2.2 its experts' own plan), `engines` (an engine kind
+    of engines/kinds.py; 'eager' and 'compiled' name torch and torch-compile), `cuda_graph` (False, True: the whole loop in one
     graph, 'per_step') and, for Wan 2.2, `small_guidance_scale` (default: the scale of the expert whose
     steps the small model takes).
     """
@@ -44,10 +44,10 @@ class FlowBlendWanPipeline(BlendCall, WanPipeline):
     _exclude_from_cpu_offload = ["transformer", "transformer_2", "small_transformer"]
     _optional_components = ["transformer", "transformer_2", "small_transformer"]
 
-    def __init__(self, tokenizer, text_encoder, vae: AutoencoderKLWan, scheduler, transformer: WanTransformer3DModel | None = None,
-                 transformer_2: WanTransformer3DModel | None = None,
-                 small_transformer: WanTransformer3DModel | None = None, boundary_ratio: float | None = None,
-                 expand_timesteps: bool = False):
+    checkpoint_family = "wan"
+
+    def __init__(self, tokenizer, text_encoder, vae, scheduler, transformer=None, transformer_2=None,
+                 small_transformer=None, boundary_ratio: float | None = None, expand_timesteps: bool = False):
         if expand_timesteps:
             raise ValueError("`expand_timesteps=True` (Wan 2.2 TI2V-5B) has no small model sharing its 48-channel "
                              "latents: use Wan 2.1 or Wan 2.2 A14B")
@@ -62,22 +62,8 @@ class FlowBlendWanPipeline(BlendCall, WanPipeline):
         """WanPipeline.from_pretrained of the large checkpoint plus the small model's transformer (`small`: a
         diffusers checkpoint folder or hub id, or pass `small_transformer=`); "toy" loads the shipped toy pair."""
         if str(pretrained_model_name_or_path) == "toy":
-            return cls._toy_pipeline(kwargs.pop("torch_dtype", None), small)
-        if small is not None and kwargs.get("small_transformer") is None:
-            kwargs["small_transformer"] = load_small_transformer(
-                WanTransformer3DModel, small, kwargs.get("torch_dtype", kwargs.get("dtype")),
-                kwargs.get("local_files_only", False))
-        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        pipe.check_models()
-        return pipe
-
-    @classmethod
-    def from_pipe(cls, pipeline, **kwargs):
-        """DiffusionPipeline.from_pipe (the components already loaded are shared, not copied), then the pair's
-        compatibility check; pass `small_transformer=` the small model."""
-        pipe = super().from_pipe(pipeline, **kwargs)
-        pipe.check_models()
-        return pipe
+            return cls._toy_pipeline(kwargs.pop("torch_dtype", kwargs.pop("dtype", None)), small)
+        return super().from_pretrained(pretrained_model_name_or_path, small=small, **kwargs)
 
     @classmethod
     def _toy_pipeline(cls, torch_dtype, small):
@@ -89,16 +75,6 @@ class FlowBlendWanPipeline(BlendCall, WanPipeline):
         pipe.vae_scale_factor_spatial = pair.family.spatial_factor
         pipe.video_processor = VideoProcessor(vae_scale_factor=pair.family.spatial_factor)
         return pipe
-
-    def check_models(self) -> None:
-        """Refuse a small transformer that cannot share the latents and text conditioning (ValueError naming it)."""
-        from flowblend.export.pairs import check_models_compatible, get_family
-
-        models = {n: m for n, m in self.blend_transformers().items() if m is not None}
-        try:
-            check_models_compatible(get_family(self.family_name), {n: dict(m.config) for n, m in models.items()})
-        except FlowblendError as exc:
-            raise ValueError(f"`small_transformer`: {exc}") from None
 
     @property
     def family_name(self) -> str:

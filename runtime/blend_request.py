@@ -5,7 +5,7 @@
 resolve them here, so a request means the same and is refused with the same words either way.
 Messages name the CLI flag that sets each value, which the server's settings share.
 
-The family is passed in (an `export.pairs.PairFamily`; runtime/ never imports export/): what it
+The family is passed in (an `families.PairFamily`; runtime/ never imports export/): what it
 supplies beyond `VideoFamily` is written down in `BlendFamily`.
 """
 from __future__ import annotations

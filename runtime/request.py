@@ -5,7 +5,7 @@ server reads from a JSON body), fills in the family's defaults and raises Flowbl
 fix for the first bad value. It imports neither torch nor a model, so a bad request costs
 milliseconds. `check_device` is the one check of a device string (it imports torch, still no model).
 
-The family is passed in (an `export.pairs.PairFamily`; runtime/ never imports export/): what it
+The family is passed in (an `families.PairFamily`; runtime/ never imports export/): what it
 supplies is written down in `VideoFamily`.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes any int up to here
 
 
 class VideoFamily(Protocol):
-    """What a request needs from a model family (export.pairs.PairFamily implements it)."""
+    """What a request needs from a model family (families.PairFamily implements it)."""
 
     name: str
     steps: int

@@ -1,7 +1,7 @@
 """What the real pairs' checkpoints need: parameters counted from the published configs, bytes derived.
 
 Builds every model on torch's meta device (no memory, no download) from the configs in
-export/pairs.reference_configs and the text encoders' published sizes (UMT5-XXL for Wan 2.1, T5-XXL
+flowblend/families reference_configs and the text encoders' published sizes (UMT5-XXL for Wan 2.1, T5-XXL
 for LTX-Video), counts parameters and prints disk and memory at 2 bytes (bf16/fp16) and 4 bytes (fp32)
 per parameter. Usage: python scripts/checkpoint_sizes.py [--markdown]
 """
@@ -13,7 +13,7 @@ import diffusers
 import torch
 from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
-from flowblend.export.pairs import FAMILIES, reference_configs
+from flowblend.families import FAMILIES, reference_configs
 
 XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu")
 

@@ -26,8 +26,8 @@ from flowblend.engines.iospec import IOSpec
 from flowblend.engines.ort_engine import OrtEngine
 from flowblend.engines.torch_engine import TorchEngine
 from flowblend.export.onnx import export_pair
-from flowblend.export.pairs import LoadedPair, get_family, load_pair
 from flowblend.export.record import onnx_dir
+from flowblend.families import LoadedPair, get_family, load_pair
 from flowblend.runtime.plan import BlendPlan
 from flowblend.runtime.sampler import Sampler, SamplerOptions
 

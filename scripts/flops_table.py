@@ -3,7 +3,7 @@
     python scripts/flops_table.py [--out docs/flops.md]
 
 Everything in the document is computed here from bench/flops.py and the published model
-configs (export/pairs.py reference_configs); the only typed-in numbers are the paper's own table,
+configs (flowblend/families/ reference_configs); the only typed-in numbers are the paper's own table,
 quoted from /work/shared/FLOWBLENDING.md for comparison.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from flowblend.bench.flops import forward_macs, step_cost
-from flowblend.export.pairs import get_family, reference_configs
+from flowblend.families import get_family, reference_configs
 from flowblend.runtime.plan import BlendPlan
 
 # FlowBlending project page, "main (Wan-like)" row: TFLOPs per video (832x480, 61 frames, 50 steps).

@@ -22,7 +22,7 @@ import torch
 
 from flowblend.engines.fp8 import Fp8Options, quantize_fp8
 from flowblend.engines.torch_engine import TorchEngine
-from flowblend.export.pairs import load_pair
+from flowblend.families import load_pair
 from flowblend.runtime.plan import BlendPlan
 from flowblend.runtime.sampler import Sampler, SamplerOptions
 from flowblend.toy.demo import generate_plans, score_results

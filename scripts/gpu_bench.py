@@ -4,7 +4,7 @@
     python scripts/gpu_bench.py --dry-run --out /tmp/gpu-dry              # tiny sizes on CPU: checks the script
 
 Speed does not depend on weight values, so the transformers are built from the published configs
-(export/pairs.py reference_configs) with random normal weights, directly on the GPU in the target
+(flowblend/families/ reference_configs) with random normal weights, directly on the GPU in the target
 dtype (no checkpoint download). It measures eager PyTorch vs torch.compile vs per-step and
 whole-loop CUDA graphs (runtime/graph.py, when present) for LLL vs LSL at 480x832 with a reduced
 frame count (default 17 frames = 5 latent frames) so one run fits a 10-minute limit. Text encoding
@@ -30,7 +30,7 @@ from flowblend.bench.fullsize import random_transformer
 from flowblend.bench.report import write_outputs
 from flowblend.bench.run import BenchOptions, equivalent_command, run_bench
 from flowblend.errors import FlowblendError
-from flowblend.export.pairs import LoadedPair, get_family, reference_configs
+from flowblend.families import LoadedPair, get_family, reference_configs
 
 SKIPPED = 3  # exit code scripts/gpu_run.py reads as SKIPPED
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -81,7 +81,7 @@ def main(argv=None) -> int:
         code = SKIPPED
     else:
         try:
-            from flowblend.export.pairs import reference_configs
+            from flowblend.families import reference_configs
         except ModuleNotFoundError as exc:  # the bare machine without its copied wheels: skipped, not failed
             if (exc.name or "").split(".")[0] == "flowblend":
                 raise

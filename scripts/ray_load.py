@@ -25,11 +25,11 @@ import time
 from pathlib import Path
 
 import ray
+from loadgen import replica_pids, run_load  # scripts/loadgen.py, beside this script
 from ray import serve
 
 from flowblend.bench.report import write_json_and_markdown
 from flowblend.serve.config import ServeConfig
-from flowblend.serve.loadgen import replica_pids, run_load
 from flowblend.serve.ray_app import RayOptions, build_app
 from flowblend.serve.server import bind_socket
 

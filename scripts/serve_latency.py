@@ -29,7 +29,7 @@ import httpx
 import torch
 
 from flowblend.bench.report import write_json_and_markdown
-from flowblend.export.pairs import get_family
+from flowblend.families import get_family
 from flowblend.runtime.video import save_video
 from flowblend.serve.config import ServeConfig
 from flowblend.serve.server import bind_socket

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from flowblend.engines.store import file_sha256
-from flowblend.export.pairs import load_pair
+from flowblend.families import load_pair
 from flowblend.runtime.plan import BlendPlan
 from flowblend.toy.data import all_prompts
 from flowblend.toy.demo import generate_plans

@@ -20,6 +20,7 @@ class ServeConfig:
     device: str = "cpu"
     dtype: str = "fp32"
     artifacts: str = "artifacts"
+    compile_mode: str | None = None  # torch-compile: torch.compile's mode (flowblend/assembly.EngineChoice)
     build_engines: bool = False  # compiled backends: build missing engines into the (shared) engine store
     graph: str = "none"  # CUDA graphs: none | whole (cancel takes effect at the end) | per-step
     plan: str | None = None  # default plan of requests without one (None: the family's); warmed at start
@@ -40,6 +41,15 @@ class ServeConfig:
     drain_seconds: float = 60.0  # SIGTERM: how long the running job may take to finish
     retry_after_seconds: int = 5
     threads: int | None = None  # torch intra-op threads (None: leave torch's default)
+    # access (serve/guard.py): the address served decides the Host names allowed and whether a key is required
+    host: str = "127.0.0.1"
+    api_key: str | None = None  # required as "Authorization: Bearer KEY" when set; must be set off loopback
+    allowed_hosts: tuple[str, ...] = ()  # Host names beyond loopback and the bound address ("*": any)
+    api_docs: bool = False  # /docs and /openapi.json
+    max_body_bytes: int = 1 << 20  # a request is a prompt and a few values: larger bodies get 413 unread
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def __repr__(self) -> str:  # never print the key
+        return f"ServeConfig({', '.join(f'{k}={v!r}' for k, v in asdict(self).items() if k != 'api_key')})"

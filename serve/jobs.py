@@ -6,7 +6,9 @@ answers for any job id: no routing by id is needed, only shared storage.
 
     <results>/jobs/<id>/job.json     the record (status, request, progress, timings, error)
     <results>/jobs/<id>/video.mp4    the result (.gif where ffmpeg is absent), renamed into place
+    <results>/jobs/<id>/thumbnail.png  its first frame
     <results>/jobs/<id>/cancel       a cancel request, seen by whichever replica runs the job
+    <results>/jobs/<id>/deleted      a DELETE of a running job: hidden at once, removed when it stops
     <results>/jobs/<id>/claim        who took the queued job out of the shared queue (serve/shared_queue.py)
     <results>/queue/...              the shared queue's index: one entry per queued job
     <results>/owners/<owner>.lock    held (flock) by a live server process for as long as it runs
@@ -15,11 +17,16 @@ A record's `owner` is the process that accepted the job, and from its claim on t
 it. A queued or running job whose owner's lock is free belongs to a process that died: it is reported
 failed (retryable) with that reason by the first reader, never left "running" forever (a queued one
 only if that reader wins its claim, so a job another live server has just taken is left to it).
+
+A record that cannot be read (not JSON, not a record, written by something else) is skipped with one log
+line naming the file, never an error of the listing or of the start; keys a newer version wrote are kept.
+Files are created with the umask's modes (0644 under the usual 022), records and videos alike.
 """
 from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
@@ -27,7 +34,7 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from flowblend.errors import FlowblendError
@@ -39,6 +46,17 @@ ACTIVE = (QUEUED, RUNNING)
 FINAL = (COMPLETED, FAILED, CANCELLED)
 JOB_ID = re.compile(r"video_[0-9a-f]{32}")
 WARMUP_PREFIX = "warmup-"  # + owner: a server's warm-up job folder (never listed; removed after the warm-up)
+STALE_LOCK_SECONDS = 60.0  # a free owner lock older than this is a dead server's: removed at start
+log = logging.getLogger("flowblend.serve")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() would give: mkstemp's 0600 widened to the same as videos
 
 
 @dataclass
@@ -48,6 +66,7 @@ class JobRecord:
     id: str
     request: dict
     owner: str
+    pair: str | None = None  # the pair that makes it (the video object's `model`)
     status: str = QUEUED
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
@@ -60,21 +79,32 @@ class JobRecord:
     error: str | None = None
     retryable: bool = False
     video: str | None = None  # file name inside the job folder once completed
+    thumbnail: str | None = None  # the first frame's image, beside the video
+    remixed_from: str | None = None  # the job whose request this one reused with a new prompt
+    body: dict | None = None  # the request as submitted (what a remix reuses)
+    newer_fields: dict = field(default_factory=dict)  # keys of a newer version's record: kept, written back
 
-    def public(self) -> dict:
+    def to_json(self) -> str:
         out = asdict(self)
-        out["object"] = "video"
-        out["progress"] = round(100.0 * self.step / self.steps, 1) if self.steps else 0.0
-        return out
+        return json.dumps({**out.pop("newer_fields"), **out})
+
+    @staticmethod
+    def from_dict(data: dict) -> "JobRecord":
+        """A record from its JSON object; unknown keys are kept aside (TypeError/KeyError if it is not a record)."""
+        known = {f.name for f in fields(JobRecord)} - {"newer_fields"}
+        return JobRecord(**{k: v for k, v in data.items() if k in known},
+                         newer_fields={k: v for k, v in data.items() if k not in known})
 
 
 def new_job_id() -> str:
-    return f"video_{uuid.uuid4().hex}"
+    """video_<12 hex digits of the creation time in ms><20 random>: ids sort in creation order (as UUIDv7)."""
+    return f"video_{time.time_ns() // 1_000_000:012x}{uuid.uuid4().hex[:20]}"
 
 
 def _write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)
@@ -88,19 +118,40 @@ class OwnerLock:
 
     def __init__(self, directory: Path, owner: str):
         self.path = directory / f"{owner}.lock"
-        self._fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        self._fd = os.open(self.path, os.O_CREAT | os.O_RDONLY, 0o644)  # flock needs no write access
         fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
     def release(self) -> None:
+        """Remove the lock file (still held, so no reader sees it free and alive at once), then let it go."""
         if self._fd is not None:
+            self.path.unlink(missing_ok=True)
             os.close(self._fd)
             self._fd = None
+
+    @staticmethod
+    def remove_stale(directory: Path) -> None:
+        """Remove the lock files of dead servers (free and older than STALE_LOCK_SECONDS: a new server's file is
+        young, so one being created and not yet locked is never taken for a dead one's)."""
+        for path in directory.glob("*.lock"):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                if time.time() - os.fstat(fd).st_mtime < STALE_LOCK_SECONDS:
+                    continue
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                path.unlink(missing_ok=True)  # held by us while it goes: nobody locks it in between
+            except BlockingIOError:
+                pass  # a live server's
+            finally:
+                os.close(fd)
 
     @staticmethod
     def alive(directory: Path, owner: str) -> bool:
         path = directory / f"{owner}.lock"
         try:
-            fd = os.open(path, os.O_RDWR)
+            fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             return False
         try:
@@ -128,6 +179,7 @@ class JobStore:
         self.owners_dir.mkdir(exist_ok=True)
         self.queue = SharedQueue(self.root, self.jobs_dir, self.owner)
         self._lock = threading.Lock()  # one writer per record within this process
+        self._unreadable: set[Path] = set()  # records already reported unreadable (one log line each)
         self._owner_lock = OwnerLock(self.owners_dir, self.owner)
 
     def close(self) -> None:
@@ -147,7 +199,7 @@ class JobStore:
 
     def save(self, record: JobRecord) -> None:
         with self._lock:
-            _write_atomic(self.folder(record.id) / "job.json", json.dumps(asdict(record)))
+            _write_atomic(self.folder(record.id) / "job.json", record.to_json())
 
     def stamp(self, job_id: str) -> tuple[int, int] | None:
         """What changes whenever the record is saved (each save renames a new file into place): one stat."""
@@ -163,11 +215,18 @@ class JobStore:
         return self._fail_orphan(record) if record is not None and self._orphaned(record) else record
 
     def _read(self, job_id: str) -> JobRecord | None:
-        if not JOB_ID.fullmatch(job_id):
+        """The record, or None: no such job, a deleted one, or a file that is not a record (logged once)."""
+        if not JOB_ID.fullmatch(job_id) or self.deleted(job_id):
             return None
+        path = self.folder(job_id) / "job.json"
         try:
-            return JobRecord(**json.loads((self.folder(job_id) / "job.json").read_text()))
+            return JobRecord.from_dict(json.loads(path.read_text()))
         except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            if path not in self._unreadable:
+                self._unreadable.add(path)
+                log.warning("flowblend serve: skipping %s: not a job record (%s)", path, str(exc).splitlines()[0])
             return None
 
     def _orphaned(self, record: JobRecord) -> bool:
@@ -185,23 +244,33 @@ class JobStore:
         self.save(record)
         return record
 
-    def ids(self) -> list[str]:
-        """Every job id, newest first."""
-        def created(job_id: str) -> float:
-            try:
-                return (self.folder(job_id) / "job.json").stat().st_mtime
-            except FileNotFoundError:
-                return 0.0
-        return sorted((p.name for p in self.jobs_dir.iterdir() if JOB_ID.fullmatch(p.name)), key=created, reverse=True)
+    def ids(self, newest_first: bool = True) -> list[str]:
+        """Every job id in creation order (ids begin with their creation time: one directory listing, no stat)."""
+        return sorted((n for n in os.listdir(self.jobs_dir) if JOB_ID.fullmatch(n)), reverse=newest_first)
 
     def list(self, limit: int = 100) -> list[JobRecord]:
-        """Newest first (orphans of dead owners come back failed, as from `load`)."""
-        records = [self.load(i) for i in self.ids()[:limit]]
-        return [r for r in records if r is not None]
+        """The newest `limit` records."""
+        return self.page(limit)[0]
+
+    def page(self, limit: int = 100, after: str | None = None, newest_first: bool = True) -> tuple[list[JobRecord], bool]:
+        """Up to `limit` records after the id `after` in that order, and whether more follow (orphans of dead
+        owners come back failed, as from `load`; unreadable records are skipped)."""
+        ids = self.ids(newest_first)
+        if after is not None:
+            ids = [i for i in ids if (i < after if newest_first else i > after)]
+        records: list[JobRecord] = []
+        for job_id in ids:
+            if len(records) == limit:
+                return records, True
+            record = self.load(job_id)
+            if record is not None:
+                records.append(record)
+        return records, False
 
     def recover(self) -> list[str]:
         """At start: every queued/running job of a dead owner reported failed (a restart after a crash), and the
         warm-up folders of servers that died warming up removed."""
+        OwnerLock.remove_stale(self.owners_dir)
         for folder in self.jobs_dir.glob(f"{WARMUP_PREFIX}*"):
             if not OwnerLock.alive(self.owners_dir, folder.name.removeprefix(WARMUP_PREFIX)):
                 shutil.rmtree(folder, ignore_errors=True)
@@ -212,23 +281,54 @@ class JobStore:
     def request_cancel(self, job_id: str) -> None:
         (self.folder(job_id) / "cancel").touch()
 
+    def mark_deleted(self, job_id: str) -> None:
+        """Hide a running job at once (404 from now on); whoever runs it removes the folder when it stops."""
+        (self.folder(job_id) / "deleted").touch()
+
+    def deleted(self, job_id: str) -> bool:
+        return (self.folder(job_id) / "deleted").exists()
+
+    def remove(self, job_id: str) -> None:
+        """A job's folder gone for good (DELETE of a stopped job): renamed aside first, so no reader sees half."""
+        folder = self.folder(job_id)
+        trash = self.jobs_dir / f".deleted-{job_id}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(folder, trash)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(trash, ignore_errors=True)
+
     def cancel_requested(self, job_id: str) -> bool:
         return (self.folder(job_id) / "cancel").exists()
 
-    def video_path(self, record: JobRecord) -> Path | None:
-        if record.status != COMPLETED or not record.video:
+    def video_path(self, record: JobRecord, name: str | None = None) -> Path | None:
+        """The completed job's file `name` (default: its video), if it is there."""
+        name = name or record.video
+        if record.status != COMPLETED or not name:
             return None
-        path = self.folder(record.id) / record.video
+        path = self.folder(record.id) / name
         return path if path.is_file() else None
+
+
+def writable_error(root: Path) -> OSError | None:
+    """Why this process cannot create and write a file in `root` (None: it can). A full disk still creates empty
+    files, so the probe writes a page."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=root, prefix=".write-probe.")
+        try:
+            os.write(fd, b"\0" * 4096)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        return exc
+    return None
 
 
 def check_writable(root: Path) -> None:
     """Refuse a results directory this process cannot create files in (one line, naming the fix)."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=root, prefix=".write-probe.")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
+    exc = writable_error(root)
+    if exc is not None:
         raise FlowblendError(f"results directory {root} is not writable ({exc.strerror or exc}): pass --results-dir "
-                             "with a folder this user can write") from None
+                             "with a folder this user can write")

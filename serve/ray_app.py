@@ -60,7 +60,7 @@ class FlowblendReplica:
     def check_health(self) -> None:
         """Ray's health probe: a replica whose worker failed is replaced."""
         if self.service.state not in ("ready", "draining"):
-            raise RuntimeError(f"flowblend replica is {self.service.state}: {self.service.error or self.service.stage}")
+            raise RuntimeError(f"flowblend replica is {self.service.state}: {self.service.reason or self.service.stage}")
 
     def __del__(self):
         """Ray's graceful shutdown: drain (queued jobs persisted as failed-retryable)."""

@@ -7,6 +7,7 @@ and engines, loaded on the worker thread while `/health` answers 503 "loading".
 """
 from __future__ import annotations
 
+import dataclasses
 import socket
 import sys
 import threading
@@ -59,15 +60,21 @@ class DrainingServer(uvicorn.Server):
         threading.Thread(target=self._drain_then_exit, name="flowblend-drain", daemon=True).start()
 
     def _drain_then_exit(self) -> None:
-        finished = self.service.drain()
-        print(f"flowblend serve: drained ({'the running job finished' if finished else 'running job stopped'}; "
-              "queued jobs persisted as failed, retryable)", file=sys.stderr, flush=True)
-        self.should_exit = True
+        """Drain, then stop uvicorn whatever the drain met (a full disk must not keep the process alive)."""
+        try:
+            finished = self.service.drain()
+            print(f"flowblend serve: drained ({'the running job finished' if finished else 'running job stopped'}; "
+                  "queued jobs persisted as failed, retryable)", file=sys.stderr, flush=True)
+        except Exception as exc:  # noqa: BLE001 - one line, then exit as asked
+            print(f"flowblend serve: drained with an error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        finally:
+            self.should_exit = True
 
 
 def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> int:
     """Serve until SIGTERM/SIGINT; returns the process exit status (2 if the pipeline failed to load)."""
-    service = VideoService(config)  # checks the defaults and the results dir before anything loads
+    config = dataclasses.replace(config, host=host)  # the Host allow-list and the key rule follow the address
+    service = VideoService(config)  # checks the defaults, access and the results dir before anything loads
     try:
         sock = bind_socket(host, port)
     except FlowblendError:

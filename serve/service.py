@@ -1,27 +1,33 @@
-"""The server's core, HTTP-free: a bounded queue, one worker thread over the warm pipeline, job state.
+"""The server's core, HTTP-free: the life cycle (load, ready, drain) and the requests (submit, get, cancel, delete).
 
-One thread runs jobs one at a time (the pipeline's buffers serve one request at a time; a second
-model copy would double memory for no gain on one device). The HTTP side only validates, enqueues
-and reads records. Cancellation is checked at step boundaries through the sampler's `on_step`
-hook; SIGTERM drains (`drain`): no new jobs, the running one may finish within `drain_seconds`,
-queued ones are persisted as failed-retryable. Servers on one results directory (Ray Serve
-replicas) share their queues: what the worker runs, and from where, is serve/worker.py's job.
+One worker thread (serve/worker.py's JobWorker, which this service holds) runs jobs one at a time (the
+pipeline's buffers serve one request at a time; a second model copy would double memory for no gain
+on one device). The HTTP side only validates, enqueues and reads records. Cancellation is checked at
+step boundaries through the sampler's `on_step` hook; SIGTERM drains (`drain`): no new jobs, the running
+one may finish within `drain_seconds`, queued ones are persisted as failed-retryable. Servers on one
+results directory (Ray Serve replicas) share their queues: what the worker runs, and from where, is the
+worker's job.
 """
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
 import time
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from flowblend.errors import FlowblendError
-from flowblend.export.pairs import get_family
+from flowblend.families import get_family
 
 from .config import ServeConfig
+from .guard import check_access
 from .jobs import ACTIVE, CANCELLED, FAILED, FINAL, QUEUED, RUNNING, JobRecord, JobStore, check_writable, new_job_id
-from .video_request import JobSpec, VideoRequest, resolve
+from .metrics import ServeMetrics
+from .video_request import JobSpec, VideoRequest, error_line, resolve
 from .warm import WARMUP_PROMPT, WarmPipeline
-from .worker import IDLE_POLL_SECONDS, JobWorker, _one_line, _Stop
+from .worker import JobWorker, _one_line, _Stop
 
 CLAIM_CHECK_SECONDS = 0.1  # a long poll on a job queued here looks this often whether another server took it
 SHARED_POLL_SECONDS = 0.05  # a long poll on another server's job: one stat of its record this often
@@ -36,22 +42,43 @@ class ServiceError(FlowblendError):
         self.status, self.retry_after = status, retry_after
 
 
-class VideoService(JobWorker):
-    """`VideoService(config).start()`, then `submit / get / cancel / wait` from any thread or event loop."""
+class VideoService:
+    """`VideoService(config).start()`, then `submit / get / cancel / delete / wait` from any thread or event loop."""
 
     def __init__(self, config: ServeConfig, pipeline: WarmPipeline | None = None):
+        self.config, self.family = config, get_family(config.pair)
         self.default_spec = self.check_config(config)
-        super().__init__(config, get_family(config.pair), JobStore(config.results_dir), pipeline)
+        self.store = JobStore(config.results_dir)
+        self.worker = JobWorker(config, self.family, self.store, pipeline, self.default_spec)
         self.recovered = self.store.recover()
-        self.state, self.stage, self.error = "loading", "starting", None
+        self._state, self.stage, self.error = "loading", "starting", None
+        self._state_changed = threading.Condition()
         self._thread: threading.Thread | None = None
 
     @staticmethod
     def check_config(config: ServeConfig) -> JobSpec:
         """The request defaults by the CLI's rules and a writable results dir: one line, before anything loads."""
         spec = resolve(VideoRequest(prompt=WARMUP_PROMPT), config, get_family(config.pair))
+        check_access(config.host, config.api_key, tuple(config.allowed_hosts))
         check_writable(Path(config.results_dir))
         return spec
+
+    @property
+    def pipeline(self) -> WarmPipeline | None:
+        return self.worker.pipeline
+
+    @property
+    def metrics(self) -> ServeMetrics:
+        return self.worker.metrics
+
+    @property
+    def state(self) -> str:
+        """loading | ready | unavailable (the worker cannot take jobs: `error` says why) | failed | draining | stopped"""
+        return "unavailable" if self._state == "ready" and self.worker.fault else self._state
+
+    @property
+    def reason(self) -> str | None:
+        return self.worker.fault if self.state == "unavailable" else self.error
 
     # -- life cycle ---------------------------------------------------------------------------
     def start(self, wait: bool = False) -> "VideoService":
@@ -63,68 +90,60 @@ class VideoService(JobWorker):
         return self
 
     def wait_ready(self, timeout: float | None = None) -> None:
-        with self._cond:
-            self._cond.wait_for(lambda: self.state != "loading", timeout)
-        if self.state == "failed":
+        with self._state_changed:
+            self._state_changed.wait_for(lambda: self._state != "loading", timeout)
+        if self._state == "failed":
             raise FlowblendError(self.error)
+
+    def _set_state(self, state: str, error: str | None = None, only_from: str | None = None) -> None:
+        with self._state_changed:
+            if only_from is None or self._state == only_from:
+                self._state, self.error = state, error
+            self._state_changed.notify_all()
 
     def _load(self) -> None:
         def stage(text: str) -> None:
             self.stage = text
 
-        if self.pipeline is None:
-            self.pipeline = WarmPipeline(self.config, self.family)
-            self.pipeline.load(self.default_spec, stage, warm_up=False)
+        w = self.worker
+        if w.pipeline is None:
+            w.pipeline = WarmPipeline(self.config, self.family)
+            w.pipeline.load(self.default_spec, stage, warm_up=False)
         else:
-            self.pipeline.warm_keys.add(self.default_spec.shape_key())
-        stage(self.pipeline.warm_up_stage)
+            w.pipeline.warm_keys.add(self.default_spec.shape_key())
+        stage(w.pipeline.warm_up_stage)
         start = time.perf_counter()
-        self._warm_up()
-        self.pipeline.load_seconds["warmup"] = round(time.perf_counter() - start, 3)
+        w.warm_up()
+        w.pipeline.load_seconds["warmup"] = round(time.perf_counter() - start, 3)
 
     def _work(self) -> None:
         try:
             self._load()
         except Exception as exc:  # noqa: BLE001 - reported by /health and the CLI as one line
-            with self._cond:
-                self.state, self.error = "failed", _one_line(exc)
-                self._cond.notify_all()
+            self._set_state("failed", _one_line(exc))
             return
-        with self._cond:
-            if self.state == "loading":
-                self.state, self.stage = "ready", "ready"
-            self._cond.notify_all()
+        self.stage = "ready"
+        self._set_state("ready", only_from="loading")
         self.metrics.ready.set(1)
-        while True:
-            with self._cond:  # woken at once by a job submitted here; otherwise looks at the shared queue
-                self._cond.wait_for(lambda: self._queue or self._closed, IDLE_POLL_SECONDS)
-                if self._closed:
-                    return
-            job_id = self._take_next() if self.state == "ready" else None
-            if job_id is None:
-                continue
-            try:
-                self._run(job_id)
-            finally:
-                with self._cond:
-                    self._running = None
-                    self._update_gauges()
-                    self._cond.notify_all()
+        self.worker.run_loop(lambda: self._state == "ready")
 
     def begin_drain(self, reason: str = "the server is shutting down") -> None:
         """Refuse new jobs; fail every queued job as retryable now (persisted), let the running one go on."""
-        with self._cond:
-            if self.state in ("draining", "stopped"):
+        with self._state_changed:
+            if self._state in ("draining", "stopped"):
                 return
-            self.state = "draining"
-            dropped = list(self._queue)
-            self._queue.clear()
-        for job_id in dropped:
-            if self.store.queue.claim(job_id):
-                self._finish(self._records[job_id], FAILED, f"{reason} before the job started; submit it again",
-                             retryable=True)
+            self._state = "draining"
+        for job_id in self.worker.take_queued():
+            record = self.worker.local(job_id)
+            try:
+                claimed = self.store.queue.claim(job_id)
+            except OSError:
+                claimed = True  # its folder is gone or unwritable: nobody else can take it either
+            if claimed and record is not None:
+                self.worker.finish(record, FAILED, f"{reason} before the job started; submit it again",
+                                    retryable=True)
             else:
-                self._forget(job_id)  # another server took it and runs it
+                self.worker.forget(job_id)  # another server took it and runs it
 
     def drain(self, timeout: float | None = None) -> bool:
         """begin_drain, wait up to `timeout` (default drain_seconds) for the running job, then stop it.
@@ -133,24 +152,20 @@ class VideoService(JobWorker):
         """
         self.begin_drain()
         timeout = self.config.drain_seconds if timeout is None else timeout
-        with self._cond:
-            finished = self._cond.wait_for(lambda: self._running is None, timeout)
-            if not finished:
-                self._stop_running = _Stop(FAILED, f"the server shut down while the job ran (drain limit "
-                                                   f"{timeout:g} s); submit it again", retryable=True)
-            self._closed = True
-            self._cond.notify_all()
+        finished = self.worker.stop(_Stop(FAILED, f"the server shut down while the job ran (drain limit {timeout:g} "
+                                                  "s); submit it again", retryable=True), timeout)
         if self._thread is not None:
             self._thread.join(timeout + 5.0)  # a job stops at its next step; a load in progress is abandoned
-        self.state = "stopped"
+        self._set_state("stopped", self.error)
         self.store.close()
         return finished
 
     # -- requests -----------------------------------------------------------------------------
-    def submit(self, body: VideoRequest) -> JobRecord:
+    def submit(self, body: VideoRequest, remixed_from: str | None = None) -> JobRecord:
         """Check and enqueue; ServiceError(400/429/503) when refused."""
         if self.state != "ready":
             reason = "the server is shutting down" if self.state in ("draining", "stopped") else \
+                f"the server cannot take jobs: {self.reason}" if self.state == "unavailable" else \
                 f"the server is not ready ({self.stage})"
             self.metrics.rejected.labels("not_ready").inc()
             raise ServiceError(503, f"{reason}; retry later", self.config.retry_after_seconds)
@@ -166,30 +181,37 @@ class VideoService(JobWorker):
                                     f"shape of this server (warm: {d.width}x{d.height}, {d.frames} frames, "
                                     f"CFG {'on' if self.default_spec.cfg else 'off'}); restart it with that size or with "
                                     "--dynamic-shapes")
-        record = JobRecord(new_job_id(), spec.to_dict(), self.store.owner, steps=len(spec.plan),
-                           models=list(spec.plan.models))
-        with self._cond:
-            if len(self._queue) >= self.config.queue_size:
-                for job_id in [j for j in self._queue if self.store.queue.claimed(j)]:
-                    self._forget(job_id)  # taken by other servers since
-            if len(self._queue) >= self.config.queue_size:
-                self.metrics.rejected.labels("queue_full").inc()
-                raise ServiceError(429, f"the queue is full ({self.config.queue_size} jobs waiting); retry later",
-                                   self.config.retry_after_seconds)
-            self.store.create(record, body.model_dump())
-            self._records[record.id], self._specs[record.id] = record, spec
-            self._queue.append(record.id)
-            self._update_gauges()
-            self._cond.notify_all()
+        record = JobRecord(new_job_id(), spec.to_dict(), self.store.owner, pair=self.family.name,
+                           steps=len(spec.plan), models=list(spec.plan.models), remixed_from=remixed_from)
+        record.body = body.model_dump(exclude_none=True)
+        try:
+            accepted = self.worker.enqueue(record, spec, record.body)
+        except OSError as exc:  # a full or read-only results dir: nothing half-made is left, health says why
+            shutil.rmtree(self.store.folder(record.id), ignore_errors=True)
+            self.worker.check_results_dir()
+            raise ServiceError(503, f"the job could not be saved ({exc.strerror or exc}); retry later",
+                               self.config.retry_after_seconds) from None
+        if not accepted:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise ServiceError(429, f"the queue is full ({self.config.queue_size} jobs waiting); retry later",
+                               self.config.retry_after_seconds)
         return record
 
+    def remix(self, job_id: str, prompt: str) -> JobRecord:
+        """A new job with `job_id`'s request and a new prompt (OpenAI's remix)."""
+        source = self.get(job_id)
+        body = source.body
+        if body is None:
+            raise ServiceError(409, f"job {job_id} was made by an older server that kept no request to remix")
+        try:
+            request = VideoRequest.model_validate({**body, "prompt": prompt})
+        except ValidationError as exc:
+            raise ServiceError(400, error_line(exc.errors())) from None
+        return self.submit(request, remixed_from=job_id)
+
     def get(self, job_id: str) -> JobRecord:
-        with self._cond:
-            if job_id in self._queue and self.store.queue.claimed(job_id):
-                self._forget(job_id)  # another server took it (this worker claims and dequeues in one step)
-            record = self._records.get(job_id)
-        record = record or self.store.load(job_id)
-        if record is None:
+        record = self.worker.local(job_id) or self.store.load(job_id)
+        if record is None or self.store.deleted(job_id):
             raise ServiceError(404, f"no job {job_id!r}: list jobs with GET /v1/videos")
         return record
 
@@ -205,49 +227,54 @@ class VideoService(JobWorker):
         # claim came first, the job is starting or running where it was claimed and stops at its next step.
         dropped = record.status == QUEUED and self.store.queue.claim(job_id)
         if dropped:
-            with self._cond:
-                if job_id in self._queue:
-                    self._queue.remove(job_id)
-                    self._update_gauges()
-                record = self._records.get(job_id) or self.store.load(job_id)
-            self._finish(record, CANCELLED, "cancelled while queued")
+            self.worker.dequeue(job_id)
+            record = self.worker.local(job_id) or self.store.load(job_id)
+            self.worker.finish(record, CANCELLED, "cancelled while queued")
         return self.get(job_id), dropped
+
+    def delete(self, job_id: str) -> None:
+        """Delete (OpenAI's DELETE): gone at once for every reader; a running job stops at its next step and its
+        folder goes then (whoever runs it removes it)."""
+        record = self.get(job_id)
+        if record.status in ACTIVE and not (record.status == QUEUED and self.store.queue.claim(job_id)):
+            self.store.mark_deleted(job_id)  # running (or just claimed): hidden now, removed when it stops
+            self.store.request_cancel(job_id)
+            return
+        if record.status == QUEUED:
+            self.worker.dequeue(job_id)
+        self.worker.forget(job_id)
+        self.store.remove(job_id)
 
     def cancel_requested(self, job_id: str) -> bool:
         return self.store.cancel_requested(job_id)
 
-    def video_path(self, job_id: str) -> Path:
+    def file_path(self, job_id: str, name: str | None = None) -> Path:
+        """The completed job's video (or its file `name`: the thumbnail); 409 before it is completed."""
         record = self.get(job_id)
-        path = self.store.video_path(record)
+        path = self.store.video_path(record, name)
         if path is None:
             extra = f": {record.error}" if record.error else ""
-            raise ServiceError(409, f"job {job_id} is {record.status}{extra}; the video exists once it is completed")
+            raise ServiceError(409, f"job {job_id} is {record.status}{extra}; its files exist once it is completed")
         return path
 
     async def wait(self, job_id: str, timeout: float) -> JobRecord:
         """The record once final or after `timeout` seconds (long poll without a thread per waiter)."""
-        record = self.get(job_id)
+        record = await asyncio.to_thread(self.get, job_id)
         deadline = time.monotonic() + timeout
         seen, read_at = self.store.stamp(job_id), time.monotonic()
         while record.status in ACTIVE and (left := deadline - time.monotonic()) > 0:
-            loop, fut = asyncio.get_running_loop(), asyncio.get_running_loop().create_future()
-            with self._cond:
-                here = job_id in self._records  # queued or running here: the worker (or _forget) wakes us
-                if here:
-                    self._watchers.setdefault(job_id, []).append((loop, fut))
-            if here:  # a job queued here may be taken by another server meanwhile: look again now and then
-                try:
+            loop = asyncio.get_running_loop()
+            fut = loop.create_future()
+            if self.worker.watch(job_id, loop, fut):  # queued or running here: the worker wakes us
+                try:  # a job queued here may be taken by another server meanwhile: look again now and then
                     await asyncio.wait_for(fut, left if record.status == RUNNING else min(left, CLAIM_CHECK_SECONDS))
                 except asyncio.TimeoutError:
-                    with self._cond:
-                        if fut in (f for _, f in self._watchers.get(job_id, [])):
-                            self._watchers[job_id] = [w for w in self._watchers[job_id] if w[1] is not fut]
+                    self.worker.unwatch(job_id, fut)
                 record = self.get(job_id)
             else:  # another server's: its record on the shared results dir, read when it changed
                 await asyncio.sleep(min(SHARED_POLL_SECONDS, left))
                 stamp = self.store.stamp(job_id)
                 if stamp != seen or time.monotonic() - read_at >= ORPHAN_CHECK_SECONDS:
                     seen, read_at = stamp, time.monotonic()
-                    record = self.get(job_id)
+                    record = await asyncio.to_thread(self.get, job_id)
         return record
-

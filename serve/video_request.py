@@ -16,23 +16,28 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from flowblend.errors import FlowblendError
-from flowblend.export.pairs import PairFamily
-from flowblend.runtime.blend_request import BlendChoices, experts_of, plan_of, resolve_guidance
-from flowblend.runtime.plan import BlendPlan, ExpertSchedule
-from flowblend.runtime.request import GenerationRequest, validate_request
-from flowblend.runtime.sampler import SamplerOptions
+from flowblend.families import PairFamily
+from flowblend.runtime.blend_request import BlendChoices
+from flowblend.runtime.resolved import ResolvedRequest, resolve_request
 
 from .config import ServeConfig
 
 MAX_PROMPT_CHARS = 2000  # the longest text encoder (UMT5, 512 tokens) reads far less than this
 PLAN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")
+SIZE = re.compile(r"(\d{1,9})x(\d{1,9})")
+MAX_SIDE = 4096  # pixels per side a request may ask for (with --dynamic-shapes): 3x Wan's 720p, before any buffer
+MAX_GUIDANCE = 100.0  # CFG scales in use are 1-20; far above, the update overflows to a black video
+FPS = 8  # the frame rate every served video is written at (runtime/video.save_video's default): seconds <-> frames
+SECONDS = re.compile(r"\d{1,4}(\.\d{1,6})?")
 
 
 class VideoRequest(BaseModel):
-    """The body of `POST /v1/videos` (OpenAI-style: prompt, size "WIDTHxHEIGHT"; flowblend: plan, steps...)."""
+    """The body of `POST /v1/videos` (OpenAI-style: prompt, seconds, size "WIDTHxHEIGHT"; flowblend: plan, steps...).
 
-    model_config = ConfigDict(extra="forbid")
+    Strict types: a JSON `steps: "20"` or `steps: true` is refused, not coerced (form fields, text by nature, are
+    parsed into these types first: serve/intake.py)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(max_length=MAX_PROMPT_CHARS)
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
@@ -40,34 +45,15 @@ class VideoRequest(BaseModel):
     plan: str | None = Field(None, max_length=256)  # any BlendPlan spelling, or a calibrated plan's name
     steps: int | None = None
     seed: int = 0
-    size: str | None = None  # "WIDTHxHEIGHT", e.g. "32x32"
+    size: str | None = Field(None, max_length=32)  # "WIDTHxHEIGHT", e.g. "32x32"
+    seconds: str | None = Field(None, max_length=16)  # OpenAI's duration: frames = seconds x FPS + 1
     frames: int | None = None
     guidance: float | None = None
 
 
 @dataclass(frozen=True)
-class JobSpec:
-    """A request every rule has accepted and the sampler options it runs with: what the worker runs."""
-
-    request: GenerationRequest  # one prompt, every default filled in (runtime/request.py)
-    options: SamplerOptions
-    experts: ExpertSchedule | None = None  # wan22: which expert each step belongs to
-
-    @property
-    def plan(self) -> BlendPlan:
-        return self.request.plan
-
-    @property
-    def guidance_per_step(self) -> tuple[float, ...]:
-        return self.options.guidance_for(len(self.plan))
-
-    @property
-    def cfg(self) -> bool:
-        return any(g > 1.0 for g in self.guidance_per_step)  # diffusers' rule (runtime/sampler.py): batch 2 above 1
-
-    def shape_key(self) -> tuple:
-        """What buffers (and engines' static shapes, graphs) are specialised for."""
-        return (self.request.latent_shape, self.cfg)
+class JobSpec(ResolvedRequest):
+    """What the worker runs: the one resolved request value (runtime/resolved.py), plus the record it writes."""
 
     def to_dict(self) -> dict:
         r = self.request
@@ -78,14 +64,39 @@ class JobSpec:
                    if self.experts is not None else {})}
 
 
-def parse_size(size: str | None) -> tuple[int | None, int | None]:
-    """'WIDTHxHEIGHT' -> (height, width)."""
+def parse_size(size: str | None, family: PairFamily) -> tuple[int | None, int | None]:
+    """'WIDTHxHEIGHT' -> (height, width); sides above MAX_SIDE are refused with a size that is accepted."""
     if size is None:
         return None, None
     m = SIZE.fullmatch(size.strip())
     if not m:
-        raise FlowblendError(f"size {size!r} is not WIDTHxHEIGHT, e.g. \"32x32\"")
-    return int(m.group(2)), int(m.group(1))
+        raise FlowblendError(f"size {size!r} is not WIDTHxHEIGHT, e.g. \"{family.width}x{family.height}\"")
+    width, height = int(m.group(1)), int(m.group(2))
+    if width > MAX_SIDE or height > MAX_SIDE:
+        step = family.pixel_multiple
+        fit = [max(step, min(v, MAX_SIDE) // step * step) for v in (width, height)]
+        raise FlowblendError(f"size {size!r}: this server makes sides of at most {MAX_SIDE} pixels; try "
+                             f"\"{fit[0]}x{fit[1]}\"")
+    return height, width
+
+
+def frames_of(seconds: str, family: PairFamily) -> int:
+    """OpenAI's `seconds` as frames at FPS (frames = seconds x FPS + 1, the first frame at 0 s), if the family makes
+    that many; else FlowblendError naming the nearest durations it makes."""
+    if not SECONDS.fullmatch(seconds.strip()):
+        raise FlowblendError(f"seconds {seconds!r} is not a duration in seconds, e.g. \"1\"")
+    frames = float(seconds) * FPS + 1
+    if frames == int(frames) and family.frames_ok(int(frames)):
+        return int(frames)
+    near = sorted((f for f in range(1, int(frames) + 4 * FPS * family.temporal_factor) if family.frames_ok(f)),
+                  key=lambda f: abs(f - frames))[:2]
+    raise FlowblendError(f"seconds {seconds!r} is not a length the {family.name} pair makes at {FPS} fps (frames = "
+                         f"seconds x {FPS} + 1); try {' or '.join(repr(seconds_of(f)) for f in sorted(near))}")
+
+
+def seconds_of(frames: int) -> str:
+    """The duration of `frames` frames at FPS, as OpenAI spells it (a string)."""
+    return f"{(frames - 1) / FPS:g}"
 
 
 def plan_file(plans_dir: str | None, name: str) -> Path | None:
@@ -105,33 +116,37 @@ def resolve(body: VideoRequest, config: ServeConfig, family: PairFamily) -> JobS
     if body.steps is not None and not 1 <= body.steps <= config.max_steps:
         raise FlowblendError(f"steps must be between 1 and {config.max_steps} (this server's --max-steps), "
                              f"got {body.steps}")
-    height, width = parse_size(body.size)
+    if body.guidance is not None and body.guidance > MAX_GUIDANCE:
+        raise FlowblendError(f"guidance must be at most {MAX_GUIDANCE:g} on this server, got {body.guidance!r}")
+    if body.seconds is not None and body.frames is not None:
+        raise FlowblendError("give seconds or frames, not both")
+    height, width = parse_size(body.size, family)
+    frames = frames_of(body.seconds, family) if body.seconds is not None else body.frames
     named = plan_file(config.plans_dir, body.plan) if body.plan else config.plan_file
     steps = body.steps if body.steps is not None else config.steps
     # the request's values, else the server's (None: the family's default)
     choices = BlendChoices(plan=body.plan or config.plan, plan_file=str(named) if named else None, steps=steps,
-                           frames=body.frames if body.frames is not None else config.frames,
+                           frames=frames if frames is not None else config.frames,
                            height=height if height is not None else config.height,
                            width=width if width is not None else config.width,
                            guidance=body.guidance if body.guidance is not None else config.guidance,
                            boundary_ratio=config.boundary_ratio, guidance_2=config.guidance_2,
                            small_guidance=config.small_guidance)
     try:
-        experts = experts_of(choices, family)
-        request = validate_request(family, body.prompt, body.negative_prompt, plan_of(choices, family, experts),
-                                   steps, body.seed, choices.height, choices.width, choices.frames, choices.guidance)
+        spec = resolve_request(family, choices, body.prompt, body.negative_prompt, body.seed)  # the CLI's resolver
     except FlowblendError as exc:
+        if body.size is not None and str(exc).startswith(f"{family.name}: height and width"):
+            step = family.pixel_multiple  # the family speaks HEIGHTxWIDTH; a size is WIDTHxHEIGHT
+            fit = [max(step, round(v / step) * step) for v in (width, height)]
+            raise FlowblendError(f"{exc} (as a size, WIDTHxHEIGHT: \"{fit[0]}x{fit[1]}\")") from None
         known = sorted(p.stem for p in Path(config.plans_dir).glob("*.json")) if config.plans_dir else []
         if known and choices.plan and str(exc).startswith(f"plan {choices.plan!r}"):
             raise FlowblendError(f"{exc}; or name a calibrated plan: {', '.join(known)}") from None
         raise
-    if len(request.plan) > config.max_steps:
-        raise FlowblendError(f"plan {choices.plan or request.plan.spec!r} has {len(request.plan)} steps; this server "
+    if len(spec.plan) > config.max_steps:
+        raise FlowblendError(f"plan {choices.plan or spec.plan.spec!r} has {len(spec.plan)} steps; this server "
                              f"runs at most {config.max_steps} (--max-steps)")
-    _, table = resolve_guidance(choices, family, request.plan, experts)
-    uniform = all(g == request.guidance for g in table)  # two-model pairs: one scale, no table (as before)
-    options = SamplerOptions(**request.sampler_settings(), guidance_table=None if uniform else table)
-    return JobSpec(request, options, experts)
+    return JobSpec(spec.request, spec.options, spec.experts)
 
 
 def error_line(errors: list[dict]) -> str:

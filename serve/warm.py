@@ -19,13 +19,10 @@ from typing import Callable
 
 import torch
 
-from flowblend.engines.factory import make_engines, torch_dtype
+from flowblend.assembly import EngineChoice, engines_for, load_models, pipeline_for
 from flowblend.errors import FlowblendError
-from flowblend.export.pairs import PairFamily, load_pair
-from flowblend.runtime.graph import GraphRunner
-from flowblend.runtime.graph_modes import GRAPH_FLAGS
+from flowblend.families import PairFamily
 from flowblend.runtime.pipeline import BlendPipeline
-from flowblend.runtime.sampler import Sampler
 from flowblend.runtime.video import save_video
 
 from .config import ServeConfig
@@ -40,7 +37,7 @@ class WarmPipeline:
 
     def __init__(self, config: ServeConfig, family: PairFamily):
         self.config, self.family = config, family
-        self.dtype = torch_dtype(config.dtype)
+        self.engine_choice = EngineChoice.of(config)  # flowblend/assembly.py: what generate and bench pass too
         self.pair = None
         self.engines: dict | None = None
         self.warm_keys: set[tuple] = set()
@@ -58,18 +55,11 @@ class WarmPipeline:
             torch.set_num_threads(c.threads)
         t0 = time.perf_counter()
         stage("loading the pair")
-        self.pair = load_pair(self.family.name, c.large, c.small, dtype=self.dtype, device=c.device,
-                              allow_download=c.allow_download)
+        self.pair = load_models(self.family.name, self.engine_choice, c.large, c.small, c.allow_download)
         t1 = time.perf_counter()
         stage(f"loading {c.backend} engines")
-        if c.backend in ("onnxruntime", "tensorrt") and c.build_engines:
-            from flowblend.engines.build import build_pair_engines
-
-            # The store keys engines by GPU type and locks each build: replicas on shared storage build once.
-            build_pair_engines(self.family.name, c.backend, c.artifacts, progress=False)
-        self.engines = make_engines(c.backend, self.pair, latent_shape=warm_spec.request.latent_shape,
-                                    guidance=max(warm_spec.guidance_per_step), device=c.device, dtype=c.dtype,
-                                    artifacts=c.artifacts)
+        self.engines = engines_for(self.pair, self.engine_choice, warm_spec.request.latent_shape,
+                                   max(warm_spec.guidance_per_step), build=c.build_engines)
         t2 = time.perf_counter()
         self.warm_keys.add(warm_spec.shape_key())
         self.load_seconds = {"pair": round(t1 - t0, 3), "engines": round(t2 - t1, 3)}
@@ -91,10 +81,7 @@ class WarmPipeline:
         if pipe is None:
             if self.engines is None:
                 raise FlowblendError("the pipeline is not loaded yet: wait for GET /health to say ready")
-            sampler = Sampler(self.engines, spec.plan, options=spec.options, device=self.config.device,
-                              dtype=self.dtype)
-            pipe = BlendPipeline(GraphRunner(sampler, mode=GRAPH_FLAGS[self.config.graph]), self.pair.encode_prompt,
-                                 self.pair.decode)
+            pipe = pipeline_for(self.pair, self.engines, spec.plan, spec.options, self.engine_choice, self.config.graph)
             self._pipes[key] = pipe
             if len(self._pipes) > MAX_SAMPLERS:
                 self._pipes.popitem(last=False)

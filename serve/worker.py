@@ -6,31 +6,53 @@ another server on the same results directory: a worker with nothing of its own t
 job of another live server, so no worker idles while a job waits anywhere (Ray routes each POST to any
 replica; the 202 returns at once, so where a job was accepted says nothing about who is free). A job
 accepted here but taken by another server is forgotten here, and its long polls read the shared record.
+
+Faults never stall the queue: whatever fails while a job runs or finishes (the pipeline, the video
+encoder, saving its record into a full or deleted folder) fails that job with the reason, and the worker
+goes on. A record that cannot be saved is kept in memory and answered from there. After a failure the
+results directory is probed; while it cannot be written, `fault` says why (health answers 503 with it,
+new jobs are refused, the queued ones fail with it) and the probe is repeated until it can be again.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from typing import Callable
 
 from pydantic import ValidationError
 
 from flowblend.errors import FlowblendError
-from flowblend.export.pairs import PairFamily
-from flowblend.runtime.video import save_video
+from flowblend.families import PairFamily
 
 from .config import ServeConfig
-from .jobs import CANCELLED, COMPLETED, FAILED, QUEUED, RUNNING, WARMUP_PREFIX, JobRecord, JobStore, OwnerLock
+from .jobs import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    WARMUP_PREFIX,
+    JobRecord,
+    JobStore,
+    OwnerLock,
+    writable_error,
+)
 from .metrics import ServeMetrics
+from .results import NonFiniteVideo, write_results
 from .shared_queue import QueueEntry
 from .video_request import JobSpec, VideoRequest, resolve
 from .warm import WarmPipeline
 
 PROGRESS_SAVE_SECONDS = 0.5  # how often a running job's progress reaches the results dir (other replicas)
 IDLE_POLL_SECONDS = 0.05  # an idle worker lists the shared queue this often (a few names: microseconds)
+FAULT_PROBE_SECONDS = 1.0  # while the results dir cannot be written, it is probed again this often
+UNSAVED_KEPT = 1000  # final records that could not be saved, answered from memory (newest kept)
+log = logging.getLogger("flowblend.serve")
 
 
 class _Stop(Exception):
@@ -48,13 +70,16 @@ class JobWorker:
     queued or running here (fresh progress), `_running` the one the worker runs; all under `_cond`.
     """
 
-    def __init__(self, config: ServeConfig, family: PairFamily, store: JobStore, pipeline: WarmPipeline | None):
+    def __init__(self, config: ServeConfig, family: PairFamily, store: JobStore, pipeline: WarmPipeline | None,
+                 default_spec: JobSpec):
         self.config, self.family, self.store, self.pipeline = config, family, store, pipeline
+        self.default_spec = default_spec  # the warm spec
         self.metrics = ServeMetrics()
-        self.default_spec: JobSpec  # the warm spec (the subclass sets it first)
+        self.fault: str | None = None  # why no job can run now (the results dir cannot be written); None: fine
         self._queue: deque[str] = deque()  # accepted here, not yet claimed, oldest first
         self._records: dict[str, JobRecord] = {}  # this process's queued and running jobs (fresh progress)
         self._specs: dict[str, JobSpec] = {}
+        self._unsaved: OrderedDict[str, JobRecord] = OrderedDict()  # final, but their record could not be saved
         self._running: str | None = None
         self._stop_running: _Stop | None = None
         self._cond = threading.Condition()
@@ -62,13 +87,122 @@ class JobWorker:
         self._closed = False
         self._unrunnable: set[str] = set()  # shared-queue entries this server cannot run (another pair, shape)
 
-    def _warm_up(self) -> None:
+    # -- what request handlers ask ------------------------------------------------------------
+    def enqueue(self, record: JobRecord, spec: JobSpec, body: dict) -> bool:
+        """Create the job and queue it here; False (nothing created) if the queue is full."""
+        with self._cond:
+            if len(self._queue) >= self.config.queue_size:
+                for job_id in [j for j in self._queue if self.store.queue.claimed(j)]:
+                    self.forget(job_id)  # taken by other servers since
+            if len(self._queue) >= self.config.queue_size:
+                return False
+            self.store.create(record, body)
+            self._records[record.id], self._specs[record.id] = record, spec
+            self._queue.append(record.id)
+            self._update_gauges()
+            self._cond.notify_all()
+        return True
+
+    def local(self, job_id: str) -> JobRecord | None:
+        """The fresh record of a job queued or running here (or final but unsaved), else None (read the store)."""
+        with self._cond:
+            if job_id in self._queue and self.store.queue.claimed(job_id):
+                self.forget(job_id)  # another server took it (this worker claims and dequeues in one step)
+            return self._records.get(job_id) or self._unsaved.get(job_id)
+
+    def dequeue(self, job_id: str) -> None:
+        """A job claimed by a cancel or a delete: out of this server's queue."""
+        with self._cond:
+            if job_id in self._queue:
+                self._queue.remove(job_id)
+                self._update_gauges()
+
+    def watch(self, job_id: str, loop: asyncio.AbstractEventLoop, fut: asyncio.Future) -> bool:
+        """Wake `fut` when the job leaves this process (final, or taken elsewhere); False if it is not here."""
+        with self._cond:
+            if job_id not in self._records:
+                return False
+            self._watchers.setdefault(job_id, []).append((loop, fut))
+            return True
+
+    def unwatch(self, job_id: str, fut: asyncio.Future) -> None:
+        with self._cond:
+            if job_id in self._watchers:
+                self._watchers[job_id] = [w for w in self._watchers[job_id] if w[1] is not fut]
+
+    def take_queued(self) -> list[str]:
+        """Every job queued here, out of the queue (a drain fails them)."""
+        with self._cond:
+            dropped = list(self._queue)
+            self._queue.clear()
+            self._update_gauges()
+        return dropped
+
+    def stop(self, stop: _Stop, timeout: float) -> bool:
+        """Wait up to `timeout` for the running job; then stop it with `stop` at its next step. Closes the loop."""
+        with self._cond:
+            finished = self._cond.wait_for(lambda: self._running is None, timeout)
+            if not finished:
+                self._stop_running = stop
+            self._closed = True
+            self._cond.notify_all()
+        return finished
+
+    # -- the worker thread --------------------------------------------------------------------
+    def run_loop(self, may_take: Callable[[], bool]) -> None:
+        """Run queued jobs until closed; `may_take()` says whether the server takes jobs now (ready)."""
+        probed = 0.0
+        while True:
+            with self._cond:  # woken at once by a job submitted here; otherwise looks at the shared queue
+                self._cond.wait_for(lambda: self._queue or self._closed, IDLE_POLL_SECONDS)
+                if self._closed:
+                    return
+            try:
+                if self.fault is not None:
+                    if time.monotonic() - probed >= FAULT_PROBE_SECONDS:
+                        probed = time.monotonic()
+                        self.check_results_dir()
+                    continue
+                job_id = self._take_next() if may_take() else None
+                if job_id is not None:
+                    self._run(job_id)
+            except Exception as exc:  # noqa: BLE001 - outside any job (listing the queue...): health says why
+                log.warning("flowblend serve: the worker could not take a job: %s", _one_line(exc))
+                self.fault = f"the worker cannot take jobs: {_one_line(exc)}"
+                probed = time.monotonic()
+            finally:
+                with self._cond:
+                    self._running = None
+                    self._update_gauges()
+                    self._cond.notify_all()
+
+    def check_results_dir(self) -> None:
+        """Probe the results dir: clear `fault` if it can be written, else set it and fail the jobs queued here."""
+        exc = writable_error(self.store.jobs_dir)
+        if exc is not None:
+            if self.fault is None:
+                log.warning("flowblend serve: results directory %s cannot be written: %s", self.store.root, exc)
+            self.fault = f"the results directory cannot be written ({exc.strerror or exc}): free space on its disk " \
+                         "or make it writable (the server's log names it)"
+            for job_id in self.take_queued():
+                if self._claim_quietly(job_id):
+                    self.finish(self._records[job_id], FAILED, f"not run: {self.fault}", retryable=True)
+            return
+        self.fault = None
+
+    def _claim_quietly(self, job_id: str) -> bool:
+        try:
+            return self.store.queue.claim(job_id)
+        except OSError:
+            return job_id in self._records  # its folder is gone or cannot be written: nobody else can claim it
+
+    def warm_up(self) -> None:
         """One request of the default spec through the path every job takes (record saves, on_step, the video
         written into the results directory), as a job nobody can list, fetch or take; then its folder goes,
         and its metrics with it."""
         spec = self.default_spec
-        record = JobRecord(f"{WARMUP_PREFIX}{self.store.owner}", spec.to_dict(), self.store.owner, steps=len(spec.plan),
-                           models=list(spec.plan.models))
+        record = JobRecord(f"{WARMUP_PREFIX}{self.store.owner}", spec.to_dict(), self.store.owner,
+                           pair=self.family.name, steps=len(spec.plan), models=list(spec.plan.models))
         folder = self.store.folder(record.id)
         try:
             folder.mkdir()
@@ -78,6 +212,7 @@ class JobWorker:
             self._run(record.id)
         finally:
             self._running = None
+            self._unsaved.pop(record.id, None)
             shutil.rmtree(folder, ignore_errors=True)
         if record.status != COMPLETED:
             raise FlowblendError(f"the warm-up request failed: {record.error}")
@@ -98,7 +233,7 @@ class JobWorker:
                         self._running = entry.job_id
                         self._update_gauges()
                         return entry.job_id
-                self._forget(entry.job_id)  # another server took it
+                self.forget(entry.job_id)  # another server took it
             elif entry.name not in self._unrunnable:
                 job_id = self._adopt(entry)
                 if job_id is not None:
@@ -108,7 +243,7 @@ class JobWorker:
         with self._cond:  # queued here, gone from the index: claimed elsewhere (entries go after their claim)
             gone = [job_id for job_id in self._queue if job_id in known and job_id not in listed]
         for job_id in gone:
-            self._forget(job_id)
+            self.forget(job_id)
         return None
 
     def _adopt(self, entry: QueueEntry) -> str | None:
@@ -146,7 +281,7 @@ class JobWorker:
             return None
         return spec if self.config.dynamic_shapes or spec.shape_key() in self.pipeline.warm_keys else None
 
-    def _forget(self, job_id: str) -> None:
+    def forget(self, job_id: str) -> None:
         """Drop a job from this process's state and wake its long polls, which read the shared record from now on:
         a job that finished, or one queued here that another server took."""
         with self._cond:
@@ -159,10 +294,24 @@ class JobWorker:
         _wake(watchers)
 
     def _run(self, job_id: str) -> None:
+        """Run one claimed job to its end; whatever fails fails this job (with the reason), never the worker."""
         record, spec = self._records[job_id], self._specs[job_id]
+        try:
+            self._generate(record, spec)
+        except _Stop as stop:
+            self.finish(record, stop.status, stop.reason, stop.retryable)
+        except NonFiniteVideo as exc:
+            self.finish(record, FAILED, str(exc))
+        except Exception as exc:  # noqa: BLE001 - the job fails with the reason; the server goes on
+            self.finish(record, FAILED, _one_line(exc))
+            self.check_results_dir()  # a full or read-only disk: health says so, queued jobs fail with it
+        else:
+            self.finish(record, COMPLETED)
+
+    def _generate(self, record: JobRecord, spec: JobSpec) -> None:
+        job_id = record.id
         if self.store.cancel_requested(job_id):
-            self._finish(record, CANCELLED, "cancelled while queued")
-            return
+            raise _Stop(CANCELLED, "cancelled while queued", retryable=False)
         record.status, record.started_at = RUNNING, time.time()
         self.metrics.queue_seconds.observe(record.started_at - record.created_at)
         self.store.save(record)
@@ -191,29 +340,39 @@ class JobWorker:
                 self.store.save(record)
 
         t0 = time.perf_counter()
-        try:
-            video = self.pipeline.generate(spec, on_step)
-            t1 = time.perf_counter()
-            written = save_video(video, self.store.folder(job_id) / "video.mp4")
-            t2 = time.perf_counter()
-        except _Stop as stop:
-            self._finish(record, stop.status, stop.reason, stop.retryable)
-            return
-        except Exception as exc:  # noqa: BLE001 - the job fails with the reason; the server goes on
-            self._finish(record, FAILED, _one_line(exc))
-            return
-        record.video = written.name
+        video = self.pipeline.generate(spec, on_step)
+        t1 = time.perf_counter()
+        record.video, record.thumbnail = write_results(video, self.store.folder(job_id))
+        t2 = time.perf_counter()
         record.timings = {"generate_seconds": round(t1 - t0, 4), "encode_seconds": round(t2 - t1, 4),
                           "queue_seconds": round(record.started_at - record.created_at, 4),
                           "step_seconds_mean": {m: round(sum(v) / len(v), 5) for m, v in per_model.items() if v}}
         self.metrics.job_seconds.observe(t2 - t0)
-        self._finish(record, COMPLETED)
 
-    def _finish(self, record: JobRecord, status: str, error: str | None = None, retryable: bool = False) -> None:
+    def finish(self, record: JobRecord, status: str, error: str | None = None, retryable: bool = False) -> None:
+        """Final state, saved; a record that cannot be saved is kept in memory with why (GET answers from there).
+        A job deleted while it ran is removed now."""
         record.status, record.error, record.retryable, record.finished_at = status, error, retryable, time.time()
-        self.store.save(record)
-        self.metrics.finished.labels(status).inc()
-        self._forget(record.id)  # final: long polls wake and read the saved record
+        if status != COMPLETED:
+            record.video = record.thumbnail = None
+        try:
+            if self.store.deleted(record.id):
+                self.store.remove(record.id)
+            else:
+                self.store.save(record)
+        except OSError as exc:
+            if status == COMPLETED:  # a video without its record is not a result
+                record.status, record.video, record.thumbnail = FAILED, None, None
+            record.error = f"{record.error + '; ' if record.error else ''}its record could not be saved " \
+                           f"({exc.strerror or exc}): free space in the results directory and submit it again"
+            record.retryable = True
+            log.warning("flowblend serve: job %s: %s", record.id, record.error)
+            with self._cond:
+                self._unsaved[record.id] = record
+                while len(self._unsaved) > UNSAVED_KEPT:
+                    self._unsaved.popitem(last=False)
+        self.metrics.finished.labels(record.status).inc()
+        self.forget(record.id)  # final: long polls wake and read the saved record
 
     def _update_gauges(self) -> None:
         self.metrics.queue_depth.set(len(self._queue))
@@ -227,7 +386,7 @@ def _wake(watchers: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]) -> N
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
+    """The first line of an error, with its type unless it is flowblend's own; an OSError without its path."""
+    text = [exc.strerror] if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text and not isinstance(exc, FlowblendError) else \
         (text[0] if text else type(exc).__name__)
-

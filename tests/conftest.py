@@ -3,7 +3,8 @@
 The GPU image (docs/gpu-runs/2026-12-04-h200) has CUDA torch but no fastapi, uvicorn or ray, and
 nothing can be installed there; `pytest -m "gpu or tensorrt" tests` stopped at collection because
 the serve tests import fastapi through flowblend.serve at module level. A module is matched by its
-name's prefix, so a new serve test is covered without a line of its own.
+name (test_serve_*) or by what it imports (serve_support, flowblend.serve), so a new serve test is
+covered without a line of its own.
 """
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import importlib.util
 
 import pytest
 
-EXTRAS = {  # test module prefix -> (the extra that installs it, the modules it needs)
-    "test_serve_": ("serve", ("fastapi", "uvicorn", "httpx", "prometheus_client")),
+EXTRAS = {  # what a test module imports -> (the extra that installs it, the modules it needs)
+    "serve": ("serve", ("fastapi", "uvicorn", "httpx", "prometheus_client")),
 }
+NEEDS = {"serve": ("serve_support", "flowblend.serve")}  # imports that bring the extra in
 
 
 def missing_modules(names) -> list[str]:
@@ -40,9 +42,17 @@ class MissingExtraModule(pytest.Module):
         raise pytest.skip.Exception(self.reason, allow_module_level=True)
 
 
+def _imports(source: str, names) -> bool:
+    return any(f"import {n}" in source or f"from {n} " in source or f"from {n}." in source for n in names)
+
+
 def pytest_pycollect_makemodule(module_path, parent):
-    for prefix, (extra, modules) in EXTRAS.items():
-        if module_path.name.startswith(prefix) and (missing := missing_modules(modules)):
+    source = None
+    for key, (extra, modules) in EXTRAS.items():
+        if not (missing := missing_modules(modules)):
+            continue
+        source = module_path.read_text() if source is None else source
+        if module_path.name.startswith(f"test_{key}_") or _imports(source, NEEDS[key]):
             module = MissingExtraModule.from_parent(parent, path=module_path)
             module.reason = (f"needs the {extra} extra ({', '.join(missing)} not installed): "
                              f"pip install 'flowblend[{extra}]'")

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import uvicorn
 
-from flowblend.export.pairs import get_family
+from flowblend.families import get_family
 from flowblend.serve.app import create_app
 from flowblend.serve.config import ServeConfig
 from flowblend.serve.server import bind_socket

@@ -21,7 +21,7 @@ from flowblend.bench.runtime_cost import measure_overhead
 from flowblend.bench.tiny import TEXT, WAN_LATENT, tiny_pair
 from flowblend.cli.main import main
 from flowblend.engines.signature import signature_for
-from flowblend.export.pairs import load_pair
+from flowblend.families import load_pair
 from flowblend.runtime.plan import BlendPlan
 from flowblend.toy.model import TOY_LARGE_CONFIG, TOY_SMALL_CONFIG, build_toy_transformer
 

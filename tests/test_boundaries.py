@@ -27,7 +27,7 @@ from flowblend.calibrate.divergence import DivergenceCurve, SamplingSetup
 from flowblend.calibrate.metrics import MetricSources, QualityMetrics
 from flowblend.calibrate.report import write_outputs
 from flowblend.errors import FlowblendError
-from flowblend.export.pairs import FAMILIES, LoadedPair
+from flowblend.families import FAMILIES, LoadedPair
 from flowblend.runtime.plan import BlendPlan
 
 

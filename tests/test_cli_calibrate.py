@@ -8,7 +8,7 @@ from test_metrics import save_tiny_dino
 from tiny_models import stand_in_decode
 
 from flowblend.cli.main import main
-from flowblend.export import pairs
+from flowblend.families import loading as pairs
 from flowblend.runtime.plan import BlendPlan
 
 TOY_PROMPTS = ["--prompt", "a red circle moving left", "--prompt", "a blue square moving up"]
@@ -64,7 +64,7 @@ TINY = {
 def _save_tiny(family, root):
     import diffusers
 
-    cls = getattr(diffusers, pairs.FAMILIES[family].transformer_class)
+    cls = getattr(diffusers, pairs.get_family(family).transformer_class)
     for i, (name, width) in enumerate((("large", 2), ("small", 1))):
         torch.manual_seed(i)
         cfg = dict(TINY[family], num_attention_heads=width)

@@ -15,7 +15,7 @@ from flowblend.engines.iospec import IOSpec
 from flowblend.engines.ort_engine import OrtEngine
 from flowblend.engines.store import EngineStore, file_sha256
 from flowblend.engines.torch_engine import TorchEngine
-from flowblend.export.pairs import get_family, load_pair
+from flowblend.families import get_family, load_pair
 from flowblend.runtime.pipeline import BlendPipeline
 from flowblend.runtime.plan import BlendPlan
 from flowblend.runtime.sampler import Sampler, SamplerOptions

@@ -7,7 +7,7 @@ import pytest
 from flowblend.cli.common import HelpFormatter
 from flowblend.cli.main import COMMANDS, build_parser, main
 from flowblend.errors import FlowblendError
-from flowblend.export.pairs import FAMILIES, get_family
+from flowblend.families import FAMILIES, get_family
 from flowblend.runtime.request import check_device, validate_request
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import flowblend.export.pairs as pairs
+import flowblend.families as pairs
 from flowblend.cli.main import main
 from flowblend.errors import FlowblendError
 from flowblend.toy.data import PromptSpec, all_prompts

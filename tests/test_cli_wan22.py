@@ -22,7 +22,7 @@ from flowblend.calibrate.divergence import SamplingSetup, make_requests, measure
 from flowblend.cli.main import main
 from flowblend.engines.torch_engine import TorchEngine
 from flowblend.errors import FlowblendError
-from flowblend.export import pairs
+from flowblend.families import loading as pairs
 from flowblend.runtime.guidance import expert_schedule_for, guidance_table
 from flowblend.runtime.plan import EXPERTS_AND_SMALL, BlendPlan
 from flowblend.runtime.sampler import Sampler, SamplerOptions

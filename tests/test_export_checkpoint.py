@@ -19,10 +19,10 @@ from flowblend.engines.iospec import IOSpec
 from flowblend.errors import FlowblendError
 from flowblend.export import checkpoint
 from flowblend.export.onnx import export_pair
-from flowblend.export.pairs import LoadedPair, get_family, load_transformer
 from flowblend.export.precision import islands_of, layout_dtype
 from flowblend.export.trace import SHARE_MIN_BYTES, TWIN_UNSHARED, export_transformer
 from flowblend.export.verify import twin_spec, verify_onnx
+from flowblend.families import LoadedPair, get_family, load_transformer
 
 SHARD = "20KB"  # the tiny models' ~60-200 KB of FP32 weights in several files, as the 14B's 57 GB are
 

@@ -14,9 +14,9 @@ from flowblend.engines import build as build_mod
 from flowblend.engines.iospec import IOSpec
 from flowblend.errors import FlowblendError
 from flowblend.export.onnx import export_pair
-from flowblend.export.pairs import LoadedPair, get_family
 from flowblend.export.record import check_external_data, external_references
 from flowblend.export.verify import verify_export, verify_onnx
+from flowblend.families import LoadedPair, get_family
 
 SPEC = IOSpec(batch=2, latent=latent_shape("wan"), text_len=TEXT[0], text_dim=TEXT[1], dtype="fp16")
 

@@ -20,8 +20,8 @@ from flowblend.errors import FlowblendError
 from flowblend.export import onnx as onnx_mod
 from flowblend.export import verify as verify_mod
 from flowblend.export.onnx import export_pair, export_transformer
-from flowblend.export.pairs import LoadedPair, get_family
 from flowblend.export.verify import verify_export, verify_onnx
+from flowblend.families import LoadedPair, get_family
 from flowblend.runtime.plan import BlendPlan
 from flowblend.runtime.sampler import Sampler, SamplerOptions
 

@@ -16,9 +16,9 @@ from tiny_models import LTX_TINY, TEXT, WAN_TINY, latent_shape
 from flowblend.engines.iospec import IOSpec
 from flowblend.engines.signature import signature_for
 from flowblend.export.onnx import cast_for_export, export_transformer
-from flowblend.export.pairs import get_family, load_transformer
 from flowblend.export.precision import layout_dtype
 from flowblend.export.verify import verify_onnx
+from flowblend.families import get_family, load_transformer
 
 FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
 OUTLIER, CHANNEL, LAYERS = 3.0e4, 3, 4

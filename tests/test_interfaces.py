@@ -166,7 +166,7 @@ def test_a_family_makes_its_io_spec_in_one_place():
     from pathlib import Path
 
     from flowblend.engines.iospec import IOSpec
-    from flowblend.export.pairs import get_family
+    from flowblend.families import get_family
 
     ltx = get_family("ltx")
     spec = ltx.io_spec((128, 2, 4, 6), guidance=3.0, dtype=torch.bfloat16, dynamic={"frames": (1, 4)})

@@ -4,7 +4,7 @@ import torch
 from tiny_models import WAN_TINY, tiny_pair
 
 from flowblend.errors import FlowblendError
-from flowblend.export.pairs import FAMILIES, check_compatible, get_family, load_pair
+from flowblend.families import FAMILIES, check_compatible, get_family, load_pair
 
 
 def test_families_and_defaults():

@@ -109,7 +109,7 @@ def test_ltx_lll_equals_diffusers_ltx_pipeline(checkpoints):
 
 def test_lsl_equals_flowblend_blend_pipeline(checkpoints):
     from flowblend.engines.torch_engine import TorchEngine
-    from flowblend.export.pairs import load_pair
+    from flowblend.families import load_pair
     from flowblend.runtime.pipeline import BlendPipeline
     from flowblend.runtime.plan import BlendPlan
     from flowblend.runtime.sampler import Sampler, SamplerOptions
@@ -154,7 +154,7 @@ def test_from_pipe_shares_the_text_encoder_vae_and_transformer(checkpoints):
 
 def test_toy_pair_runs_through_the_class_and_equals_blend_pipeline():
     from flowblend.engines.torch_engine import TorchEngine
-    from flowblend.export.pairs import load_pair
+    from flowblend.families import load_pair
     from flowblend.runtime.pipeline import BlendPipeline
     from flowblend.runtime.plan import BlendPlan
     from flowblend.runtime.sampler import Sampler, SamplerOptions

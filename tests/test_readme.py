@@ -44,7 +44,7 @@ def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch, capsys):
 def test_shapes_with_and_without_batch_are_refused_with_the_fix():
     from flowblend.engines.torch_engine import TorchEngine
     from flowblend.errors import FlowblendError
-    from flowblend.export.pairs import load_pair
+    from flowblend.families import load_pair
     from flowblend.runtime.pipeline import BlendPipeline
     from flowblend.runtime.plan import BlendPlan
     from flowblend.runtime.sampler import Sampler, SamplerOptions

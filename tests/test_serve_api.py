@@ -43,7 +43,7 @@ def client(server):
     yield server.client
     for job in server.service.store.list():  # leave nothing running for the next test
         if job.status in ("queued", "in_progress"):
-            server.client.delete(f"/v1/videos/{job.id}")
+            server.client.post(f"/v1/videos/{job.id}/cancel")
             wait_final(server.client, job.id)
 
 
@@ -61,7 +61,7 @@ def test_a_job_runs_and_returns_the_pipelines_video(client, server, tmp_path):
     done = wait_final(client, job["id"])
     plan = BlendPlan.parse("LSL:0.4,0.2", 5)
     assert done["status"] == "completed", done
-    assert (done["step"], done["steps"], done["models"], done["model"]) == (5, 5, list(plan.models), "large")
+    assert (done["step"], done["steps"], done["models"], done["step_model"]) == (5, 5, list(plan.models), "large")
     assert done["timings"]["generate_seconds"] > 0 and set(done["timings"]["step_seconds_mean"]) == {"large", "small"}
     content = client.get(f"/v1/videos/{job['id']}/content")
     assert content.status_code == 200 and content.headers["content-type"] in ("video/mp4", "image/gif")
@@ -193,13 +193,13 @@ def test_running_job_cancels_at_a_step_boundary_and_twice_is_refused(client):
     assert running["status"] == "in_progress"
     early = client.get(f"/v1/videos/{job['id']}/content")
     assert early.status_code == 409 and "in_progress" in early.json()["error"]["message"]
-    first = client.delete(f"/v1/videos/{job['id']}")
+    first = client.post(f"/v1/videos/{job['id']}/cancel")
     assert first.status_code == 202 and first.json()["cancel_requested"] is True
-    second = client.delete(f"/v1/videos/{job['id']}")
+    second = client.post(f"/v1/videos/{job['id']}/cancel")
     assert second.status_code == 409 and "already being cancelled" in second.json()["error"]["message"]
     done = wait_final(client, job["id"])
-    assert done["status"] == "cancelled" and 1 <= done["step"] < LONG, done
-    third = client.delete(f"/v1/videos/{job['id']}")
+    assert done["job_status"] == "cancelled" and 1 <= done["step"] < LONG, done
+    third = client.post(f"/v1/videos/{job['id']}/cancel")
     assert third.status_code == 409 and "already cancelled" in third.json()["error"]["message"]
     assert client.get(f"/v1/videos/{job['id']}/content").status_code == 409
     assert client.get("/health").json()["status"] == "ready"  # the worker goes on
@@ -215,9 +215,9 @@ def test_full_queue_gets_429_and_a_queued_job_cancels_at_once(client):
     full = client.post("/v1/videos", json={"prompt": PROMPT})
     assert full.status_code == 429 and int(full.headers["retry-after"]) > 0
     assert "queue is full" in full.json()["error"]["message"]
-    dropped = client.delete(f"/v1/videos/{queued[0].json()['id']}")
-    assert dropped.status_code == 200 and dropped.json()["status"] == "cancelled" and dropped.json()["step"] == 0
-    assert client.delete(f"/v1/videos/{queued[0].json()['id']}").status_code == 409
+    dropped = client.post(f"/v1/videos/{queued[0].json()['id']}/cancel")
+    assert dropped.status_code == 200 and dropped.json()["job_status"] == "cancelled" and dropped.json()["step"] == 0
+    assert client.post(f"/v1/videos/{queued[0].json()['id']}/cancel").status_code == 409
     assert client.post("/v1/videos", json={"prompt": PROMPT}).status_code == 202  # room again
 
 
@@ -229,7 +229,7 @@ def test_a_client_that_disconnects_mid_download_harms_nothing(client, server):
     for _ in range(3):
         with socket.create_connection((host, int(port))) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
-            sock.sendall(f"GET /v1/videos/{job['id']}/content HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            sock.sendall(f"GET /v1/videos/{job['id']}/content HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
             assert sock.recv(64).startswith(b"HTTP/1.1 200")
         # closed after 64 bytes of a larger file
     assert len(whole) > 64
@@ -318,7 +318,7 @@ def test_readmes_client_example_runs_against_a_server(server, tmp_path, monkeypa
 def test_the_warm_up_is_a_job_through_the_workers_path_and_leaves_nothing(tmp_path, monkeypatch):
     """Nothing a job does is first done for a client's request: the warm-up request runs as a job (record saves,
     the video written into the results directory), then is gone: not listed, not counted, no folder."""
-    import flowblend.serve.worker as worker
+    import flowblend.serve.results as results  # where the worker's files are written
 
     written = []
 
@@ -326,7 +326,7 @@ def test_the_warm_up_is_a_job_through_the_workers_path_and_leaves_nothing(tmp_pa
         written.append(Path(path))
         return save_video(video, path, *args, **kwargs)
 
-    monkeypatch.setattr(worker, "save_video", recording_save_video)
+    monkeypatch.setattr(results, "save_video", recording_save_video)
     stale = tmp_path / "results" / "jobs" / "warmup-12345-deadbeef"  # a server that died warming up
     stale.mkdir(parents=True)
     (stale / "job.json").write_text("{}")

@@ -98,7 +98,7 @@ def test_sigterm_drains_running_finishes_queued_persisted_failed(tmp_path):
         assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
         for job in queued:
             record = client.get(f"/v1/videos/{job['id']}", params={"wait": 10}).json()
-            assert record["status"] == "failed" and record["retryable"] and "submit it again" in record["error"]
+            assert record["status"] == "failed" and record["retryable"] and "submit it again" in record["error"]["message"]
         proc.wait(timeout=120)
         assert proc.returncode == 0, proc.stderr.read()
         assert "drained" in proc.stderr.read()
@@ -158,9 +158,9 @@ def test_a_crash_leaves_no_job_silently_lost(tmp_path):
     try:
         assert sorted(restarted.service.recovered) == sorted([running, queued])
         r = restarted.client.get(f"/v1/videos/{running}").json()
-        assert r["status"] == "failed" and r["retryable"] and "stopped at step 3 of 4" in r["error"], r
+        assert r["status"] == "failed" and r["retryable"] and "stopped at step 3 of 4" in r["error"]["message"], r
         q = restarted.client.get(f"/v1/videos/{queued}").json()
-        assert q["status"] == "failed" and q["retryable"] and "before it started" in q["error"], q
+        assert q["status"] == "failed" and q["retryable"] and "before it started" in q["error"]["message"], q
         assert restarted.client.get(f"/v1/videos/{finished}").json()["status"] == "completed"
         assert restarted.client.get(f"/v1/videos/{finished}/content").content == b"not really a video"
         assert not list(results.rglob("*.partial*"))

@@ -6,8 +6,10 @@ Slow (a cluster and two replicas start), but not deselected: CI runs it with the
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -20,10 +22,13 @@ serve = pytest.importorskip("ray.serve")
 from serve_support import QUIET_ENV, ROOT, SHORT, free_port, toy_config  # noqa: E402
 
 from flowblend.errors import FlowblendError  # noqa: E402
-from flowblend.serve.loadgen import replica_pids, run_load  # noqa: E402
 from flowblend.serve.ray_app import RayOptions, build, build_app, deployment_options  # noqa: E402
 
 pytestmark = pytest.mark.slow
+_spec = importlib.util.spec_from_file_location("loadgen", ROOT / "scripts" / "loadgen.py")  # a client: scripts/
+loadgen = sys.modules["loadgen"] = importlib.util.module_from_spec(_spec)  # dataclasses look their module up
+_spec.loader.exec_module(loadgen)
+replica_pids, run_load = loadgen.replica_pids, loadgen.run_load
 BODY = {"prompt": "a red circle moving left", "steps": SHORT}
 
 

@@ -43,7 +43,7 @@ def pair(tmp_path):
     for s in (a, b):
         for job in s.service.store.list():
             if job.status in ("queued", "in_progress"):
-                s.client.delete(f"/v1/videos/{job.id}")
+                s.client.post(f"/v1/videos/{job.id}/cancel")
     b.stop()
     a.stop()
 
@@ -148,11 +148,11 @@ def test_cancelling_a_job_another_server_took_stops_it_there(pair):
     taken = busy.client.post("/v1/videos", json={"prompt": PROMPT, "steps": LONG}).json()
     running = wait_running(busy.client, taken["id"])
     assert running["status"] == "in_progress" and running["owner"] == owner(idle), running
-    r = busy.client.delete(f"/v1/videos/{taken['id']}")
+    r = busy.client.post(f"/v1/videos/{taken['id']}/cancel")
     assert r.status_code == 202 and r.json()["cancel_requested"] is True, r.text  # not dropped: it runs elsewhere
-    assert busy.client.delete(f"/v1/videos/{taken['id']}").status_code == 409
+    assert busy.client.post(f"/v1/videos/{taken['id']}/cancel").status_code == 409
     done = wait_final(busy.client, taken["id"])
-    assert done["status"] == "cancelled" and done["owner"] == owner(idle) and 1 <= done["step"] < LONG, done
+    assert done["job_status"] == "cancelled" and done["owner"] == owner(idle) and 1 <= done["step"] < LONG, done
 
 
 def test_cancelling_a_queued_job_through_the_other_server_drops_it(pair):
@@ -162,17 +162,17 @@ def test_cancelling_a_queued_job_through_the_other_server_drops_it(pair):
     queued = busy.client.post("/v1/videos", json={"prompt": PROMPT, "seed": 9}).json()
     time.sleep(0.3)  # idle polls would have taken it by now
     assert busy.client.get(f"/v1/videos/{queued['id']}").json()["status"] == "queued"
-    dropped = other.client.delete(f"/v1/videos/{queued['id']}")
-    assert dropped.status_code == 200 and dropped.json()["status"] == "cancelled", dropped.text
+    dropped = other.client.post(f"/v1/videos/{queued['id']}/cancel")
+    assert dropped.status_code == 200 and dropped.json()["job_status"] == "cancelled", dropped.text
     index = [e.job_id for e in busy.service.store.queue.entries()]
     assert queued["id"] not in index, "a dropped job must leave the shared queue at once (nobody may claim it)"
     for job_id in (first, second):
-        assert other.client.delete(f"/v1/videos/{job_id}").status_code == 202
+        assert other.client.post(f"/v1/videos/{job_id}/cancel").status_code == 202
     for s in (busy, other):
         record = s.client.get(f"/v1/videos/{queued['id']}", params={"wait": 5}).json()
-        assert record["status"] == "cancelled" and record["step"] == 0 and record["video"] is None, record
+        assert record["job_status"] == "cancelled" and record["step"] == 0 and record["video"] is None, record
     for job_id in (first, second):
-        assert wait_final(busy.client, job_id)["status"] == "cancelled"
+        assert wait_final(busy.client, job_id)["job_status"] == "cancelled"
     cancelled = busy.client.get(f"/v1/videos/{queued['id']}").json()
     time.sleep(0.5)  # both idle: nothing must pick the dropped job up (not even to cancel it again)
     assert busy.client.get(f"/v1/videos/{queued['id']}").json() == cancelled
@@ -183,7 +183,7 @@ def test_cancelling_a_queued_job_through_the_other_server_drops_it(pair):
 OWNER = """
 import sys, time
 from flowblend.serve.config import ServeConfig
-from flowblend.export.pairs import get_family
+from flowblend.families import get_family
 from flowblend.serve.jobs import JobRecord, JobStore, new_job_id
 from flowblend.serve.video_request import VideoRequest, resolve
 store = JobStore(sys.argv[1])
@@ -217,11 +217,11 @@ def test_a_live_servers_queued_job_is_taken_but_a_dead_ones_is_failed(tmp_path):
         dead.send_signal(signal.SIGKILL)
         dead.wait()
         completed_before = finished(server, "completed")
-        assert server.client.delete(f"/v1/videos/{long['id']}").status_code == 202
-        assert wait_final(server.client, long["id"])["status"] == "cancelled"
+        assert server.client.post(f"/v1/videos/{long['id']}/cancel").status_code == 202
+        assert wait_final(server.client, long["id"])["job_status"] == "cancelled"
         time.sleep(0.5)  # idle: it looks at the shared queue several times
         record = server.client.get(f"/v1/videos/{dead_job}").json()
-        assert record["status"] == "failed" and record["retryable"] and "before it started" in record["error"], record
+        assert record["status"] == "failed" and record["retryable"] and "before it started" in record["error"]["message"], record
         assert record["owner"] != owner(server) and record["step"] == 0
         assert finished(server, "completed") == completed_before and not (
             server.service.store.folder(dead_job) / "video.mp4").exists()

@@ -51,7 +51,7 @@ def test_expert_plans_run_with_the_family_names_and_per_step_guidance(server, ch
     assert r.json()["models"] == expected
     done = wait_final(client, r.json()["id"])
     assert done["status"] == "completed", done
-    assert (done["step"], done["steps"], done["models"], done["model"]) == (STEPS, STEPS, expected, "low")
+    assert (done["step"], done["steps"], done["models"], done["step_model"]) == (STEPS, STEPS, expected, "low")
     assert set(done["timings"]["step_seconds_mean"]) == {"high", "low", "small"}
     request = done["request"]
     assert (request["boundary_ratio"], request["expert_switch_step"]) == (0.875, SWITCH)

@@ -16,7 +16,7 @@ import torch
 
 from flowblend.bench.flops import step_flops
 from flowblend.engines.torch_engine import TorchEngine
-from flowblend.export.pairs import LoadedPair, load_pair
+from flowblend.families import LoadedPair, load_pair
 from flowblend.runtime.plan import BlendPlan
 from flowblend.runtime.sampler import Sampler, SamplerOptions
 from flowblend.runtime.video import save_video, to_frames

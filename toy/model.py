@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from flowblend.export.pairs import LoadedPair, check_compatible, load_transformer
+from flowblend.families import LoadedPair, check_compatible, load_transformer
 
 # Vocabulary of the procedural world (toy/data.py draws prompts from it); normalise_prompt is what
-# the family's provider offers export.pairs.PairFamily.normalise_prompt.
+# the family's provider offers families.PairFamily.normalise_prompt.
 from .vocab import COLOURS, DIRECTIONS, FILLER_WORDS, SHAPES, VOCAB, check_words, normalise_prompt, words
 
 if TYPE_CHECKING:
@@ -107,10 +107,10 @@ class PixelVAE:
 
 
 def _wan_class():
-    """WanTransformer3DModel from its own submodule: diffusers' top-level lazy module imports far more."""
-    from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
+    """The toy family's transformer class (Wan 2.1's), from its family module (flowblend/families/toy.py)."""
+    from flowblend.families import get_family
 
-    return WanTransformer3DModel
+    return get_family("toy").architecture.model_class()
 
 
 def build_toy_transformer(size: str, dtype: torch.dtype | None = None):
@@ -118,10 +118,8 @@ def build_toy_transformer(size: str, dtype: torch.dtype | None = None):
     import torch
 
     dtype = dtype or torch.float32
-    WanTransformer3DModel = _wan_class()
-
     config = {"large": TOY_LARGE_CONFIG, "small": TOY_SMALL_CONFIG}[size]
-    model = WanTransformer3DModel(**config).eval()
+    model = _wan_class()(**config).eval()
     return model if dtype == torch.float32 else model.to(dtype)
 
 
@@ -142,7 +140,7 @@ def load_toy_transformer(size: str, weights_dir: Path = WEIGHTS_DIR, dtype: torc
 
 def load_pair(family, large: str | None, small: str | None, dtype: torch.dtype, device,
               load_transformers: bool = True) -> LoadedPair:
-    """The toy family's loader (export.pairs resolves it by module name): shipped weights unless overridden."""
+    """The toy family's loader (flowblend.families resolves it by module name): shipped weights unless overridden."""
     models = {}
     for size, override in (("large", large), ("small", small)) if load_transformers else ():
         models[size] = load_transformer(family, override, dtype, False) if override else \

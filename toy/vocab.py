@@ -32,8 +32,9 @@ def vocabulary_line() -> str:
 
 
 def words(prompt: str) -> list[str]:
-    """Lower-case words without punctuation, every article read as "a"."""
-    return ["a" if w in ARTICLES else w for w in re.findall(r"[a-z]+", prompt.lower())]
+    """Lower-case words without punctuation, every article read as "a". Letters are Unicode letters, so that
+    "ünïcödé" is one (unknown) word, named as typed, not the ASCII pieces "n, c, d"."""
+    return ["a" if w in ARTICLES else w for w in re.findall(r"[^\W\d_]+", prompt.lower())]
 
 
 def unknown_words(prompt: str) -> list[str]:

@@ -1,8 +1,8 @@
 """`flowblend generate`: prompts -> blended sampling -> video files (+ a JSON of what ran).
 
 Every flag is checked by runtime/request.validate_request (the server's check too) before torch,
-diffusers or a model loads; then the pair loads, engines come from engines/factory.py and each
-prompt becomes a video, written to a temporary name and renamed.
+diffusers or a model loads; then flowblend/assembly.py loads the pair and makes the engines and the
+pipeline (as for the server and bench), and each prompt becomes a video, written to a temporary name and renamed.
 """
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ import json
 import time
 from pathlib import Path
 
-from flowblend.engines.factory import BACKENDS, TORCH_BACKENDS
+from flowblend.engines.factory import BACKENDS
 from flowblend.errors import FlowblendError
-from flowblend.runtime.blend_request import experts_of, plan_of, resolve_guidance
 from flowblend.runtime.graph_modes import GRAPH_FLAGS, check_graph_flag
-from flowblend.runtime.request import GenerationRequest, validate_request
+from flowblend.runtime.resolved import ResolvedRequest, resolve_request
 from flowblend.toy.vocab import vocabulary_line
 
 from .common import choices_of, family_of, subscribe
@@ -37,6 +36,8 @@ def register(p) -> None:
                    help="torch-compile, onnxruntime and tensorrt use the engines `flowblend export`/`build` made")
     r.add_argument("--graph", default="none", choices=GRAPH_FLAGS,
                    help="CUDA graphs (--device cuda): the whole loop in one graph, one per step, or none")
+    r.add_argument("--compile-mode", help="torch-compile: torch.compile's mode, e.g. max-autotune-no-cudagraphs "
+                                          "(default: torch's)")
     p.set_defaults(func=run)
 
 
@@ -62,37 +63,23 @@ def output_paths(out: str, n: int) -> list[Path]:
     return [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(n)]
 
 
-def request_of(args, experts=None) -> GenerationRequest:
-    """The flags as one checked request (runtime/request.py): nothing has loaded yet."""
-    family = family_of(args)
-    return validate_request(family, read_prompts(args), args.negative_prompt, plan_of(choices_of(args), family, experts),
-                            args.steps, args.seed, args.height, args.width, args.frames, args.guidance, args.solver,
-                            args.shift)
+def resolved_of(args) -> ResolvedRequest:
+    """The flags as one resolved request (runtime/resolved.py, the server's resolver too): nothing has loaded yet."""
+    return resolve_request(family_of(args), choices_of(args), read_prompts(args), args.negative_prompt, args.seed)
 
 
 def run(args) -> int:
-    experts = experts_of(choices_of(args), family_of(args))
-    request = request_of(args, experts)
-    guidance, guidance_table = resolve_guidance(choices_of(args), request.family, request.plan, experts)
+    resolved = resolved_of(args)
+    request, experts, guidance_table = resolved.request, resolved.experts, resolved.guidance_per_step
     check_graph_flag(args.graph, args.device)
     outs = output_paths(args.out, len(request.prompts))
 
-    from flowblend.engines.factory import make_engines, torch_dtype
-    from flowblend.export.pairs import load_pair
-    from flowblend.runtime.graph import GraphRunner
-    from flowblend.runtime.pipeline import BlendPipeline
-    from flowblend.runtime.sampler import Sampler, SamplerOptions
+    from flowblend.assembly import EngineChoice, assemble
     from flowblend.runtime.video import save_video
 
-    dtype = torch_dtype(args.dtype)
-    pair = load_pair(request.family.name, args.large, args.small, dtype=dtype, device=args.device,
-                     allow_download=args.allow_download,
-                     load_transformers=args.backend in TORCH_BACKENDS)  # compiled backends run their engines only
-    engines = make_engines(args.backend, pair, latent_shape=request.latent_shape, guidance=max(guidance_table),
-                           device=args.device, dtype=args.dtype, artifacts=args.artifacts)
-    sampler = Sampler(engines, request.plan, SamplerOptions(**request.sampler_settings(), guidance_table=guidance_table),
-                      device=args.device, dtype=dtype)
-    pipe = BlendPipeline(GraphRunner(sampler, mode=GRAPH_FLAGS[args.graph]), pair.encode_prompt, pair.decode)
+    assembled = assemble(request.family.name, request.latent_shape, request.plan, resolved.options, EngineChoice.of(args),
+                        graph=args.graph, large=args.large, small=args.small, allow_download=args.allow_download)
+    pair, pipe = assembled.pair, assembled.pipeline
     settings = {k: v for k, v in request.sampler_settings().items() if v is not None and k != "guidance_scale"}
     for prompt, out in zip(request.prompts, outs):
         start = time.perf_counter()

@@ -1,7 +1,7 @@
 """A bounded load test against a running server: N requests from C concurrent clients, every outcome accounted.
 
-Used by tests/test_serve_ray.py and scripts/ray_load.py. Each request carries its index as the seed,
-so a result that answers another request (a duplicate) is caught by reading the job's own record;
+A client, not part of the server: used by scripts/ray_load.py and tests/test_serve_ray.py (which loads it from
+scripts/). Each request carries its index as the seed, so a result that answers another request (a duplicate) is caught by reading the job's own record;
 an accepted job that never reaches a final state is "lost". POSTs are never retried (a retry could
 create a second job); status polls are (GET is idempotent, and may land on another replica).
 """
@@ -89,7 +89,7 @@ def one_request(client: httpx.Client, index: int, body: dict, timeout: float) ->
     if record["request"]["seed"] != index:
         return Outcome(index, record["status"], job_id, seconds, f"duplicate: the record answers seed "
                                                                   f"{record['request']['seed']}")
-    detail = record.get("error") or ""
+    detail = (record.get("error") or {}).get("message", "")
     if record["status"] == "completed":
         content = client.get(f"/v1/videos/{job_id}/content")
         if content.status_code != 200 or not content.content:

@@ -1,0 +1,135 @@
+"""The one assembly of a run: pair -> engines -> Sampler -> GraphRunner -> BlendPipeline.
+
+`flowblend generate`, the server's warm pipeline (serve/warm.py) and `flowblend bench` all put a
+run together here, so an engine option added to `EngineChoice` reaches all three or none: before
+this module each wired its own copy, and the copies drifted (the server loaded the PyTorch
+transformers for compiled backends, about 31 GB at Wan 14B + 1.3B that no engine used;
+`--compile-mode` reached bench only). tests/test_assembly.py holds every caller to it.
+
+The steps are separate functions because the callers keep different parts warm: the server loads
+the pair and engines once and makes a pipeline per plan; bench makes a sampler per (backend, mode,
+plan) over one pair. `assemble` does all of them for one request. Imports torch only when called.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
+
+from flowblend.engines import factory
+from flowblend.errors import FlowblendError
+from flowblend.runtime.graph_modes import GRAPH_FLAGS
+
+if TYPE_CHECKING:
+    from flowblend.engines.base import Engine
+    from flowblend.families import LoadedPair
+    from flowblend.runtime.pipeline import BlendPipeline
+    from flowblend.runtime.plan import BlendPlan
+    from flowblend.runtime.sampler import Sampler, SamplerOptions
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    """Which engines a run uses and how they are made: every caller passes these through unchanged.
+
+    A field added here is an engine option of generate, serve and bench alike (each spells it as a
+    flag or config field of the same name; tests/test_assembly.py checks that it arrives)."""
+
+    backend: str = "torch"
+    device: str = "cpu"
+    dtype: str = "fp32"  # a precision name (engines/factory.DTYPE_NAMES)
+    artifacts: str = "artifacts"  # ONNX exports and the engine store
+    compile_mode: str | None = None  # torch-compile: torch.compile's mode (None: torch's default)
+
+    def __post_init__(self):
+        factory.check_backend(self.backend)
+        factory.check_dtype(self.dtype)
+
+    @property
+    def runs_transformers(self) -> bool:
+        """Whether the engines run the loaded PyTorch transformers (else they run built engines only)."""
+        return self.backend in factory.TORCH_BACKENDS
+
+    @classmethod
+    def of(cls, source) -> EngineChoice:
+        """The choice from any object with attributes of the same names (argparse args, ServeConfig)."""
+        return cls(**{f.name: getattr(source, f.name) for f in fields(cls) if hasattr(source, f.name)})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+ENGINE_OPTIONS = tuple(f.name for f in fields(EngineChoice))
+
+
+def load_models(family_name: str, choice: EngineChoice, large: str | None = None, small: str | None = None,
+                allow_download: bool = False, with_transformers: bool | None = None) -> LoadedPair:
+    """The pair for `choice`: the PyTorch transformers only where its engines run them (or `with_transformers`)."""
+    from flowblend.families import load_pair
+
+    load = choice.runs_transformers if with_transformers is None else with_transformers
+    return load_pair(family_name, large, small, dtype=factory.torch_dtype(choice.dtype), device=choice.device,
+                     allow_download=allow_download, load_transformers=load)
+
+
+def engines_for(pair: LoadedPair, choice: EngineChoice, latent_shape, guidance: float, build: bool = False,
+                progress: bool = False) -> dict[str, Engine]:
+    """The engines of `choice` at a latent shape and guidance; `build`: export (when the pair's transformers
+    are loaded) and build what the engine store lacks first, under the store's lock."""
+    if build and not choice.runs_transformers:
+        _ensure_built(pair, choice, latent_shape, guidance, progress)
+    return factory.make_engines(choice.backend, pair, latent_shape=latent_shape, guidance=guidance,
+                                device=choice.device, dtype=choice.dtype, artifacts=choice.artifacts,
+                                compile_mode=choice.compile_mode)
+
+
+def _ensure_built(pair: LoadedPair, choice: EngineChoice, latent_shape, guidance: float, progress: bool) -> None:
+    from flowblend.engines.build import build_pair_engines, export_record_path, locate_pair_engines
+
+    family = pair.family
+    spec = family.io_spec(latent_shape, guidance, choice.dtype)
+    if pair.transformers and not export_record_path(choice.artifacts, family.name).is_file():
+        from flowblend.export.onnx import export_pair
+
+        export_pair(pair, spec, choice.artifacts, progress=progress)
+    try:
+        locate_pair_engines(family.name, choice.backend, spec, choice.artifacts)
+    except FlowblendError:
+        # The store keys engines by GPU type and locks each build: replicas on shared storage build once.
+        build_pair_engines(family.name, choice.backend, choice.artifacts, progress=progress)
+
+
+def sampler_for(engines: dict[str, Engine], plan: BlendPlan, options: SamplerOptions, choice: EngineChoice
+                ) -> Sampler:
+    """The sampler over `engines` on the choice's device and dtype."""
+    from flowblend.runtime.sampler import Sampler
+
+    return Sampler(engines, plan, options=options, device=choice.device, dtype=factory.torch_dtype(choice.dtype))
+
+
+def pipeline_for(pair: LoadedPair, engines: dict[str, Engine], plan: BlendPlan, options: SamplerOptions,
+                 choice: EngineChoice, graph: str = "none") -> BlendPipeline:
+    """Text -> latents -> video over `engines`; `graph` is a `--graph` spelling (runtime/graph_modes.py)."""
+    from flowblend.runtime.graph import GraphRunner
+    from flowblend.runtime.pipeline import BlendPipeline
+
+    runner = GraphRunner(sampler_for(engines, plan, options, choice), mode=GRAPH_FLAGS[graph])
+    return BlendPipeline(runner, pair.encode_prompt, pair.decode)
+
+
+@dataclass
+class AssembledRun:
+    """What `assemble` made: the pair (its sources go into records), the engines and the ready pipeline."""
+
+    pair: LoadedPair
+    engines: dict[str, Engine]
+    pipeline: BlendPipeline
+
+
+def assemble(family_name: str, latent_shape, plan: BlendPlan, options: SamplerOptions, choice: EngineChoice,
+             graph: str = "none", large: str | None = None, small: str | None = None, allow_download: bool = False,
+             build: bool = False) -> AssembledRun:
+    """A checked request's run, ready: load the pair, make the engines, wrap them in the pipeline."""
+    pair = load_models(family_name, choice, large, small, allow_download)
+    guidance = max(options.guidance_for(len(plan)))
+    engines = engines_for(pair, choice, latent_shape, guidance, build=build)
+    return AssembledRun(pair, engines, pipeline_for(pair, engines, plan, options, choice, graph))

@@ -1,0 +1,241 @@
+"""The model-family registry: what a family is (`PairFamily`), what its transformer class needs
+(`Architecture`), and the table of registered families.
+
+A family fixes what all its models must share (latent space, text conditioning, patching) and the
+defaults its diffusers pipeline uses (solver, shift, steps, guidance, video size). A family names its
+models and their plan letters: large/small (L, S) for two-model pairs; high/low/small (H, L, S) for
+`wan22`. Each family lives in one module of this package (wan.py, wan22.py, ltx.py, toy.py) and calls
+`register_family`; a new family (say CogVideoX) is one such module, in flowblend or outside it
+(tests/test_new_family.py registers one from a test module).
+
+`register_family` also hands the architecture's pieces to the layers below, which hold them by class
+name and never import this package: its I/O signature wrapper and step split to engines/signature.py,
+its FP32 islands to export/precision.py. bench/flops.py asks `architecture_of` for the FLOP model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from flowblend.engines.architectures import ClassEntry, register_class
+from flowblend.errors import FlowblendError
+
+if TYPE_CHECKING:  # torch loads when a pair does: `flowblend --help` and argument checks stay fast
+    import torch
+
+    from flowblend.engines.iospec import IOSpec
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A diffusers video transformer class as flowblend drives it; one per class, shared by its families.
+
+    `signature(transformer, **kw)` wraps it in the positional engine signature (engines/signature.py);
+    `step_split(signed)` returns its forward with the schedule constants taken out, or None;
+    `forward_macs(config, latent_shape, text_len)` -> {"projections", "attention"} multiply-accumulates
+    of one forward at batch 1 (bench/flops.py); `encode_prompt(pipeline, prompts, family, device)` and
+    `decode(vae, latents)` use its diffusers pipeline's text encoder and VAE."""
+
+    transformer_class: str  # the diffusers class name
+    class_module: str  # where diffusers defines it (imported directly: diffusers' top-level lazy module imports more)
+    signature: Callable
+    step_split: Callable = lambda signed: None
+    wrapper_name: str | None = None  # the class `signature` returns: a module already wrapped keeps its split
+    fp32_islands: tuple[str, ...] = ()
+    forward_macs: Callable | None = None
+    encode_prompt: Callable | None = None
+    decode: Callable | None = None
+
+    def model_class(self):
+        import importlib
+
+        return getattr(importlib.import_module(self.class_module), self.transformer_class)
+
+
+@dataclass(frozen=True)
+class PairFamily:
+    name: str
+    transformer_class: str
+    large: str  # default checkpoint (hub id or local path) of the large model
+    small: str
+    latent_channels: int
+    spatial_factor: int  # VAE spatial compression
+    temporal_factor: int  # VAE temporal compression (frames = factor * k + 1)
+    patch: tuple[int, int, int]  # transformer patch (t, h, w)
+    solver: str
+    shift: float
+    steps: int
+    guidance: float
+    height: int
+    width: int
+    frames: int
+    text_len: int
+    text_dim: int
+    takes_text_mask: bool = False
+    dynamic_shift: bool = False  # LTX: mu from the token count instead of a fixed shift
+    compat_fields: tuple[str, ...] = ()  # config fields both transformers must agree on
+    description: str = ""
+    # A family whose models ship with a package above this one (the toy pair) names the module that
+    # loads them; it provides load_pair(family, large, small, dtype, device, load_transformers) and
+    # REFERENCE_CONFIGS.
+    # Resolved by name so that export/ never imports the packages that sit on top of it.
+    provider: str = ""
+    # The named models, in plan order, with their plan letters; which checkpoint argument (--large /
+    # --small) holds each one, and the subfolder inside it (None: transformer/ if present, else the folder).
+    models: tuple[str, ...] = ("large", "small")
+    letters: tuple[str, ...] = ("L", "S")
+    checkpoint_of: tuple[str, ...] = ("large", "small")
+    subfolders: tuple[str | None, ...] = (None, None)
+    # Two-expert models (Wan 2.2 A14B): the high-noise expert runs t >= boundary_ratio * 1000, as
+    # diffusers' WanPipeline; each expert brings its CFG scale (guidance_scale / guidance_scale_2).
+    boundary_ratio: float | None = None
+    expert_guidance: tuple[tuple[str, float], ...] = ()
+    pipeline_class: str = "WanPipeline"  # diffusers pipeline whose text encoder and VAE the pair shares
+    compat_hint: str = ""  # appended to an incompatibility refusal
+    # What flowblend knows of the transformer class (its family module's Architecture) and the published
+    # configs of the default models, for cost estimates without weights (`flowblend plan`, scripts).
+    architecture: Architecture | None = None
+    reference: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()
+
+    @property
+    def reference_configs(self) -> dict[str, dict]:
+        """Transformer configs of the family's default models (a family with a provider: the provider's)."""
+        if self.provider:
+            return {size: dict(config) for size, config in _provider(self).REFERENCE_CONFIGS.items()}
+        return {model: dict(config) for model, config in self.reference}
+
+    @property
+    def experts(self) -> tuple[str, str] | None:
+        """(high, low) for a two-expert family, else None."""
+        return (self.models[0], self.models[1]) if self.boundary_ratio is not None else None
+
+    @property
+    def pixel_multiple(self) -> int:
+        return self.spatial_factor * self.patch[1]
+
+    def check_video_shape(self, frames: int, height: int, width: int) -> None:
+        """Raise FlowblendError naming the fix if the VAE/transformer cannot take this video size.
+
+        Every size it suggests is one this check accepts (tests/test_cli_help.py feeds them back).
+        """
+        m = self.pixel_multiple
+        if height <= 0 or width <= 0 or height % m or width % m:
+            raise FlowblendError(f"{self.name}: height and width must be positive multiples of {m}, got "
+                                 f"{height}x{width}; try {max(m, round(height / m) * m)}x{max(m, round(width / m) * m)}")
+        if not self.frames_ok(frames):
+            k, pt = self.temporal_factor, self.patch[0]
+            below = [f for f in range(frames - 1, 0, -1) if self.frames_ok(f)][:1]
+            above = next(f for f in range(max(frames + 1, 1), frames + 2 + k * pt * 2) if self.frames_ok(f))
+            rule = f"{k}k+1 for this VAE" if pt == 1 else \
+                f"{k}k+1 for this VAE and fill whole {pt}-frame patches of the transformer, i.e. a multiple of {pt} latent frames"
+            raise FlowblendError(f"{self.name}: frames must be {rule}, got {frames}; try "
+                                 f"{' or '.join(str(f) for f in below + [above])}")
+
+    def frames_ok(self, frames: int) -> bool:
+        """Whether the VAE (frames = k*t + 1) and the transformer's temporal patch both take `frames`."""
+        k = self.temporal_factor
+        return frames >= 1 and (frames - 1) % k == 0 and ((frames - 1) // k + 1) % self.patch[0] == 0
+
+    def normalise_prompt(self, prompt: str, negative: bool = False) -> str:
+        """The prompt as this family's text encoder reads it; FlowblendError naming the fix if it cannot.
+
+        Real text encoders take any text. A family with a closed vocabulary (the toy pair) puts the
+        prompt in the form its models were trained on and refuses unknown words (its provider's
+        normalise_prompt).
+        """
+        if not isinstance(prompt, str):
+            raise FlowblendError(f"a prompt is text, got {type(prompt).__name__}")
+        if not negative and not prompt.strip():
+            raise FlowblendError("the prompt is empty: give the text to generate from")
+        if not self.provider:
+            return prompt.strip()
+        return _provider(self).normalise_prompt(prompt, negative=negative)
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        self.check_video_shape(frames, height, width)
+        s, t = self.spatial_factor, self.temporal_factor
+        return (self.latent_channels, (frames - 1) // t + 1, height // s, width // s)
+
+    def sampler_kwargs(self, latent_shape) -> dict:
+        """Solver settings for a latent shape (LTX's dynamic shift depends on the token count)."""
+        if not self.dynamic_shift:
+            return {"solver": self.solver, "shift": self.shift}
+        tokens = latent_shape[1] * latent_shape[2] * latent_shape[3]
+        m = (1.15 - 0.5) / (4096 - 256)  # diffusers' calculate_shift defaults, as LTXPipeline
+        return {"solver": self.solver, "shift": 1.0, "mu": tokens * m + (0.5 - m * 256)}
+
+    def io_spec(self, latent_shape, guidance: float, dtype: str | torch.dtype = "fp32",
+                dynamic: dict | None = None) -> IOSpec:
+        """The I/O spec of this family's transformers at a latent shape (C, F, H, W): the one place a
+        family's text size, mask and patch become a spec (export, engine builds and engine lookup).
+        Batch 2 with CFG (guidance > 1, the sampler's rule), else 1."""
+        from flowblend.engines.iospec import IOSpec, dtype_name
+
+        return IOSpec(batch=2 if guidance > 1 else 1, latent=tuple(latent_shape), text_len=self.text_len,
+                      text_dim=self.text_dim, dtype=dtype_name(dtype), with_mask=self.takes_text_mask,
+                      dynamic=dynamic or {}, patch=tuple(self.patch))
+
+
+
+FAMILIES: dict[str, PairFamily] = {}
+ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def register_family(family: PairFamily) -> PairFamily:
+    """Add a family (and its architecture) to the registry: the one step a new family module takes."""
+    FAMILIES[family.name] = family
+    arch = family.architecture
+    if arch is not None and ARCHITECTURES.get(arch.transformer_class) is not arch:
+        ARCHITECTURES[arch.transformer_class] = arch
+        register_class(arch.transformer_class, ClassEntry(arch.signature, arch.step_split, arch.fp32_islands),
+                       arch.wrapper_name)
+    return family
+
+
+def get_family(name: str) -> PairFamily:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise FlowblendError(f"unknown pair {name!r}: choose one of {', '.join(FAMILIES)}") from None
+
+
+def architecture_of(transformer_class: str) -> Architecture:
+    """The registered architecture of a diffusers class name, or ValueError naming the registered ones."""
+    if transformer_class not in ARCHITECTURES:
+        raise ValueError(f"no architecture registered for {transformer_class}: flowblend knows "
+                         f"{' and '.join(ARCHITECTURES)} (flowblend/families/)")
+    return ARCHITECTURES[transformer_class]
+
+
+def reference_configs(name: str) -> dict[str, dict]:
+    """Transformer configs of a family's default models (published architectures, no weights)."""
+    return get_family(name).reference_configs
+
+
+def check_compatible(family: PairFamily, large_config, small_config) -> None:
+    """Refuse a pair whose models cannot share latents and text conditioning; name the field."""
+    check_models_compatible(family, {"large": large_config, "small": small_config})
+
+
+def check_models_compatible(family: PairFamily, configs: dict[str, dict]) -> None:
+    """Every model against the first: one line naming the field and both values."""
+    (first, first_config), *others = configs.items()
+    for name, config in others:
+        for key in family.compat_fields:
+            a, b = _as_tuple(first_config.get(key)), _as_tuple(config.get(key))
+            if a != b:
+                hint = f"; {family.compat_hint}" if family.compat_hint else ""
+                raise FlowblendError(f"incompatible {family.name} pair: {key} differs ({first} {a}, {name} {b}); all "
+                                     f"models must share the latent space and text encoder{hint}")
+
+
+def _as_tuple(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
+def _provider(family: PairFamily):
+    import importlib
+
+    return importlib.import_module(family.provider)
+
+
