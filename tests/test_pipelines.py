@@ -350,3 +350,56 @@ def test_model_cpu_offload_moves_the_text_encoder_and_vae_only(checkpoints):
               if hasattr(getattr(ours, name), "_hf_hook")}
     assert hooked == {"text_encoder", "vae"}
     assert max_abs(ours(**WAN_CALL, generator=generator()).frames, before) == 0
+
+
+def test_ltx_lsl_equals_ltx_pipeline_swapping_its_transformer_per_step(checkpoints):
+    """The blended plan against diffusers' own loop: LTXPipeline whose step-end callback puts the plan's next model
+    in place of `pipe.transformer` (the loop reads it every step), on the same checkpoint and generator."""
+    from flowblend.runtime.plan import BlendPlan
+
+    ours = quiet(FlowBlendLTXPipeline.from_pretrained(checkpoints["ltx"], small=checkpoints["ltx_small"]))
+    steps = 10
+    plan = BlendPlan.parse("LSL:0.4,0.2", steps)
+    assert plan.models.count("small") == 4
+    ref_pipe = quiet(LTXPipeline.from_pretrained(checkpoints["ltx"]))
+    models = {"large": ref_pipe.transformer, "small": ours.small_transformer}
+
+    def swap(pipe, i, t, kwargs):
+        pipe.transformer = models[plan.models[min(i + 1, steps - 1)]]
+        return {}
+    call = dict(LTX_CALL, num_inference_steps=steps)
+    ref = ref_pipe(**call, generator=generator(), output_type="latent", callback_on_step_end=swap).frames
+    ref_pipe.transformer = models["large"]
+    got = ours(**call, generator=generator(), output_type="latent", plan="LSL:0.4,0.2").frames
+    assert rel(got, ref) <= 1e-5, f"relative error {rel(got, ref):.2e}"
+    large_only = ref_pipe(**call, generator=generator(), output_type="latent").frames
+    assert rel(large_only, ref) > 1e-3  # the swap changed the reference: the comparison can fail
+
+
+def test_wan22_small_steps_around_the_switch_equal_wan_pipeline_swapping_its_experts(checkpoints):
+    """experts:1,1 against WanPipeline(transformer, transformer_2, boundary_ratio) whose callback puts the small
+    model in place of whichever expert the next step would run: each step keeps its expert's CFG scale."""
+    from flowblend.runtime.plan import EXPERTS_AND_SMALL, BlendPlan, ExpertSchedule
+
+    ours = quiet(FlowBlendWanPipeline.from_pretrained(checkpoints["wan22"], small=checkpoints["wan_small"]))
+    ref_pipe = quiet(WanPipeline.from_pretrained(checkpoints["wan22"]))
+    steps = 8
+    sched = type(ref_pipe.scheduler).from_config(ref_pipe.scheduler.config)
+    sched.set_timesteps(steps)
+    plan = BlendPlan.parse("experts:1,1", steps, EXPERTS_AND_SMALL,
+                           ExpertSchedule(tuple(float(t) for t in sched.timesteps), 0.9))
+    assert plan.models.count("small") == 2
+    experts = (ref_pipe.transformer, ref_pipe.transformer_2)
+
+    def place(pipe, step):
+        small = plan.models[step] == "small"
+        pipe.transformer, pipe.transformer_2 = (ours.small_transformer,) * 2 if small else experts
+
+    def swap(pipe, i, t, kwargs):
+        place(pipe, min(i + 1, steps - 1))
+        return {}
+    call = dict(WAN_CALL, num_inference_steps=steps, guidance_scale=4.0, guidance_scale_2=2.5)
+    place(ref_pipe, 0)
+    ref = ref_pipe(**call, generator=generator(), output_type="latent", callback_on_step_end=swap).frames
+    got = ours(**call, generator=generator(), output_type="latent", plan="experts:1,1").frames
+    assert rel(got, ref) <= 1e-5, f"relative error {rel(got, ref):.2e}"
