@@ -252,6 +252,10 @@ def test_loading_and_model_refusals(checkpoints, tmp_path):
         ltx(**LTX_CALL, guidance_rescale=0.7)
     with pytest.raises(ValueError, match="`timesteps`"):
         ltx(**LTX_CALL, timesteps=[999, 500])
+    with pytest.raises(ValueError, match="divisible by 32"):  # LTXPipeline's own check_inputs
+        ltx(**dict(LTX_CALL, height=48))
+    with pytest.raises(ValueError, match="`plan` 'HSL:0.4,0.2'"):  # H is Wan 2.2's letter, not LTX's
+        ltx(**LTX_CALL, plan="HSL:0.4,0.2")
 
 
 def test_cuda_graph_modes_through_the_graph_runner_with_the_stand_in(checkpoints, monkeypatch):
