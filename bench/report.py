@@ -51,7 +51,7 @@ def case_rows(cases: list, per_step: dict, reference_plan: BlendPlan, frames: in
                "step_ms": {m: {k: (v * 1e3 if k != "n" else v) for k, v in stats(s).items()}
                            for m, s in c.step_seconds.items() if s},
                "engine_share": statistics.median(c.engine_share) if c.engine_share else None,
-               "first_run_s": c.first_run_s, "peak_rss_bytes": c.peak.rss_peak}
+               "first_run_s": c.first_run_s, "peak_rss_bytes": c.peak.rss_peak, "attention": c.attention}
         if c.runner is not None:  # same noise and prompt as the eager loop of this backend and plan
             eager = next((e for e in cases if (e.backend, e.mode, e.plan) == (c.backend, "loop", c.plan)), None)
             if eager is not None:
@@ -175,6 +175,9 @@ def render_markdown(report: dict, heading: str = "##") -> str:
         lines.append("\nGraph replays against the eager loop (same noise and prompt), max abs difference of the final "
                      "latents: " + ", ".join(f"{r['backend']} {r['mode']} {r['plan']} {r['max_abs_diff_vs_loop']:.1e}"
                                               for r in graphs) + ".")
+    kernels = {r["backend"]: r.get("attention") for r in report["cases"] if r.get("attention")}
+    if kernels:
+        lines.append("\nAttention: " + "; ".join(f"{b}: {a}" for b, a in kernels.items()))
     for s in report["skipped"]:
         lines.append(f"\nNot measured: {s['backend']} ({s['mode']}): {s['reason']}")
     lines += ["", f"{heading}# Targets", "", "| target | goal | measured | met |", "|---|---|---|---|"]

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from flowblend.assembly import EngineChoice, engines_for, sampler_for
-from flowblend.engines.factory import BACKENDS
+from flowblend.engines.factory import BACKENDS, torch_dtype
 from flowblend.engines.iospec import dtype_name
 from flowblend.engines.kinds import REFERENCE_KIND, engine_kind
 from flowblend.errors import FlowblendError
@@ -65,6 +65,10 @@ class BenchOptions:
     dtype: torch.dtype = torch.float32
     artifacts: str = "artifacts"
     compile_mode: str | None = None
+    compile: str | None = None  # PyTorch engines (flowblend/assembly.EngineChoice)
+    attention: str = "auto"
+    fp8_keep_blocks: int = 0
+    precision: str | None = None  # the --dtype name where it is not `dtype`'s own (fp8 computes in bfloat16)
     end_to_end: bool = True  # False where the pair has no real text encoder / VAE (scripts/gpu_bench.py)
     progress: bool = True
 
@@ -129,13 +133,26 @@ class Case:
     peak: PeakMemory | None = None
     first_run_s: float | None = None  # the first warm-up run: includes compilation for torch-compile
     runner: GraphRunner | None = None  # graph modes: captures on the first run, then replays
+    attention: str = ""  # the attention kernel its engines run (engines/attention.py), or where it is decided
 
 
 # -- engines per backend ---------------------------------------------------------------------------
 def engine_choice(backend: str, options: BenchOptions) -> EngineChoice:
     """The run assembly's engine options (flowblend/assembly.py) for one backend of the benchmark."""
-    return EngineChoice(backend=backend, device=options.device, dtype=dtype_name(options.dtype),
-                        artifacts=options.artifacts, compile_mode=options.compile_mode)
+    # The reference is eager whatever --compile says (bench a compile option with --backend torch-compile).
+    compile = "none" if backend == REFERENCE_KIND else options.compile
+    return EngineChoice(backend=backend, device=options.device, dtype=options.precision or dtype_name(options.dtype),
+                        artifacts=options.artifacts, compile_mode=options.compile_mode, compile=compile,
+                        attention=options.attention, fp8_keep_blocks=options.fp8_keep_blocks)
+
+
+def attention_of(choice: EngineChoice) -> str:
+    """What the report says of a backend's attention: the kernel its PyTorch engines choose, or its compiler's."""
+    from flowblend.engines.attention import choose_attention
+
+    if not choice.runs_transformers:
+        return f"chosen inside the {choice.backend} engine"
+    return choose_attention(choice.device, torch_dtype(choice.dtype), choice.attention).describe()
 
 
 def make_engines(backend: str, pair, options: BenchOptions, latent_shape, guidance: float) -> dict:
@@ -257,7 +274,7 @@ def _build_cases(pair, eager: dict, plans, options: BenchOptions, latent_shape, 
                                                  guidance_table=guidance_table(plan, guidance, scales, experts))
                 choice = engine_choice(backend, options)
                 make = lambda e: sampler_for(e, plan, sampler_options, choice)  # noqa: E731
-                case = Case(backend, mode, plan, make(engines), make(timed), log)
+                case = Case(backend, mode, plan, make(engines), make(timed), log, attention=attention_of(choice))
                 if MODES[mode] != "eager":
                     case.runner = GraphRunner(case.sampler, MODES[mode])
                 cases.append(case)

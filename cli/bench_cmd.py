@@ -18,7 +18,7 @@ from .common import choices_of, family_of, subscribe
 
 
 def register(p) -> None:
-    subscribe(p, "pair", "video", "steps", "guidance", "device", "dtype", "threads", "artifacts", "progress")
+    subscribe(p, "pair", "video", "steps", "guidance", "device", "dtype", "engine", "threads", "artifacts", "progress")
     p.add_argument("--backend", action="append", metavar="NAME",
                    help=f"{' | '.join(BACKENDS)} | all (repeatable; default {' '.join(DEFAULT_BACKENDS)}; eager torch "
                         "is always measured as the reference; onnxruntime/tensorrt export and build what is missing)")
@@ -47,7 +47,9 @@ def options_from_args(args) -> BenchOptions:
                         width=args.width, guidance=args.guidance, boundary_ratio=args.boundary_ratio,
                         warmup=args.warmup, repeats=args.repeats,
                         overhead_repeats=args.overhead_repeats, device=args.device, dtype=torch_dtype(args.dtype),
-                        artifacts=args.artifacts, compile_mode=args.compile_mode, progress=not args.no_progress)
+                        artifacts=args.artifacts, compile_mode=args.compile_mode, compile=args.compile,
+                        attention=args.attention, fp8_keep_blocks=args.fp8_keep_blocks, precision=args.dtype,
+                        progress=not args.no_progress)
 
 
 def run(args) -> int:

@@ -12,7 +12,10 @@ import argparse
 import os
 import sys
 
+from flowblend.engines.attention import ATTENTION_NAMES
+from flowblend.engines.compile import COMPILE_MODES
 from flowblend.engines.factory import DTYPE_NAMES, check_dtype
+from flowblend.engines.kinds import EXPORT_PRECISIONS, precision
 from flowblend.errors import FlowblendError
 from flowblend.families import FAMILIES, PairFamily, get_family
 from flowblend.runtime.blend_request import BlendChoices, video_of
@@ -106,7 +109,21 @@ def _device(p) -> None:
 
 
 def _dtype(p) -> None:
-    p.add_argument("--dtype", default="fp32", help=f"weights and activations: {' | '.join(DTYPE_NAMES)}")
+    p.add_argument("--dtype", default="fp32", help=f"weights and activations: {' | '.join(DTYPE_NAMES)} (fp8: the "
+                   "transformer blocks' linears in FP8 e4m3 on GPUs with compute capability >= 8.9, BF16 elsewhere; "
+                   "emulated exactly on the CPU; PyTorch engines only)")
+
+
+def _engine(p) -> None:
+    g = p.add_argument_group("PyTorch engines (--backend torch / torch-compile)")
+    g.add_argument("--compile", choices=COMPILE_MODES,
+                   help="torch.compile of each engine: regional (each repeated block once), whole, or none "
+                        "(default: regional on CUDA, none on the CPU; whole for --backend torch-compile)")
+    g.add_argument("--attention", default="auto", choices=ATTENTION_NAMES,
+                   help="the attention kernel (default auto: cuDNN on Hopper and newer, flash on Ampere/Ada, "
+                        "PyTorch's choice on the CPU)")
+    g.add_argument("--fp8-keep-blocks", type=int, default=0,
+                   help="--dtype fp8: the first and last N transformer blocks stay BF16 (default 0)")
 
 
 def _artifacts(p) -> None:
@@ -124,7 +141,7 @@ def _progress(p) -> None:
 
 GROUPS = {"pair": _pair, "pair_name": _pair_name, "plan": _plan, "steps": _steps, "video": _video, "guidance": _guidance,
           "experts": _experts, "solver": _solver,
-          "device": _device, "dtype": _dtype, "artifacts": _artifacts, "threads": _threads, "progress": _progress}
+          "device": _device, "dtype": _dtype, "engine": _engine, "artifacts": _artifacts, "threads": _threads, "progress": _progress}
 
 
 def subscribe(p: argparse.ArgumentParser, *groups: str) -> None:
@@ -163,6 +180,11 @@ def check_groups(args: argparse.Namespace) -> None:
             video_of(choices_of(args), family)
     if "dtype" in groups and args.dtype is not None:
         check_dtype(args.dtype)
+        if "engine" not in groups and not precision(args.dtype).exportable:
+            raise FlowblendError(f"--dtype {args.dtype} runs only in PyTorch engines (generate, serve, bench with "
+                                 f"--backend torch); ONNX exports and built engines take {' | '.join(EXPORT_PRECISIONS)}")
+    if "engine" in groups and args.fp8_keep_blocks < 0:
+        raise FlowblendError(f"--fp8-keep-blocks must be >= 0, got {args.fp8_keep_blocks}")
     if "guidance" in groups and args.guidance is not None:
         check_guidance(args.guidance)
     if "steps" in groups and args.steps is not None and args.steps < 1:

@@ -22,7 +22,7 @@ from .common import choices_of, family_of, subscribe
 def register(p) -> None:
     p.description = ("Generate one video per prompt with a blend plan. Toy pair prompts use its "
                                    f"vocabulary: {vocabulary_line()}.")
-    subscribe(p, "pair", "plan", "video", "guidance", "experts", "solver", "device", "dtype", "threads", "artifacts",
+    subscribe(p, "pair", "plan", "video", "guidance", "experts", "solver", "device", "dtype", "engine", "threads", "artifacts",
               "progress")
     g = p.add_argument_group("prompts and output")
     g.add_argument("--prompt", action="append", default=[], help="text prompt (repeat for several videos)")
@@ -77,8 +77,9 @@ def run(args) -> int:
     from flowblend.assembly import EngineChoice, assemble
     from flowblend.runtime.video import save_video
 
-    assembled = assemble(request.family.name, request.latent_shape, request.plan, resolved.options, EngineChoice.of(args),
-                        graph=args.graph, large=args.large, small=args.small, allow_download=args.allow_download)
+    choice = EngineChoice.of(args)
+    assembled = assemble(request.family.name, request.latent_shape, request.plan, resolved.options, choice,
+                         graph=args.graph, large=args.large, small=args.small, allow_download=args.allow_download)
     pair, pipe = assembled.pair, assembled.pipeline
     settings = {k: v for k, v in request.sampler_settings().items() if v is not None and k != "guidance_scale"}
     for prompt, out in zip(request.prompts, outs):
@@ -94,7 +95,8 @@ def run(args) -> int:
                      if experts is not None else {}),
                   **settings,
                   "frames": request.frames, "height": request.height, "width": request.width, "dtype": args.dtype,
-                  "graph": args.graph, "seconds": round(seconds, 4), "video": str(written), "sources": pair.sources}
+                  "graph": args.graph, "engines": choice.resolved(), "seconds": round(seconds, 4), "video": str(written),
+                  "sources": pair.sources}
         written.with_suffix(".json").write_text(json.dumps(record, indent=2))
         print(f"wrote {written} ({request.plan.label}, {seconds:.2f} s)")
     return 0

@@ -17,7 +17,7 @@ def register(p) -> None:
     p.description = ("Loads the pair and engines once, warms up, then serves POST /v1/videos, "
                      "GET /v1/videos/{id}[/content], DELETE /v1/videos/{id}, /health and /metrics. The shared flags "
                      "set the warm configuration and the defaults of requests that leave a value out.")
-    subscribe(p, "pair", "plan", "video", "guidance", "experts", "device", "dtype", "threads", "artifacts")
+    subscribe(p, "pair", "plan", "video", "guidance", "experts", "device", "dtype", "engine", "threads", "artifacts")
     r = p.add_argument_group("backend")
     r.add_argument("--backend", default="torch", choices=BACKENDS, help="engine backend")
     r.add_argument("--build-engines", action="store_true",
@@ -66,7 +66,8 @@ def config_from_args(args):
                              ">= 1024")
     return ServeConfig(pair=args.pair, large=args.large, small=args.small, allow_download=args.allow_download,
                        backend=args.backend, device=args.device, dtype=args.dtype, artifacts=args.artifacts,
-                       compile_mode=args.compile_mode,
+                       compile_mode=args.compile_mode, compile=args.compile, attention=args.attention,
+                       fp8_keep_blocks=args.fp8_keep_blocks,
                        build_engines=args.build_engines, graph=args.graph, plan=args.plan,
                        plan_file=args.plan_file, steps=args.steps,
                        frames=args.frames, height=args.height, width=args.width, guidance=args.guidance,

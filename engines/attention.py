@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the names are read by argument checks before torch loads
+    import torch
 
 ATTENTION_NAMES = ("auto", "cudnn", "flash", "efficient", "math", "default")
 
@@ -47,6 +49,8 @@ class AttentionChoice:
 
 def choose_attention(device: torch.device, dtype: torch.dtype, requested: str = "auto") -> AttentionChoice:
     """The attention kernel for an engine on `device` computing in `dtype` (`requested` overrides auto)."""
+    import torch
+
     device = torch.device(device)
     if requested not in ATTENTION_NAMES:
         from flowblend.errors import FlowblendError

@@ -52,12 +52,13 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def make_engines(backend: str, pair: LoadedModels, *, latent_shape, guidance: float, device: str = "cpu",
-                 dtype: str = "fp32", artifacts: str = "artifacts", compile_mode: str | None = None
-                 ) -> dict[str, Engine]:
+                 dtype: str = "fp32", artifacts: str = "artifacts", compile_mode: str | None = None,
+                 compile: str | None = None, attention: str = "auto", fp8_keep_blocks: int = 0) -> dict[str, Engine]:
     """{'large': engine, 'small': engine} for `backend`; FlowblendError with the fix if it cannot run here."""
     kind = engine_kind(backend)
     if kind.runs_transformers:
-        return _torch_engines(pair, device, torch_dtype(dtype), kind.compiled, compile_mode)
+        return _torch_engines(pair, device, precision(dtype), kind.compile_for(device, compile), compile_mode,
+                              attention, fp8_keep_blocks)
     from .build import locate_pair_engines
 
     spec = pair.family.io_spec(latent_shape, guidance, dtype)
@@ -65,17 +66,16 @@ def make_engines(backend: str, pair: LoadedModels, *, latent_shape, guidance: fl
     return kind.load_function()(paths, device)
 
 
-def _torch_engines(pair: LoadedModels, device, dtype, compiled: bool, compile_mode: str | None) -> dict:
-    import torch
-
-    from .signature import signature_for
+def _torch_engines(pair: LoadedModels, device, prec, compile: str, compile_mode: str | None, attention: str,
+                   fp8_keep_blocks: int) -> dict:
+    """TorchEngines over the pair's transformers: moved to the device in the precision's dtype, quantized into
+    a copy where the precision has a quantizer (FP8), compiled as `compile` says (engines/compile.py)."""
     from .torch_engine import TorchEngine
 
-    if not compiled:
-        return {name: TorchEngine(m, device=device, dtype=dtype, name=name) for name, m in pair.transformers.items()}
-    kwargs = {"mode": compile_mode} if compile_mode else {}
     engines = {}
     for name, m in pair.transformers.items():
-        module = signature_for(m).to(device=device, dtype=dtype)
-        engines[name] = TorchEngine(torch.compile(module, **kwargs), name=name)
+        model = m.to(device=device, dtype=prec.torch_dtype)
+        if prec.quantizer:
+            model = prec.quantize_function()(model, device, fp8_keep_blocks)
+        engines[name] = TorchEngine(model, name=name, compile=compile, compile_mode=compile_mode, attention=attention)
     return engines

@@ -149,3 +149,12 @@ class EmulatedFp8Linear(nn.Module):
         out = nn.functional.linear(fake_quantize(x, self.granularity), self.weight,
                                    None if self.bias is None else self.bias.float())
         return out.to(x.dtype)
+
+
+def fp8_for_engine(transformer: nn.Module, device, keep_blocks: int = 0) -> nn.Module:
+    """The `fp8` precision's quantizer (engines/kinds.py): torchao on CUDA (refused in one line where it
+    cannot run), the exact emulation elsewhere: the CPU runs FP8's arithmetic for its quality, not speed."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        check_fp8_device(device)
+    return fp8_copy(transformer, Fp8Options(keep_blocks=keep_blocks), emulate=device.type != "cuda")

@@ -15,7 +15,7 @@ from flowblend.errors import FlowblendError
 from .base import LATENTS, TEXT_EMBEDS, TEXT_MASK, TIMESTEP, VELOCITY
 from .kinds import PRECISIONS
 
-DTYPE_NAMES = {name: p.torch_dtype for name, p in PRECISIONS.items()}  # engines/kinds.py's precisions
+DTYPE_NAMES = {name: p.torch_dtype for name, p in PRECISIONS.items() if p.exportable}  # engines/kinds.py's
 
 
 def dtype_name(dtype: str | torch.dtype) -> str:

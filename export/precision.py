@@ -28,7 +28,7 @@ from flowblend.engines.architectures import entry_for
 from flowblend.engines.kinds import PRECISIONS
 from flowblend.errors import FlowblendError
 
-LOW_PRECISION = tuple(p.torch_dtype for p in PRECISIONS.values() if p.fp32_islands)  # engines/kinds.py
+LOW_PRECISION = tuple(p.torch_dtype for p in PRECISIONS.values() if p.fp32_islands and p.exportable)  # engines/kinds.py
 
 
 def islands_of(transformer_or_class) -> tuple[str, ...]:

@@ -34,7 +34,7 @@ TIMESTEPS = (999.0, 500.0, 50.0)
 THRESHOLDS = {name: p.min_cosine for name, p in PRECISIONS.items()}  # min cosine; NaN/Inf always fails
 UNOPTIMIZED = "CPU, graph optimizations off"
 ATTENTION_BUDGET = 1 << 30  # above this many bytes of attention scores, a reduced-shape twin runs instead
-DTYPE_LABEL = {p.torch_dtype: p.label for p in PRECISIONS.values() if p.fp32_islands}
+DTYPE_LABEL = {p.torch_dtype: p.label for p in PRECISIONS.values() if p.fp32_islands and p.exportable}
 # Ops that only move shapes around: their counts may differ between two static shapes of one graph.
 SHAPE_OPS = {"Reshape", "Shape", "Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Constant", "Expand",
              "Range", "Transpose", "Split", "Identity"}

@@ -39,10 +39,28 @@ class EngineChoice:
     dtype: str = "fp32"  # a precision name (engines/factory.DTYPE_NAMES)
     artifacts: str = "artifacts"  # ONNX exports and the engine store
     compile_mode: str | None = None  # torch-compile: torch.compile's mode (None: torch's default)
+    compile: str | None = None  # PyTorch engines: none | regional | whole (None: the kind's default, engines/kinds.py)
+    attention: str = "auto"  # PyTorch engines: the SDPA kernel (engines/attention.py)
+    fp8_keep_blocks: int = 0  # --dtype fp8: the first and last N blocks stay BF16 (engines/fp8.py)
 
     def __post_init__(self):
+        from flowblend.engines.attention import ATTENTION_NAMES
+        from flowblend.engines.compile import check_compile
+        from flowblend.engines.kinds import check_kind_precision, engine_kind
+
         factory.check_backend(self.backend)
         factory.check_dtype(self.dtype)
+        kind = engine_kind(self.backend)
+        check_kind_precision(kind, self.dtype)
+        if not kind.runs_transformers and (self.compile not in (None, "none") or self.attention != "auto"):
+            raise FlowblendError(f"--compile and --attention choose how PyTorch engines run; --backend {self.backend} "
+                                 "runs built engines: drop them or use --backend torch")
+        if self.compile is not None:
+            check_compile(self.compile, self.compile_mode)
+        if self.attention not in ATTENTION_NAMES:
+            raise FlowblendError(f"unknown --attention {self.attention!r}: choose one of {', '.join(ATTENTION_NAMES)}")
+        if self.fp8_keep_blocks < 0:
+            raise FlowblendError(f"--fp8-keep-blocks must be >= 0, got {self.fp8_keep_blocks}")
 
     @property
     def runs_transformers(self) -> bool:
@@ -56,6 +74,21 @@ class EngineChoice:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def resolved(self) -> dict:
+        """What the engines run with, defaults filled in (records and reports): compile and attention
+        as PyTorch engines of this kind choose them on this device, or the built engine's own."""
+        from flowblend.engines.kinds import engine_kind
+
+        out = {k: v for k, v in self.to_dict().items() if k != "artifacts"}
+        if self.runs_transformers:
+            from flowblend.engines.attention import choose_attention
+
+            out["compile"] = engine_kind(self.backend).compile_for(self.device, self.compile)
+            out["attention"] = choose_attention(self.device, factory.torch_dtype(self.dtype), self.attention).describe()
+        else:
+            out["compile"] = out["attention"] = f"inside the {self.backend} engine"
+        return out
 
 
 ENGINE_OPTIONS = tuple(f.name for f in fields(EngineChoice))
@@ -77,9 +110,37 @@ def engines_for(pair: LoadedPair, choice: EngineChoice, latent_shape, guidance: 
     are loaded) and build what the engine store lacks first, under the store's lock."""
     if build and not choice.runs_transformers:
         _ensure_built(pair, choice, latent_shape, guidance, progress)
-    return factory.make_engines(choice.backend, pair, latent_shape=latent_shape, guidance=guidance,
-                                device=choice.device, dtype=choice.dtype, artifacts=choice.artifacts,
-                                compile_mode=choice.compile_mode)
+    options = {k: v for k, v in choice.to_dict().items() if k != "backend"}  # every engine option, unchanged
+    return factory.make_engines(choice.backend, pair, latent_shape=latent_shape, guidance=guidance, **options)
+
+
+def warm_up_compiled(pair: LoadedPair, engines: dict[str, Engine], choice: EngineChoice, latent_shape,
+                     options: SamplerOptions) -> float:
+    """Run every engine once at `latent_shape` when they compile (torch.compile compiles on a first call),
+    so a server pays the compile in its warm-up and not in a user's request, whatever plan the warm-up
+    job runs. Returns the seconds it took (0 when nothing compiles)."""
+    import time
+
+    import torch
+
+    from flowblend.runtime.plan import BlendPlan, ModelSet
+    from flowblend.runtime.sampler import Sampler, SamplerOptions
+
+    if not choice.runs_transformers or choice.resolved()["compile"] == "none":
+        return 0.0
+    family = pair.family
+    start = time.perf_counter()
+    plan = BlendPlan(tuple(engines), model_set=ModelSet(tuple(family.models), tuple(family.letters)))
+    # The run's CFG batch (2 when any step guides): compiled graphs are specialised to the input shapes.
+    guidance = max(options.guidance_table or (options.guidance_scale,))
+    warm = SamplerOptions(solver=options.solver, shift=options.shift, guidance_scale=guidance, mu=options.mu,
+                          fused_kernel=options.fused_kernel)
+    sampler = Sampler(engines, plan, options=warm, device=choice.device, dtype=factory.torch_dtype(choice.dtype))
+    text = torch.zeros((1, family.text_len, family.text_dim))
+    mask = {"prompt_mask": torch.ones((1, family.text_len)), "negative_prompt_mask": torch.ones((1, family.text_len))} \
+        if sampler.needs_mask else {}
+    sampler.sample(torch.zeros((1, *latent_shape)), text, text, **mask)
+    return time.perf_counter() - start
 
 
 def _ensure_built(pair: LoadedPair, choice: EngineChoice, latent_shape, guidance: float, progress: bool) -> None:

@@ -39,7 +39,11 @@ def test_generate_several_prompts_and_plan_file(tmp_path):
     (["--plan", "LSL:0.8,0.5"], "exceed 1"),
     (["--plan-file", "/no/plan.json"], "does not exist"),
     (["--steps", "0"], "steps must be >= 1"),
-    (["--dtype", "fp8"], "unknown dtype"),
+    (["--dtype", "fp4"], "unknown dtype"),
+    (["--backend", "onnxruntime", "--dtype", "fp8"], "--backend onnxruntime takes --dtype fp32 | fp16 | bf16, not fp8"),
+    (["--backend", "onnxruntime", "--compile", "regional"], "--compile and --attention choose how PyTorch engines run"),
+    (["--compile", "whole", "--compile-mode", "reduce-overhead"], "captures CUDA graphs of its own"),
+    (["--fp8-keep-blocks", "-1"], "--fp8-keep-blocks must be >= 0"),
 ])
 def test_bad_input_one_line_error_exit_2_no_output(tmp_path, capsys, extra, message):
     out = tmp_path / "bad.mp4"

@@ -21,19 +21,27 @@ from flowblend.errors import FlowblendError
 
 def test_each_precision_names_the_libraries_own_types():
     for name, p in kinds.PRECISIONS.items():
-        assert torch_dtype(name) is getattr(torch, p.torch_name) is DTYPE_NAMES[name]
-        assert dtype_name(p.torch_dtype) == name
+        assert torch_dtype(name) is getattr(torch, p.torch_name)
+        if p.exportable:  # the names ONNX exports and engine keys use: one torch dtype each
+            assert DTYPE_NAMES[name] is torch_dtype(name) and dtype_name(p.torch_dtype) == name
         assert onnx.helper.tensor_dtype_to_np_dtype(getattr(onnx.TensorProto, p.onnx_type)) is not None
         assert 0 < p.min_cosine <= 1 and p.remedy and p.onnxruntime_cpu in ("session", "unoptimized", "reference")
     assert not kinds.PRECISIONS["fp32"].fp32_islands  # nothing to keep apart in FP32
+    fp8 = kinds.PRECISIONS["fp8"]  # one precision entry plus its quantizer module (engines/fp8.py)
+    assert not fp8.exportable and fp8.quantize_function().__module__ == "flowblend.engines.fp8"
+    assert "fp8" not in DTYPE_NAMES and kinds.EXPORT_PRECISIONS == ("fp32", "fp16", "bf16")
+    assert "fp8" in kinds.engine_kind("torch").precisions and "fp8" not in kinds.engine_kind("tensorrt").precisions
 
 
 def test_unknown_names_are_refused_with_the_table():
     with pytest.raises(FlowblendError, match="unknown backend 'cuda-magic': choose one of torch, torch-compile, "
                                              "onnxruntime, tensorrt"):
         check_backend("cuda-magic")
-    with pytest.raises(FlowblendError, match="unknown dtype 'fp8': choose one of fp32, fp16, bf16"):
-        check_dtype("fp8")
+    with pytest.raises(FlowblendError, match="unknown dtype 'fp4': choose one of fp32, fp16, bf16, fp8"):
+        check_dtype("fp4")
+    with pytest.raises(FlowblendError, match="--backend onnxruntime takes --dtype fp32 . fp16 . bf16, not fp8: fp8 "
+                                             "runs with --backend torch or torch-compile"):
+        kinds.check_kind_precision(kinds.engine_kind("onnxruntime"), "fp8")
     with pytest.raises(FlowblendError, match="choose one of onnxruntime, tensorrt"):
         kinds.built_kind("torch")
 
