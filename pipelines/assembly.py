@@ -1,45 +1,62 @@
 """From a pipeline's transformers to the runtime that samples them, through the one assembly of a run.
 
-The diffusers-style pipelines (pipelines/wan.py, ltx.py) hand over named transformers, a plan and
-the sampler options; `blend_runner` passes them to flowblend/assembly.py (EngineChoice ->
-engines_for -> sampler_for) and wraps the sampler in a GraphRunner, the same steps `flowblend
+The diffusers-style pipelines (pipelines/wan.py, ltx.py) hand over named transformers, a plan, the
+sampler options and an `EngineChoice`; `blend_runner` passes them to flowblend/assembly.py
+(engines_for -> sampler_for) and wraps the sampler in a GraphRunner, the same steps `flowblend
 generate`, the server and bench take, so an engine option added there reaches the pipelines too.
-`check_engines` and `check_cuda_graph` refuse a bad `engines` / `cuda_graph` argument with a
+`engine_choice` and `check_cuda_graph` refuse a bad `engines` / `cuda_graph` argument with a
 ValueError naming it, as diffusers' `check_inputs` does, before anything is built.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
+
+from flowblend.errors import FlowblendError
 
 if TYPE_CHECKING:
     import torch
 
+    from flowblend.assembly import EngineChoice
     from flowblend.runtime.plan import BlendPlan
     from flowblend.runtime.sampler import LatentSampler, SamplerOptions
 
-# The pipelines' `engines=` spellings: the engine kinds of engines/kinds.py, and diffusers-friendly names for two.
-ENGINE_ALIASES = {"eager": "torch", "compiled": "torch-compile"}
-
-
-def engine_options() -> list[str]:
-    from flowblend.engines.kinds import ENGINE_KINDS
-
-    return list(ENGINE_ALIASES) + [k for k in ENGINE_KINDS if k not in ENGINE_ALIASES.values()]
-
-
+# `engines=` names besides the engine kinds of engines/kinds.py: (kind, precision; None: the transformers' own).
+ENGINE_ALIASES = {"eager": ("torch", None), "compiled": ("torch-compile", None), "fp8": ("torch", "fp8")}
 # `cuda_graph=` -> runtime/graph.py's modes: False none, True the whole loop in one graph, or one per step.
 CUDA_GRAPH_OPTIONS = {False: "eager", True: "whole", "whole": "whole", "per_step": "per_step"}
 
 
-def check_engines(engines: str) -> str:
-    """The engine kind (engines/kinds.py) of an `engines=` spelling: an alias or the kind's own name."""
+def engine_options() -> list[str]:
+    """Every `engines=` spelling: the aliases, then the kinds of engines/kinds.py."""
     from flowblend.engines.kinds import ENGINE_KINDS
 
-    kind = ENGINE_ALIASES.get(engines, engines) if isinstance(engines, str) else None
-    if kind not in ENGINE_KINDS:
-        raise ValueError(f"`engines` has to be one of {engine_options()} (or {list(ENGINE_ALIASES.values())}) "
-                         f"but is {engines!r}")
-    return kind
+    return list(ENGINE_ALIASES) + list(ENGINE_KINDS)
+
+
+def engine_choice(engines, device: torch.device, dtype: torch.dtype, artifacts: str) -> EngineChoice:
+    """The EngineChoice of an `engines=` value (a spelling, or an EngineChoice whose device becomes the pipeline's);
+    its precision must be the transformers' dtype: the pipeline's modules are not converted behind its back."""
+    from flowblend.assembly import EngineChoice
+    from flowblend.engines.iospec import dtype_name
+    from flowblend.engines.kinds import ENGINE_KINDS, precision
+
+    if isinstance(engines, EngineChoice):
+        choice = replace(engines, device=str(device))
+    elif isinstance(engines, str) and (engines in ENGINE_ALIASES or engines in ENGINE_KINDS):
+        kind, precision_name = ENGINE_ALIASES.get(engines, (engines, None))
+        try:
+            choice = EngineChoice(backend=kind, device=str(device), dtype=precision_name or dtype_name(dtype),
+                                  artifacts=artifacts)
+        except FlowblendError as exc:
+            raise ValueError(f"`engines` {engines!r}: {exc}") from None
+    else:
+        raise ValueError(f"`engines` has to be one of {engine_options()} or an EngineChoice but is {engines!r}")
+    wanted = precision(choice.dtype).torch_dtype
+    if wanted != dtype:
+        raise ValueError(f"`engines` runs {choice.dtype}, whose weights are {wanted}, but the pipeline's transformers "
+                         f"are {dtype}: load it with torch_dtype={wanted} (or pipe.to({wanted}))")
+    return choice
 
 
 def check_cuda_graph(cuda_graph, device: torch.device, with_callback: bool) -> str:
@@ -56,11 +73,9 @@ def check_cuda_graph(cuda_graph, device: torch.device, with_callback: bool) -> s
     return mode
 
 
-def blend_runner(transformers: dict[str, torch.nn.Module], plan: BlendPlan, options: SamplerOptions, *,
-                 engines: str, graph_mode: str, device: torch.device, dtype: torch.dtype, family_name: str,
-                 latent_shape, artifacts: str = "artifacts") -> LatentSampler:
-    """A LatentSampler (GraphRunner over a Sampler) of `plan` over `transformers`, engines of kind `engines`,
-    made by the project's one assembly of a run (flowblend/assembly.py) from the pipeline's own modules.
+def blend_runner(transformers: dict[str, torch.nn.Module], plan: BlendPlan, options: SamplerOptions,
+                 choice: EngineChoice, *, graph_mode: str, family_name: str, latent_shape) -> LatentSampler:
+    """A LatentSampler (GraphRunner over a Sampler) of `plan` over `transformers`, made by the one assembly.
 
     `transformers` may come wrapped in their signature (engines/signature.py: LTX's rope_interpolation_scale
     depends on the VAE and frame rate); built kinds load what `flowblend export` / `build` made for
@@ -68,13 +83,10 @@ def blend_runner(transformers: dict[str, torch.nn.Module], plan: BlendPlan, opti
     """
     from types import SimpleNamespace
 
-    from flowblend.assembly import EngineChoice, engines_for, sampler_for
-    from flowblend.engines.iospec import dtype_name
+    from flowblend.assembly import engines_for, sampler_for
     from flowblend.families import get_family
     from flowblend.runtime.graph import GraphRunner
 
-    choice = EngineChoice(backend=check_engines(engines), device=str(device), dtype=dtype_name(dtype),
-                          artifacts=artifacts)
     used = {name: m for name, m in transformers.items() if name in plan.models}
     # What the engines read of a pair (engines/factory.LoadedModels); the pipeline's own text encoder and VAE
     # encode and decode, so nothing else is loaded.

@@ -13,12 +13,13 @@ from typing import Callable
 
 import torch
 
+from flowblend.assembly import EngineChoice
 from flowblend.errors import FlowblendError
 from flowblend.runtime.plan import BlendPlan, ExpertSchedule, ModelSet
 from flowblend.runtime.sampler import SamplerOptions
 from flowblend.runtime.solvers import check_unipc_config, schedule_of
 
-from .assembly import blend_runner, check_cuda_graph, check_engines
+from .assembly import blend_runner, check_cuda_graph, engine_choice
 
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
 SOLVER_OF_SCHEDULER = {"UniPCMultistepScheduler": "unipc", "FlowMatchEulerDiscreteScheduler": "euler"}
@@ -35,7 +36,7 @@ class BlendSettings:
 
     plan: BlendPlan
     options: SamplerOptions
-    engines: str
+    engines: EngineChoice  # flowblend/assembly.py's: kind, precision, device (the pipeline's), artifacts
     graph_mode: str
     timesteps: torch.Tensor  # the scheduler's own, passed to callbacks as diffusers does
 
@@ -90,7 +91,7 @@ def parse_plan(plan, steps: int, model_set: ModelSet, experts: ExpertSchedule | 
 class BlendCall:
     """Mixin of the FlowBlend pipelines (before the diffusers pipeline class in the bases)."""
 
-    artifacts = "artifacts"  # where compiled engines (`engines='onnxruntime' | 'tensorrt'`) are looked up
+    artifacts = "artifacts"  # where built engines (`engines='onnxruntime' | 'tensorrt'`) are looked up
     checkpoint_family = ""  # the family whose transformer class the checkpoints hold (its Architecture loads them)
 
     @classmethod
@@ -144,12 +145,13 @@ class BlendCall:
             raise ValueError(f"`plan` {blend_plan.label} runs {missing}, which this pipeline has no transformer for: "
                              "pass small_transformer= (from_pretrained(..., small=...) or from_pipe(..., "
                              "small_transformer=...)), or plan='LLL'")
-        check_engines(engines)
+        dtype = next(m for m in self.blend_transformers().values() if m is not None).dtype
+        choice = engine_choice(engines, self._execution_device, dtype, self.artifacts)
         mode = check_cuda_graph(cuda_graph, self._execution_device, with_callback)
         guidance = guidance_of(blend_plan)  # per-step CFG scales (Wan 2.2: the experts' and the small model's)
         options = SamplerOptions(solver=solver, guidance_scale=max(guidance), guidance_table=guidance,
                                  schedule=schedule)
-        return BlendSettings(blend_plan, options, engines, mode, timesteps)
+        return BlendSettings(blend_plan, options, choice, mode, timesteps)
 
     def blend_runner(self, settings: BlendSettings, latent_shape, family_name: str, signature: dict | None = None):
         """The runtime for these settings, kept warm across calls (engines bound, graphs captured once).
@@ -159,18 +161,16 @@ class BlendCall:
         from flowblend.engines.signature import signature_for
 
         found = {n: m for n, m in self.blend_transformers().items() if m is not None}
-        dtype = next(iter(found.values())).dtype
-        device = self._execution_device
         key = (settings.plan, settings.options, settings.engines, settings.graph_mode, tuple(latent_shape),
-               tuple(sorted((signature or {}).items())), str(device), dtype,
+               tuple(sorted((signature or {}).items())), next(iter(found.values())).dtype,
                tuple((n, id(m)) for n, m in found.items()))
         cache = self.__dict__.setdefault("_blend_runners", {})
         if key not in cache:
             try:
                 transformers = {n: signature_for(m, **signature) if signature else m for n, m in found.items()}
-                runner = blend_runner(transformers, settings.plan, settings.options, engines=settings.engines,
-                                      graph_mode=settings.graph_mode, device=device, dtype=dtype,
-                                      family_name=family_name, latent_shape=latent_shape, artifacts=self.artifacts)
+                runner = blend_runner(transformers, settings.plan, settings.options, settings.engines,
+                                      graph_mode=settings.graph_mode, family_name=family_name,
+                                      latent_shape=latent_shape)
             except FlowblendError as exc:
                 raise ValueError(str(exc)) from None
             if len(cache) >= RUNNERS_KEPT:

@@ -79,7 +79,7 @@ class FlowBlendLTXPipeline(BlendCall, LTXPipeline):
                  output_type: str = "pil", return_dict: bool = True, attention_kwargs: dict[str, Any] | None = None,
                  callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
                  callback_on_step_end_tensor_inputs: list[str] = ["latents"], max_sequence_length: int = 128,  # noqa: B006
-                 *, plan=None, engines: str = "eager", cuda_graph: bool | str = False) -> LTXPipelineOutput | tuple:
+                 *, plan=None, engines="eager", cuda_graph: bool | str = False) -> LTXPipelineOutput | tuple:
         """LTXPipeline.__call__ with flowblend's runtime as the loop; see the class docstring for the extra arguments."""
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
