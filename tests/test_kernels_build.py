@@ -88,7 +88,7 @@ class ScaleEngine:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("guidance", [1.0, 4.5])
-@pytest.mark.parametrize("solver", ["unipc", "euler"])
+@pytest.mark.parametrize("solver", ["unipc", "euler", "dpm++", "dpm++3m"])
 def test_host_build_of_the_kernel_equals_the_pytorch_step(built, solver, guidance, dtype):
     lib = fused.load_library(built / fused.LIBRARY_NAME)
     plan = BlendPlan.parse("LSL:0.4,0.2", 7)
