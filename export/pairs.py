@@ -62,6 +62,9 @@ class PairFamily:
     expert_guidance: tuple[tuple[str, float], ...] = ()
     pipeline_class: str = "WanPipeline"  # diffusers pipeline whose text encoder and VAE the pair shares
     compat_hint: str = ""  # appended to an incompatibility refusal
+    # Models beyond --large/--small (issue 27: LTX's step-distilled D): checkpoint argument -> default source.
+    # Loaded when that checkpoint is on disk or in the hub cache, else left out (plans naming it are refused).
+    optional_checkpoints: tuple[tuple[str, str], ...] = ()
 
     @property
     def experts(self) -> tuple[str, str] | None:
@@ -165,7 +168,15 @@ FAMILIES: dict[str, PairFamily] = {
         solver="euler", shift=1.0, steps=40, guidance=3.0, height=512, width=704, frames=121,
         text_len=128, text_dim=4096, takes_text_mask=True, dynamic_shift=True,
         compat_fields=("in_channels", "out_channels", "caption_channels", "patch_size", "patch_size_t"),
-        description="LTX-Video 13B + 2B (0.9.7/0.9.8), shared T5-XXL and LTX VAE", pipeline_class="LTXPipeline"),
+        description="LTX-Video 13B + 2B (0.9.7/0.9.8), shared T5-XXL and LTX VAE", pipeline_class="LTXPipeline",
+        **{  # -- issue 27: the step- and guidance-distilled model D (a self-contained block to move with ltx) --
+            # LTX-Video 0.9.8 distilled (2B here; the 13B distilled has the 13B's config): diffusers' LTX docs run
+            # it at guidance_scale=1.0 over a few explicit timesteps, so D runs batch 1 (no unconditional half);
+            # plans give it its own steps over its interval (`L20,D4,L10`, runtime/plan.py)
+            "models": ("large", "small", "distilled"), "letters": ("L", "S", "D"),
+            "checkpoint_of": ("large", "small", "distilled"), "subfolders": (None, None, None),
+            "optional_checkpoints": (("distilled", "Lightricks/LTX-Video-0.9.8-2B-distilled"),),
+            "expert_guidance": (("distilled", 1.0),)}),
     "toy": PairFamily(
         name="toy", transformer_class="WanTransformer3DModel", large="<shipped>", small="<shipped>",
         latent_channels=3, spatial_factor=1, temporal_factor=1, patch=(3, 4, 4),
@@ -245,14 +256,16 @@ def load_pair(name: str, large: str | None = None, small: str | None = None, dty
     if family.provider:
         return _provider(family).load_pair(family, large, small, torch.float32 if export_layout else dtype, device,
                                            load_transformers=load_transformers)
-    sources = {"large": large or family.large, "small": small or family.small}
+    sources = {"large": large or family.large, "small": small or family.small, **dict(family.optional_checkpoints)}
     shared = _SharedComponents(family, sources["small"], dtype, device, allow_download)
     if not load_transformers:
         _check_source(sources["small"], allow_download)  # the shared parts come from the small model's checkpoint
         return LoadedPair(family, {}, shared.encode, shared.decode, sources)
     layout = export_layout and dtype != torch.float32
+    optional = dict(family.optional_checkpoints)
     models = {name: load_transformer(family, sources[arg], dtype, allow_download, subfolder, export_layout=layout)
-              for name, arg, subfolder in zip(family.models, family.checkpoint_of, family.subfolders)}
+              for name, arg, subfolder in zip(family.models, family.checkpoint_of, family.subfolders)
+              if arg not in optional or Path(sources[arg]).expanduser().exists() or _in_hub_cache(sources[arg])}
     check_models_compatible(family, {name: dict(m.config) for name, m in models.items()})
     for m in models.values():
         m.to(device)
@@ -388,9 +401,10 @@ def reference_configs(name: str) -> dict[str, dict]:
         return {"large": wan_14b, "small": wan_1b}
     if name == "wan22":  # both A14B experts have Wan 2.1 14B's architecture
         return {"high": dict(wan_14b), "low": dict(wan_14b), "small": wan_1b}
-    if name == "ltx":
+    if name == "ltx":  # 13B: 48 layers, 32 x 128; 2B (and the 2B distilled): 28 layers, 32 x 64 (model cards)
         return {"large": dict(_LTX_COMMON, num_attention_heads=32, attention_head_dim=128, num_layers=48),
-                "small": dict(_LTX_COMMON, num_attention_heads=32, attention_head_dim=64, num_layers=28)}
+                "small": dict(_LTX_COMMON, num_attention_heads=32, attention_head_dim=64, num_layers=28),
+                "distilled": dict(_LTX_COMMON, num_attention_heads=32, attention_head_dim=64, num_layers=28)}
     family = get_family(name)
     if family.provider:
         return {size: dict(config) for size, config in _provider(family).REFERENCE_CONFIGS.items()}

@@ -141,17 +141,19 @@ def base_inputs(solver: str, scheduler, steps: int, mu: float | None = None):
 
 def stage_inputs(solver: str, scheduler, segments: tuple[tuple[int, int], ...], mu: float | None = None):
     """u at every step of a plan whose stages take `k` steps over `span` base steps: stage j starts at base point
-    sum(spans before j) and its k steps sit at equal distances in u up to the next stage's start."""
+    a = sum(spans before j) and its steps sit at base positions a + i * span / k, where u is the base run's own
+    (linear between its points, so a whole position is exactly the base run's step and a stage with k = span
+    is the base run's stretch)."""
     import numpy as np
 
     base = base_inputs(solver, scheduler, sum(span for _, span in segments), mu)
-    points, start = [], 0
+    positions, start = [], 0
     for k, span in segments:
         if k < 1 or span < 1:
             raise ValueError(f"a stage needs >= 1 step over >= 1 base step, got {k} over {span}")
-        points.append(np.linspace(base[start], base[start + span], k + 1)[:-1])
+        positions.append(start + np.arange(k) * (span / k))
         start += span
-    return np.concatenate(points)
+    return np.interp(np.concatenate(positions), np.arange(len(base)), base)
 
 
 def set_stage_timesteps(scheduler, solver: str, u, mu: float | None = None) -> None:
