@@ -59,3 +59,4 @@ def test_generate_runs_stage_steps_with_dpmpp(tmp_path):
     assert rc == 0 and out.exists()
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["plan"]["stages"] == "L4,S2/4@1,L2" and record["plan"]["segments"] == [[4, 4], [2, 4], [2, 2]]
+    assert record["guidance_per_step"] == [4.0] * 4 + [1.0] * 2 + [4.0] * 2  # the toy's CFG 4, the stage's own 1
