@@ -19,9 +19,10 @@ That is how diffusers' schedulers space any run (uniform in u, then `flow_shift`
 `time_shift(mu)`; LTXPipeline passes `sigmas=linspace(1, 1/n, n)` for every checkpoint, distilled
 or not, unless the caller gives its own list): so a stage of k steps over a span of s base steps
 samples its interval at the density of a (k * N / s)-step run, and a stage with k = s reproduces
-the base schedule. The distilled LTX checkpoints' own lists (the model cards' `timesteps=[1000,
-993, 987, 981, 975, 909, 725, 0.03]` for a whole run) cover the whole range and cannot be placed
-inside a middle interval; a stage that spans the whole run can still take them through diffusers.
+the base schedule. The distilled LTX checkpoints' own lists (diffusers' LTX docs pass
+`timesteps=[1000, 993, 987, 981, 975, 909, 725, 0.03]` with guidance_scale=1.0 for a whole run, and
+for the refinement pass trim `[1000, 909, 725, 421, 0]` with `denoise_strength`) cover the whole
+range, so a middle interval has no list of its own: it takes the rule above.
 """
 from __future__ import annotations
 

@@ -60,3 +60,14 @@ def test_generate_runs_stage_steps_with_dpmpp(tmp_path):
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["plan"]["stages"] == "L4,S2/4@1,L2" and record["plan"]["segments"] == [[4, 4], [2, 4], [2, 2]]
     assert record["guidance_per_step"] == [4.0] * 4 + [1.0] * 2 + [4.0] * 2  # the toy's CFG 4, the stage's own 1
+
+
+def test_the_request_check_shared_with_the_server_takes_dpmpp_and_stage_plans():
+    from flowblend.errors import FlowblendError
+    from flowblend.runtime.request import validate_request
+
+    toy = get_family("toy")
+    request = validate_request(toy, "a red circle moving left", plan="L8,S3,L4", solver="dpm++3m")
+    assert request.solver == "dpm++3m" and request.plan.label == "L8,S3/8,L4" and request.steps == 15
+    with pytest.raises(FlowblendError, match="unknown solver 'dpm'.*dpm\\+\\+"):
+        validate_request(toy, "a red circle moving left", solver="dpm")
