@@ -17,12 +17,13 @@ from flowblend.assembly import EngineChoice
 from flowblend.errors import FlowblendError
 from flowblend.runtime.plan import BlendPlan, ExpertSchedule, ModelSet
 from flowblend.runtime.sampler import SamplerOptions
-from flowblend.runtime.solvers import check_unipc_config, schedule_of
+from flowblend.runtime.solvers import check_dpmpp_config, check_unipc_config, dpmpp_solver_of_order, schedule_of
 
 from .assembly import blend_runner, check_cuda_graph, engine_choice
 
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
-SOLVER_OF_SCHEDULER = {"UniPCMultistepScheduler": "unipc", "FlowMatchEulerDiscreteScheduler": "euler"}
+SOLVER_OF_SCHEDULER = {"UniPCMultistepScheduler": "unipc", "FlowMatchEulerDiscreteScheduler": "euler",
+                       "DPMSolverMultistepScheduler": "dpm++"}  # DPM++: 2M or 3M by the scheduler's solver_order
 RUNNERS_KEPT = 4  # runners (engines bound to buffers, captured graphs) kept warm per pipeline
 
 
@@ -64,9 +65,15 @@ def scheduler_schedule(scheduler, steps: int, **set_timesteps_kwargs) -> tuple[s
     if solver is None:
         raise ValueError(f"the pipeline's scheduler {name} has no flowblend solver table: use one of "
                          f"{list(SOLVER_OF_SCHEDULER)} (pipe.scheduler = UniPCMultistepScheduler.from_config(...))")
-    if solver == "unipc":
-        check_unipc_config(scheduler.config)
-    elif scheduler.config.get("stochastic_sampling", False):
+    try:
+        if solver == "unipc":
+            check_unipc_config(scheduler.config)
+        elif solver == "dpm++":
+            check_dpmpp_config(scheduler.config)
+            solver = dpmpp_solver_of_order(scheduler.config.solver_order)
+    except ValueError as exc:
+        raise ValueError(f"the pipeline's scheduler {name}: {exc}") from None
+    if scheduler.config.get("stochastic_sampling", False):
         raise ValueError("FlowMatchEulerDiscreteScheduler with stochastic_sampling=True has no solver table: "
                          "set it to False")
     copy = type(scheduler).from_config(scheduler.config)
@@ -140,6 +147,10 @@ class BlendCall:
                        with_callback: bool) -> BlendSettings:
         """The checked plan, options, engine kind and graph mode of one call (ValueErrors name the argument)."""
         blend_plan = parse_plan(plan, steps, model_set, experts)
+        if any(k != span for k, span in blend_plan.segments):
+            raise ValueError(f"`plan` {blend_plan.label}: stages with their own step counts are placed on flowblend's "
+                             "own schedule, not yet on the pipeline's scheduler: use `flowblend generate`, or a plan "
+                             "whose stages share the steps")
         missing = [m for m in dict.fromkeys(blend_plan.models) if self.blend_transformers().get(m) is None]
         if missing:
             raise ValueError(f"`plan` {blend_plan.label} runs {missing}, which this pipeline has no transformer for: "

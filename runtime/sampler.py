@@ -11,7 +11,7 @@ from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
-from flowblend.engines.base import Engine
+from flowblend.engines.base import TIMESTEP, Engine
 from flowblend.engines.streams import new_stream, use_stream
 from flowblend.errors import FlowblendError
 
@@ -113,12 +113,20 @@ class Sampler:
         self.options = options
         self.engines = engines
         self.plan = plan
+        # one monotone schedule; stages with their own step counts place them in their intervals (plan.segments);
+        # options.schedule: a checkpoint's own scheduler set it (the diffusers-style pipelines)
         self.table: SolverTable = make_solver_table(options.solver, len(plan), options.shift, options.mu,
-                                                    schedule=options.schedule)
+                                                    segments=plan.segments, schedule=options.schedule)
         # CFG scale per step, a table like the solver's coefficients (runtime/step.py's g[i]; Wan 2.2's experts
         # each bring theirs, runtime/guidance.py); the buffers carry the unconditional row when any step guides
         self.guidance_scales: tuple[float, ...] = options.guidance_for(len(plan))
         self.cfg = any(g > 1.0 for g in self.guidance_scales)  # diffusers' rule: CFG only above 1
+        # A model that never guides (a distilled one at guidance 1) runs batch 1 on the conditional rows of the
+        # shared buffers, also in a plan whose other models guide: half the forward, no unconditional prompt
+        # (models outside the plan keep the full batch: calibration runs them at the plan's steps and scales)
+        unguided = set(plan.models) - {m for m, g in zip(plan.models, self.guidance_scales) if g > 1.0}
+        self.rows = {m: 1 if not self.cfg or m in unguided else 2 for m in engines}
+        self._step_rows = [self.rows[m] for m in plan.models]
         first = next(iter(engines.values()))
         self.device = torch.device(device) if device is not None else torch.device(first.device)
         self.dtype = dtype if dtype is not None else first.dtype
@@ -136,22 +144,29 @@ class Sampler:
         if key == self._shape_key:
             # Engines may be shared with another Sampler (other plan, same models) that bound them to
             # its own buffers since; binding is cheap (addresses only), so always take them back.
-            for engine in self.engines.values():
-                engine.bind(self.buffers.engine_bindings())
+            self._bind_engines()
             return self.buffers
         bufs = SamplerBuffers.allocate(latent_shape, text_shape, self.table.timesteps, self.cfg,
                                        self.dtype, self.device, self.table.state_names, self.needs_mask,
                                        guidance=self.guidance_scales)
-        for engine in self.engines.values():
-            engine.bind(bufs.engine_bindings())
+        full = bufs.engine_bindings()
+        # the conditional rows as views made once (engines recognise a binding by its tensors)
+        self._bindings = {2: full, 1: full if not bufs.cfg else {k: v[:, 0:1] if k == TIMESTEP else v[0:1]
+                                                                for k, v in full.items()}}
         self.buffers, self._shape_key = bufs, key
+        self._bind_engines()
         self._solver_tensors = bufs.solver_tensors()
         self._v_cond, self._v_uncond = bufs.velocity[0:1], bufs.velocity[-1:]
         self._step_ops = self.table.steps
         # g[i] as 0-d views of the buffers' guidance table: a captured loop reads each step's scale from memory
         self._guidance_rows = [bufs.guidance_table[i] for i in range(len(self.plan))]
-        self._fused = fused_steps_for(bufs, self.table, self.guidance_scales) if self.options.fused_kernel else None
+        self._fused = fused_steps_for(bufs, self.table, self.guidance_scales, self._step_rows) \
+            if self.options.fused_kernel else None
         return bufs
+
+    def _bind_engines(self) -> None:
+        for name, engine in self.engines.items():
+            engine.bind(self._bindings[self.rows[name]])
 
     def load_request(self, noise, prompt_embeds, negative_prompt_embeds=None, prompt_mask=None,
                      negative_prompt_mask=None) -> SamplerBuffers:
@@ -205,7 +220,9 @@ class Sampler:
         """One denoising step, the formulas of runtime/step.py: velocity, guidance, solver update."""
         if self._fused is not None:  # guidance, update and next input in one CUDA kernel (runtime/fused.py)
             self._step_engines[i].run(i)
-            self._fused.step(i)
+            self._fused.step(i)  # writes the next input into this step's rows
+            if i + 1 < len(self._step_rows) and self._step_rows[i] < self._step_rows[i + 1]:
+                self.buffers.model_input[1:2].copy_(self.buffers.model_input[0:1])
             return
         self.evaluate(i)  # velocity = model(latents, t[i]); guided = uncond + g[i] * (cond - uncond)
         self.advance(i)  # latents = solver update (Euler: latents + (sigma[i+1] - sigma[i]) * guided)
@@ -220,10 +237,10 @@ class Sampler:
         bufs = self.buffers
         engine = self._step_engines[i] if model is None else self.engines[model]
         engine.run(i)
-        if bufs.cfg:
+        if (self._step_rows[i] if model is None else self.rows[model]) == 2:
             guide(self._v_cond, self._v_uncond, self._guidance_rows[i], out=bufs.guided)
         elif bufs.guided is not bufs.velocity:
-            bufs.guided.copy_(bufs.velocity)  # to float32 for the solver
+            bufs.guided.copy_(self._v_cond)  # to float32 for the solver
 
     def advance(self, i: int) -> None:
         """Second half of step i: the solver's update of step i from `buffers.guided`, then the next model input."""

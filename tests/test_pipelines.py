@@ -433,3 +433,30 @@ def test_fp8_and_engine_choices_through_the_assembly(checkpoints):
     fp32 = quiet(FlowBlendWanPipeline.from_pretrained(checkpoints["wan"], small=checkpoints["wan_small"]))
     with pytest.raises(ValueError, match="`engines` runs fp8.*torch_dtype=torch.bfloat16"):
         fp32(**call, engines="fp8")
+
+
+def test_dpm_solver_scheduler_is_followed_and_per_stage_steps_refused(checkpoints):
+    """A WanPipeline whose scheduler is diffusers' DPMSolverMultistepScheduler (flow sigmas, DPM++ 2M and 3M): plan
+    LLL == WanPipeline with the same scheduler config; an unsupported DPM option and stages with their own step
+    counts (`L2,S1/2,L2`) are refused naming what to change."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    base = quiet(WanPipeline.from_pretrained(checkpoints["wan"]))
+    for order in (2, 3):
+        config = dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0,
+                      algorithm_type="dpmsolver++", solver_type="midpoint", final_sigmas_type="zero",
+                      lower_order_final=True, solver_order=order)
+        ref_pipe = quiet(WanPipeline.from_pipe(base, scheduler=DPMSolverMultistepScheduler(**config)))
+        ours = quiet(FlowBlendWanPipeline.from_pipe(base, scheduler=DPMSolverMultistepScheduler(**config)))
+        ref = ref_pipe(**WAN_CALL, generator=generator(), output_type="latent").frames
+        got = ours(**WAN_CALL, generator=generator(), output_type="latent", plan="LLL").frames
+        assert rel(got, ref) <= 1e-5, f"DPM++ order {order}: relative error {rel(got, ref):.2e}"
+        unipc = quiet(FlowBlendWanPipeline.from_pipe(base))(**WAN_CALL, generator=generator(), output_type="latent",
+                                                           plan="LLL").frames
+        assert rel(unipc, ref) > 1e-4  # the solver really changed
+    odd = quiet(FlowBlendWanPipeline.from_pipe(base, scheduler=DPMSolverMultistepScheduler(
+        **dict(config, solver_type="heun"))))
+    with pytest.raises(ValueError, match="scheduler DPMSolverMultistepScheduler: the DPM\\+\\+ table supports"):
+        odd(**WAN_CALL, plan="LLL")
+    with pytest.raises(ValueError, match="stages with their own step counts"):
+        quiet(FlowBlendWanPipeline.from_pipe(base))(**WAN_CALL, plan="L2,S1/2,L2")
