@@ -90,7 +90,7 @@ def _guidance(p) -> None:
 
 def _solver(p) -> None:
     g = p.add_argument_group("solver")
-    g.add_argument("--solver", choices=SOLVER_NAMES, help="default: the family's (toy and wan unipc, ltx euler)")
+    g.add_argument("--solver", choices=SOLVER_NAMES, help="default: the family's (toy and wan unipc, ltx euler); dpm++ is DPM-Solver++ 2M, dpm++3m order 3")
     g.add_argument("--shift", type=float, help="flow shift > 0 (default: the family's; ltx shifts by token count)")
 
 

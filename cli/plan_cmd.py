@@ -51,9 +51,11 @@ def plan_costs(family, plan, latent_shape, guidance, reference: BlendPlan | None
     configs = reference_configs(family.name)
     table = (float(guidance),) * len(plan) if isinstance(guidance, (int, float)) else tuple(guidance)
     cfg = max(table) > 1.0
-    per_step = {m: step_flops(family.transformer_class, configs[m], latent_shape, family.text_len, cfg)
-                for m in family.models}
-    reference = reference or BlendPlan((family.models[0],) * len(plan), "", plan.model_set)
+    # a model that runs but never guides is one forward per step (the sampler runs it batch 1)
+    unguided = set(plan.models) - {m for m, g in zip(plan.models, table) if g > 1.0}
+    per_step = {m: step_flops(family.transformer_class, configs[m], latent_shape, family.text_len,
+                              cfg and m not in unguided) for m in family.models}
+    reference = reference or BlendPlan((family.models[0],) * plan.base_steps, "", plan.model_set)
     total, ref_total = plan.flops(per_step), reference.flops(per_step)
     return {"per_step": per_step, "total": total, "lll": ref_total, "reference": reference.spec or reference.label,
             "ideal_speedup": ref_total / total, "guidance": table}
@@ -67,7 +69,7 @@ def run(args) -> int:
     experts = resolve_experts(choices, family, steps_of(choices, family), solver, shift, mu)
     plan = plan_of(choices, family, experts)
     guidance, table = resolve_guidance(choices, family, plan, experts)
-    costs = plan_costs(family, plan, latent_shape, table, reference_plan(family, len(plan), experts))
+    costs = plan_costs(family, plan, latent_shape, table, reference_plan(family, plan.base_steps, experts))
     cfg = max(table) > 1
     print(f"pair {family.name}: {frames} frames {height}x{width}, latents {latent_shape}, {solver} shift {shift:g}, "
           f"guidance {guidance} ({'CFG: 2 forwards/step' if cfg else 'no CFG'})")
@@ -75,11 +77,17 @@ def run(args) -> int:
         print(f"expert switch at step {experts.switch_step}: {experts.high} runs t >= {experts.boundary_timestep:g} "
               f"(boundary_ratio {experts.boundary_ratio:g}), {experts.low} the rest")
     counts = " + ".join(f"{plan.count(m)} {m}" for m in family.models)
-    print(f"plan {plan.spec or plan.label} = {plan.label}  ({counts} steps)")
+    base = f", over a {plan.base_steps}-step base schedule" if plan.base_steps != len(plan) else ""
+    print(f"plan {plan.spec or plan.label} = {plan.label}  ({counts} steps{base})")
     scale, unit = flop_unit(max(costs["per_step"].values()))
-    print(f"{'step':>4}  {'model':<6}  {'guidance':>8}  {unit:>10}")
+    print(f"{'step':>4}  {'model':<9}  {'guidance':>8}  {unit:>10}")
     for i, m in enumerate(plan.models):
-        print(f"{i:>4}  {m:<6}  {table[i]:>8g}  {costs['per_step'][m] / scale:>10.3f}")
+        print(f"{i:>4}  {m:<9}  {table[i]:>8g}  {costs['per_step'][m] / scale:>10.3f}")
+    print(f"{'stage':<12}  {'model':<9}  {'steps':>5}  {'of base':>7}  {'guidance':>8}  {unit:>10}")
+    for name, (m, start, end, span) in zip(plan.label.split(","), plan.stage_table()):
+        scales = sorted(set(table[start:end]))
+        print(f"{name:<12}  {m:<9}  {end - start:>5}  {span:>7}  {','.join(f'{g:g}' for g in scales):>8}  "
+              f"{(end - start) * costs['per_step'][m] / scale:>10.3f}")
     print(f"total {format_flops(costs['total'])} vs {costs['reference']} {format_flops(costs['lll'])}: "
           f"{100 * (1 - costs['total'] / costs['lll']):.1f}% fewer, FLOP-ideal speedup {costs['ideal_speedup']:.2f}x")
     return 0

@@ -74,8 +74,23 @@ def _torch_engines(pair: LoadedModels, device, prec, compile: str, compile_mode:
 
     engines = {}
     for name, m in pair.transformers.items():
-        model = m.to(device=device, dtype=prec.torch_dtype)
+        model = _in_precision(m, device, prec.torch_dtype)
         if prec.quantizer:
             model = prec.quantize_function()(model, device, fp8_keep_blocks)
         engines[name] = TorchEngine(model, name=name, compile=compile, compile_mode=compile_mode, attention=attention)
     return engines
+
+
+def _in_precision(model, device, dtype):
+    """`model` on `device` with its weights in `dtype`, cast only when its weights are in another dtype: a model
+    diffusers loaded in `dtype` keeps its _keep_in_fp32_modules (Wan: time embedder, modulation, norms) in FP32
+    on purpose, and a blanket .to(dtype) would cast those down in the caller's own module."""
+    from collections import Counter
+
+    model = model.to(device=device)
+    counts = Counter()
+    for p in model.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] += p.numel()
+    weights = counts.most_common(1)[0][0] if counts else dtype  # the dtype most of the weights are in
+    return model if weights == dtype else model.to(dtype=dtype)

@@ -88,13 +88,13 @@ def read_plan_file(path: str | Path, steps: int | None, family: BlendFamily) -> 
         plan = BlendPlan.from_json(path.read_text())
     except ValueError as exc:
         raise FlowblendError(f"plan file {path}: {exc}") from None
-    if steps is not None and steps != len(plan):
-        raise FlowblendError(f"--steps {steps} disagrees with the plan file's {len(plan)} steps: drop --steps")
+    if steps is not None and steps != plan.base_steps:
+        raise FlowblendError(f"--steps {steps} disagrees with the plan file's {plan.base_steps} steps: drop --steps")
     unknown = sorted(set(plan.models) - set(model_set.names))
     if unknown:
         raise FlowblendError(f"plan file {path} names {unknown}, which pair {family.name} does not have "
                              f"({', '.join(model_set.names)})")
-    return BlendPlan(plan.models, plan.spec, model_set)
+    return BlendPlan(plan.models, plan.spec, model_set, plan.segments, plan.guidance)
 
 
 def plan_of(choices: BlendChoices, family: BlendFamily, experts: ExpertSchedule | None = None) -> BlendPlan:

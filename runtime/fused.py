@@ -119,12 +119,14 @@ def pack_step(ops: tuple[Combine, ...], slots: dict[str, int]):
 class FusedSteps:
     """The kernel's arguments for every step of one buffer set; `step(i)` runs step i's update.
 
-    `guidance_scale` is one scale for every step or one per step (runtime/step.py's g[i]).
+    `guidance_scale` is one scale for every step or one per step (runtime/step.py's g[i]). `rows` is each
+    step's batch (1: a model without CFG ran on the conditional row only; default: the buffers' batch); such
+    a step reads row 0 of the velocity as the guided one and writes the next input into row 0.
     `host=True` runs the library's host build of the same per-element code on CPU tensors (tests).
     """
 
     def __init__(self, lib: ctypes.CDLL, buffers: SamplerBuffers, table: SolverTable,
-                 guidance_scale: float | Sequence[float], host: bool = False):
+                 guidance_scale: float | Sequence[float], host: bool = False, rows: Sequence[int] | None = None):
         velocity = buffers.velocity
         if velocity.dtype not in DTYPE_CODES:
             raise FlowblendError(f"the fused kernel takes fp32/fp16/bf16 velocity, not {velocity.dtype}")
@@ -146,10 +148,14 @@ class FusedSteps:
         scales = [guidance_scale] * table.num_steps if isinstance(guidance_scale, (int, float)) else guidance_scale
         if len(scales) != table.num_steps:
             raise FlowblendError(f"{len(scales)} guidance scales for {table.num_steps} steps: give one per step")
+        rows = [velocity.shape[0]] * table.num_steps if rows is None else list(rows)
+        if len(rows) != table.num_steps or any(r not in (1, velocity.shape[0]) for r in rows):
+            raise FlowblendError(f"rows {rows} must give each of the {table.num_steps} steps batch 1 or "
+                                 f"{velocity.shape[0]}")
         self._args = []
-        for ops, scale in zip(table.steps, scales):
+        for ops, scale, batch in zip(table.steps, scales, rows):
             packed, count = pack_step(ops, index)
-            self._args.append((velocity.data_ptr(), velocity.shape[0], DTYPE_CODES[velocity.dtype], float(scale), slots,
+            self._args.append((velocity.data_ptr(), batch, DTYPE_CODES[velocity.dtype], float(scale), slots,
                                len(names), packed, count, model_input, buffers.latents.numel()))
 
     def step(self, i: int) -> None:
@@ -214,10 +220,10 @@ def usable_library(device: torch.device) -> ctypes.CDLL | None:
     return _usable(str(torch.device(device)))
 
 
-def fused_steps_for(buffers: SamplerBuffers, table: SolverTable,
-                    guidance_scale: float | Sequence[float]) -> FusedSteps | None:
+def fused_steps_for(buffers: SamplerBuffers, table: SolverTable, guidance_scale: float | Sequence[float],
+                    rows: Sequence[int] | None = None) -> FusedSteps | None:
     """FusedSteps for CUDA buffers when the library is built and runs there; None means: use the PyTorch ops."""
     if not buffers.latents.is_cuda:
         return None
     lib = usable_library(buffers.latents.device)
-    return None if lib is None else FusedSteps(lib, buffers, table, guidance_scale)
+    return None if lib is None else FusedSteps(lib, buffers, table, guidance_scale, rows=rows)

@@ -17,8 +17,8 @@ the device copy of each step's timestep row into the context's fixed timestep in
 never change after binding; a new buffer set gets new contexts, engines/trt_engine.py).
 All graphs of one runner are captured into ONE memory pool (`capture_begin(pool=...)`, on the same
 side stream, as torch.cuda.graph's docs ask for effective sharing): per-step graphs with PyTorch
-engines would otherwise each keep a forward's activations alive. Graphs are cached by (mode, shapes, plan, solver,
-shift, per-step guidance, dtype, device, engines); every shape keeps its own buffers (a sampler per
+engines would otherwise each keep a forward's activations alive. Graphs are cached by (mode, shapes, plan and its stage
+segments, solver, shift, per-step guidance, dtype, device, engines); every shape keeps its own buffers (a sampler per
 shape), because a graph replays into exactly the memory it was captured on.
 
 `mode="per_step"` captures one graph per step (engine call + its combine), the granularity
@@ -156,8 +156,8 @@ class GraphRunner:
     # -- cache --------------------------------------------------------------------------------
     def key(self, latent_shape, text_shape) -> tuple:
         s = self.sampler
-        return (self.mode, tuple(latent_shape), tuple(text_shape), s.plan.models, s.options, s.guidance_scales,
-                s.dtype, str(s.device), tuple((n, id(e)) for n, e in s.engines.items()))
+        return (self.mode, tuple(latent_shape), tuple(text_shape), s.plan.models, s.plan.segments, s.options,
+                s.guidance_scales, s.dtype, str(s.device), tuple((n, id(e)) for n, e in s.engines.items()))
 
     def _sampler_for_new_key(self) -> Sampler:
         """The runner's sampler for its first shape; a sibling with its own buffers for every other."""

@@ -17,7 +17,8 @@ def guidance_table(plan: BlendPlan, default: float, scales: dict[str, float] | N
                    experts: ExpertSchedule | None = None) -> tuple[float, ...]:
     """The CFG scale of every step of `plan`.
 
-    `scales[m]` is model m's scale; a model without one takes, at step i, the scale of the expert
+    A scale the plan sets for a stage (`L20,D4/10@1,L10`) comes first. `scales[m]` is model m's
+    scale; a model without one takes, at step i, the scale of the expert
     `experts.models[i]` that step belongs to (when that expert has one), else `default`.
     """
     scales = dict(scales or {})
@@ -26,11 +27,16 @@ def guidance_table(plan: BlendPlan, default: float, scales: dict[str, float] | N
             raise ValueError(f"guidance scale of {name!r} must be >= 0 (1 disables CFG), got {value}")
     if default < 0:
         raise ValueError(f"guidance_scale must be >= 0 (1 disables CFG), got {default}")
+    if experts is not None and plan.segments:
+        raise ValueError(f"plan {plan.label}: stages with their own step counts are not supported for two-expert pairs "
+                         "(the expert boundary is a step of the plain schedule); give every stage its base steps")
     if experts is not None and len(experts.timesteps) != len(plan):
         raise ValueError(f"the expert schedule has {len(experts.timesteps)} steps, the plan {len(plan)}")
     table = []
     for i, model in enumerate(plan.models):
-        if model in scales:
+        if plan.guidance and plan.guidance[i] is not None:  # the plan's own stage scale (`D4/10@1`)
+            table.append(plan.guidance[i])
+        elif model in scales:
             table.append(float(scales[model]))
         elif experts is not None and experts.models[i] in scales:
             table.append(float(scales[experts.models[i]]))

@@ -8,6 +8,11 @@ low in `wan22`, which has no large model. Every spelling ends as one per-step tu
   last stage covers the final fraction b), also `LLL`, `SSS`, `LSS:0.4`, `SLL:0.4`, or any three
   letters of the family (`HSL:0.3,0.4`);
 - explicit stage lengths `L20,S20,L10` (`H16,S4,L20`);
+- stages with their own step count over their sigma interval and their own CFG scale, `L20,D4/10@1,L10`:
+  D takes 4 steps across the interval that 10 steps of the 40-step base schedule cover (`/span`), at
+  guidance 1 (`@scale`). The base schedule has sum(spans) steps, the run sum(steps); a three-stage
+  plan without spans whose stages fall short of the requested steps gives the middle stage the rest
+  (`L20,D4,L10` at 40 steps is `L20,D4/10,L10`). runtime/solvers.py places each stage's steps;
 - any per-step string or list (`LLSSL`, ["large", "small", ...]);
 - for a family with two experts, relative to the expert boundary diffusers' WanPipeline uses
   (`ExpertSchedule`): `experts` is the pipeline's own plan, `experts:4,2` gives the small model the
@@ -103,6 +108,11 @@ class BlendPlan:
     models: tuple[str, ...]
     spec: str = ""  # how the user spelled it, for reports
     model_set: ModelSet = LARGE_SMALL
+    # (steps, span) per stage when a stage's step count differs from the base steps its interval covers
+    # (`L20,D4/10,L10`: ((20, 20), (4, 10), (10, 10))); () is the plain schedule of len(models) steps
+    segments: tuple[tuple[int, int], ...] = ()
+    # a CFG scale per step where the plan sets one (`D4@1`), None where the family's scale applies; () if none
+    guidance: tuple[float | None, ...] = ()
 
     def __post_init__(self):
         if len(self.models) == 0:
@@ -112,6 +122,25 @@ class BlendPlan:
             raise ValueError(f"unknown model name(s) {unknown} in plan: use {' or '.join(self.model_set.names)} "
                              f"(letters {self.model_set.describe()})")
         object.__setattr__(self, "models", tuple(self.models))
+        segments = tuple((int(k), int(span)) for k, span in self.segments)
+        if segments:
+            if sum(k for k, _ in segments) != len(self.models) or any(k < 1 or span < 1 for k, span in segments):
+                raise ValueError(f"stage segments {segments} must cover the plan's {len(self.models)} steps, each "
+                                 "with >= 1 step over >= 1 base step")
+            start = 0
+            for k, _ in segments:
+                if len(set(self.models[start:start + k])) != 1:
+                    raise ValueError(f"stage segments {segments}: one model per stage")
+                start += k
+        if all(k == span for k, span in segments):
+            segments = ()  # the plain schedule: equal to the same plan spelled without spans
+        object.__setattr__(self, "segments", segments)
+        guidance = tuple(None if g is None else float(g) for g in self.guidance)
+        if guidance and len(guidance) != len(self.models):
+            raise ValueError(f"plan guidance has {len(guidance)} entries for {len(self.models)} steps")
+        if any(g is not None and not g >= 0 for g in guidance):
+            raise ValueError(f"a stage's guidance must be >= 0 (1 disables CFG), got {guidance}")
+        object.__setattr__(self, "guidance", guidance if any(g is not None for g in guidance) else ())
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -138,17 +167,39 @@ class BlendPlan:
 
     @classmethod
     def from_stages(cls, stages: str, steps: int | None = None, model_set: ModelSet = LARGE_SMALL) -> "BlendPlan":
-        """Explicit stage lengths, e.g. 'L20,S20,L10'; `steps`, if given, must equal their sum."""
-        models = []
+        """Explicit stages, e.g. 'L20,S20,L10' or 'L20,D4/10@1,L10' (4 steps over 10 base steps, guidance 1).
+
+        `steps`, if given, is the base schedule's step count: the stages' spans must add up to it, except
+        that a three-stage plan without spans gives its middle stage what the outer two leave.
+        """
+        parsed = []  # [model, steps, span or None, guidance or None]
         for part in stages.replace(" ", "").split(","):
-            m = re.fullmatch(r"([A-Z])(\d+)", part.upper())
+            m = re.fullmatch(r"([A-Z])(\d+)(?:/(\d+))?(?:@(\d+(?:\.\d*)?|\.\d+))?", part.upper())
             if not m or m.group(1) not in model_set.letters:
-                raise ValueError(f"stage {part!r} is not of the form <letter><n> with a letter of "
-                                 f"{model_set.describe()} (e.g. {model_set.letters[0]}20,{model_set.letters[-1]}20)")
-            models += [model_set.name_of(m.group(1))] * int(m.group(2))
-        if steps is not None and len(models) != steps:
-            raise ValueError(f"stage lengths {stages!r} sum to {len(models)} but steps={steps}: make them add up")
-        return cls(tuple(models), stages, model_set)
+                a, z = model_set.letters[0], model_set.letters[-1]
+                raise ValueError(f"stage {part!r} is not of the form <letter><n>[/<base steps>][@<guidance>] with a "
+                                 f"letter of {model_set.describe()} (e.g. {a}20,{z}20 or {a}20,{z}4/10@1,{a}10)")
+            k, span = int(m.group(2)), None if m.group(3) is None else int(m.group(3))
+            if span is not None and (k < 1 or span < 1):
+                raise ValueError(f"stage {part!r}: a stage with a span needs >= 1 step over >= 1 base step")
+            if k:
+                parsed.append([model_set.name_of(m.group(1)), k, span,
+                               None if m.group(4) is None else float(m.group(4))])
+        total = sum(k if span is None else span for _, k, span, _ in parsed)
+        if steps is not None and total != steps:
+            explicit = any(span is not None for _, _, span, _ in parsed)
+            if len(parsed) == 3 and not explicit and total < steps:
+                parsed[1][2] = parsed[1][1] + steps - total  # the middle stage spans what the outer two leave
+            else:
+                example = ",".join(f"{model_set.letter_of(n)}{k}" + (f"/{k + steps - total}" if j == 1 else "")
+                                   for j, (n, k, _, _) in enumerate(parsed)) if len(parsed) == 3 and steps > total \
+                    else ""
+                hint = f", or give a stage the base steps it spans ({example})" if example else ""
+                raise ValueError(f"stage lengths {stages!r} sum to {total} but steps={steps}: make them add up{hint}")
+        models = tuple(n for n, k, _, _ in parsed for _ in range(k))
+        segments = tuple((k, k if span is None else span) for _, k, span, _ in parsed)
+        guidance = tuple(g for _, k, _, g in parsed for _ in range(k))
+        return cls(models, stages, model_set, segments, guidance)
 
     @classmethod
     def from_steps(cls, per_step, model_set: ModelSet = LARGE_SMALL) -> "BlendPlan":
@@ -207,7 +258,7 @@ class BlendPlan:
             if len(set(pattern)) == 1:
                 a, b = 0.0, 0.0
             return cls.from_fractions(steps, pattern, a, b, model_set)
-        if "," in text or re.fullmatch(r"[A-Za-z]\d+", text):
+        if "," in text or re.fullmatch(r"[A-Za-z]\d+(/\d+)?(@[\d.]+)?", text):
             return cls.from_stages(text, steps, model_set)
         if re.fullmatch(rf"[{letters}]+", upper):
             plan = cls.from_steps(text, model_set)
@@ -241,9 +292,30 @@ class BlendPlan:
         return out
 
     @property
+    def base_steps(self) -> int:
+        """Steps of the base schedule whose intervals the stages cover (len(plan) unless stages have spans)."""
+        return sum(span for _, span in self.segments) if self.segments else len(self.models)
+
+    def stage_table(self) -> list[tuple[str, int, int, int]]:
+        """(model, first_step, end_step, span) per stage: the spans' segments, else runs of one model."""
+        if not self.segments:
+            return [(m, start, end, end - start) for m, start, end in self.stages()]
+        out, start = [], 0
+        for k, span in self.segments:
+            out.append((self.models[start], start, start + k, span))
+            start += k
+        return out
+
+    @property
     def label(self) -> str:
-        """Short stage label, e.g. L20,S20,L10 (H16,S4,L20 for Wan 2.2)."""
-        return ",".join(f"{self.model_set.letter_of(m)}{end - start}" for m, start, end in self.stages())
+        """Short stage label, e.g. L20,S20,L10 (H16,S4,L20 for Wan 2.2; L20,D4/10@1,L10 with spans and scales)."""
+        parts = []
+        for m, start, end, span in self.stage_table():
+            g = self.guidance[start] if self.guidance else None
+            same = not self.guidance or all(x == g for x in self.guidance[start:end])
+            scale = f"@{g:g}" if g is not None and same else ""
+            parts.append(f"{self.model_set.letter_of(m)}{end - start}{f'/{span}' if span != end - start else ''}{scale}")
+        return ",".join(parts)
 
     def flops(self, per_step_flops: dict[str, float]) -> float:
         """Cost of the plan: sum over steps of the running model's per-step FLOPs."""
@@ -254,6 +326,10 @@ class BlendPlan:
         out = {"steps": len(self), "models": list(self.models), "spec": self.spec, "stages": self.label}
         if self.model_set != LARGE_SMALL:
             out["model_set"] = self.model_set.to_dict()
+        if self.segments:
+            out["segments"] = [list(seg) for seg in self.segments]
+        if self.guidance:
+            out["guidance"] = list(self.guidance)
         return out
 
     def to_json(self) -> str:
@@ -265,7 +341,8 @@ class BlendPlan:
             raise ValueError("plan JSON needs a 'models' list of per-step model names")
         ms = data.get("model_set")
         model_set = LARGE_SMALL if ms is None else ModelSet(tuple(ms["names"]), tuple(ms["letters"]))
-        plan = cls(tuple(data["models"]), data.get("spec", ""), model_set)
+        plan = cls(tuple(data["models"]), data.get("spec", ""), model_set,
+                   tuple(tuple(seg) for seg in data.get("segments", ())), tuple(data.get("guidance", ())))
         if "steps" in data and int(data["steps"]) != len(plan):
             raise ValueError(f"plan JSON says steps={data['steps']} but lists {len(plan)} models")
         return plan

@@ -17,7 +17,7 @@ from flowblend.errors import FlowblendError
 
 from .plan import LARGE_SMALL, BlendPlan, ExpertSchedule, ModelSet
 
-SOLVER_NAMES = ("unipc", "euler")  # runtime/solvers.SOLVERS, spelled here without importing torch
+SOLVER_NAMES = ("unipc", "euler", "dpm++", "dpm++3m")  # runtime/solvers.SOLVERS, spelled here without torch
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes any int up to here
 
 
@@ -88,8 +88,8 @@ def resolve_plan(plan: str | BlendPlan, steps: int | None, default_steps: int, m
     if steps is not None:
         _check_int("steps", steps, 1)
     if isinstance(plan, BlendPlan):
-        if steps is not None and steps != len(plan):
-            raise FlowblendError(f"steps {steps} disagrees with the plan's {len(plan)} steps: drop steps")
+        if steps is not None and steps != plan.base_steps:
+            raise FlowblendError(f"steps {steps} disagrees with the plan's {plan.base_steps} steps: drop steps")
         return plan
     try:
         return BlendPlan.parse(str(plan), steps if steps is not None else default_steps, model_set, experts)

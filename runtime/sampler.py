@@ -11,7 +11,7 @@ from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
-from flowblend.engines.base import Engine
+from flowblend.engines.base import TIMESTEP, Engine
 from flowblend.engines.streams import new_stream, use_stream
 from flowblend.errors import FlowblendError
 
@@ -38,6 +38,9 @@ class SamplerOptions:
     # Per-step CFG scales (runtime/guidance.py: Wan 2.2's experts each bring theirs); None: guidance_scale
     # at every step. Read from a device tensor per step, so a captured loop reads it from memory.
     guidance_table: tuple[float, ...] | None = None
+    # (timesteps, sigmas) as a checkpoint's own diffusers scheduler set them (its config may carry options the
+    # solver name and shift do not, e.g. LTX's shift_terminal); None: computed from solver, shift and mu.
+    schedule: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
@@ -50,6 +53,13 @@ class SamplerOptions:
             object.__setattr__(self, "guidance_table", tuple(float(g) for g in self.guidance_table))
             if not all(g >= 0 for g in self.guidance_table):
                 raise FlowblendError(f"guidance_table has a negative or NaN scale: {self.guidance_table}")
+        if self.schedule is not None:
+            timesteps, sigmas = (tuple(float(x) for x in part) for part in self.schedule)
+            if len(sigmas) != len(timesteps) + 1:
+                raise FlowblendError(f"schedule is (timesteps, sigmas) with one sigma more than timesteps (the final "
+                                     f"level), got {len(timesteps)} and {len(sigmas)}: runtime.solvers.schedule_of("
+                                     "scheduler) after set_timesteps gives it")
+            object.__setattr__(self, "schedule", (timesteps, sigmas))
 
     def guidance_for(self, steps: int) -> tuple[float, ...]:
         """The scale of every step (the table, or guidance_scale repeated)."""
@@ -103,11 +113,20 @@ class Sampler:
         self.options = options
         self.engines = engines
         self.plan = plan
-        self.table: SolverTable = make_solver_table(options.solver, len(plan), options.shift, options.mu)
+        # one monotone schedule; stages with their own step counts place them in their intervals (plan.segments);
+        # options.schedule: a checkpoint's own scheduler set it (the diffusers-style pipelines)
+        self.table: SolverTable = make_solver_table(options.solver, len(plan), options.shift, options.mu,
+                                                    segments=plan.segments, schedule=options.schedule)
         # CFG scale per step, a table like the solver's coefficients (runtime/step.py's g[i]; Wan 2.2's experts
         # each bring theirs, runtime/guidance.py); the buffers carry the unconditional row when any step guides
         self.guidance_scales: tuple[float, ...] = options.guidance_for(len(plan))
         self.cfg = any(g > 1.0 for g in self.guidance_scales)  # diffusers' rule: CFG only above 1
+        # A model that never guides (a distilled one at guidance 1) runs batch 1 on the conditional rows of the
+        # shared buffers, also in a plan whose other models guide: half the forward, no unconditional prompt
+        # (models outside the plan keep the full batch: calibration runs them at the plan's steps and scales)
+        unguided = set(plan.models) - {m for m, g in zip(plan.models, self.guidance_scales) if g > 1.0}
+        self.rows = {m: 1 if not self.cfg or m in unguided else 2 for m in engines}
+        self._step_rows = [self.rows[m] for m in plan.models]
         first = next(iter(engines.values()))
         self.device = torch.device(device) if device is not None else torch.device(first.device)
         self.dtype = dtype if dtype is not None else first.dtype
@@ -125,22 +144,29 @@ class Sampler:
         if key == self._shape_key:
             # Engines may be shared with another Sampler (other plan, same models) that bound them to
             # its own buffers since; binding is cheap (addresses only), so always take them back.
-            for engine in self.engines.values():
-                engine.bind(self.buffers.engine_bindings())
+            self._bind_engines()
             return self.buffers
         bufs = SamplerBuffers.allocate(latent_shape, text_shape, self.table.timesteps, self.cfg,
                                        self.dtype, self.device, self.table.state_names, self.needs_mask,
                                        guidance=self.guidance_scales)
-        for engine in self.engines.values():
-            engine.bind(bufs.engine_bindings())
+        full = bufs.engine_bindings()
+        # the conditional rows as views made once (engines recognise a binding by its tensors)
+        self._bindings = {2: full, 1: full if not bufs.cfg else {k: v[:, 0:1] if k == TIMESTEP else v[0:1]
+                                                                for k, v in full.items()}}
         self.buffers, self._shape_key = bufs, key
+        self._bind_engines()
         self._solver_tensors = bufs.solver_tensors()
         self._v_cond, self._v_uncond = bufs.velocity[0:1], bufs.velocity[-1:]
         self._step_ops = self.table.steps
         # g[i] as 0-d views of the buffers' guidance table: a captured loop reads each step's scale from memory
         self._guidance_rows = [bufs.guidance_table[i] for i in range(len(self.plan))]
-        self._fused = fused_steps_for(bufs, self.table, self.guidance_scales) if self.options.fused_kernel else None
+        self._fused = fused_steps_for(bufs, self.table, self.guidance_scales, self._step_rows) \
+            if self.options.fused_kernel else None
         return bufs
+
+    def _bind_engines(self) -> None:
+        for name, engine in self.engines.items():
+            engine.bind(self._bindings[self.rows[name]])
 
     def load_request(self, noise, prompt_embeds, negative_prompt_embeds=None, prompt_mask=None,
                      negative_prompt_mask=None) -> SamplerBuffers:
@@ -178,6 +204,12 @@ class Sampler:
         self._prepare_model_input()
         return bufs
 
+    def replace_sample(self, latents: torch.Tensor) -> None:
+        """Between steps: make `latents` [1, C, F, H, W] the sample the next step starts from (a diffusers
+        `callback_on_step_end` that returns new latents)."""
+        self.buffers.latents.copy_(latents)
+        self._prepare_model_input()
+
     # -- the loop -------------------------------------------------------------------------------
     def _prepare_model_input(self) -> None:
         bufs = self.buffers
@@ -188,7 +220,9 @@ class Sampler:
         """One denoising step, the formulas of runtime/step.py: velocity, guidance, solver update."""
         if self._fused is not None:  # guidance, update and next input in one CUDA kernel (runtime/fused.py)
             self._step_engines[i].run(i)
-            self._fused.step(i)
+            self._fused.step(i)  # writes the next input into this step's rows
+            if i + 1 < len(self._step_rows) and self._step_rows[i] < self._step_rows[i + 1]:
+                self.buffers.model_input[1:2].copy_(self.buffers.model_input[0:1])
             return
         self.evaluate(i)  # velocity = model(latents, t[i]); guided = uncond + g[i] * (cond - uncond)
         self.advance(i)  # latents = solver update (Euler: latents + (sigma[i+1] - sigma[i]) * guided)
@@ -203,10 +237,10 @@ class Sampler:
         bufs = self.buffers
         engine = self._step_engines[i] if model is None else self.engines[model]
         engine.run(i)
-        if bufs.cfg:
+        if (self._step_rows[i] if model is None else self.rows[model]) == 2:
             guide(self._v_cond, self._v_uncond, self._guidance_rows[i], out=bufs.guided)
         elif bufs.guided is not bufs.velocity:
-            bufs.guided.copy_(bufs.velocity)  # to float32 for the solver
+            bufs.guided.copy_(self._v_cond)  # to float32 for the solver
 
     def advance(self, i: int) -> None:
         """Second half of step i: the solver's update of step i from `buffers.guided`, then the next model input."""

@@ -1,4 +1,4 @@
-"""The denoising step's math, written once: classifier-free guidance, Euler and UniPC.
+"""The denoising step's math, written once: classifier-free guidance, Euler, UniPC and DPM-Solver++.
 
 One step of the blended loop (runtime/sampler.py `Sampler.step`), with sigma[i] the noise level of
 step i (sigma[n] = 0) and g[i] its guidance scale:
@@ -10,6 +10,8 @@ step i (sigma[n] = 0) and g[i] its guidance scale:
                latents = UniC(last_sample; x0[i], x0[i-1], x0[i-2])   if i > 0   unipc_corrector()
                last_sample = latents
                latents = UniP(latents; x0[i], x0[i-1])                            unipc_predictor()
+    DPM++:     x0[i]   = latents - sigma[i] * guided                              flow_data_prediction()
+               latents = DPM++ (order k): latents, x0[i], ..., x0[i-k+1]        dpmpp_update()
 
 The solver formulas are plain arithmetic, so they run on tensors and also on `Lin`, a linear
 combination of named buffers. runtime/solvers.py evaluates them on `Lin` once per schedule: what
@@ -85,6 +87,34 @@ def unipc_corrector(last_sample, model_t, m0, m1, sigma_t, sigma_s0, sigma_s1=No
     corr_res = 0 if m1 is None else rhos_c[0] * ((m1 - m0) / rk)
     d1_t = model_t - m0
     return x_t_ - alpha_t * b_h * (corr_res + rhos_c[-1] * d1_t)
+
+
+def dpmpp_update(x, history, sigma_t, sigmas_s):
+    """DPM-Solver++ (multistep, midpoint) from sigmas_s[0] to sigma_t, as diffusers'
+    DPMSolverMultistepScheduler with algorithm_type='dpmsolver++' and flow sigmas (alpha = 1 - sigma):
+    dpm_solver_first_order_update, multistep_dpm_solver_second_order_update and
+    multistep_dpm_solver_third_order_update for len(history) = 1, 2, 3. history[k] is the data
+    prediction at sigmas_s[k], newest first. At sigma_t = 0 (the last step, first order) lambda_t is
+    +inf and the step returns history[0], as diffusers does."""
+    order = len(history)
+    alpha_t = 1 - sigma_t
+    lam_t, lam_s0 = flow_lambda(sigma_t), flow_lambda(sigmas_s[0])
+    h = lam_t - lam_s0
+    phi = torch.exp(-h) - 1.0
+    x_t = (sigma_t / sigmas_s[0]) * x - (alpha_t * phi) * history[0]
+    if order == 1:
+        return x_t
+    m0, m1 = history[0], history[1]
+    r0 = (lam_s0 - flow_lambda(sigmas_s[1])) / h
+    if order == 2:
+        d1 = (1.0 / r0) * (m0 - m1)
+        return x_t - 0.5 * (alpha_t * phi) * d1
+    m2 = history[2]
+    r1 = (flow_lambda(sigmas_s[1]) - flow_lambda(sigmas_s[2])) / h
+    d1_0, d1_1 = (1.0 / r0) * (m0 - m1), (1.0 / r1) * (m1 - m2)
+    d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+    d2 = (1.0 / (r0 + r1)) * (d1_0 - d1_1)
+    return x_t + (alpha_t * (phi / h + 1.0)) * d1 - (alpha_t * ((phi + h) / h ** 2 - 0.5)) * d2
 
 
 def _unipc_rhos(hh, h_phi_1, b_h, rk):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from flowblend.bench.flops import forward_macs, step_cost
 from flowblend.families import get_family, reference_configs
-from flowblend.runtime.plan import BlendPlan
+from flowblend.runtime.plan import BlendPlan, ModelSet
 
 # FlowBlending project page, "main (Wan-like)" row: TFLOPs per video (832x480, 61 frames, 50 steps).
 PAPER_WAN = {"LLL": 29950, "LSL": 19222, "LSS": 13858, "SLL": 24586, "SSS": 3129}
@@ -23,6 +23,8 @@ PAPER_WAN = {"LLL": 29950, "LSL": 19222, "LSS": 13858, "SLL": 24586, "SSS": 3129
 PAPER_PLANS = {"LLL": "LLL", "LSL": "LSL:0.4,0.2", "LSS": "LSS:0.4,0", "SLL": "SLL:0.2,0", "SSS": "SSS"}
 # LTX-like rows (DPM++ solver): shapes and step counts are not published; only ratios can be checked.
 PAPER_LTX_DPM = {"LLL": 1748, "LSL": 928, "SSS": 257}
+# "with a distilled small model (LTX-like)" row: LLL, LDL, DDD
+PAPER_LTX_DISTILLED = {"LLL": 3496, "LDL": 1774, "DDD": 51}
 WAN_VIDEO = dict(frames=61, height=480, width=832, steps=50)
 
 
@@ -99,7 +101,25 @@ def ltx_check() -> list[str]:
             f"in ours. Their LSL/LLL = {PAPER_LTX_DPM['LSL'] / PAPER_LTX_DPM['LLL']:.3f} implies a small-model share of "
             f"{(PAPER_LTX_DPM['LLL'] - PAPER_LTX_DPM['LSL']) / (PAPER_LTX_DPM['LLL'] - PAPER_LTX_DPM['SSS']):.2f} of the "
             "steps (if, as in the Wan row, no fixed text/VAE cost is included), not the 0.40 of the Wan default: "
-            "those rows used other boundaries."]
+            "those rows used other boundaries.", ""] + ltx_distilled(ltx, latent, ours)
+
+
+def ltx_distilled(ltx, latent, ours) -> list[str]:
+    """The distilled row: a D step (2B distilled, guidance 1: one forward) against an L step (13B with CFG)."""
+    paper = PAPER_LTX_DISTILLED
+    d_step = per_step("ltx", latent, "paper", cfg=False)["distilled"]
+    r = d_step / ours["large"]
+    ddd = paper["DDD"] / paper["LLL"]
+    plan = BlendPlan.parse("L20,D4,L10", ltx.steps, ModelSet(tuple(ltx.models), tuple(ltx.letters)))
+    costs = {**ours, "distilled": d_step}
+    lll = BlendPlan((ltx.models[0],) * plan.base_steps).flops(ours)
+    return [f"Distilled row (paper: LLL {paper['LLL']}, LDL {paper['LDL']}, DDD {paper['DDD']} TFLOPs). A step of "
+            f"the distilled 2B at guidance 1 (one forward) costs {r:.4f} of a 13B step with CFG (paper convention), "
+            f"so the paper's DDD/LLL = {ddd:.4f} means {ddd / r:.2f} distilled steps per large step of LLL (e.g. "
+            f"{40 * ddd / r:.1f} D steps against 40 L steps; LTX 0.9.8 distilled runs 8). Their LDL/LLL = "
+            f"{paper['LDL'] / paper['LLL']:.3f}: the large model keeps about that share of its steps, the D stage "
+            f"adding almost nothing. `flowblend plan --pair ltx --plan L20,D4,L10` (at the family's {ltx.steps} "
+            f"steps: {plan.label}) is {plan.flops(costs) / lll:.3f} of LLL in the paper convention."]
 
 
 def toy_table() -> list[str]:

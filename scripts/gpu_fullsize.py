@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -96,6 +98,9 @@ def main(argv=None) -> int:
                                         reps=args.reps, budget_s=args.budget,
                                         wan22_configs=None if args.no_wan22 else {"low": configs["large"]})
         else:
+            # A compiled engine's first call is measured cold (an empty inductor cache; inductor reads the
+            # variable when it compiles), then warm (bench/fullsize.py per_step).
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="flowblend-inductor-"))
             settings = FullsizeSettings(configs=reference_configs("wan"), device=torch.device("cuda"), options=options,
                                         fast=fast, reps=args.reps, budget_s=args.budget,
                                         wan22_configs=None if args.no_wan22 else reference_configs("wan22"))

@@ -91,7 +91,8 @@ def test_onnxruntime_latents_and_video_match_pytorch(artifacts):
 
 # -- error paths ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("extra,message", [
-    (["--dtype", "fp8"], "unknown dtype"),
+    (["--dtype", "fp4"], "unknown dtype"),
+    (["--dtype", "fp8"], "--dtype fp8 runs only in PyTorch engines"),
     (["--pair", "sdxl"], "unknown pair"),
     (["--dynamic", "frames=1-9"], "must look like frames=1:9"),
     (["--dynamic", "channels=1:2"], "only frames, height, width can be dynamic"),

@@ -39,12 +39,14 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+@pytest.mark.parametrize("solver", ["unipc", "dpm++", "dpm++3m"])
 @pytest.mark.parametrize("mode", ["whole", "per_step"])
-def test_replays_equal_the_eager_loop_and_capture_happens_once(wan_engines, mode):
+def test_replays_equal_the_eager_loop_and_capture_happens_once(wan_engines, mode, solver):
     plan = BlendPlan.parse("LSL:0.4,0.2", STEPS)
-    reference = Sampler(wan_engines, plan, SamplerOptions(guidance_scale=4.0))
+    options = SamplerOptions(solver=solver, guidance_scale=4.0)
+    reference = Sampler(wan_engines, plan, options)
     backend = FakeGraphBackend()
-    runner = GraphRunner(Sampler(wan_engines, plan, SamplerOptions(guidance_scale=4.0)), mode=mode, backend=backend)
+    runner = GraphRunner(Sampler(wan_engines, plan, options), mode=mode, backend=backend)
     first = runner.sample(*request(1))
     graphs = 1 if mode == "whole" else STEPS
     assert backend.events == ["warm_up"] + ["begin", "end"] * graphs + ["replay"] * graphs

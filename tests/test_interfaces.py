@@ -25,11 +25,11 @@ def test_sampler_takes_its_numerics_from_options_only():
     params = list(inspect.signature(Sampler).parameters)
     assert params == ["engines", "plan", "options", "device", "dtype"]
     assert {f.name for f in dataclasses.fields(SamplerOptions)} == {"solver", "shift", "guidance_scale", "mu",
-                                                                     "fused_kernel", "guidance_table"}
+                                                                     "fused_kernel", "guidance_table", "schedule"}
     engines = {n: TorchEngine(m) for n, m in tiny_pair("wan").items()}
     plan = BlendPlan.parse("LLL", 3)
     for loose in ({"solver": "euler"}, {"shift": 5.0}, {"guidance_scale": 1.0}, {"mu": 0.7}, {"fused_kernel": False},
-                  {"guidance_table": (1.0,) * 3}):
+                  {"guidance_table": (1.0,) * 3}, {"schedule": ((999.0, 500.0, 1.0), (1.0, 0.5, 0.001, 0.0))}):
         with pytest.raises(TypeError):
             Sampler(engines, plan, **loose)
     with pytest.raises(FlowblendError, match="options must be a SamplerOptions.*SamplerOptions\\(solver="):
@@ -43,6 +43,7 @@ def test_sampler_takes_its_numerics_from_options_only():
     ({"guidance_scale": -1.0}, "guidance_scale must be >= 0 \\(1 disables CFG\\)"),
     ({"guidance_scale": float("nan")}, "guidance_scale must be >= 0"),
     ({"shift": 0.0}, "shift must be > 0"),
+    ({"schedule": ((999.0, 500.0), (1.0, 0.5))}, "one sigma more than timesteps"),
 ])
 def test_bad_options_are_refused_with_the_fix(changes, match):
     with pytest.raises(FlowblendError, match=match):

@@ -102,7 +102,7 @@ class ScaleEngine:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("guidance", [1.0, 4.5])
-@pytest.mark.parametrize("solver", ["unipc", "euler"])
+@pytest.mark.parametrize("solver", ["unipc", "euler", "dpm++", "dpm++3m"])
 def test_host_build_of_the_kernel_equals_the_pytorch_step(built, solver, guidance, dtype):
     lib = fused.load_library(built / fused.LIBRARY_NAME)
     plan = BlendPlan.parse("LSL:0.4,0.2", 7)
@@ -161,3 +161,27 @@ def test_cpu_buffers_never_take_the_kernel_path():
                       SamplerOptions(guidance_scale=3.0))
     bufs = sampler.prepare((4, 3, 4, 6), (5, 8))
     assert fused.fused_steps_for(bufs, sampler.table, 3.0) is None
+
+
+@pytest.mark.parametrize("solver", ["unipc", "dpm++3m"])
+def test_host_build_runs_a_plan_whose_middle_model_skips_cfg(built, solver):
+    """A stage at guidance 1 runs batch 1: the kernel reads row 0 as the guided velocity, and the sampler copies
+    the next input into the unconditional row before a guided step follows."""
+    lib = fused.load_library(built / fused.LIBRARY_NAME)
+    plan = BlendPlan.parse("L2,S3/5,L2", 9)
+    scales = (4.5, 4.5, 1.0, 1.0, 1.0, 4.5, 4.5)
+    noise = torch.randn(1, 4, 3, 4, 6, generator=torch.Generator().manual_seed(5))
+    text = torch.randn(1, 5, 8)
+
+    def run(use_kernel: bool):
+        engines = {"large": ScaleEngine(), "small": ScaleEngine()}
+        sampler = Sampler(engines, plan, SamplerOptions(solver=solver, guidance_table=scales, fused_kernel=False))
+        bufs = sampler.load_request(noise, text, text)
+        assert sampler.rows == {"large": 2, "small": 1}
+        if use_kernel:
+            sampler._fused = fused.FusedSteps(lib, bufs, sampler.table, scales, host=True, rows=sampler._step_rows)
+        sampler.run_loop()
+        return bufs.latents.clone()
+
+    ref, got = run(False), run(True)
+    assert ((got - ref).norm() / ref.norm()).item() <= 1e-6

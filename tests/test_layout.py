@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"flowblend": "flowblend", "export": "export", "engines": "engines", "runtime": "runtime",
             "calibrate": "calibrate", "bench": "bench", "toy": "toy", "serve": "serve", "cli": "cli",
-            "families": "flowblend/families"}
+            "families": "flowblend/families", "pipelines": "pipelines"}
 # What each package may import (besides itself and flowblend.errors). Everything not listed is "above".
 ALLOWED = {
     "flowblend": set(),
@@ -27,6 +27,8 @@ ALLOWED = {
     "calibrate": {"engines", "runtime", "export", "families", "bench", "toy", "assembly"},
     "serve": {"engines", "runtime", "export", "families", "bench", "toy", "calibrate", "cli", "assembly"},
     "cli": {"engines", "runtime", "export", "families", "bench", "toy", "calibrate", "serve", "assembly"},
+    # pipelines/: diffusers-style classes over the one assembly of a run
+    "pipelines": {"engines", "runtime", "export", "families", "assembly"},
 }
 MAX_LINES = 420
 

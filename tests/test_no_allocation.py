@@ -43,7 +43,7 @@ class InPlaceEngine:
 
 def test_step_loop_allocates_nothing():
     engines = {"large": InPlaceEngine(0.5), "small": InPlaceEngine(-0.25)}
-    for solver in ("unipc", "euler"):
+    for solver in ("unipc", "euler", "dpm++", "dpm++3m"):
         for guidance in (1.0, 5.0):
             sampler = Sampler(engines, BlendPlan.parse("LSL:0.4,0.2", 10),
                               SamplerOptions(solver=solver, guidance_scale=guidance))

@@ -13,7 +13,7 @@ def python_blocks() -> list[str]:
 
 
 def test_readme_has_python_blocks():
-    assert len(python_blocks()) >= 2
+    assert len(python_blocks()) >= 3
 
 
 def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch, capsys):
@@ -23,8 +23,12 @@ def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch, capsys):
     for i, block in enumerate(python_blocks()):
         exec(compile(block, f"README.md python block {i}", "exec"), namespace)
         after.append(dict(namespace))
-    # what the blocks claim: the plan, shapes, the normalised prompt, the printed line, a file written
-    first, last = after[0], after[-1]
+    # the diffusers-style block: frames of the toy's default size, a video file, the plan it was asked for
+    diffusers_block = after[0]
+    assert len(diffusers_block["frames"]) == 9 and diffusers_block["frames"][0].shape == (32, 32, 3)
+    assert (tmp_path / "red_circle.mp4").stat().st_size > 0
+    # what the other blocks claim: the plan, shapes, the normalised prompt, the printed line, a file written
+    first, last = after[1], after[-1]
     assert first["sampler"].plan.label == "L8,S8,L4"
     assert tuple(first["latents"].shape) == (1, 3, 9, 32, 32) and tuple(first["video"].shape) == (1, 3, 9, 32, 32)
     assert last["request"].prompts == ("a red circle moving left",)
@@ -32,6 +36,9 @@ def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch, capsys):
     assert tuple(last["video"].shape) == (3, 9, 32, 32) and (tmp_path / "red_circle.gif").stat().st_size > 0
     # the pipeline draws the same seed-0 noise as block 1 and encodes the same prompt: same latents
     assert torch.allclose(last["latents"], first["latents"], atol=1e-6)
+    # and so does the diffusers-style class (LSL:0.4,0.2, 20 steps, CFG 4.0, seed 0): the same video
+    video = ((last["video"] + 1) / 2).clamp(0, 1).permute(1, 2, 3, 0).numpy()  # [F, H, W, 3] in [0, 1]
+    assert abs(diffusers_block["frames"] - video).max() <= 1e-5
 
 
 def test_shapes_with_and_without_batch_are_refused_with_the_fix():

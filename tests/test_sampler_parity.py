@@ -53,7 +53,7 @@ def _plans():
 
 @pytest.mark.parametrize("family", ["wan", "ltx"])
 @pytest.mark.parametrize("guidance", [1.0, 4.0])
-@pytest.mark.parametrize("solver", ["unipc", "euler"])
+@pytest.mark.parametrize("solver", ["unipc", "euler", "dpm++", "dpm++3m"])
 def test_blended_runtime_equals_swapping_diffusers_loop(family, guidance, solver):
     models = tiny_pair(family)
     g = torch.Generator().manual_seed(1)

@@ -114,3 +114,70 @@ def test_a_formula_over_symbols_is_the_table_entry_that_applies_it():
     assert [name for name, _ in op.terms] == ["latents", "x0_1", "x0_0"]
     apply_combine(op, tensors)
     torch.testing.assert_close(tensors["latents"], expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("solver", ["unipc", "euler"])
+def test_a_schedule_from_a_checkpoints_own_scheduler_is_followed(solver):
+    """SamplerOptions.schedule: (timesteps, sigmas) of a scheduler, here one with an option the solver name and
+    shift cannot say (Euler: shift_terminal), give the table of that scheduler passed in, not the default's."""
+    from flowblend.runtime.solvers import schedule_of
+
+    config = {"shift_terminal": 0.1} if solver == "euler" else {}
+    scheduler = scheduler_for(solver, 3.0, **config)
+    scheduler.set_timesteps(7)
+    from_schedule = make_solver_table(solver, 7, schedule=schedule_of(scheduler))
+    assert from_schedule == make_solver_table(solver, 7, scheduler=scheduler_for(solver, 3.0, **config))
+    if solver == "euler":
+        assert from_schedule.sigmas != make_solver_table(solver, 7, 3.0).sigmas  # shift_terminal moved them
+    with pytest.raises(ValueError, match="7 steps need 7 and 8"):
+        make_solver_table(solver, 7, schedule=(from_schedule.timesteps[:-1], from_schedule.sigmas))
+
+def _diffusers_dpmpp(order, shift, mu=None):
+    """DPM-Solver++ for flow matching configured here, not through runtime/solvers.py: the options diffusers
+    documents for flow models (flow_prediction, use_flow_sigmas, flow_shift), multistep midpoint."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(num_train_timesteps=1000, solver_order=order, prediction_type="flow_prediction",
+                                       use_flow_sigmas=True, flow_shift=shift, algorithm_type="dpmsolver++",
+                                       use_dynamic_shifting=mu is not None)
+
+
+def _run_diffusers(sched, steps, x, velocity_fn, mu=None):
+    sched.set_timesteps(steps, **({} if mu is None else {"mu": mu}))
+    out, velocities, sample = [], [], x.clone()
+    for i, t in enumerate(sched.timesteps):
+        v = velocity_fn(i, sample)
+        velocities.append(v)
+        sample = sched.step(v, t, sample, return_dict=False)[0]
+        out.append(sample.clone())
+    return out, velocities, [float(t) for t in sched.timesteps]
+
+
+@pytest.mark.parametrize("solver,order", [("dpm++", 2), ("dpm++3m", 3)])
+@pytest.mark.parametrize("shift", [1.0, 3.0, 5.0])
+def test_dpmpp_table_matches_diffusers_every_step(solver, order, shift):
+    """1..50 steps; the 'model' switches at random steps, so the history carries the other model's predictions."""
+    for steps in range(1, 51):
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(steps))
+        ref, velocities, timesteps = _run_diffusers(_diffusers_dpmpp(order, shift), steps, x, _two_models())
+        table = make_solver_table(solver, steps, shift)
+        assert table.timesteps == pytest.approx(timesteps, rel=0, abs=0)
+        ours = _run_table(table, x, velocities)
+        for i, (r, o) in enumerate(zip(ref, ours)):
+            rel = ((r - o).norm() / r.norm().clamp_min(1e-12)).item()
+            assert rel <= 1e-5, f"{solver} shift={shift} steps={steps} step {i}: rel err {rel:.2e}"
+
+
+@pytest.mark.parametrize("solver,order", [("dpm++", 2), ("dpm++3m", 3)])
+def test_dpmpp_dynamic_shift_matches_diffusers(solver, order):
+    steps, mu = 20, 1.1
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4))
+    ref, velocities, _ = _run_diffusers(_diffusers_dpmpp(order, 1.0, mu), steps, x, _two_models(), mu=mu)
+    ours = _run_table(make_solver_table(solver, steps, mu=mu), x, velocities)
+    for i, (r, o) in enumerate(zip(ref, ours)):
+        assert ((r - o).norm() / r.norm()).item() <= 1e-5, f"{solver} mu={mu} step {i}"
+
+
+def test_dpmpp_table_refuses_options_it_does_not_reproduce():
+    with pytest.raises(ValueError, match="DPM\\+\\+ table supports"):
+        make_solver_table("dpm++", 10, scheduler=scheduler_for("dpm++", 3.0, solver_type="heun"))

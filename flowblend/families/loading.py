@@ -61,14 +61,16 @@ def load_pair(name: str, large: str | None = None, small: str | None = None, dty
     if family.provider:
         return _provider(family).load_pair(family, large, small, torch.float32 if export_layout else dtype, device,
                                            load_transformers=load_transformers)
-    sources = {"large": large or family.large, "small": small or family.small}
+    sources = {"large": large or family.large, "small": small or family.small, **dict(family.optional_checkpoints)}
     shared = _SharedComponents(family, sources["small"], dtype, device, allow_download)
     if not load_transformers:
         _check_source(sources["small"], allow_download)  # the shared parts come from the small model's checkpoint
         return LoadedPair(family, {}, shared.encode, shared.decode, sources)
     layout = export_layout and dtype != torch.float32
+    optional = dict(family.optional_checkpoints)
     models = {name: load_transformer(family, sources[arg], dtype, allow_download, subfolder, export_layout=layout)
-              for name, arg, subfolder in zip(family.models, family.checkpoint_of, family.subfolders)}
+              for name, arg, subfolder in zip(family.models, family.checkpoint_of, family.subfolders)
+              if arg not in optional or Path(sources[arg]).expanduser().exists() or _in_hub_cache(sources[arg])}
     check_models_compatible(family, {name: dict(m.config) for name, m in models.items()})
     for m in models.values():
         m.to(device)

@@ -84,5 +84,14 @@ LTX_FAMILY = register_family(PairFamily(
     compat_fields=("in_channels", "out_channels", "caption_channels", "patch_size", "patch_size_t"),
     description="LTX-Video 13B + 2B (0.9.7/0.9.8), shared T5-XXL and LTX VAE", pipeline_class="LTXPipeline",
     architecture=LTX,
+    # The step- and guidance-distilled model D (issue 27): LTX-Video 0.9.8 distilled (2B here; the 13B distilled
+    # has the 13B's config). diffusers' LTX docs run it at guidance_scale=1.0 over a few explicit timesteps, so D
+    # runs batch 1 (no unconditional half); plans give it its own steps over its interval (`L20,D4,L10`).
+    models=("large", "small", "distilled"), letters=("L", "S", "D"),
+    checkpoint_of=("large", "small", "distilled"), subfolders=(None, None, None),
+    optional_checkpoints=(("distilled", "Lightricks/LTX-Video-0.9.8-2B-distilled"),),
+    expert_guidance=(("distilled", 1.0),),
+    # 13B: 48 layers, 32 x 128; 2B (and the 2B distilled): 28 layers, 32 x 64 (model cards)
     reference=(("large", frozen(dict(COMMON, num_attention_heads=32, attention_head_dim=128, num_layers=48))),
-               ("small", frozen(dict(COMMON, num_attention_heads=32, attention_head_dim=64, num_layers=28))))))
+               ("small", frozen(dict(COMMON, num_attention_heads=32, attention_head_dim=64, num_layers=28))),
+               ("distilled", frozen(dict(COMMON, num_attention_heads=32, attention_head_dim=64, num_layers=28))))))

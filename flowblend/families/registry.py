@@ -92,6 +92,9 @@ class PairFamily:
     expert_guidance: tuple[tuple[str, float], ...] = ()
     pipeline_class: str = "WanPipeline"  # diffusers pipeline whose text encoder and VAE the pair shares
     compat_hint: str = ""  # appended to an incompatibility refusal
+    # Models beyond --large/--small (issue 27: LTX's step-distilled D): checkpoint argument -> default source.
+    # Loaded when that checkpoint is on disk or in the hub cache, else left out (plans naming it are refused).
+    optional_checkpoints: tuple[tuple[str, str], ...] = ()
     # What flowblend knows of the transformer class (its family module's Architecture) and the published
     # configs of the default models, for cost estimates without weights (`flowblend plan`, scripts).
     architecture: Architecture | None = None
