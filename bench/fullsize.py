@@ -188,6 +188,17 @@ class FullsizeStage:
             out["allocated_gib"] = torch.cuda.memory_allocated(self.s.device) / 2**30
         return out
 
+    def first_call(self, model: str, engine) -> tuple:
+        """(the engine's bound buffers, seconds of its first step): compilation happens here."""
+        sampler = Sampler({model: engine}, BlendPlan(tuple([model] * 2)), sampler_options(), device=self.s.device,
+                          dtype=self.s.dtype)
+        noise, text = request(self.s)
+        bufs = sampler.load_request(noise, *text)
+        begun = time.monotonic()
+        engine.run(0)
+        sync(self.s.device)
+        return bufs, time.monotonic() - begun
+
     def per_step(self, model: str, option: EngineOption) -> dict:
         from flowblend.errors import FlowblendError
 
@@ -195,14 +206,7 @@ class FullsizeStage:
             engine = option.make(self.models[model], model)
         except FlowblendError as refused:  # e.g. FP8 on a GPU without FP8 tensor cores: its one line
             return {"status": "skipped", "reason": str(refused)}
-        plan = BlendPlan(tuple([model] * 2))
-        sampler = Sampler({model: engine}, plan, sampler_options(), device=self.s.device, dtype=self.s.dtype)
-        noise, text = request(self.s)
-        bufs = sampler.load_request(noise, *text)
-        begun = time.monotonic()
-        engine.run(0)
-        sync(self.s.device)
-        first = time.monotonic() - begun
+        bufs, first = self.first_call(model, engine)
         times = timed_s(lambda: engine.run(1), self.s.device, self.s.reps)
         self.step_s[model, option.name] = min(times)
         velocity = bufs.velocity.detach().float().flatten()
@@ -213,13 +217,7 @@ class FullsizeStage:
             # The same option again as a restarted process would meet it: dynamo's in-memory cache cleared
             # (it would serve the new engine without compiling), inductor's compiled graphs cached from the first.
             torch._dynamo.reset()
-            again = option.make(self.models[model], model)
-            again_sampler = Sampler({model: again}, plan, sampler_options(), device=self.s.device, dtype=self.s.dtype)
-            again_sampler.load_request(noise, *text)
-            begun = time.monotonic()
-            again.run(0)
-            sync(self.s.device)
-            out["first_call_warm_cache_s"] = round(time.monotonic() - begun, 3)
+            out["first_call_warm_cache_s"] = round(self.first_call(model, option.make(self.models[model], model))[1], 3)
             out["first_call_cold_cache"] = "a fresh TORCHINDUCTOR_CACHE_DIR (scripts/gpu_fullsize.py)"
         if option.name == "eager":
             self.velocity[model] = velocity.clone()

@@ -87,15 +87,20 @@ def fp8_copy(transformer: nn.Module, options: Fp8Options = Fp8Options(), *, emul
     import copy
 
     names = fp8_linear_names(transformer, options)
-    clone = copy.copy(transformer)
-    clone._modules = dict(transformer._modules)
+    def own_copy(module: nn.Module) -> nn.Module:
+        clone = copy.copy(module)  # shares parameters and buffers; its own dicts, so replacing a child or
+        clone._modules, clone._parameters = dict(module._modules), dict(module._parameters)  # weight stays here
+        copied.add(id(clone))
+        return clone
+
+    copied: set[int] = set()
+    clone = own_copy(transformer)
     for name in names:
         parent = clone
         for part in name.split("."):
-            child = copy.copy(parent._modules[part])  # this level's own copy; its children dict copied too
-            child._modules = dict(child._modules)
-            child._parameters = dict(child._parameters)
-            parent._modules[part] = child
+            child = parent._modules[part]
+            if id(child) not in copied:  # siblings share the path: each module on it is copied once
+                child = parent._modules[part] = own_copy(child)
             parent = child
     quantize_fp8(clone, options, emulate=emulate, names=names)
     return clone
