@@ -130,3 +130,9 @@ def test_an_engine_choice_refuses_an_unknown_backend_or_dtype():
         EngineChoice(backend="tensorflow")
     with pytest.raises(FlowblendError, match="unknown dtype 'fp64'"):
         EngineChoice(dtype="fp64")
+    with pytest.raises(FlowblendError, match="unknown --attention 'sage': choose one of auto, cudnn"):
+        EngineChoice(attention="sage")  # the Python API's way in; the CLI's choices refuse it before
+    with pytest.raises(FlowblendError, match="--fp8-keep-blocks must be >= 0, got -2"):
+        EngineChoice(dtype="fp8", fp8_keep_blocks=-2)
+    with pytest.raises(FlowblendError, match="unknown compile option 'most'"):
+        EngineChoice(compile="most")
