@@ -148,7 +148,7 @@ def render_markdown(report: dict, heading: str = "##") -> str:
              "share of that pass's loop time spent outside them (CFG combine, solver, Python). Eager PyTorch runs "
              "diffusers' modules as they are; for Wan and LTX its engines compute the rotary tables and the per-step "
              "timestep embeddings once when bound to the buffers instead of in every step "
-             "(flowblend/families/wan_step.py, ltx_step.py; bitwise the same velocities).", "",
+             "(families/wan_step.py, ltx_step.py; bitwise the same velocities).", "",
              "| backend | mode | plan | stages | GFLOPs | FLOP-ideal | loop s (min-max) | speedup (of medians) | realized "
              "| end to end s | s/frame | " + "".join(f"{m} step ms (min-max) | " for m in models)
              + "outside engines | peak memory |",

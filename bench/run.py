@@ -26,12 +26,12 @@ from flowblend.engines.factory import BACKENDS, torch_dtype
 from flowblend.engines.iospec import dtype_name
 from flowblend.engines.kinds import REFERENCE_KIND, engine_kind
 from flowblend.errors import FlowblendError
-from flowblend.runtime.blend_request import BlendChoices
+from flowblend.resolve.blend_request import BlendChoices
+from flowblend.resolve.resolved import ResolvedRequest, resolve_request
 from flowblend.runtime.graph import GraphRunner
 from flowblend.runtime.graph_modes import BENCH_MODES
 from flowblend.runtime.guidance import guidance_table
 from flowblend.runtime.plan import BlendPlan
-from flowblend.runtime.resolved import ResolvedRequest, resolve_request
 from flowblend.runtime.sampler import Sampler
 
 from .flops import step_flops
@@ -67,7 +67,7 @@ class BenchOptions:
     dtype: torch.dtype = torch.float32
     artifacts: str = "artifacts"
     compile_mode: str | None = None
-    compile: str | None = None  # PyTorch engines (flowblend/assembly.EngineChoice)
+    compile: str | None = None  # PyTorch engines (flowblend.assembly.EngineChoice)
     attention: str = "auto"
     fp8_keep_blocks: int = 0
     precision: str | None = None  # the --dtype name where it is not `dtype`'s own (fp8 computes in bfloat16)
@@ -125,7 +125,7 @@ class TimedEngine:
 class Case:
     backend: str
     mode: str
-    request: ResolvedRequest  # runtime/resolved.py's value, as generate and the server hold it: plan, guidance...
+    request: ResolvedRequest  # resolve/resolved.py's value, as generate and the server hold it: plan, guidance...
     sampler: Sampler
     timed_sampler: Sampler
     step_log: list
@@ -144,7 +144,7 @@ class Case:
 
 # -- engines per backend ---------------------------------------------------------------------------
 def engine_choice(backend: str, options: BenchOptions) -> EngineChoice:
-    """The run assembly's engine options (flowblend/assembly.py) for one backend of the benchmark."""
+    """The run assembly's engine options (assembly/) for one backend of the benchmark."""
     # The reference is eager whatever --compile says (bench a compile option with --backend torch-compile).
     compile = "none" if backend == REFERENCE_KIND else options.compile
     return EngineChoice(backend=backend, device=options.device, dtype=options.precision or dtype_name(options.dtype),

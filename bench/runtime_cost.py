@@ -41,7 +41,7 @@ def measure_overhead(modules: dict, plan: BlendPlan, sampler_kwargs: dict, guida
 
     The runtime is timed twice: with engines running each module's whole forward (what it adds
     over the bare loop: its overhead) and with the default engines, which for Wan and LTX compute
-    the schedule constants once per binding (flowblend/families/wan_step.py, ltx_step.py; what a user gets).
+    the schedule constants once per binding (families/wan_step.py, ltx_step.py; what a user gets).
     """
     sampler_options = SamplerOptions(guidance_scale=guidance, **sampler_kwargs)
     samplers = {split: Sampler({m: TorchEngine(module, name=m, split_constants=split) for m, module in modules.items()},
@@ -123,7 +123,7 @@ def memory_budget(pair, engines: dict, plan: BlendPlan, sampler_kwargs: dict, gu
     Taken before any other backend exists (a compiler's own memory is not the runtime's), over the
     benchmark's blended plan. Activations are CUDA allocator peaks on GPU and live tensor storages
     on CPU (LiveTensorBytes); RSS is reported too. Constants an engine precomputes per binding
-    (flowblend/families/wan_step.py, ltx_step.py) are counted with its weights, as a compiler's folded constants would be.
+    (families/wan_step.py, ltx_step.py) are counted with its weights, as a compiler's folded constants would be.
     On CUDA two more terms (bench/memory.py MemoryBound): what was allocated before this began beyond
     the weights (the caller's tensors, workspaces of streams already used), and the BLAS workspace the
     loop's own stream allocates on its first matmul (blas_workspace_bytes).

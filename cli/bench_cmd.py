@@ -12,7 +12,7 @@ from flowblend.bench.run import (
     equivalent_command,
 )
 from flowblend.engines.factory import torch_dtype
-from flowblend.runtime.blend_request import video_of
+from flowblend.resolve.blend_request import video_of
 
 from .common import choices_of, family_of, subscribe
 

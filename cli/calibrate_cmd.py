@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from flowblend.errors import FlowblendError
-from flowblend.runtime.blend_request import resolve_experts, resolve_scales, solver_of, video_of
+from flowblend.resolve.blend_request import resolve_experts, resolve_scales, solver_of, video_of
 
 from .common import choices_of, family_of, subscribe
 

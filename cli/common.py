@@ -3,7 +3,7 @@
 As in Polygraphy's tools: a command lists the groups it takes (`subscribe(p, "pair", "video", ...)`)
 and each group knows its flags, their help and defaults, and the one check that runs on them
 before the command does (`check_groups`, called by cli/main.py before anything loads). What the
-flags mean is checked by plain functions outside cli/ (runtime/request.py, engines/factory.py)
+flags mean is checked by plain functions outside cli/ (resolve/request.py, engines/factory.py)
 that the server calls too. Nothing here imports torch.
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ from flowblend.engines.factory import DTYPE_NAMES, check_dtype
 from flowblend.engines.kinds import EXPORT_PRECISIONS, precision
 from flowblend.errors import FlowblendError
 from flowblend.families import FAMILIES, PairFamily, get_family
-from flowblend.runtime.blend_request import BlendChoices, video_of
-from flowblend.runtime.request import SOLVER_NAMES, check_device, check_guidance
+from flowblend.resolve.blend_request import BlendChoices, video_of
+from flowblend.resolve.request import SOLVER_NAMES, check_device, check_guidance
 
 __all__ = ["HelpFormatter", "Parser", "subscribe", "check_groups", "family_of", "choices_of", "FlowblendError"]
 
@@ -198,6 +198,6 @@ def family_of(args) -> PairFamily:
 
 
 def choices_of(args: argparse.Namespace) -> BlendChoices:
-    """The plan, video, guidance, solver and experts flags as plain values (runtime/blend_request.py resolves
+    """The plan, video, guidance, solver and experts flags as plain values (resolve/blend_request.py resolves
     them, for the server too); a flag the command does not take is None."""
     return BlendChoices.of(args)

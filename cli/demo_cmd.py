@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from flowblend.families import get_family
-from flowblend.runtime.request import MAX_SEED, resolve_plan
-from flowblend.toy.vocab import DEMO_PLANS, DEMO_PROMPTS, vocabulary_line
+from flowblend.families.toy_vocab import DEMO_PLANS, DEMO_PROMPTS, vocabulary_line
+from flowblend.resolve.request import MAX_SEED, resolve_plan
 
 from .common import FlowblendError, subscribe
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from flowblend.errors import FlowblendError
-from flowblend.runtime.blend_request import guidance_of, video_of
+from flowblend.resolve.blend_request import guidance_of, video_of
 
 from .common import choices_of, family_of, subscribe
 

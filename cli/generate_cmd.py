@@ -1,7 +1,7 @@
 """`flowblend generate`: prompts -> blended sampling -> video files (+ a JSON of what ran).
 
 Every flag is checked by runtime/request.validate_request (the server's check too) before torch,
-diffusers or a model loads; then flowblend/assembly.py loads the pair and makes the engines and the
+diffusers or a model loads; then assembly/ loads the pair and makes the engines and the
 pipeline (as for the server and bench), and each prompt becomes a video, written to a temporary name and renamed.
 """
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 
 from flowblend.engines.factory import BACKENDS
 from flowblend.errors import FlowblendError
+from flowblend.families.toy_vocab import vocabulary_line
+from flowblend.resolve.resolved import ResolvedRequest, resolve_request
 from flowblend.runtime.graph_modes import GRAPH_FLAGS, check_graph_flag
-from flowblend.runtime.resolved import ResolvedRequest, resolve_request
-from flowblend.toy.vocab import vocabulary_line
 
 from .common import choices_of, family_of, subscribe
 
@@ -64,7 +64,7 @@ def output_paths(out: str, n: int) -> list[Path]:
 
 
 def resolved_of(args) -> ResolvedRequest:
-    """The flags as one resolved request (runtime/resolved.py, the server's resolver too): nothing has loaded yet."""
+    """The flags as one resolved request (resolve/resolved.py, the server's resolver too): nothing has loaded yet."""
     return resolve_request(family_of(args), choices_of(args), read_prompts(args), args.negative_prompt, args.seed)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from flowblend.bench.flops import step_flops
 from flowblend.families import reference_configs
-from flowblend.runtime.blend_request import (
+from flowblend.resolve.blend_request import (
     model_set_of,
     plan_of,
     resolve_experts,

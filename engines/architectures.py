@@ -1,13 +1,15 @@
 """What the engines and the export know of each transformer class, handed down by its family module.
 
-A family module (flowblend/families/) registers its architecture here by diffusers class name: the
+A family module (families/) registers its architecture here by diffusers class name: the
 positional-signature wrapper, the step split and the FP32 islands. engines/signature.py,
 engines/torch_engine.py and export/precision.py read them from here and test no model class
-themselves. Kept free of torch, so the registration costs nothing at start-up.
+themselves. Registration runs one way only (families/ calls down into this table; nothing here
+imports families/, not even by name), so whoever hands a transformer to the engines has imported
+its family first: `flowblend.families` (the built-ins register on import) or a plugin's module.
+Kept free of torch, so the registration costs nothing at start-up.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,11 +34,7 @@ def register_class(class_name: str, entry: ClassEntry, wrapper_name: str | None 
 
 
 def entry_for(class_name: str) -> ClassEntry | None:
-    """The registered entry of a class name, or None."""
-    if not _ENTRIES:
-        # The built-in families register when their package is imported; a model built directly from
-        # diffusers (tests, scripts) may come first. Resolved by name: engines/ never imports it.
-        importlib.import_module("flowblend.families")
+    """The registered entry of a class name, or None (its family module has not been imported)."""
     return _ENTRIES.get(class_name)
 
 

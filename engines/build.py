@@ -11,8 +11,9 @@ from pathlib import Path
 
 from flowblend.errors import FlowblendError
 
+from .install_hints import TRT_INSTALL_HINT
 from .iospec import IOSpec
-from .kinds import TRT_INSTALL_HINT, built_kind
+from .kinds import built_kind
 from .store import EngineKey, EngineStore, check_files, gpu_identity, tensorrt_version
 
 EXPORT_RECORD = "export.json"  # beside the graphs: what export/ wrote, the contract with the engines
@@ -58,22 +59,6 @@ def tensorrt_target() -> dict:
 def engine_key(pair: str, model: str, backend: str, spec: IOSpec, onnx_sha256: str,
                target: dict | None = None) -> EngineKey:
     return EngineKey(pair, model, backend, spec.dtype, spec.key(), onnx_sha256, **(target or {}))
-
-
-def build_onnxruntime_model(onnx_path: Path, out_path: Path) -> None:
-    """ORT's offline-optimized graph (constant folding, fusions): what a session would do at load."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    opts.optimized_model_filepath = str(out_path)
-    ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-
-
-def build_onnxruntime_engine(onnx_path: Path, spec: IOSpec, out_path: Path, **_options) -> None:
-    """The onnxruntime engine kind's builder (engines/kinds.py): its graph takes every shape of the export."""
-    build_onnxruntime_model(onnx_path, out_path)
 
 
 def _target(kind) -> dict | None:

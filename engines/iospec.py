@@ -13,7 +13,7 @@ import torch
 from flowblend.errors import FlowblendError
 
 from .base import LATENTS, TEXT_EMBEDS, TEXT_MASK, TIMESTEP, VELOCITY
-from .kinds import PRECISIONS
+from .precisions import PRECISIONS
 
 DTYPE_NAMES = {name: p.torch_dtype for name, p in PRECISIONS.items() if p.exportable}  # engines/kinds.py's
 

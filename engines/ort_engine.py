@@ -19,13 +19,16 @@ Run() returns after the stream is synchronised (ORT's default).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 
 from flowblend.errors import FlowblendError
 
 from .base import TIMESTEP, VELOCITY, check_bindings
+
+if TYPE_CHECKING:
+    from .iospec import IOSpec
 
 # ONNX TensorProto element types (ORT's bind_input takes them as ints, which also covers bfloat16)
 _ELEMENT_TYPE = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16, torch.int64: 7}
@@ -144,3 +147,19 @@ class OrtEngine:
 def load_engines(paths: dict, device: torch.device | str | None = None) -> dict[str, OrtEngine]:
     """The onnxruntime engine kind's loader (engines/kinds.py): one session per model's built graph."""
     return {name: OrtEngine(path, device=device, name=name) for name, path in paths.items()}
+
+
+def build_onnxruntime_model(onnx_path: Path, out_path: Path) -> None:
+    """ORT's offline-optimized graph (constant folding, fusions): what a session would do at load."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(out_path)
+    ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+
+
+def build_onnxruntime_engine(onnx_path: Path, spec: IOSpec, out_path: Path, **_options) -> None:
+    """The onnxruntime engine kind's builder (engines/kinds.py names it): its graph takes every shape of the export."""
+    build_onnxruntime_model(onnx_path, out_path)

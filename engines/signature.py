@@ -5,7 +5,7 @@ size and a text mask; Wan takes 5-D latents). Wrapping them in one positional si
 (latents, timestep, text_embeds[, text_mask]) -> velocity gives the ONNX export, the engines and
 the runtime one contract to bind to; it is the same module that TorchEngine runs and that
 export/onnx.py traces, so the eager and compiled paths compute the same function. The wrappers and
-step splits live in their family's modules (flowblend/families/wan_step.py, ltx_step.py), registered
+step splits live in their family's modules (families/wan_step.py, ltx_step.py), registered
 by class name in engines/architectures.py: engines/ never imports a family.
 """
 from __future__ import annotations
@@ -35,8 +35,12 @@ def signature_for(transformer: nn.Module, **kwargs) -> nn.Module:
         return entry.wrap(transformer, **kwargs)  # the wrappers themselves pass through
     if isinstance(transformer, SignedModule):
         return transformer  # tests' stand-ins, custom models
+    known = [c for c in registered_classes() if not c.endswith("Signature")]
+    if not known:
+        raise TypeError(f"no I/O signature for {type(transformer).__name__}: no model family is registered yet; "
+                        "import flowblend.families (it registers the built-in families) before making engines")
     raise TypeError(f"no I/O signature for {type(transformer).__name__}: flowblend supports "
-                    f"{' and '.join(c for c in registered_classes() if not c.endswith('Signature'))} (flowblend/families/), or a module with input_names/output_names")
+                    f"{' and '.join(known)} (families/), or a module with input_names/output_names")
 
 
 def step_split_for(transformer: nn.Module, signed: nn.Module) -> nn.Module | None:

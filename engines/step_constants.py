@@ -1,4 +1,4 @@
-"""What a family's split step (flowblend/families/wan_step.py, ltx_step.py) computes once per binding instead of per step."""
+"""What a family's split step (families/wan_step.py, ltx_step.py) computes once per binding instead of per step."""
 from __future__ import annotations
 
 from dataclasses import dataclass

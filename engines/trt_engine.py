@@ -33,7 +33,7 @@ import torch
 from flowblend.errors import FlowblendError
 
 from .base import ADDRESS_ALIGNMENT, LATENTS, TIMESTEP, VELOCITY, aligned_zeros, check_bindings
-from .kinds import TRT_INSTALL_HINT
+from .install_hints import TRT_INSTALL_HINT
 from .streams import DEFAULT_STREAM, current_stream_handle, new_stream, use_stream
 
 MIN_TENSORRT = (10, 1)  # device_memory_size_v2 and set_device_memory(ptr, size) appear in 10.1

@@ -24,7 +24,7 @@ from unittest import mock
 import torch
 from torch import nn
 
-from flowblend.engines.architectures import entry_for
+from flowblend.engines.architectures import entry_for, registered_classes
 from flowblend.engines.kinds import PRECISIONS
 from flowblend.errors import FlowblendError
 
@@ -34,7 +34,10 @@ LOW_PRECISION = tuple(p.torch_dtype for p in PRECISIONS.values() if p.fp32_islan
 def islands_of(transformer_or_class) -> tuple[str, ...]:
     """The FP32 islands of a transformer class (by name, so loader subclasses match); else diffusers' own list."""
     cls = transformer_or_class if isinstance(transformer_or_class, type) else type(transformer_or_class)
-    entry = entry_for(cls.__name__)  # the family module's list (flowblend/families/), matched against each
+    if not registered_classes():
+        raise FlowblendError("no model family is registered: import flowblend.families before exporting "
+                             "(its family modules hand export/ their FP32 islands)")
+    entry = entry_for(cls.__name__)  # the family module's list (families/), matched against each
     if entry is not None:  # segment of a dotted name, as diffusers' loader matches `_keep_in_fp32_modules`
         return entry.fp32_islands
     return tuple(getattr(cls, "_keep_in_fp32_modules", None) or ())

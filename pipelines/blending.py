@@ -19,7 +19,7 @@ from flowblend.runtime.plan import BlendPlan, ExpertSchedule, ModelSet
 from flowblend.runtime.sampler import SamplerOptions
 from flowblend.runtime.solvers import check_dpmpp_config, check_unipc_config, dpmpp_solver_of_order, schedule_of
 
-from .assembly import blend_runner, check_cuda_graph, engine_choice
+from .runner import blend_runner, check_cuda_graph, engine_choice
 
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
 SOLVER_OF_SCHEDULER = {"UniPCMultistepScheduler": "unipc", "FlowMatchEulerDiscreteScheduler": "euler",
@@ -37,7 +37,7 @@ class BlendSettings:
 
     plan: BlendPlan
     options: SamplerOptions
-    engines: EngineChoice  # flowblend/assembly.py's: kind, precision, device (the pipeline's), artifacts
+    engines: EngineChoice  # assembly/'s: kind, precision, device (the pipeline's), artifacts
     graph_mode: str
     timesteps: torch.Tensor  # the scheduler's own, passed to callbacks as diffusers does
 

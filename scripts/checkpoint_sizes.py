@@ -1,7 +1,7 @@
 """What the real pairs' checkpoints need: parameters counted from the published configs, bytes derived.
 
 Builds every model on torch's meta device (no memory, no download) from the configs in
-flowblend/families reference_configs and the text encoders' published sizes (UMT5-XXL for Wan 2.1, T5-XXL
+families/ reference_configs and the text encoders' published sizes (UMT5-XXL for Wan 2.1, T5-XXL
 for LTX-Video), counts parameters and prints disk and memory at 2 bytes (bf16/fp16) and 4 bytes (fp32)
 per parameter. Usage: python scripts/checkpoint_sizes.py [--markdown]
 """

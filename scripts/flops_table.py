@@ -3,7 +3,7 @@
     python scripts/flops_table.py [--out docs/flops.md]
 
 Everything in the document is computed here from bench/flops.py and the published model
-configs (flowblend/families/ reference_configs); the only typed-in numbers are the paper's own table,
+configs (families/ reference_configs); the only typed-in numbers are the paper's own table,
 quoted from /work/shared/FLOWBLENDING.md for comparison.
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@
     python scripts/gpu_bench.py --dry-run --out /tmp/gpu-dry              # tiny sizes on CPU: checks the script
 
 Speed does not depend on weight values, so the transformers are built from the published configs
-(flowblend/families/ reference_configs) with random normal weights, directly on the GPU in the target
+(families/ reference_configs) with random normal weights, directly on the GPU in the target
 dtype (no checkpoint download). It measures eager PyTorch vs torch.compile vs per-step and
 whole-loop CUDA graphs (runtime/graph.py, when present) for LLL vs LSL at 480x832 with a reduced
 frame count (default 17 frames = 5 latent frames) so one run fits a 10-minute limit. Text encoding

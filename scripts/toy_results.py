@@ -5,7 +5,7 @@ under LLL, SSS, LSL, LSS and SLL, scored by the exact probes, with cost and wall
     python scripts/toy_results.py --seeds 0 --out /tmp/quick   # a quicker look
 
 Every figure in the markdown is computed here from this run; the findings are comparisons of those
-figures, so the page says what the weights in toy/weights/ do, whatever they do.
+figures, so the page says what the weights in families/toy_weights/ do, whatever they do.
 """
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ import torch
 
 from flowblend.engines.store import file_sha256
 from flowblend.families import load_pair
+from flowblend.families.toy_model import WEIGHTS_DIR
 from flowblend.runtime.plan import BlendPlan
 from flowblend.toy.data import all_prompts
 from flowblend.toy.demo import generate_plans
-from flowblend.toy.model import WEIGHTS_DIR
 from flowblend.toy.probes import (
     SCORE_KEYS,
     foreground_masks,
@@ -106,7 +106,7 @@ def markdown(record: dict) -> str:
         "",
         f"Evaluation set: every prompt of the vocabulary ({m['prompts']} = 6 colours x 3 shapes x 4 directions) x "
         f"seeds {m['seeds']} = {m['videos']} videos per plan; {m['steps']} {m['solver']} steps, shift {m['shift']}, "
-        f"CFG {m['guidance']}; weights `toy/weights/` (sha256 of the safetensors: large "
+        f"CFG {m['guidance']}; weights `families/toy_weights/` (sha256 of the safetensors: large "
         f"`{m['weights']['large'][:12]}`, small `{m['weights']['small'][:12]}`). Same noise per (prompt, seed) "
         "under every plan.",
         "",

@@ -12,7 +12,7 @@ Two readings, both with the exact probes of toy/probes.py:
 3. Prior match at sigma = 1: is the x0 prediction from pure noise (E[x0 | prompt]) closest to the
    mean of real videos of the named shape? 1/3 = the shape word has no effect.
 
-    python scripts/toy_shape_diagnostics.py --weights-dir toy/weights
+    python scripts/toy_shape_diagnostics.py --weights-dir families/toy_weights
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flowblend.families.toy_model import SHAPES, WEIGHTS_DIR, ToyTextEncoder, load_toy_transformer
 from flowblend.toy.data import PromptSpec, all_prompts, render
-from flowblend.toy.model import SHAPES, WEIGHTS_DIR, ToyTextEncoder, load_toy_transformer
 from flowblend.toy.probes import foreground_masks, read_shape
 from flowblend.toy.train import sample_videos  # the --eval reference sampler
 

@@ -20,7 +20,7 @@ class ServeConfig:
     device: str = "cpu"
     dtype: str = "fp32"
     artifacts: str = "artifacts"
-    compile_mode: str | None = None  # torch-compile: torch.compile's mode (flowblend/assembly.EngineChoice)
+    compile_mode: str | None = None  # torch-compile: torch.compile's mode (flowblend.assembly.EngineChoice)
     compile: str | None = None  # PyTorch engines: none | regional | whole (None: the kind's default)
     attention: str = "auto"  # PyTorch engines: the SDPA kernel (engines/attention.py)
     fp8_keep_blocks: int = 0  # --dtype fp8: first/last N blocks stay BF16

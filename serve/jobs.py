@@ -39,7 +39,7 @@ from pathlib import Path
 
 from flowblend.atomic import write_atomic
 from flowblend.errors import FlowblendError
-from flowblend.runtime.resolved import ResolvedRequest
+from flowblend.resolve.resolved import ResolvedRequest
 
 from .shared_queue import SharedQueue
 

@@ -18,7 +18,7 @@ entry is removed after the claim (a claimer that dies in between leaves an entry
 claim: the next lister removes it). The index holds only queued jobs, so an idle worker lists a few
 names, not every finished job.
 
-An entry holds the one value its owner resolved the request into (runtime/resolved.py's ResolvedRequest,
+An entry holds the one value its owner resolved the request into (resolve/resolved.py's ResolvedRequest,
 as JSON): a server that adopts the job loads that value and runs it as its owner would have, never
 resolving the request again by its own defaults and plans.
 """
@@ -33,8 +33,8 @@ from pathlib import Path
 
 from flowblend.atomic import write_atomic
 from flowblend.errors import FlowblendError
-from flowblend.runtime.blend_request import BlendFamily
-from flowblend.runtime.resolved import ResolvedRequest
+from flowblend.resolve.blend_request import BlendFamily
+from flowblend.resolve.resolved import ResolvedRequest
 
 CLAIM = "claim"
 

@@ -4,7 +4,7 @@ The schema only says which fields exist and their JSON types; every rule about v
 the toy vocabulary, plan spellings, step counts, sizes the VAE takes, guidance, seeds) is the CLI's
 own check, `runtime.request.validate_request`, called here, so the server and `flowblend generate`
 accept and refuse exactly the same things with the same words. The plan, the expert schedule (wan22)
-and the per-step guidance table come from runtime/blend_request.py, as for `flowblend generate`,
+and the per-step guidance table come from resolve/blend_request.py, as for `flowblend generate`,
 given the request's values and, where it has none, the server's settings.
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flowblend.errors import FlowblendError
 from flowblend.families import PairFamily
-from flowblend.runtime.blend_request import BlendChoices
-from flowblend.runtime.resolved import ResolvedRequest, resolve_request
+from flowblend.resolve.blend_request import BlendChoices
+from flowblend.resolve.resolved import ResolvedRequest, resolve_request
 
 from .config import ServeConfig
 
@@ -53,7 +53,7 @@ class VideoRequest(BaseModel):
 
 @dataclass(frozen=True)
 class JobSpec(ResolvedRequest):
-    """What the worker runs: the one resolved request value (runtime/resolved.py), plus the record it writes."""
+    """What the worker runs: the one resolved request value (resolve/resolved.py), plus the record it writes."""
 
     def to_dict(self) -> dict:
         r = self.request
@@ -108,7 +108,7 @@ def plan_file(plans_dir: str | None, name: str) -> Path | None:
 
 
 def resolve(body: VideoRequest, config: ServeConfig, family: PairFamily) -> JobSpec:
-    """Check every value with the CLI's own rules (runtime/request.py's validate_request, runtime/blend_request.py's
+    """Check every value with the CLI's own rules (resolve/request.py's validate_request, resolve/blend_request.py's
     plans, experts and guidance) plus the server's limits; FlowblendError names the fix."""
     if body.model is not None and body.model != family.name:
         raise FlowblendError(f"model {body.model!r}: this server runs the {family.name} pair; drop model or send "

@@ -22,7 +22,7 @@ import torch
 from flowblend.assembly import EngineChoice, engines_for, load_models, pipeline_for, warm_up_compiled
 from flowblend.errors import FlowblendError
 from flowblend.families import PairFamily
-from flowblend.runtime.pipeline import BlendPipeline
+from flowblend.runtime.text_to_video import TextToVideo
 from flowblend.runtime.video import save_video
 
 from .config import ServeConfig
@@ -37,11 +37,11 @@ class WarmPipeline:
 
     def __init__(self, config: ServeConfig, family: PairFamily):
         self.config, self.family = config, family
-        self.engine_choice = EngineChoice.of(config)  # flowblend/assembly.py: what generate and bench pass too
+        self.engine_choice = EngineChoice.of(config)  # assembly/: what generate and bench pass too
         self.pair = None
         self.engines: dict | None = None
         self.warm_keys: set[tuple] = set()
-        self._pipes: OrderedDict[tuple, BlendPipeline] = OrderedDict()
+        self._pipes: OrderedDict[tuple, TextToVideo] = OrderedDict()
         self.load_seconds: dict[str, float] = {}
 
     # -- start-up -----------------------------------------------------------------------------
@@ -79,7 +79,7 @@ class WarmPipeline:
         return "warming up" + (f" (capturing {self.config.graph} CUDA graphs)" if self.config.graph != "none" else "")
 
     # -- per request --------------------------------------------------------------------------
-    def _pipe(self, spec: JobSpec) -> BlendPipeline:
+    def _pipe(self, spec: JobSpec) -> TextToVideo:
         key = (spec.plan.models, spec.options, spec.request.latent_shape)
         pipe = self._pipes.get(key)
         if pipe is None:

@@ -1,4 +1,4 @@
-"""The one assembly of a run (flowblend/assembly.py) holds generate, the server and bench to the same wiring.
+"""The one assembly of a run (assembly/) holds generate, the server and bench to the same wiring.
 
 Two drifts the three hand-wired copies had (issue 23), each caught here:
 - a server with `--backend onnxruntime` loaded the PyTorch transformers the engines never run (at Wan

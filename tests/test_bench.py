@@ -22,8 +22,8 @@ from flowblend.bench.tiny import TEXT, WAN_LATENT, tiny_pair
 from flowblend.cli.main import main
 from flowblend.engines.signature import signature_for
 from flowblend.families import load_pair
+from flowblend.families.toy_model import TOY_LARGE_CONFIG, TOY_SMALL_CONFIG, build_toy_transformer
 from flowblend.runtime.plan import BlendPlan
-from flowblend.toy.model import TOY_LARGE_CONFIG, TOY_SMALL_CONFIG, build_toy_transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 2

@@ -16,9 +16,9 @@ from flowblend.engines.ort_engine import OrtEngine
 from flowblend.engines.store import EngineStore, file_sha256
 from flowblend.engines.torch_engine import TorchEngine
 from flowblend.families import get_family, load_pair
-from flowblend.runtime.pipeline import BlendPipeline
 from flowblend.runtime.plan import BlendPlan
 from flowblend.runtime.sampler import Sampler, SamplerOptions
+from flowblend.runtime.text_to_video import TextToVideo
 
 PROMPT = "a red circle moving left"
 STEPS = "6"
@@ -83,7 +83,7 @@ def test_onnxruntime_latents_and_video_match_pytorch(artifacts):
     for backend, chosen in engines.items():
         sampler = Sampler(chosen, plan,
                           SamplerOptions(guidance_scale=family.guidance, **family.sampler_kwargs(latent_shape)))
-        results[backend] = BlendPipeline(sampler, pair.encode_prompt, pair.decode)(PROMPT, latent_shape, seed=0)
+        results[backend] = TextToVideo(sampler, pair.encode_prompt, pair.decode)(PROMPT, latent_shape, seed=0)
     (video_ort, lat_ort), (video_torch, lat_torch) = results["onnxruntime"], results["torch"]
     assert ((lat_ort - lat_torch).norm() / lat_torch.norm()).item() <= 1e-4
     assert psnr(video_ort.numpy(), video_torch.numpy(), 2.0) >= 40.0  # video in [-1, 1]: peak-to-peak 2

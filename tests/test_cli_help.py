@@ -8,7 +8,7 @@ from flowblend.cli.common import HelpFormatter
 from flowblend.cli.main import COMMANDS, build_parser, main
 from flowblend.errors import FlowblendError
 from flowblend.families import FAMILIES, get_family
-from flowblend.runtime.request import check_device, validate_request
+from flowblend.resolve.request import check_device, validate_request
 
 
 def _parsers(parser: argparse.ArgumentParser, path=("flowblend",)):

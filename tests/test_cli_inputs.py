@@ -14,9 +14,9 @@ import torch
 import flowblend.families as pairs
 from flowblend.cli.main import main
 from flowblend.errors import FlowblendError
+from flowblend.families.toy_model import ToyTextEncoder
+from flowblend.families.toy_vocab import COLOURS, DIRECTIONS, SHAPES, normalise_prompt
 from flowblend.toy.data import PromptSpec, all_prompts
-from flowblend.toy.model import ToyTextEncoder
-from flowblend.toy.vocab import COLOURS, DIRECTIONS, SHAPES, normalise_prompt
 
 PROMPT = "a red circle moving left"
 
@@ -105,11 +105,11 @@ def test_device_strings_fail_in_one_line_before_loading(tmp_path, capsys, no_loa
 
 # -- 5. Ctrl-C ----------------------------------------------------------------------------------------------
 def test_ctrl_c_in_the_wired_function_is_one_line_exit_130(tmp_path, capsys, monkeypatch):
-    from flowblend.runtime.pipeline import BlendPipeline
+    from flowblend.runtime.text_to_video import TextToVideo
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(BlendPipeline, "__call__", interrupted)
+    monkeypatch.setattr(TextToVideo, "__call__", interrupted)
     rc = main(["generate", "--prompt", PROMPT, "--steps", "2", "--out", str(tmp_path / "x.gif"), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 130 and err == "flowblend generate: interrupted\n"

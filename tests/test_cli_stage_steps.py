@@ -64,7 +64,7 @@ def test_generate_runs_stage_steps_with_dpmpp(tmp_path):
 
 def test_the_request_check_shared_with_the_server_takes_dpmpp_and_stage_plans():
     from flowblend.errors import FlowblendError
-    from flowblend.runtime.request import validate_request
+    from flowblend.resolve.request import validate_request
 
     toy = get_family("toy")
     request = validate_request(toy, "a red circle moving left", plan="L8,S3,L4", solver="dpm++3m")

@@ -9,10 +9,10 @@ from flowblend.bench.tiny import TEXT, WAN_LATENT
 from flowblend.engines.compile import CompiledStep, check_compile
 from flowblend.engines.torch_engine import TorchEngine
 from flowblend.errors import FlowblendError
+from flowblend.families.toy_model import load_toy_transformer
 from flowblend.families.wan_step import WanStep
 from flowblend.runtime.plan import BlendPlan
 from flowblend.runtime.sampler import Sampler, SamplerOptions
-from flowblend.toy.model import load_toy_transformer
 
 
 def loop(engines: dict, noise, text, steps=3):

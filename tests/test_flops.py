@@ -8,8 +8,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from flowblend.bench.flops import forward_flops, step_cost, step_flops
 from flowblend.engines.signature import signature_for
 from flowblend.families import get_family, reference_configs
+from flowblend.families.toy_model import build_toy_transformer
 from flowblend.runtime.plan import BlendPlan
-from flowblend.toy.model import build_toy_transformer
 
 CLASSES = {"wan": "WanTransformer3DModel", "ltx": "LTXVideoTransformer3DModel"}
 

@@ -131,13 +131,13 @@ def test_graph_backend_protocol_lists_every_method_the_runner_calls():
 
 def test_sampler_and_graph_runner_are_the_latent_sampler_a_pipeline_takes():
     from flowblend.runtime.graph import GraphRunner
-    from flowblend.runtime.pipeline import BlendPipeline
     from flowblend.runtime.sampler import LatentSampler
+    from flowblend.runtime.text_to_video import TextToVideo
 
     def params(fn):
         return [(p.name, p.default) for p in inspect.signature(fn).parameters.values()]
 
-    assert inspect.get_annotations(BlendPipeline, eval_str=True)["sampler"] is LatentSampler
+    assert inspect.get_annotations(TextToVideo, eval_str=True)["sampler"] is LatentSampler
     sampler = Sampler({n: TorchEngine(m) for n, m in tiny_pair("wan").items()}, BlendPlan.parse("LLL", 2))
     for implementation in (sampler, GraphRunner(sampler, mode="eager")):
         assert isinstance(implementation, LatentSampler)

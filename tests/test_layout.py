@@ -11,42 +11,60 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"flowblend": "flowblend", "export": "export", "engines": "engines", "runtime": "runtime",
-            "calibrate": "calibrate", "bench": "bench", "toy": "toy", "serve": "serve", "cli": "cli",
-            "families": "flowblend/families", "pipelines": "pipelines"}
-# What each package may import (besides itself and flowblend.errors). Everything not listed is "above".
+# Every top-level folder named here is the package flowblend.<folder> (pyproject.toml's package-dir);
+# flowblend/ itself holds only the root modules every layer may import (errors, atomic).
+PACKAGES = ("families", "export", "engines", "runtime", "resolve", "assembly", "pipelines", "calibrate", "bench",
+            "toy", "serve", "cli")
+# What each package may import (besides itself and the root modules). Everything not listed is "above".
 ALLOWED = {
     "flowblend": set(),
     "engines": set(),
     "export": {"engines"},
     "runtime": {"engines"},
-    "families": {"engines", "export"},  # flowblend/families/: one module per model family, and their registry
-    "assembly": {"engines", "runtime", "export", "families"},  # flowblend/assembly.py: the one assembly of a run
-    "bench": {"engines", "runtime", "export", "families", "assembly"},
-    "toy": {"engines", "runtime", "export", "families", "bench", "assembly"},
-    "calibrate": {"engines", "runtime", "export", "families", "bench", "toy", "assembly"},
-    "serve": {"engines", "runtime", "export", "families", "bench", "toy", "calibrate", "cli", "assembly"},
-    "cli": {"engines", "runtime", "export", "families", "bench", "toy", "calibrate", "serve", "assembly"},
+    "families": {"engines", "export"},  # one module per model family, and their registry
+    "resolve": {"runtime", "families"},  # a request's checks and defaults, resolved into plain values
+    "assembly": {"engines", "runtime", "export", "families", "resolve"},  # the one assembly of a run
+    "bench": {"engines", "runtime", "export", "families", "resolve", "assembly"},
+    "toy": {"engines", "runtime", "export", "families", "resolve", "bench", "assembly"},
+    "calibrate": {"engines", "runtime", "export", "families", "resolve", "bench", "toy", "assembly"},
+    "serve": {"engines", "runtime", "export", "families", "resolve", "bench", "toy", "calibrate", "cli", "assembly"},
+    "cli": {"engines", "runtime", "export", "families", "resolve", "bench", "toy", "calibrate", "serve", "assembly"},
     # pipelines/: diffusers-style classes over the one assembly of a run
-    "pipelines": {"engines", "runtime", "export", "families", "assembly"},
+    "pipelines": {"engines", "runtime", "export", "families", "resolve", "assembly"},
 }
+# Calls that import the module their first argument names (a by-name import the graph must see too).
+BY_NAME = {"import_module", "__import__", "find_spec"}
 MAX_LINES = 420
 
 
 def _modules() -> dict[str, Path]:
     mods = {}
-    for package, folder in PACKAGES.items():
-        base = "flowblend" if package == "flowblend" else f"flowblend.{package}"
-        for path in sorted((ROOT / folder).glob("*.py")):
+    for path in sorted((ROOT / "flowblend").glob("*.py")):
+        mods["flowblend" if path.stem == "__init__" else f"flowblend.{path.stem}"] = path
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).glob("*.py")):
+            base = f"flowblend.{package}"
             mods[base if path.stem == "__init__" else f"{base}.{path.stem}"] = path
     return mods
 
 
+def _named_module(value: str, modules: dict[str, Path]) -> str | None:
+    """The flowblend module a string names ("flowblend.x.y" or "flowblend.x.y:attr"), if any."""
+    name = value.partition(":")[0]
+    return name if name in modules else None
+
+
 def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
-    """flowblend modules that `name` imports anywhere in its file (function-level imports too)."""
+    """flowblend modules that `name` imports anywhere in its file: import statements (function-level ones
+    too), calls such as importlib.import_module("flowblend.x"), and module names held as strings in code
+    (a table of "module:attr" an import_module later resolves); docstrings aside."""
     package = name if path.stem == "__init__" else name.rpartition(".")[0]
+    tree = ast.parse(path.read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -56,6 +74,8 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
             else:
                 mod = node.module or ""
             targets = [mod] + [f"{mod}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            targets = [t] if (t := _named_module(node.value, modules)) else []
         else:
             continue
         found.update(t for t in targets if t in modules and t != name)
@@ -64,7 +84,23 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
 
 def _package(module: str) -> str:
     parts = module.split(".")
-    return "flowblend" if len(parts) == 1 or parts[1] in ("errors", "atomic") else parts[1]
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in PACKAGES) else "flowblend"
+
+
+def test_every_package_is_the_folder_of_its_name():
+    """One rule for where code lives: pyproject maps flowblend.<folder> to <folder>/ for each top-level package,
+    and flowblend/ holds no subpackage, so a reader (or a tool) that takes the folders as they stand sees the
+    true packages."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    expected = {"flowblend": "flowblend", **{f"flowblend.{p}": p for p in PACKAGES}}
+    assert config["package-dir"] == expected
+    assert sorted(config["packages"]) == sorted(expected)
+    nested = [str(d.relative_to(ROOT)) for d in (ROOT / "flowblend").iterdir() if d.is_dir() and any(d.glob("*.py"))]
+    assert not nested, f"subpackages under flowblend/ (give each its own top-level folder): {nested}"
+    top = {d.name for d in ROOT.iterdir() if d.is_dir() and (d / "__init__.py").is_file()} - {"flowblend", "tests"}
+    assert top == set(PACKAGES), f"top-level packages not in the layout (or listed but missing): {top ^ set(PACKAGES)}"
 
 
 def test_no_package_imports_one_above_it():
@@ -79,11 +115,12 @@ def test_no_package_imports_one_above_it():
     assert not wrong, "imports against the layering (DESIGN.md):\n" + "\n".join(wrong)
 
 
-def test_no_import_cycles_between_modules():
-    modules = _modules()
-    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
-    for pkg_init in [m for m, p in modules.items() if p.stem == "__init__"]:
-        graph[pkg_init] = {t for t in graph[pkg_init] if not t.startswith(pkg_init + ".")}  # a package's own modules
+def _cycles(graph: dict[str, set[str]]) -> list[str]:
+    # A module importing its own package's namespace (`from . import x`, `from flowblend.families import y`
+    # inside families/) is how a package is read, not a circle; everything else counts, a package's __init__
+    # importing its modules included (an outside import of the package runs them).
+    inits = [m for m in graph if any(o.startswith(m + ".") for o in graph)]
+    graph = {name: {t for t in targets if not (t in inits and name.startswith(t + "."))} for name, targets in graph.items()}
     state, cycles = {}, []
 
     def visit(node, stack):
@@ -98,17 +135,40 @@ def test_no_import_cycles_between_modules():
     for node in sorted(graph):
         if node not in state:
             visit(node, [node])
+    return cycles
+
+
+def test_no_import_cycles_between_modules():
+    modules = _modules()
+    cycles = _cycles({name: _imports(name, path, modules) for name, path in modules.items()})
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
 
 def test_the_cycle_check_can_fail(tmp_path):
-    """The two checks above are only worth having if they see a cycle and an upward import."""
+    """The two checks above are only worth having if they see a cycle and an upward import, by name too."""
     modules = _modules()
     assert "flowblend.export.record" in _imports("flowblend.export.verify", modules["flowblend.export.verify"], modules)
     fake = tmp_path / "engines_probe.py"
-    fake.write_text("from flowblend.runtime import sampler\n\ndef f():\n    from ..cli import main\n")
+    fake.write_text('"""flowblend.serve.app is named in this docstring only."""\n'
+                    "import importlib\nfrom flowblend.runtime import sampler\n\n"
+                    "def f():\n    from ..cli import main\n    importlib.import_module('flowblend.families')\n"
+                    "    return {'trt': 'flowblend.toy.data:make_batch'}\n")
     found = _imports("flowblend.engines.engines_probe", fake, modules)
-    assert {"flowblend.runtime.sampler", "flowblend.cli.main"} <= found
+    assert {"flowblend.runtime.sampler", "flowblend.cli.main", "flowblend.families", "flowblend.toy.data"} <= found
+    assert "flowblend.serve.app" not in found, "a docstring that mentions a module does not import it"
+
+
+def test_the_cycle_check_sees_the_by_name_circle_of_2026_12_07(tmp_path):
+    """engines/architectures.py once imported flowblend.families by name while families/ -> export/ -> engines/
+    imported it back: the control replays that line and the graph must show the circle."""
+    modules = _modules()
+    probe = tmp_path / "architectures.py"
+    probe.write_text(modules["flowblend.engines.architectures"].read_text()
+                     + "\n\ndef _lazy():\n    import importlib\n    importlib.import_module('flowblend.families')\n")
+    modules = {**modules, "flowblend.engines.architectures": probe}
+    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+    assert "flowblend.families" in graph["flowblend.engines.architectures"]
+    assert _cycles(graph), "the by-name import from engines/ back to families/ closes a circle"
 
 
 def test_no_module_is_over_the_size_limit():
@@ -156,7 +216,7 @@ def model_class_mentions(modules: dict[str, Path]) -> list[str]:
 
 def test_no_module_outside_the_family_modules_names_a_diffusers_model_class():
     found = model_class_mentions(_modules())
-    assert not found, "model classes named outside flowblend/families/ (ask the family object):\n" + "\n".join(found)
+    assert not found, "model classes named outside families/ (ask the family object):\n" + "\n".join(found)
 
 
 def _about_kinds(node: ast.AST) -> bool:

@@ -101,7 +101,7 @@ FAMILY = PairFamily(
     architecture=COGVIDEOX)
 
 
-# -- the provider's interface (flowblend/families/registry.py: PairFamily.provider) ----------------------
+# -- the provider's interface (families/registry.py: PairFamily.provider) ----------------------
 def normalise_prompt(prompt: str, negative: bool = False) -> str:
     return " ".join(prompt.split())
 

@@ -3,7 +3,7 @@ boundary_ratio) and LTXPipeline, loaded from tiny checkpoints written with save_
 
 The references are diffusers' pipelines run on the same folders with the same generator seed; with plan
 LLL (Wan 2.2: experts) ours must equal them to 1e-5 on the latents and on the decoded frames. With a
-blended plan the class must equal flowblend's own BlendPipeline over load_pair of the same folders.
+blended plan the class must equal flowblend's own TextToVideo over load_pair of the same folders.
 """
 import numpy as np
 import pytest
@@ -110,15 +110,15 @@ def test_ltx_lll_equals_diffusers_ltx_pipeline(checkpoints):
 def test_lsl_equals_flowblend_blend_pipeline(checkpoints):
     from flowblend.engines.torch_engine import TorchEngine
     from flowblend.families import load_pair
-    from flowblend.runtime.pipeline import BlendPipeline
     from flowblend.runtime.plan import BlendPlan
     from flowblend.runtime.sampler import Sampler, SamplerOptions
+    from flowblend.runtime.text_to_video import TextToVideo
 
     pair = load_pair("wan", large=checkpoints["wan"], small=checkpoints["wan_small"])
     steps, seed = 10, 3
     sampler = Sampler({n: TorchEngine(m) for n, m in pair.transformers.items()}, BlendPlan.parse("LSL:0.4,0.2", steps),
                       SamplerOptions(solver="unipc", shift=3.0, guidance_scale=5.0))
-    video, latents = BlendPipeline(sampler, pair.encode_prompt, pair.decode)(
+    video, latents = TextToVideo(sampler, pair.encode_prompt, pair.decode)(
         WAN_CALL["prompt"], (4, 2, 4, 4), seed=seed, negative_prompt=WAN_CALL["negative_prompt"])
     ours = quiet(FlowBlendWanPipeline.from_pretrained(checkpoints["wan"], small=checkpoints["wan_small"]))
     call = dict(WAN_CALL, num_inference_steps=steps, guidance_scale=5.0, plan="LSL:0.4,0.2")
@@ -155,9 +155,9 @@ def test_from_pipe_shares_the_text_encoder_vae_and_transformer(checkpoints):
 def test_toy_pair_runs_through_the_class_and_equals_blend_pipeline():
     from flowblend.engines.torch_engine import TorchEngine
     from flowblend.families import load_pair
-    from flowblend.runtime.pipeline import BlendPipeline
     from flowblend.runtime.plan import BlendPlan
     from flowblend.runtime.sampler import Sampler, SamplerOptions
+    from flowblend.runtime.text_to_video import TextToVideo
 
     pipe = quiet(FlowBlendWanPipeline.from_pretrained("toy"))
     out = pipe(prompt="A red circle, moving left.", generator=generator(0), output_type="pt")
@@ -165,7 +165,7 @@ def test_toy_pair_runs_through_the_class_and_equals_blend_pipeline():
     pair = load_pair("toy")
     sampler = Sampler({"large": TorchEngine(pair.large), "small": TorchEngine(pair.small)},
                       BlendPlan.parse("LSL:0.4,0.2", 20), SamplerOptions(solver="unipc", shift=3.0, guidance_scale=4.0))
-    video, _ = BlendPipeline(sampler, pair.encode_prompt, pair.decode)("a red circle moving left", (3, 9, 32, 32))
+    video, _ = TextToVideo(sampler, pair.encode_prompt, pair.decode)("a red circle moving left", (3, 9, 32, 32))
     assert max_abs(out.frames[0], ((video + 1) / 2).permute(1, 0, 2, 3)) <= 1e-5
     embeds, _ = pair.encode_prompt(["a red circle moving left"])  # prompt_embeds in place of the prompt
     given = pipe(prompt_embeds=embeds, generator=generator(0), output_type="pt").frames
@@ -266,7 +266,7 @@ def test_cuda_graph_modes_through_the_graph_runner_with_the_stand_in(checkpoints
 
     import flowblend.pipelines.blending as blending
     import flowblend.runtime.graph as graph
-    from flowblend.pipelines.assembly import check_cuda_graph
+    from flowblend.pipelines.runner import check_cuda_graph
 
     backends, real_runner = [], graph.GraphRunner
 

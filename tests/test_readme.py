@@ -45,9 +45,9 @@ def test_shapes_with_and_without_batch_are_refused_with_the_fix():
     from flowblend.engines.torch_engine import TorchEngine
     from flowblend.errors import FlowblendError
     from flowblend.families import load_pair
-    from flowblend.runtime.pipeline import BlendPipeline
     from flowblend.runtime.plan import BlendPlan
     from flowblend.runtime.sampler import Sampler, SamplerOptions
+    from flowblend.runtime.text_to_video import TextToVideo
 
     pair = load_pair("toy")
     sampler = Sampler({"large": TorchEngine(pair.large), "small": TorchEngine(pair.small)}, BlendPlan.parse("LLL", 2),
@@ -56,6 +56,6 @@ def test_shapes_with_and_without_batch_are_refused_with_the_fix():
     with pytest.raises(FlowblendError, match=r"\[1, C, F, H, W\].*noise\[None\]"):
         sampler.sample(torch.randn(3, 9, 32, 32), embeds)
     with pytest.raises(FlowblendError, match="drop the batch"):
-        BlendPipeline(sampler, pair.encode_prompt, pair.decode)("a red circle moving left", (1, 3, 9, 32, 32))
+        TextToVideo(sampler, pair.encode_prompt, pair.decode)("a red circle moving left", (1, 3, 9, 32, 32))
     with pytest.raises(TypeError, match="list of prompts"):
         pair.encode_prompt("a red circle moving left")

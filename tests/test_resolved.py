@@ -1,4 +1,4 @@
-"""runtime/resolved.py: one resolved request value for the CLI and the server, and its JSON round trip.
+"""resolve/resolved.py: one resolved request value for the CLI and the server, and its JSON round trip.
 
 References: the CLI's parser for `flowblend generate`'s flags, the server's body schema for the same
 values, and diffusers' WanPipeline rule for the expert switch (through the expert schedule, whose
@@ -12,8 +12,8 @@ import pytest
 from flowblend.cli.common import check_groups, choices_of
 from flowblend.cli.main import build_parser
 from flowblend.families import get_family
-from flowblend.runtime.blend_request import BlendChoices
-from flowblend.runtime.resolved import ResolvedRequest, resolve_request
+from flowblend.resolve.blend_request import BlendChoices
+from flowblend.resolve.resolved import ResolvedRequest, resolve_request
 from flowblend.serve.config import ServeConfig
 from flowblend.serve.video_request import VideoRequest, resolve
 

@@ -2,7 +2,7 @@
 metrics, cancellation, the bounded queue, downloads, and every bad request refused with one line.
 
 References: the video a job returns is compared with the pipeline called directly in-process (the
-same BlendPipeline the CLI runs); refusals are compared with the CLI's own messages for the same
+same TextToVideo the CLI runs); refusals are compared with the CLI's own messages for the same
 values; metrics are read back with prometheus_client's parser.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""flowblend/families/wan_step.py and ltx_step.py against diffusers' own forwards: bitwise, every step.
+"""families/wan_step.py and ltx_step.py against diffusers' own forwards: bitwise, every step.
 
 The references call WanTransformer3DModel / LTXVideoTransformer3DModel directly (LTX's tokens
 packed and unpacked with LTXPipeline's own static methods), not flowblend's signature modules.
@@ -10,10 +10,10 @@ from tiny_models import LTX_LATENT, TEXT, WAN_LATENT, WAN_TINY, tiny_pair
 
 from flowblend.engines.base import LATENTS, TEXT_EMBEDS, TEXT_MASK, TIMESTEP, VELOCITY
 from flowblend.engines.torch_engine import TorchEngine
+from flowblend.families.toy_model import TEXT_DIM, TEXT_LEN, TOY_FRAMES, load_toy_transformer
 from flowblend.families.wan import supports_wan_step_split
 from flowblend.runtime.plan import BlendPlan
 from flowblend.runtime.sampler import Sampler, SamplerOptions
-from flowblend.toy.model import TEXT_DIM, TEXT_LEN, TOY_FRAMES, load_toy_transformer
 
 LTX_ROPE_SCALE = (8 / 25, 32, 32)  # LtxSignature's default: the pipeline's at 25 fps
 

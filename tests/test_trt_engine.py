@@ -196,7 +196,7 @@ def test_generate_with_tensorrt_on_this_machine_says_what_is_missing(tmp_path, m
 def test_compiled_backends_never_load_the_pytorch_transformers(tmp_path, monkeypatch, capsys, backend):
     """generate --backend onnxruntime/tensorrt loads text encoder + VAE only: the engines replace the transformers."""
     from flowblend.cli.main import main
-    from flowblend.toy import model as toy_model
+    from flowblend.families import toy_model
 
     loaded = []
     real = toy_model.load_toy_transformer

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flowblend.toy.vocab import COLOURS, DIRECTIONS, SHAPES, words
+from flowblend.families.toy_vocab import COLOURS, DIRECTIONS, SHAPES, words
 
 # RGB in [0, 1]; pixels are 2 * rgb - 1
 COLOUR_RGB = {
@@ -57,7 +57,7 @@ class PromptSpec:
 
     @classmethod
     def parse(cls, prompt: str) -> "PromptSpec":
-        found = words(prompt)  # case, punctuation and articles read as toy/vocab.py does
+        found = words(prompt)  # case, punctuation and articles read as families/toy_vocab.py does
         pick = lambda options: next((w for w in found if w in options), None)  # noqa: E731
         colour, shape, direction = pick(COLOURS), pick(SHAPES), pick(DIRECTIONS)
         if None in (colour, shape, direction):

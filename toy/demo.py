@@ -17,11 +17,10 @@ import torch
 from flowblend.bench.flops import step_flops
 from flowblend.engines.torch_engine import TorchEngine
 from flowblend.families import LoadedPair, load_pair
+from flowblend.families.toy_vocab import DEMO_PLANS, DEMO_PROMPTS
 from flowblend.runtime.plan import BlendPlan
 from flowblend.runtime.sampler import Sampler, SamplerOptions
 from flowblend.runtime.video import save_video, to_frames
-
-from .vocab import DEMO_PLANS, DEMO_PROMPTS
 
 __all__ = ["DEMO_PLANS", "DEMO_PROMPTS", "run_demo", "generate_plans", "format_table"]
 

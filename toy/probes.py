@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from flowblend.toy.vocab import COLOURS, SHAPES
+from flowblend.families.toy_vocab import COLOURS, SHAPES
 
 from .data import COLOUR_RGB, PromptSpec, render, shape_mask
 

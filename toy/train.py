@@ -3,7 +3,7 @@
 Wan's convention: x_t = (1 - sigma) * x0 + sigma * noise, target velocity = noise - x0, model
 timestep = sigma * 1000. Text is dropped (replaced by the empty prompt, all zeros) with
 probability 0.1 so the model supports classifier-free guidance. An EMA of the weights is what
-gets shipped (FP16 safetensors + config in toy/weights/<size>/).
+gets shipped (FP16 safetensors + config in families/toy_weights/<size>/).
 
     python scripts/train_toy.py --size large --steps 2000 --threads 2
     python scripts/train_toy.py --size small --steps 2000 --threads 1
@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flowblend.families.toy_model import TOY_FRAMES, WEIGHTS_DIR, ToyTextEncoder, build_toy_transformer
 from flowblend.toy.data import GEOMETRIES, sample_batch
-from flowblend.toy.model import TOY_FRAMES, WEIGHTS_DIR, ToyTextEncoder, build_toy_transformer
 
 
 def parse_args():
@@ -67,7 +67,7 @@ def parse_args():
                    help="training data: v2 (default, the toy world) or v1 (the smaller shapes of the first runs)")
     p.add_argument("--init-from", default=None,
                    help="start (model and EMA weights only) from this checkpoint.pt, or from a saved weights "
-                        "folder such as toy/weights/large (continued training); ignored when resuming")
+                        "folder such as families/toy_weights/large (continued training); ignored when resuming")
     return p.parse_args()
 
 
@@ -128,8 +128,8 @@ def sample_videos(model, prompts: list[str], seeds: list[int], steps: int = 20, 
 
 
 def run_eval(args):
+    from flowblend.families.toy_model import load_toy_transformer
     from flowblend.toy.data import all_prompts
-    from flowblend.toy.model import load_toy_transformer
     from flowblend.toy.probes import score_set
 
     specs = [s for s in all_prompts() for _ in range(args.seeds)]

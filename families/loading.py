@@ -2,7 +2,7 @@
 
 Loading returns the transformers plus the shared prompt encoder and latent decoder; the runtime gets
 those as plain callables and never imports this package. How a family encodes and decodes is its
-architecture's (flowblend/families/<family>.py); where the weights come from is the user's disk or
+architecture's (families/<family>.py); where the weights come from is the user's disk or
 hub cache (no download unless allowed).
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """LTX-Video's torch side: the positional signature (tokens packed inside) and its forward with the schedule
-constants taken out of the step (as flowblend/families/wan_step.py for Wan; ltx.py hands both to
+constants taken out of the step (as families/wan_step.py for Wan; ltx.py hands both to
 engines/architectures.py and imports this module lazily, so the family entry stays torch-free).
 
 LTXVideoTransformer3DModel.forward recomputes, in every call, the rotary tables from the latent

@@ -21,6 +21,8 @@ from flowblend.engines.architectures import ClassEntry, register_class
 from flowblend.errors import FlowblendError
 
 if TYPE_CHECKING:  # torch loads when a pair does: `flowblend --help` and argument checks stay fast
+    from types import ModuleType
+
     import torch
 
     from flowblend.engines.iospec import IOSpec
@@ -75,11 +77,11 @@ class PairFamily:
     dynamic_shift: bool = False  # LTX: mu from the token count instead of a fixed shift
     compat_fields: tuple[str, ...] = ()  # config fields both transformers must agree on
     description: str = ""
-    # A family whose models ship with a package above this one (the toy pair) names the module that
-    # loads them; it provides load_pair(family, large, small, dtype, device, load_transformers) and
-    # REFERENCE_CONFIGS.
-    # Resolved by name so that export/ never imports the packages that sit on top of it.
-    provider: str = ""
+    # A family whose models are not diffusers checkpoints (the toy pair, a plugin's family) has a provider:
+    # a module offering load_pair(family, large, small, dtype, device, load_transformers), REFERENCE_CONFIGS
+    # and normalise_prompt. Either a function returning it (the toy: its family module's lazy import) or,
+    # for a family defined outside flowblend, that module's name (flowblend itself never names one).
+    provider: Callable[[], ModuleType] | str | None = None
     # The named models, in plan order, with their plan letters; which checkpoint argument (--large /
     # --small) holds each one, and the subfolder inside it (None: transformer/ if present, else the folder).
     models: tuple[str, ...] = ("large", "small")
@@ -206,7 +208,7 @@ def architecture_of(transformer_class: str) -> Architecture:
     """The registered architecture of a diffusers class name, or ValueError naming the registered ones."""
     if transformer_class not in ARCHITECTURES:
         raise ValueError(f"no architecture registered for {transformer_class}: flowblend knows "
-                         f"{' and '.join(ARCHITECTURES)} (flowblend/families/)")
+                         f"{' and '.join(ARCHITECTURES)} (families/)")
     return ARCHITECTURES[transformer_class]
 
 
@@ -237,8 +239,10 @@ def _as_tuple(v):
 
 
 def _provider(family: PairFamily):
+    if callable(family.provider):
+        return family.provider()
     import importlib
 
-    return importlib.import_module(family.provider)
+    return importlib.import_module(family.provider)  # a family registered from outside flowblend
 
 

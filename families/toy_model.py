@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from flowblend.families import LoadedPair, check_compatible, load_transformer
+from .loading import LoadedPair, check_compatible, load_transformer
 
 # Vocabulary of the procedural world (toy/data.py draws prompts from it); normalise_prompt is what
 # the family's provider offers families.PairFamily.normalise_prompt.
-from .vocab import COLOURS, DIRECTIONS, FILLER_WORDS, SHAPES, VOCAB, check_words, normalise_prompt, words
+from .toy_vocab import COLOURS, DIRECTIONS, FILLER_WORDS, SHAPES, VOCAB, check_words, normalise_prompt, words
 
 if TYPE_CHECKING:
     import torch
@@ -49,7 +49,7 @@ TOY_LARGE_CONFIG = dict(_COMMON, num_attention_heads=6, attention_head_dim=32, f
 TOY_SMALL_CONFIG = dict(_COMMON, num_attention_heads=3, attention_head_dim=48, ffn_dim=288, num_layers=1)
 REFERENCE_CONFIGS = {"large": TOY_LARGE_CONFIG, "small": TOY_SMALL_CONFIG}  # what `flowblend plan` costs
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
+WEIGHTS_DIR = Path(__file__).parent / "toy_weights"
 
 
 class ToyTextEncoder:
@@ -107,8 +107,8 @@ class PixelVAE:
 
 
 def _wan_class():
-    """The toy family's transformer class (Wan 2.1's), from its family module (flowblend/families/toy.py)."""
-    from flowblend.families import get_family
+    """The toy family's transformer class (Wan 2.1's), from its family module (families/toy.py)."""
+    from .registry import get_family
 
     return get_family("toy").architecture.model_class()
 

@@ -12,7 +12,7 @@ from .sampler import LatentSampler
 
 
 @dataclass
-class BlendPipeline:
+class TextToVideo:
     """Glue only (as a diffusers pipeline): the sampler moves latents, the callables encode and decode.
 
     `sampler` is a `Sampler` or a `GraphRunner` over one (both are LatentSamplers).

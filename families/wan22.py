@@ -1,7 +1,7 @@
 """Wan 2.2 T2V A14B's two experts (high, low noise) + Wan 2.1 1.3B as the small stand-in.
 
 Both experts come from one checkpoint (`transformer/`, `transformer_2/`) and have Wan 2.1 14B's
-architecture (flowblend/families/wan.py); the high-noise expert runs t >= boundary_ratio * 1000, as
+architecture (families/wan.py); the high-noise expert runs t >= boundary_ratio * 1000, as
 diffusers' WanPipeline, each expert with its CFG scale (guidance_scale / guidance_scale_2).
 """
 from __future__ import annotations

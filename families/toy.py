@@ -1,12 +1,21 @@
 """The toy pair: two tiny Wan-architecture models trained on procedural shape videos (ships in the repo).
 
-Its models, text encoder, VAE and vocabulary live in flowblend.toy (toy/model.py), a package that sits
-above this one: the entry names that module as its provider, resolved by name when the pair loads.
+Its models, text encoder, VAE and vocabulary are the family's torch half (toy_model.py and toy_vocab.py
+beside this module, weights in toy_weights/): loaded lazily by `_provider`, so the registry stays torch-free.
+flowblend.toy (data, probes, demo, training) sits above and imports them; nothing here imports it.
 """
 from __future__ import annotations
 
 from .registry import PairFamily, register_family
 from .wan import CLASS, WAN
+
+
+def _provider():
+    """The toy family's loader (load_pair, REFERENCE_CONFIGS, normalise_prompt): imports torch, so only on use."""
+    from . import toy_model
+
+    return toy_model
+
 
 TOY_FAMILY = register_family(PairFamily(
     name="toy", transformer_class=CLASS, large="<shipped>", small="<shipped>",
@@ -15,4 +24,4 @@ TOY_FAMILY = register_family(PairFamily(
     text_len=8, text_dim=32,
     compat_fields=("in_channels", "out_channels", "text_dim", "patch_size"),
     description="two tiny Wan-architecture models trained on procedural shape videos (ships in the repo)",
-    provider="flowblend.toy.model", architecture=WAN))
+    provider=_provider, architecture=WAN))

@@ -1,6 +1,6 @@
 """One request, resolved once into one immutable value: what `flowblend generate` and a server's job hold.
 
-`resolve_request` runs every check and default of runtime/request.py and runtime/blend_request.py
+`resolve_request` runs every check and default of resolve/request.py and resolve/blend_request.py
 (plan, expert schedule, per-step guidance, solver, video shape, seed) and returns a `ResolvedRequest`.
 Before this the CLI always passed a guidance table and the server passed None when the guidance
 was uniform; both now hold the same value, with a table only where the scales differ by step. The
@@ -12,19 +12,20 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+from flowblend.runtime.plan import BlendPlan, ExpertSchedule
+
 from .blend_request import BlendChoices, BlendFamily, experts_of, plan_of, resolve_guidance
-from .plan import BlendPlan, ExpertSchedule
 from .request import GenerationRequest, validate_request
 
 if TYPE_CHECKING:  # runtime/sampler.py imports torch: loaded once a request has passed every check
-    from .sampler import SamplerOptions
+    from flowblend.runtime.sampler import SamplerOptions
 
 
 @dataclass(frozen=True)
 class ResolvedRequest:
     """A request every rule has accepted, with the sampler options it runs with and (wan22) its expert schedule."""
 
-    request: GenerationRequest  # every default filled in (runtime/request.py)
+    request: GenerationRequest  # every default filled in (resolve/request.py)
     options: SamplerOptions
     experts: ExpertSchedule | None = None  # wan22: which expert each step belongs to
 
@@ -65,7 +66,7 @@ class ResolvedRequest:
                                     BlendPlan.from_dict(data["plan"]), data["seed"], data["frames"], data["height"],
                                     data["width"], data["guidance"], data["solver"], data["shift"], data["mu"],
                                     tuple(data["latent_shape"]))
-        from .sampler import SamplerOptions
+        from flowblend.runtime.sampler import SamplerOptions
 
         experts = None if data["experts"] is None else ExpertSchedule(
             **{**data["experts"], "timesteps": tuple(data["experts"]["timesteps"])})
@@ -80,7 +81,7 @@ def resolve_request(family: BlendFamily, choices: BlendChoices, prompts: str | l
     plan = plan_of(choices, family, experts) if plan is None else plan
     request = validate_request(family, prompts, negative_prompt, plan, choices.steps, seed, choices.height,
                                choices.width, choices.frames, choices.guidance, choices.solver, choices.shift)
-    from .sampler import SamplerOptions
+    from flowblend.runtime.sampler import SamplerOptions
 
     _, table = resolve_guidance(choices, family, request.plan, experts)
     uniform = all(g == request.guidance for g in table)  # one scale: no table (the sampler repeats guidance_scale)

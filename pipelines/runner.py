@@ -1,7 +1,7 @@
 """From a pipeline's transformers to the runtime that samples them, through the one assembly of a run.
 
 The diffusers-style pipelines (pipelines/wan.py, ltx.py) hand over named transformers, a plan, the
-sampler options and an `EngineChoice`; `blend_runner` passes them to flowblend/assembly.py
+sampler options and an `EngineChoice`; `blend_runner` passes them to assembly/
 (engines_for -> sampler_for) and wraps the sampler in a GraphRunner, the same steps `flowblend
 generate`, the server and bench take, so an engine option added there reaches the pipelines too.
 `engine_choice` and `check_cuda_graph` refuse a bad `engines` / `cuda_graph` argument with a

@@ -1,5 +1,5 @@
 """Wan's torch side: the positional signature WanTransformer3DModel runs and exports in, and its forward with
-the schedule constants taken out of the step (flowblend/families/wan.py hands both to engines/architectures.py).
+the schedule constants taken out of the step (families/wan.py hands both to engines/architectures.py).
 
 Kept apart from wan.py because it imports torch, which the family's registry entry must not (start-up:
 `flowblend --help` and every refused request stay torch-free); wan.py imports this module lazily.
