@@ -69,7 +69,7 @@ class EngineOption:
 
 # In the order they run: a stage that does not fit the budget is a TIMEOUT row, so the costliest
 # (whole-model compile: 110 s first call at 14B on the H200) goes last.
-ENGINE_OPTIONS = (EngineOption("eager"), EngineOption("regional", "regional", first_call_factor=4.0),
+FULLSIZE_OPTIONS = (EngineOption("eager"), EngineOption("regional", "regional", first_call_factor=4.0),
                   EngineOption("regional+fp8", "regional", fp8=True, first_call_factor=5.0),
                   EngineOption("whole", "whole", first_call_factor=24.0))
 FAST = "regional+fp8"  # the option the second blended loop runs under the whole-loop graph
@@ -85,7 +85,7 @@ class FullsizeSettings:
     reps: int = 2
     budget_s: float = 210.0
     wan22_configs: dict[str, dict] | None = None
-    options: tuple = ENGINE_OPTIONS
+    options: tuple = FULLSIZE_OPTIONS
     fast: str = FAST  # the option whose blended loop runs beside the eager one
 
     def stage_names(self) -> list[str]:
@@ -327,7 +327,7 @@ class FullsizeStage:
         loop_models = BlendPlan.parse(LOOP_PLAN, 3).models
         for option in self.s.options:
             if option.name == "whole":
-                continue  # last: see ENGINE_OPTIONS
+                continue  # last: see FULLSIZE_OPTIONS
             self.per_step_rows(option)
         for name in dict.fromkeys(("eager", self.s.fast)):
             if name in options:

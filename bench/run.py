@@ -161,7 +161,7 @@ def attention_of(choice: EngineChoice) -> str:
     return choose_attention(choice.device, torch_dtype(choice.dtype), choice.attention).describe()
 
 
-def make_engines(backend: str, pair, options: BenchOptions, latent_shape, guidance: float) -> dict:
+def bench_engines(backend: str, pair, options: BenchOptions, latent_shape, guidance: float) -> dict:
     """Engines for a backend, exported and built first where the store lacks them, or Unavailable with the reason."""
     if engine_kind(backend).needs_cuda and not options.device.startswith("cuda"):
         raise Unavailable("TensorRT needs a CUDA GPU (--device cuda)")
@@ -262,7 +262,7 @@ def _build_cases(pair, eager: dict, requests: list[ResolvedRequest], options: Be
     cases, skipped = [], []
     for backend in dict.fromkeys((REFERENCE_KIND,) + tuple(options.backends)):
         try:
-            engines = eager if backend == REFERENCE_KIND else make_engines(backend, pair, options, latent_shape, guidance)
+            engines = eager if backend == REFERENCE_KIND else bench_engines(backend, pair, options, latent_shape, guidance)
         except Unavailable as exc:
             skipped.append({"backend": backend, "mode": "*", "reason": str(exc)})
             continue
@@ -348,7 +348,7 @@ def run_bench(pair, options: BenchOptions, baseline_rss: int | None = None) -> d
     noise = torch.randn((1, *latent_shape), generator=torch.Generator("cpu").manual_seed(0)).to(device)
     load_start = os.getloadavg()
 
-    eager = make_engines(REFERENCE_KIND, pair, options, latent_shape, guidance)
+    eager = bench_engines(REFERENCE_KIND, pair, options, latent_shape, guidance)
     blended_plan = next((p for p in plans if p.count("small") and len(set(p.models)) > 1), plans[-1])
     memory = memory_budget(pair, eager, blended_plan, sampler_kwargs, guidance, noise, options, PROMPT, baseline_rss,
                            largest=family.models[0])

@@ -8,7 +8,7 @@ per-step time of each model under every PyTorch engine option, the 3-step blende
 eager vs whole-loop CUDA graph (replay == eager; loop == sum of its steps within 2%), the 50-step
 LLL / LSL projection (labelled as one), the peak memory with the allocator history summarised at
 the peak, and Wan 2.2's second 14B expert beside the first (two 14B + 1.3B, ~60 GB) for one step
-each. Engine options (bench/fullsize.py ENGINE_OPTIONS): eager, regional compile, regional compile with
+each. Engine options (bench/fullsize.py FULLSIZE_OPTIONS): eager, regional compile, regional compile with
 FP8 linears (+ the attention each engine names), whole-model compile last. On CPU without --dry-run
 every row is SKIPPED with its reason. Writes fullsize.json and
 fullsize.md into --out (bench/fullsize.py does the work).
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from flowblend.bench.fullsize import ENGINE_OPTIONS, FAST, FullsizeSettings, FullsizeStage
+from flowblend.bench.fullsize import FAST, FULLSIZE_OPTIONS, FullsizeSettings, FullsizeStage
 
 SKIPPED = 3  # exit code scripts/gpu_run.py reads as SKIPPED
 
@@ -65,10 +65,10 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=2, help="timed steps per model and option after one warm-up")
     p.add_argument("--dry-run", action="store_true", help="tiny Wan configs on CPU in FP32: checks the stage end to end")
     p.add_argument("--no-wan22", action="store_true", help="skip Wan 2.2's second 14B expert (~29 GB more)")
-    p.add_argument("--options", nargs="+", choices=[o.name for o in ENGINE_OPTIONS],
-                   default=[o.name for o in ENGINE_OPTIONS], help="engine options to time (default: all, in this order)")
+    p.add_argument("--options", nargs="+", choices=[o.name for o in FULLSIZE_OPTIONS],
+                   default=[o.name for o in FULLSIZE_OPTIONS], help="engine options to time (default: all, in this order)")
     args = p.parse_args(argv)
-    options = tuple(o for o in ENGINE_OPTIONS if o.name in args.options)
+    options = tuple(o for o in FULLSIZE_OPTIONS if o.name in args.options)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"command": "python scripts/gpu_fullsize.py " + " ".join(argv if argv is not None else sys.argv[1:]),
