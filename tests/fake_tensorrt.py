@@ -86,7 +86,10 @@ class Logger:
 
 
 class NetworkDefinitionCreationFlag:
-    STRONGLY_TYPED = 0
+    """The values of TensorRT 10's Python enum (Core/Builder.html, "NetworkDefinitionCreationFlag"): "pass a
+    value of 1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED) to create_network()"; EXPLICIT_BATCH is
+    "[DEPRECATED] Ignored because networks are always 'explicit batch' in TensorRT 10.0"."""
+    EXPLICIT_BATCH, STRONGLY_TYPED = 0, 1
 
 
 class MemoryPoolType:
@@ -214,7 +217,15 @@ class IOptimizationProfile:
         self.shapes = {}
 
     def set_shape(self, name, min, opt, max):  # noqa: A002 - TensorRT's keyword names
+        """Core/OptimizationProfile.html, set_shape: "Raises: ValueError if an inconsistency was detected";
+        IOptimizationProfile::setDimensions (NvInferRuntime.h) names the conditions: one rank for min, opt
+        and max, every dimension >= 0, and min <= opt <= max in every dimension."""
         EVENTS.append(("set_shape", name, tuple(min), tuple(opt), tuple(max)))
+        lo, mid, hi = tuple(min), tuple(opt), tuple(max)
+        if not len(lo) == len(mid) == len(hi):
+            raise ValueError(f"set_shape({name!r}): min {lo}, opt {mid} and max {hi} differ in rank")
+        if not all(0 <= a <= b <= c for a, b, c in zip(lo, mid, hi)):
+            raise ValueError(f"set_shape({name!r}): not 0 <= min <= opt <= max in every dimension: {lo} {mid} {hi}")
         self.shapes[name] = (tuple(min), tuple(opt), tuple(max))
 
 
@@ -264,7 +275,12 @@ class Builder:
         self.logger = logger
 
     def create_network(self, flags=0):
+        """TensorRT 10 ignores the deprecated EXPLICIT_BATCH bit (Core/Builder.html); passing it means the
+        code was written against TensorRT 8's flag (or shifted the wrong member): a test failure here."""
         EVENTS.append(("create_network", flags))
+        if flags & (1 << NetworkDefinitionCreationFlag.EXPLICIT_BATCH):
+            raise ContractViolation(f"create_network({flags}): the EXPLICIT_BATCH bit is deprecated and ignored "
+                                    "in TensorRT 10; pass 1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED)")
         return INetworkDefinition(flags)
 
     def create_builder_config(self):

@@ -12,9 +12,8 @@ import sys
 
 import pytest
 import torch
-from fake_cuda_graph import FakeGraphBackend
+from fake_cuda_graph import FakeGraphBackend, watch_host_syncs
 from tiny_models import TEXT, WAN_LATENT, latent_shape, tiny_pair
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from flowblend.engines.torch_engine import TorchEngine
 from flowblend.errors import FlowblendError
@@ -231,27 +230,70 @@ def test_cache_key_names_everything_that_changes_the_graph(wan_engines):
     assert len(keys) == 5
 
 
-SYNC_OPS = ("_local_scalar_dense", "item", "nonzero", "is_nonzero", "equal", "unique", "masked_select")
+def _in_capture(body):
+    backend = FakeGraphBackend()
+    graph = backend.begin_capture()
+    try:
+        return body(), graph
+    finally:
+        backend.end_capture(graph)
 
 
-class SyncRecorder(TorchDispatchMode):
-    """aten ops that need the value of a device tensor on the host: each one breaks a CUDA graph capture."""
+HOST_SYNCS = {
+    "item": lambda x, m: x.sum().item(), "tolist": lambda x, m: x.tolist(), "numpy": lambda x, m: x.numpy(),
+    "cpu": lambda x, m: x.cpu(), "to('cpu')": lambda x, m: x.to("cpu"),
+    "to(device='cpu')": lambda x, m: x.to(device="cpu", dtype=torch.float16),
+    "boolean mask": lambda x, m: x[m], "boolean mask write": lambda x, m: x.__setitem__(m, 0.0),
+    "repeat_interleave(tensor)": lambda x, m: x.repeat_interleave(m.long()),
+    "allclose": lambda x, m: torch.allclose(x, x), "equal": lambda x, m: torch.equal(x, x),
+    "str": lambda x, m: str(x), "f-string": lambda x, m: f"{x}", "if tensor": lambda x, m: bool(x.sum() > 0),
+    "nonzero": lambda x, m: m.nonzero(), "unique": lambda x, m: x.unique(),
+}
 
-    def __init__(self):
-        super().__init__()
-        self.syncs = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.__name__.split(".")[0] in SYNC_OPS:
-            self.syncs.append(str(func))
-        return func(*args, **(kwargs or {}))
+@pytest.mark.parametrize("what", sorted(HOST_SYNCS))
+def test_a_host_sync_inside_a_fake_capture_is_refused(what):
+    """Control: each of these breaks a real capture (it reads device data on the host or gives a shape only
+    the data knows); the stand-in refused only the scalar reads, by op name, before issue 35."""
+    x, mask = torch.arange(4.0), torch.tensor([True, False, True, True])
+    with pytest.raises(RuntimeError, match="cudaErrorStreamCaptureUnsupported"):
+        _in_capture(lambda: HOST_SYNCS[what](x, mask))
 
 
-def test_recorder_sees_a_host_sync():
-    rec = SyncRecorder()
-    with rec:
+def test_what_a_capture_may_do_is_not_refused():
+    x = torch.arange(4.0)
+    _, graph = _in_capture(lambda: (x.to(x.device), x.repeat_interleave(2), x.masked_fill(x > 1, 0.0),
+                                    x.repeat_interleave(torch.tensor([1, 0, 2, 1]), output_size=4)))
+    assert graph.ops
+
+
+def test_capture_records_only_the_capturing_stream():
+    """Work issued to another stream is not in the graph (it ran once, a replay does not repeat it); work on the
+    legacy default stream while capturing fails, as in the default "global" capture mode."""
+    from flowblend.engines.streams import DEFAULT_STREAM, HostStream, new_stream, use_stream
+
+    x, y = torch.zeros(2), torch.zeros(2)
+
+    def body():
+        x.add_(1.0)
+        with use_stream(new_stream("cpu"), "cpu"):
+            y.add_(1.0)
+    _, graph = _in_capture(body)
+    graph.replay()
+    assert x.tolist() == [2.0, 2.0] and y.tolist() == [1.0, 1.0]
+    with pytest.raises(RuntimeError, match="cudaErrorStreamCaptureImplicit"):
+        def on_default():
+            with use_stream(HostStream(DEFAULT_STREAM), "cpu"):
+                x.add_(1.0)
+        _in_capture(on_default)
+
+
+def test_the_sync_watch_sees_a_host_sync():
+    with watch_host_syncs() as seen:
         torch.ones(3).sum().item()
-    assert rec.syncs
+        torch.ones(3).tolist()
+        torch.ones(3)[torch.tensor([True, False, True])]
+    assert len(seen) >= 3
 
 
 @pytest.mark.parametrize("family", ["wan", "ltx"])
@@ -261,10 +303,9 @@ def test_the_loop_of_the_real_transformers_never_syncs_with_the_host(family):
     noise, text, neg = request(1, latent_shape(family))
     mask = torch.ones(1, TEXT[0], dtype=torch.int64) if family == "ltx" else None
     sampler.load_request(noise, text, neg, prompt_mask=mask, negative_prompt_mask=mask)
-    rec = SyncRecorder()
-    with torch.no_grad(), rec:
+    with torch.no_grad(), watch_host_syncs() as syncs:
         sampler.run_loop()
-    assert rec.syncs == [], f"{family}: host syncs inside the loop would break capture: {sorted(set(rec.syncs))}"
+    assert syncs == [], f"{family}: host syncs inside the loop would break capture: {sorted(set(syncs))}"
 
 
 def test_frozen_python_values_are_frozen_in_the_stand_in_graph(wan_engines):

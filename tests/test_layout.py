@@ -3,7 +3,7 @@ top are never imported from below, no two modules import each other (directly or
 imports included), no module grows past the size a reader takes in at once, and the linter is clean.
 """
 import ast
-import shutil
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -177,11 +177,23 @@ def test_no_module_is_over_the_size_limit():
     assert not long, f"modules over {MAX_LINES} lines (split by concept): {long}"
 
 
+def _ruff_command() -> list[str]:
+    if importlib.util.find_spec("ruff") is None:
+        pytest.fail(f"ruff is not installed for {sys.executable}: pip install -e '.[test]'")
+    return [sys.executable, "-m", "ruff"]
+
+
+def test_a_missing_linter_fails_the_check(monkeypatch):
+    """Control: without ruff the linter check fails with the install line (it skipped, unless a venv was active)."""
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(pytest.fail.Exception, match=r"pip install -e '\.\[test\]'"):
+        _ruff_command()
+
+
 def test_linter_is_clean():
-    ruff = shutil.which("ruff")
-    if ruff is None:
-        pytest.skip("ruff is not installed (it comes with the [test] extra)")
-    result = subprocess.run([ruff, "check", "--no-cache", str(ROOT)], capture_output=True, text=True, cwd=ROOT)
+    """Runs the ruff of this interpreter (no activated venv needed); a missing ruff fails, never skips."""
+    result = subprocess.run(_ruff_command() + ["check", "--no-cache", str(ROOT)], capture_output=True,
+                            text=True, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
 
 

@@ -21,8 +21,25 @@ def _run_table(table, x, velocities):
     return out
 
 
+def _reference_scheduler(solver, shift, dynamic=False):
+    """The diffusers scheduler configured here, never through runtime/solvers.py's scheduler_for (comparing the
+    code with itself would pass a wrong option). UniPC as diffusers' Wan pipelines configure it
+    (UniPCMultistepScheduler(prediction_type='flow_prediction', use_flow_sigmas=True, flow_shift=...), the
+    Wan-AI *-Diffusers scheduler configs: order 2, bh2, x0-prediction, lower order and a zero sigma at the
+    end); Euler as FlowMatchEulerDiscreteScheduler(shift=...) of the LTX/Flux-style pipelines."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    if solver == "unipc":
+        return UniPCMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction",
+                                       use_flow_sigmas=True, flow_shift=shift, solver_order=2, solver_type="bh2",
+                                       predict_x0=True, lower_order_final=True, final_sigmas_type="zero",
+                                       use_dynamic_shifting=dynamic)
+    assert solver == "euler"
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift, use_dynamic_shifting=dynamic)
+
+
 def _run_scheduler(solver, steps, shift, x, velocity_fn, mu=None):
-    sched = scheduler_for(solver, shift, use_dynamic_shifting=mu is not None)
+    sched = _reference_scheduler(solver, shift, dynamic=mu is not None)
     kwargs = {}
     if mu is not None:
         import numpy as np
@@ -50,14 +67,37 @@ def _two_models():
 @pytest.mark.parametrize("shift", [1.0, 3.0, 5.0])
 def test_table_matches_diffusers_every_step(solver, shift):
     for steps in range(1, 51):
-        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(steps))
-        ref, velocities, timesteps = _run_scheduler(solver, steps, shift, x, _two_models())
-        table = make_solver_table(solver, steps, shift)
-        assert table.timesteps == pytest.approx(timesteps, rel=0, abs=0)
-        ours = _run_table(table, x, velocities)
-        for i, (r, o) in enumerate(zip(ref, ours)):
-            rel = ((r - o).norm() / r.norm().clamp_min(1e-12)).item()
-            assert rel <= 1e-5, f"{solver} shift={shift} steps={steps} step {i}: rel err {rel:.2e}"
+        assert _mismatch(solver, steps, shift) is None
+
+
+def _mismatch(solver, steps, shift):
+    """Why the table differs from the reference scheduler at `steps` steps, or None."""
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(steps))
+    ref, velocities, timesteps = _run_scheduler(solver, steps, shift, x, _two_models())
+    table = make_solver_table(solver, steps, shift)
+    if list(table.timesteps) != timesteps:
+        return f"{solver} shift={shift} steps={steps}: timesteps {table.timesteps} != {timesteps}"
+    for i, (r, o) in enumerate(zip(ref, _run_table(table, x, velocities))):
+        rel = ((r - o).norm() / r.norm().clamp_min(1e-12)).item()
+        if rel > 1e-5:
+            return f"{solver} shift={shift} steps={steps} step {i}: rel err {rel:.2e}"
+    return None
+
+
+@pytest.mark.parametrize("solver,wrong", [("unipc", {"final_sigmas_type": "sigma_min"}), ("unipc", {"flow_shift": 4.0}),
+                                          ("euler", {"shift": 4.0})])
+def test_the_reference_check_sees_a_wrong_scheduler_option(monkeypatch, solver, wrong):
+    """Control: runtime/solvers.py building its scheduler with a wrong option fails the comparison above."""
+    from flowblend.runtime import solvers
+
+    real = solvers.scheduler_for
+
+    def wrong_scheduler(*args, **kwargs):
+        sched = real(*args, **kwargs)
+        return type(sched).from_config(sched.config, **wrong)
+
+    monkeypatch.setattr(solvers, "scheduler_for", wrong_scheduler)
+    assert any(_mismatch(solver, steps, 3.0) for steps in (4, 10, 20))
 
 
 def test_euler_dynamic_shift_matches_ltx_style_schedule():

@@ -166,46 +166,63 @@ def test_build_reuses_a_valid_engine_and_rebuilds_a_damaged_one(tmp_path):
 
 
 # -- two processes ------------------------------------------------------------------------------------
-def _build_in_process(root, log, payload, force, results):
+def _build_in_process(root, log, payload, force, results, barrier):
     def builder(tmp):
-        with open(log, "a") as f:  # O_APPEND: one line per builder run, whichever process
-            f.write(f"{os.getpid()}\n")
+        with open(log, "a") as f:  # O_APPEND: one line per builder event, whichever process
+            f.write(f"start {os.getpid()} {time.time()}\n")
         with open(tmp, "wb") as f:
             for _ in range(20):  # slow enough that the other process arrives mid-build
                 f.write(payload * 1000)
                 f.flush()
                 time.sleep(0.02)
+        with open(log, "a") as f:
+            f.write(f"end {os.getpid()} {time.time()}\n")
 
+    barrier.wait(30)  # both processes call build() at the same moment
+    entered = time.time()
     path, built = EngineStore(root).build(ort_key(), builder, force=force)
-    results.put((str(path), built))
+    results.put((str(path), built, os.getpid(), entered, time.time()))
 
 
-def _race(tmp_path, force):
+def _race(tmp_path, force, strict=True):
+    """Two processes meet at a barrier, then build one key: [(path, built, pid, entered, returned)] and the
+    builders' [(event, pid, time)] in the order they were written."""
     # fork: the children only touch the store and files (no torch ops), and start in milliseconds
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    results = ctx.Queue()
+    results, barrier = ctx.Queue(), ctx.Barrier(2)
     log = tmp_path / "builds.log"
-    procs = [ctx.Process(target=_build_in_process, args=(tmp_path, log, bytes([i + 1]) * 64, force, results))
+    procs = [ctx.Process(target=_build_in_process, args=(tmp_path, log, bytes([i + 1]) * 64, force, results, barrier))
              for i in range(2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(60)
-        assert p.exitcode == 0
-    return [results.get(timeout=5) for _ in procs], log.read_text().split()
+        assert p.exitcode == 0 or not strict
+    events = [(e, int(pid), float(t)) for e, pid, t in (line.split() for line in log.read_text().splitlines())]
+    return [results.get(timeout=5) for p in procs if p.exitcode == 0], events
 
 
 def test_two_processes_building_one_key_build_once(tmp_path):
-    outcomes, builds = _race(tmp_path, force=False)
-    assert len(builds) == 1  # the second waited for the lock, then reused
-    assert sorted(built for _, built in outcomes) == [False, True]
-    assert len({path for path, _ in outcomes}) == 1
+    outcomes, events = _race(tmp_path, force=False)
+    assert [e for e, _, _ in events] == ["start", "end"]  # one build
+    assert sorted(built for _, built, *_ in outcomes) == [False, True]
+    (_, _, pid, _, _), = [o for o in outcomes if o[1]]
+    (_, _, _, entered, returned), = [o for o in outcomes if not o[1]]
+    (_, builder, _), (_, _, end) = events
+    assert builder == pid
+    # the second arrived while the first was building and returned only after it ended: it waited on the lock
+    assert entered < end <= returned
+    assert len({path for path, *_ in outcomes}) == 1
     assert EngineStore(tmp_path).load(ort_key()).stat().st_size == 64 * 1000 * 20
 
 
 def test_two_forced_builds_of_one_key_never_interleave(tmp_path):
-    outcomes, builds = _race(tmp_path, force=True)
-    assert len(builds) == 2 and all(built for _, built in outcomes)
+    outcomes, events = _race(tmp_path, force=True)
+    assert all(built for _, built, *_ in outcomes)
+    assert [e for e, _, _ in events] == ["start", "end", "start", "end"]  # one after the other, never overlapping
+    assert events[0][1] == events[1][1] and events[2][1] == events[3][1] != events[0][1]
+    second = next(o for o in outcomes if o[2] == events[2][1])
+    assert second[3] < events[1][2] <= events[2][2]  # it arrived mid-build and started only after the first ended
     path = EngineStore(tmp_path).load(ort_key())  # the manifest's hash matches the file left in place
     content = path.read_bytes()
     assert len(set(content)) == 1 and len(content) == 64 * 1000 * 20  # one writer's bytes, not a mix
@@ -220,3 +237,12 @@ def test_other_build_settings_rebuild_instead_of_reusing(tmp_path):
     assert path.read_bytes() == b"o5"
     assert store.manifest(path.parent)["engines"][path.name]["build_settings"] == {"opt_level": 5}
     assert store.build(ort_key(), b"plain") == (path, False)  # a caller that names no settings reuses
+
+
+def test_the_race_check_sees_builders_that_skip_the_lock(tmp_path, monkeypatch):
+    """Control: with the per-key lock gone, the barrier makes the two builds overlap and the order check fails."""
+    import contextlib
+
+    monkeypatch.setattr(EngineStore, "lock", lambda self, key: contextlib.nullcontext())  # forked children inherit it
+    _, events = _race(tmp_path, force=True, strict=False)  # one may fail: both write the same .partial
+    assert [e for e, _, _ in events][:2] == ["start", "start"]  # the second began while the first was building

@@ -1,6 +1,7 @@
 """TensorRT builds on CPU: the optimization profile, the builder settings, the store keys and the whole
 build orchestration, driven through a recording stand-in of TensorRT (tests/fake_tensorrt.py), plus
 `flowblend build --backend tensorrt` saying exactly what is missing on this machine."""
+import dataclasses
 import json
 import sys
 from types import SimpleNamespace
@@ -124,7 +125,8 @@ def test_build_goes_through_the_store_keyed_by_gpu_and_tensorrt(tmp_path, trt):
     assert [(o, p.startswith(".") and p.endswith(".partial"), head) for o, p, head in checked] == \
         [("large.onnx", True, fake_tensorrt.PLAN_MAGIC), ("small.onnx", True, fake_tensorrt.PLAN_MAGIC)]
     # what the builder was told
-    assert trt.events("create_network") == [("create_network", 1), ("create_network", 1)]  # STRONGLY_TYPED
+    # 1 << STRONGLY_TYPED, with TensorRT 10's enum values (STRONGLY_TYPED = 1; 1 would be EXPLICIT_BATCH)
+    assert trt.events("create_network") == [("create_network", 2), ("create_network", 2)]
     assert trt.events("set_memory_pool_limit") == [("set_memory_pool_limit", "WORKSPACE", 2**29)] * 2
     assert ("clear_flag", "TF32") in trt.EVENTS
     assert all(e[1] == 2 and "FP16" not in e[2] for e in trt.events("build_serialized_network"))
@@ -160,6 +162,39 @@ def test_dynamic_profile_reaches_the_builder(tmp_path, trt):
     build_mod.build_pair_engines("toy", "tensorrt", tmp_path, progress=False)
     assert ("set_shape", "latents", (1, 4, 1, 4, 6), (1, 4, 3, 4, 6), (1, 4, 5, 4, 6)) in trt.EVENTS
     assert not trt.events("build_error")
+
+
+def test_the_deprecated_explicit_batch_flag_is_refused(tmp_path, trt, monkeypatch):
+    """Control: code passing TensorRT 8's EXPLICIT_BATCH bit (or shifting the wrong member) fails here."""
+    flags = trt.NetworkDefinitionCreationFlag
+    assert (int(flags.EXPLICIT_BATCH), int(flags.STRONGLY_TYPED)) == (0, 1)  # TensorRT 10's Python enum
+    builder = trt.Builder(trt.Logger())
+    for bad in (1 << int(flags.EXPLICIT_BATCH), (1 << int(flags.EXPLICIT_BATCH)) | (1 << int(flags.STRONGLY_TYPED))):
+        with pytest.raises(trt.ContractViolation, match="EXPLICIT_BATCH"):
+            builder.create_network(bad)
+    assert builder.create_network(1 << int(flags.STRONGLY_TYPED)).strongly_typed
+    # the stand-in as it was (STRONGLY_TYPED = 0) makes engines/trt_build.py pass bit 0: refused now
+    write_export(tmp_path)
+    monkeypatch.setattr(flags, "STRONGLY_TYPED", 0)
+    with pytest.raises(trt.ContractViolation, match="EXPLICIT_BATCH"):
+        build_plan_bytes(tmp_path / "toy" / "onnx" / "large.onnx", build_settings(SPEC), progress=False)
+
+
+def test_set_shape_refuses_an_inconsistent_profile(tmp_path, trt):
+    """Control: TensorRT's set_shape raises ValueError unless min <= opt <= max in one rank."""
+    profile = trt.IOptimizationProfile()
+    for lo, opt, hi in (((1, 4), (2, 4), (1, 4)), ((2, 4), (1, 4), (3, 4)), ((1, 4), (1, 4, 1), (1, 4)),
+                        ((-1, 4), (1, 4), (1, 4))):
+        with pytest.raises(ValueError, match="set_shape"):
+            profile.set_shape("latents", lo, opt, hi)
+    profile.set_shape("latents", (1, 4), (2, 4), (3, 4))
+    write_export(tmp_path)
+    settings = build_settings(SPEC)
+    _, opt, hi = settings.profile["latents"]
+    above = opt[:2] + (opt[2] + 1,) + opt[3:]  # min frames above opt (and above max)
+    bad = dataclasses.replace(settings, profile={**settings.profile, "latents": (above, opt, hi)})
+    with pytest.raises(ValueError, match="set_shape"):
+        build_plan_bytes(tmp_path / "toy" / "onnx" / "large.onnx", bad, progress=False)
 
 
 def test_failed_check_stores_nothing(tmp_path, trt):
