@@ -24,11 +24,13 @@ from importlib import resources
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .guard import RequestGuard, allowed_hosts, error_response
 from .intake import BodyError, read_video_request
 from .metrics import CONTENT_TYPE
+from .records import fd_path
 from .results import THUMBNAIL
 from .service import ServiceError, VideoService
 from .video_object import video_object
@@ -126,9 +128,11 @@ def create_app(service: VideoService) -> FastAPI:
         if variant not in ("video", "thumbnail"):
             raise ServiceError(400, f"variant {variant!r}: this server makes 'video' (the mp4) and 'thumbnail' (its "
                                     "first frame)")
-        path = await off_loop(service.file_path, job_id, THUMBNAIL if variant == "thumbnail" else None)
-        return FileResponse(path, media_type=MEDIA_TYPES.get(path.suffix, "application/octet-stream"),
-                            filename=f"{job_id}{path.suffix}")
+        fd, name = await off_loop(service.open_file, job_id, THUMBNAIL if variant == "thumbnail" else None)
+        suffix = os.path.splitext(name)[1]  # the checked file itself, served through its descriptor, closed after
+        return FileResponse(fd_path(fd, str(service.store.folder(job_id) / name)), stat_result=os.fstat(fd),
+                            media_type=MEDIA_TYPES.get(suffix, "application/octet-stream"),
+                            filename=f"{job_id}{suffix}", background=BackgroundTask(os.close, fd))
 
     @app.post("/v1/videos/{job_id}/remix", status_code=202)
     async def remix_video(job_id: str, request: Request):

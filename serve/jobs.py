@@ -28,7 +28,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -36,17 +35,18 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
 from flowblend.atomic import write_atomic
 from flowblend.errors import FlowblendError
 from flowblend.resolve.resolved import ResolvedRequest
 
+from .records import JOB_ID, check_record, open_result, valid_owner
 from .shared_queue import SharedQueue
 
 QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED = "queued", "in_progress", "completed", "failed", "cancelled"
 ACTIVE = (QUEUED, RUNNING)
 FINAL = (COMPLETED, FAILED, CANCELLED)
-JOB_ID = re.compile(r"video_[0-9a-f]{32}")
 WARMUP_PREFIX = "warmup-"  # + owner: a server's warm-up job folder (never listed; removed after the warm-up)
 STALE_LOCK_SECONDS = 60.0  # a free owner lock older than this is a dead server's: removed at start
 log = logging.getLogger("flowblend.serve")
@@ -79,6 +79,7 @@ class JobRecord:
     model: str | None = None  # the model of the step that ran last
     timings: dict = field(default_factory=dict)
     error: str | None = None
+    error_code: str | None = None  # what failed, when not the sampler (serve/video_object.py's error codes)
     retryable: bool = False
     video: str | None = None  # file name inside the job folder once completed
     thumbnail: str | None = None  # the first frame's image, beside the video
@@ -91,8 +92,10 @@ class JobRecord:
         return json.dumps({**out.pop("newer_fields"), **out})
 
     @staticmethod
-    def from_dict(data: dict) -> "JobRecord":
-        """A record from its JSON object; unknown keys are kept aside (TypeError/KeyError if it is not a record)."""
+    def from_dict(data: dict, job_id: str | None = None) -> "JobRecord":
+        """A record from its JSON object, checked field by field (serve/records.py); unknown keys are kept aside
+        (TypeError/KeyError if it is not a record, or not the record of `job_id`)."""
+        check_record(data, data.get("id") if job_id is None and isinstance(data, dict) else job_id)
         known = {f.name for f in fields(JobRecord)} - {"newer_fields"}
         return JobRecord(**{k: v for k, v in data.items() if k in known},
                          newer_fields={k: v for k, v in data.items() if k not in known})
@@ -139,6 +142,8 @@ class OwnerLock:
 
     @staticmethod
     def alive(directory: Path, owner: str) -> bool:
+        if not valid_owner(owner):
+            return False  # not an owner id (a foreign queue entry or claim): no server holds such a lock
         path = directory / f"{owner}.lock"
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -161,8 +166,9 @@ class JobStore:
     def __init__(self, root: str | os.PathLike, owner: str | None = None):
         self.root = Path(root)
         self.owner = owner or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        if "." in self.owner:
-            raise ValueError(f"owner {self.owner!r}: no dots (queue entries are <created>.<owner>.<job id>)")
+        if not valid_owner(self.owner):
+            raise ValueError(f"owner {self.owner!r}: letters, digits, '-' and '_' only, at most 64 (queue entries are "
+                             "<created>.<owner>.<job id>, lock files <owner>.lock)")
         self.jobs_dir, self.owners_dir = self.root / "jobs", self.root / "owners"
         check_writable(self.root)
         self.jobs_dir.mkdir(exist_ok=True)
@@ -171,6 +177,7 @@ class JobStore:
         self._lock = threading.Lock()  # one writer per record within this process
         self._unreadable: set[Path] = set()  # records already reported unreadable (one log line each)
         self._owner_lock = OwnerLock(self.owners_dir, self.owner)
+        self.fresh: Callable[[str], JobRecord | None] | None = None  # this process's newer copy of a record (worker)
 
     def close(self) -> None:
         self._owner_lock.release()
@@ -211,7 +218,7 @@ class JobStore:
             return None
         path = self.folder(job_id) / "job.json"
         try:
-            return JobRecord.from_dict(json.loads(path.read_text()))
+            return JobRecord.from_dict(json.loads(path.read_text()), job_id)
         except FileNotFoundError:
             return None
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
@@ -253,7 +260,8 @@ class JobStore:
         for job_id in ids:
             if len(records) == limit:
                 return records, True
-            record = self.load(job_id)
+            record = self.fresh(job_id) if self.fresh is not None else None  # what GET answers (service.get)
+            record = self.load(job_id) if record is None else None if self.deleted(job_id) else record
             if record is not None:
                 records.append(record)
         return records, False
@@ -292,13 +300,13 @@ class JobStore:
     def cancel_requested(self, job_id: str) -> bool:
         return (self.folder(job_id) / "cancel").exists()
 
-    def video_path(self, record: JobRecord, name: str | None = None) -> Path | None:
-        """The completed job's file `name` (default: its video), if it is there."""
+    def open_result(self, record: JobRecord, name: str | None = None) -> int | None:
+        """A descriptor of the completed job's file `name` (default: its video), if it is a regular file the server
+        wrote at its own path in the job folder (no symbolic links followed: serve/records.py); the caller closes it."""
         name = name or record.video
         if record.status != COMPLETED or not name:
             return None
-        path = self.folder(record.id) / name
-        return path if path.is_file() else None
+        return open_result(self.jobs_dir, record.id, name)
 
 
 def writable_error(root: Path) -> OSError | None:

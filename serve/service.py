@@ -11,6 +11,7 @@ worker's job.
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import threading
 import time
@@ -23,7 +24,19 @@ from flowblend.families import get_family
 
 from .config import ServeConfig
 from .guard import check_access
-from .jobs import ACTIVE, CANCELLED, FAILED, FINAL, QUEUED, RUNNING, JobRecord, JobStore, check_writable, new_job_id
+from .jobs import (
+    ACTIVE,
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    FINAL,
+    QUEUED,
+    RUNNING,
+    JobRecord,
+    JobStore,
+    check_writable,
+    new_job_id,
+)
 from .metrics import ServeMetrics
 from .video_request import JobSpec, VideoRequest, error_line, resolve
 from .warm import WARMUP_PROMPT, WarmPipeline
@@ -32,6 +45,7 @@ from .worker import JobWorker, _one_line, _Stop
 CLAIM_CHECK_SECONDS = 0.1  # a long poll on a job queued here looks this often whether another server took it
 SHARED_POLL_SECONDS = 0.05  # a long poll on another server's job: one stat of its record this often
 ORPHAN_CHECK_SECONDS = 1.0  # ... and a full read (which notices a dead owner) at least this often
+log = logging.getLogger("flowblend.serve")
 
 
 class ServiceError(FlowblendError):
@@ -248,14 +262,21 @@ class VideoService:
     def cancel_requested(self, job_id: str) -> bool:
         return self.store.cancel_requested(job_id)
 
-    def file_path(self, job_id: str, name: str | None = None) -> Path:
-        """The completed job's video (or its file `name`: the thumbnail); 409 before it is completed."""
+    def open_file(self, job_id: str, name: str | None = None) -> tuple[int, str]:
+        """(descriptor, file name) of the completed job's video (or its file `name`: the thumbnail): only a regular
+        file the server wrote in the job folder, no symbolic link followed (serve/records.py); 409 before it is
+        completed, 404 if it is not there or not such a file. The caller closes the descriptor."""
         record = self.get(job_id)
-        path = self.store.video_path(record, name)
-        if path is None:
+        if record.status != COMPLETED:
             extra = f": {record.error}" if record.error else ""
             raise ServiceError(409, f"job {job_id} is {record.status}{extra}; its files exist once it is completed")
-        return path
+        fd = self.store.open_result(record, name)
+        if fd is None:
+            log.warning("flowblend serve: job %s: its file %r is not a regular file in its folder: not served",
+                        job_id, name or record.video)
+            raise ServiceError(404, f"job {job_id} has no such file: its result is missing or is not a file the "
+                                    "server wrote")
+        return fd, name or record.video
 
     async def wait(self, job_id: str, timeout: float) -> JobRecord:
         """The record once final or after `timeout` seconds (long poll without a thread per waiter)."""

@@ -36,6 +36,8 @@ from flowblend.errors import FlowblendError
 from flowblend.resolve.blend_request import BlendFamily
 from flowblend.resolve.resolved import ResolvedRequest
 
+from .records import JOB_ID, valid_owner
+
 CLAIM = "claim"
 
 
@@ -51,7 +53,7 @@ class QueueEntry:
     @staticmethod
     def parse(name: str) -> "QueueEntry | None":
         parts = name.split(".")
-        if len(parts) != 3 or not parts[0].isdigit():
+        if len(parts) != 3 or not parts[0].isdigit() or not valid_owner(parts[1]) or not JOB_ID.fullmatch(parts[2]):
             return None  # a temporary file (".name.partial") or something foreign
         return QueueEntry(name, int(parts[0]), parts[1], parts[2])
 

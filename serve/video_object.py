@@ -3,7 +3,8 @@
 The SDK's fields, with flowblend's mapping where the semantics differ:
   status    queued | in_progress | completed | failed; a cancelled job is `failed` with error code `cancelled`
             (the SDK has no such status; `job_status` keeps flowblend's own, `cancelled` included)
-  error     {code, message}: code `cancelled`, `server_stopped` (retryable: submit again) or `generation_failed`
+  error     {code, message}: code `cancelled`, `server_stopped` (retryable: submit again), `results_write_failed`
+            (retryable: the results directory could not be written, a full or read-only disk) or `generation_failed`
   model     the pair's name (the server's one model); `step_model` is the model of the step that ran last
   seconds   (frames - 1) / FPS as a string (serve/video_request.py: frames = seconds x FPS + 1)
   size      "WIDTHxHEIGHT" as made (the SDK's type lists Sora's four sizes; it does not check responses)
@@ -20,7 +21,7 @@ def error_object(record: JobRecord) -> dict | None:
     if record.status == CANCELLED:
         return {"code": "cancelled", "message": record.error or "cancelled"}
     if record.status == FAILED:
-        return {"code": "server_stopped" if record.retryable else "generation_failed",
+        return {"code": record.error_code or ("server_stopped" if record.retryable else "generation_failed"),
                 "message": record.error or "failed"}
     return None
 

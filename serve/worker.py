@@ -48,6 +48,8 @@ from .warm import WarmPipeline
 PROGRESS_SAVE_SECONDS = 0.5  # how often a running job's progress reaches the results dir (other replicas)
 IDLE_POLL_SECONDS = 0.05  # an idle worker lists the shared queue this often (a few names: microseconds)
 FAULT_PROBE_SECONDS = 1.0  # while the results dir cannot be written, it is probed again this often
+IDLE_PROBE_SECONDS = 1.0  # an idle worker probes the results dir this often (health reports what it probed)
+WRITE_FAILED = "results_write_failed"  # the error code of a job failed by a results dir that cannot be written
 UNSAVED_KEPT = 1000  # final records that could not be saved, answered from memory (newest kept)
 log = logging.getLogger("flowblend.serve")
 
@@ -83,6 +85,7 @@ class JobWorker:
         self._watchers: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]] = {}
         self._closed = False
         self._unrunnable: set[str] = set()  # shared-queue entries this server cannot run (another pair, shape)
+        store.fresh = self.local  # the listing answers what GET answers: fresh progress, unsaved final records
 
     # -- what request handlers ask ------------------------------------------------------------
     def enqueue(self, record: JobRecord, spec: JobSpec) -> bool:
@@ -163,6 +166,9 @@ class JobWorker:
                 job_id = self._take_next() if may_take() else None
                 if job_id is not None:
                     self._run(job_id)
+                elif time.monotonic() - probed >= IDLE_PROBE_SECONDS:  # idle: is the results dir still writable?
+                    probed = time.monotonic()
+                    self.check_results_dir()
             except Exception as exc:  # noqa: BLE001 - outside any job (listing the queue...): health says why
                 log.warning("flowblend serve: the worker could not take a job: %s", _one_line(exc))
                 self.fault = f"the worker cannot take jobs: {_one_line(exc)}"
@@ -183,9 +189,26 @@ class JobWorker:
                          "or make it writable (the server's log names it)"
             for job_id in self.take_queued():
                 if self._claim_quietly(job_id):
-                    self.finish(self._records[job_id], FAILED, f"not run: {self.fault}", retryable=True)
+                    self.finish(self._records[job_id], FAILED, f"not run: {self.fault}", retryable=True,
+                                code=WRITE_FAILED)
             return
+        if self.fault is not None:
+            self._save_unsaved()
         self.fault = None
+
+    def _save_unsaved(self) -> None:
+        """The final records that could not be saved, written now that the results dir can be (a restart then
+        reads what GET answered, not a stale "in_progress")."""
+        with self._cond:
+            pending = list(self._unsaved.values())
+        for record in pending:
+            try:
+                if self.store.folder(record.id).is_dir() and not self.store.deleted(record.id):
+                    self.store.save(record)
+            except OSError:
+                return
+            with self._cond:
+                self._unsaved.pop(record.id, None)
 
     def _claim_quietly(self, job_id: str) -> bool:
         try:
@@ -294,6 +317,9 @@ class JobWorker:
             self.finish(record, stop.status, stop.reason, stop.retryable)
         except NonFiniteVideo as exc:
             self.finish(record, FAILED, str(exc))
+        except OSError as exc:  # a file of the job could not be written (full or read-only disk, folder gone)
+            self.finish(record, FAILED, _one_line(exc), retryable=True, code=WRITE_FAILED)
+            self.check_results_dir()
         except Exception as exc:  # noqa: BLE001 - the job fails with the reason; the server goes on
             self.finish(record, FAILED, _one_line(exc))
             self.check_results_dir()  # a full or read-only disk: health says so, queued jobs fail with it
@@ -341,10 +367,13 @@ class JobWorker:
                           "step_seconds_mean": {m: round(sum(v) / len(v), 5) for m, v in per_model.items() if v}}
         self.metrics.job_seconds.observe(t2 - t0)
 
-    def finish(self, record: JobRecord, status: str, error: str | None = None, retryable: bool = False) -> None:
-        """Final state, saved; a record that cannot be saved is kept in memory with why (GET answers from there).
-        A job deleted while it ran is removed now."""
+    def finish(self, record: JobRecord, status: str, error: str | None = None, retryable: bool = False,
+               code: str | None = None) -> None:
+        """Final state, saved; a record that cannot be saved is kept in memory with why (GET and the listing answer
+        from there, and it is saved once the results dir can be written again). A job deleted while it ran is
+        removed now. `code`: the error code when it is not the default (serve/video_object.py)."""
         record.status, record.error, record.retryable, record.finished_at = status, error, retryable, time.time()
+        record.error_code = code
         if status != COMPLETED:
             record.video = record.thumbnail = None
         try:
@@ -358,7 +387,7 @@ class JobWorker:
                 record.status, record.video, record.thumbnail = FAILED, None, None
             record.error = f"{record.error + '; ' if record.error else ''}its record could not be saved " \
                            f"({exc.strerror or exc}): free space in the results directory and submit it again"
-            record.retryable = True
+            record.retryable, record.error_code = True, WRITE_FAILED
             log.warning("flowblend serve: job %s: %s", record.id, record.error)
             with self._cond:
                 self._unsaved[record.id] = record
