@@ -136,6 +136,9 @@ class Runner:
             link_package_tree(tree)
             path = [str(tree), *filter(None, self.env.get("PYTHONPATH", "").split(os.pathsep))]
             self.env["PYTHONPATH"] = os.pathsep.join(path)  # every later step runs with it
+            # ... and without the working folder first on sys.path: every step runs in the checkout, whose own
+            # flowblend/ folder (errors, atomic only) would shadow the tree ("flowblend is not installed")
+            self.env["PYTHONSAFEPATH"] = "1"
             how = f"flowblend on PYTHONPATH by a symlink tree at {tree} (editable install failed: {problem})"
         return self.record("install", "pass", f"{len(wheels)} wheels from {self.args.wheels} + {how} into "
                            f"{self.python}" + ("" if wheels else " (no wheels: run ../shared/gpu/fetch-wheels.sh "

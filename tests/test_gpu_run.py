@@ -72,10 +72,16 @@ def test_the_install_step_keeps_the_interpreter_that_has_torch(tmp_path):
     import venv
 
     outer = tmp_path / "outer"
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(outer)
+    venv.EnvBuilder(system_site_packages=False, with_pip=False).create(outer)
     python = outer / "bin" / "python"
     site = subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"], capture_output=True,
                           text=True, check=True).stdout.strip()
+    # The outer venv sees the site-packages of the interpreter running this test (its pip and setuptools: the
+    # environment a newcomer installed flowblend with), not the base interpreter's, which may have neither (a
+    # venv made from it saw the base: "flowblend is not installed" wherever flowblend lived only in a venv).
+    # Listed on a .pth, so their own .pth files (this interpreter's editable flowblend) are not read.
+    running = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+    (Path(site) / "running-interpreter.pth").write_text("\n".join(running) + "\n")
     (Path(site) / "torch").mkdir()
     (Path(site) / "torch" / "__init__.py").write_text(FAKE_TORCH)
     (tmp_path / "wheels").mkdir()
