@@ -46,6 +46,10 @@ def register(p) -> None:
                    help="a Host name clients use beyond loopback and --host (repeat; '*' allows any)")
     a.add_argument("--api-docs", action="store_true", help="serve /docs and /openapi.json")
     a.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 unread")
+    a.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
+                   help="seconds a client may take to send a request's headers (then 408 and closed)")
+    a.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds a request's body may take to arrive in all (then 408 and closed)")
     ray = p.add_argument_group("Ray Serve (pip install 'flowblend[ray]')")
     ray.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (one replica per GPU)")
     ray.add_argument("--replicas", type=int, default=1, help="replicas (a fixed count; or --min/--max-replicas)")
@@ -64,6 +68,8 @@ def config_from_args(args):
     if args.queue_size < 1 or args.max_steps < 1 or args.drain_seconds < 0 or args.max_body_bytes < 1024:
         raise FlowblendError("--queue-size and --max-steps must be >= 1, --drain-seconds >= 0 and --max-body-bytes "
                              ">= 1024")
+    if not (args.header_timeout > 0 and args.body_timeout > 0):
+        raise FlowblendError("--header-timeout and --body-timeout must be > 0 seconds (the defaults: 10 and 30)")
     return ServeConfig(pair=args.pair, large=args.large, small=args.small, allow_download=args.allow_download,
                        backend=args.backend, device=args.device, dtype=args.dtype, artifacts=args.artifacts,
                        compile_mode=args.compile_mode, compile=args.compile, attention=args.attention,
@@ -77,7 +83,8 @@ def config_from_args(args):
                        queue_size=args.queue_size, max_steps=args.max_steps, drain_seconds=args.drain_seconds,
                        threads=args.threads, host=args.host, api_key=args.api_key or None,
                        allowed_hosts=tuple(args.allowed_host), api_docs=args.api_docs,
-                       max_body_bytes=args.max_body_bytes)
+                       max_body_bytes=args.max_body_bytes, header_timeout=args.header_timeout,
+                       body_timeout=args.body_timeout)
 
 
 def run(args) -> int:

@@ -129,12 +129,21 @@ class PairFamily:
                                  f"{height}x{width}; try {max(m, round(height / m) * m)}x{max(m, round(width / m) * m)}")
         if not self.frames_ok(frames):
             k, pt = self.temporal_factor, self.patch[0]
-            below = [f for f in range(frames - 1, 0, -1) if self.frames_ok(f)][:1]
-            above = next(f for f in range(max(frames + 1, 1), frames + 2 + k * pt * 2) if self.frames_ok(f))
+            below, above = self.nearest_frames(frames)
+            below = [below] if below is not None else []
             rule = f"{k}k+1 for this VAE" if pt == 1 else \
                 f"{k}k+1 for this VAE and fill whole {pt}-frame patches of the transformer, i.e. a multiple of {pt} latent frames"
             raise FlowblendError(f"{self.name}: frames must be {rule}, got {frames}; try "
                                  f"{' or '.join(str(f) for f in below + [above])}")
+
+    def nearest_frames(self, frames: int) -> tuple[int | None, int]:
+        """The valid frame counts just below (None: none) and just above `frames`, by formula: the valid counts are
+        first + n * period (n >= 0), so no count is enumerated, whatever `frames` (a billion, or negative)."""
+        k, pt = self.temporal_factor, self.patch[0]
+        first, period = k * (pt - 1) + 1, k * pt
+        below = first + (frames - 1 - first) // period * period if frames > first else None
+        above = first + max(0, (frames - first) // period + 1) * period
+        return below, above
 
     def frames_ok(self, frames: int) -> bool:
         """Whether the VAE (frames = k*t + 1) and the transformer's temporal patch both take `frames`."""

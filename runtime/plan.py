@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass
 
 _PAPER_DEFAULT = (0.4, 0.2)
+MAX_PLAN_STEPS = 10_000  # steps (and base steps) any plan spelling may expand to, checked arithmetically first
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,11 @@ class BlendPlan:
             if k:
                 parsed.append([model_set.name_of(m.group(1)), k, span,
                                None if m.group(4) is None else float(m.group(4))])
+        runs = sum(k for _, k, _, _ in parsed)
         total = sum(k if span is None else span for _, k, span, _ in parsed)
+        if max(runs, total) > MAX_PLAN_STEPS:  # counted before any per-step tuple is built (L100000000/20: 2.5 GB)
+            raise ValueError(f"stages {stages!r} run {runs} steps over {total} base steps; a plan runs at most "
+                             f"{MAX_PLAN_STEPS} (a server fewer: its --max-steps): give each stage fewer steps")
         if steps is not None and total != steps:
             explicit = any(span is not None for _, _, span, _ in parsed)
             if len(parsed) == 3 and not explicit and total < steps:

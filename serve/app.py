@@ -12,6 +12,8 @@ onto its `Video` object), plus flowblend's progress:
   GET    /                           -> a page for people (serve/page.html); GET /v1/limits what it shows
   GET    /health                     -> 200 ready; 503 loading / unavailable / failed / draining, with the reason
   GET    /metrics                    -> Prometheus text
+Refusals before any route (serve/guard.py): 400 Host, 403 a foreign Origin, 415 a body not JSON or multipart,
+401 key, 413 body cap, 408 a body slower than --body-timeout (headers: --header-timeout, serve/deadline.py).
 Errors are `{"error": {"message": "<one line>", "type": "...", "code": ...}}`, as OpenAI's API spells them.
 Every GET route answers HEAD too. File I/O runs on worker threads, never on the event loop.
 """
@@ -51,7 +53,7 @@ def create_app(service: VideoService) -> FastAPI:
     app = FastAPI(title="flowblend", summary="Blended two-model video generation over warm engines", **docs)
     app.state.service = service
     app.add_middleware(RequestGuard, api_key=c.api_key, hosts=allowed_hosts(c.host, c.allowed_hosts),
-                       max_body_bytes=c.max_body_bytes)
+                       max_body_bytes=c.max_body_bytes, body_timeout=c.body_timeout)
     pair = service.family.name
 
     def view(record) -> dict:
@@ -137,6 +139,10 @@ def create_app(service: VideoService) -> FastAPI:
     @app.post("/v1/videos/{job_id}/remix", status_code=202)
     async def remix_video(job_id: str, request: Request):
         body = await read_video_request(request)
+        extra = sorted(body.model_fields_set - {"prompt"})
+        if extra:
+            raise BodyError(f"remix takes only a prompt (every other value is the remixed job's); drop "
+                            f"{', '.join(extra)}, or POST /v1/videos for a new request")
         return view(await off_loop(service.remix, job_id, body.prompt))
 
     @app.delete("/v1/videos/{job_id}")

@@ -50,6 +50,8 @@ class ServeConfig:
     allowed_hosts: tuple[str, ...] = ()  # Host names beyond loopback and the bound address ("*": any)
     api_docs: bool = False  # /docs and /openapi.json
     max_body_bytes: int = 1 << 20  # a request is a prompt and a few values: larger bodies get 413 unread
+    header_timeout: float = 10.0  # seconds a connection may take to send a request's headers (then 408, closed)
+    body_timeout: float = 30.0  # seconds a request's body may take to arrive in all (then 408, closed)
 
     def to_dict(self) -> dict:
         return asdict(self)

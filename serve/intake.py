@@ -19,7 +19,8 @@ from flowblend.errors import FlowblendError
 
 from .video_request import VideoRequest
 
-FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+FORM_TYPES = ("multipart/form-data",)  # url-encoded forms are refused (415) by serve/guard.py: a cross-site form
+MAX_JSON_DEPTH = 32  # a request is one flat object: deeper nesting is refused before json.loads recurses
 
 
 class BodyError(FlowblendError):
@@ -61,6 +62,28 @@ def _validated(data) -> VideoRequest:
         raise RequestValidationError(exc.errors()) from None
 
 
+def _depth(raw: bytes) -> int:
+    """The deepest nesting of [ and { in a JSON text, brackets inside strings not counted; linear, no recursion."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
 async def read_video_request(request: Request) -> VideoRequest:
     """The body of a POST as a VideoRequest; BodyError or RequestValidationError (a one-line 400) if it is not."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -76,8 +99,13 @@ async def read_video_request(request: Request) -> VideoRequest:
             data[name] = _parse_form_value(name, value)
         return _validated(data)
     raw = await request.body()
+    if _depth(raw) > MAX_JSON_DEPTH:
+        raise BodyError(f"the body nests arrays or objects deeper than {MAX_JSON_DEPTH} levels: a request is one "
+                        "JSON object of a prompt and a few values")
     try:
         data = json.loads(raw)
+    except RecursionError:
+        raise BodyError("the body nests too deep to parse: a request is one flat JSON object") from None
     except ValueError as exc:
         raise BodyError(f"the body is not valid JSON ({exc.args[0].split(':')[0] if exc.args else exc}); send JSON "
                         "or multipart/form-data") from None

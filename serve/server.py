@@ -19,6 +19,7 @@ from flowblend.errors import FlowblendError
 
 from .app import create_app
 from .config import ServeConfig
+from .deadline import deadline_protocol
 from .service import VideoService
 
 
@@ -38,6 +39,14 @@ def bind_socket(host: str, port: int) -> socket.socket:
             from None
     sock.set_inheritable(True)
     return sock
+
+
+def uvicorn_config(app, config: ServeConfig, log_level: str = "warning") -> uvicorn.Config:
+    """uvicorn's settings for the app: a deadline on request headers (config.header_timeout, serve/deadline.py;
+    bodies: serve/guard.py), idle kept-alive connections closed after uvicorn's 5 s, a 5 s graceful shutdown."""
+    return uvicorn.Config(app, log_level=log_level, lifespan="off", timeout_graceful_shutdown=5,
+                          timeout_keep_alive=5, http=deadline_protocol(config.header_timeout),
+                          h11_max_incomplete_event_size=64 * 1024)
 
 
 class DrainingServer(uvicorn.Server):
@@ -80,8 +89,7 @@ def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, l
     except FlowblendError:
         service.store.close()
         raise
-    server = DrainingServer(uvicorn.Config(create_app(service), log_level=log_level, lifespan="off",
-                                           timeout_graceful_shutdown=5), service)
+    server = DrainingServer(uvicorn_config(create_app(service), config, log_level), service)
     if service.recovered:
         print(f"flowblend serve: {len(service.recovered)} job(s) of a previous run were queued or running when it "
               "stopped; reported failed (retryable)", file=sys.stderr, flush=True)

@@ -26,6 +26,7 @@ MAX_PROMPT_CHARS = 2000  # the longest text encoder (UMT5, 512 tokens) reads far
 PLAN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 SIZE = re.compile(r"(\d{1,9})x(\d{1,9})")
 MAX_SIDE = 4096  # pixels per side a request may ask for (with --dynamic-shapes): 3x Wan's 720p, before any buffer
+MAX_FRAMES = 1025  # frames per video a request may ask for (Wan makes 81, LTX up to 257): checked before any work
 MAX_GUIDANCE = 100.0  # CFG scales in use are 1-20; far above, the update overflows to a black video
 FPS = 8  # the frame rate every served video is written at (runtime/video.save_video's default): seconds <-> frames
 SECONDS = re.compile(r"\d{1,4}(\.\d{1,6})?")
@@ -88,8 +89,9 @@ def frames_of(seconds: str, family: PairFamily) -> int:
     frames = float(seconds) * FPS + 1
     if frames == int(frames) and family.frames_ok(int(frames)):
         return int(frames)
-    near = sorted((f for f in range(1, int(frames) + 4 * FPS * family.temporal_factor) if family.frames_ok(f)),
-                  key=lambda f: abs(f - frames))[:2]
+    whole = int(frames)
+    candidates = {f for f in (*family.nearest_frames(whole), whole) if f is not None and family.frames_ok(f)}
+    near = sorted(candidates, key=lambda f: abs(f - frames))[:2]  # by formula: never a list of every count
     raise FlowblendError(f"seconds {seconds!r} is not a length the {family.name} pair makes at {FPS} fps (frames = "
                          f"seconds x {FPS} + 1); try {' or '.join(repr(seconds_of(f)) for f in sorted(near))}")
 
@@ -122,6 +124,10 @@ def resolve(body: VideoRequest, config: ServeConfig, family: PairFamily) -> JobS
         raise FlowblendError("give seconds or frames, not both")
     height, width = parse_size(body.size, family)
     frames = frames_of(body.seconds, family) if body.seconds is not None else body.frames
+    if frames is not None and not 1 <= frames <= MAX_FRAMES:
+        what = f"seconds {body.seconds!r} makes {frames} frames" if body.seconds is not None else f"frames {frames}"
+        raise FlowblendError(f"{what}: this server makes 1 to {MAX_FRAMES} frames per video; try "
+                             f"{family.frames if 1 <= family.frames <= MAX_FRAMES else 1} frames")
     named = plan_file(config.plans_dir, body.plan) if body.plan else config.plan_file
     steps = body.steps if body.steps is not None else config.steps
     # the request's values, else the server's (None: the family's default)

@@ -209,12 +209,17 @@ def test_json_types_are_strict(client, body, words):
     one_line_400(client.post("/v1/videos", json={"prompt": PROMPT, **body}), *words)
 
 
+def _multipart(fields: dict) -> dict:
+    """Form fields sent as multipart/form-data (the only form encoding the server takes: issue 31 item 9)."""
+    return {k: (None, v) for k, v in fields.items()}
+
+
 def test_form_fields_are_parsed_into_their_types(client):
-    r = client.post("/v1/videos", data={"prompt": PROMPT, "steps": "3", "seed": "7", "seconds": "1"})
+    r = client.post("/v1/videos", files=_multipart({"prompt": PROMPT, "steps": "3", "seed": "7", "seconds": "1"}))
     assert r.status_code == 202, r.text
     assert (r.json()["steps"], r.json()["request"]["seed"], r.json()["seconds"]) == (3, 7, "1")
-    one_line_400(client.post("/v1/videos", data={"prompt": PROMPT, "steps": "twenty"}), "steps must be a whole number")
-    one_line_400(client.post("/v1/videos", data={"prompt": PROMPT, "colour": "red"}), "unknown field 'colour'")
+    one_line_400(client.post("/v1/videos", files=_multipart({"prompt": PROMPT, "steps": "twenty"})), "steps must be a whole number")
+    one_line_400(client.post("/v1/videos", files=_multipart({"prompt": PROMPT, "colour": "red"})), "unknown field 'colour'")
     wait_final(client, r.json()["id"])
 
 
