@@ -18,7 +18,7 @@ import uvicorn
 from flowblend.families import get_family
 from flowblend.serve.app import create_app
 from flowblend.serve.config import ServeConfig
-from flowblend.serve.server import bind_socket
+from flowblend.serve.server import bind_socket, uvicorn_config
 from flowblend.serve.service import VideoService
 from flowblend.serve.warm import WarmPipeline
 
@@ -51,8 +51,9 @@ class ThreadedServer:
     def __init__(self, config: ServeConfig, pipeline: WarmPipeline | None = None, load: bool = False):
         self.service = VideoService(config, None if load else pipeline or warm_toy_pipeline()).start(wait=True)
         sock = bind_socket("127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(self.service), log_level="warning", lifespan="off"))
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn_config(create_app(self.service), config))  # what `flowblend serve` runs
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30

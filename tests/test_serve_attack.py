@@ -8,47 +8,24 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 import tracemalloc
 
 import httpx
 import pytest
-import uvicorn
-from serve_support import ThreadedServer, toy_config, wait_final, warm_toy_pipeline
+from serve_support import ThreadedServer, toy_config, wait_final
 
 from flowblend.errors import FlowblendError
 from flowblend.families import get_family
 from flowblend.runtime.plan import BlendPlan
-from flowblend.serve.app import create_app
-from flowblend.serve.server import bind_socket, uvicorn_config
-from flowblend.serve.service import VideoService
 
 PROMPT = "a red circle moving left"
 HEADER_TIMEOUT, BODY_TIMEOUT = 1.0, 1.5
 
 
-class DeadlineServer(ThreadedServer):
-    """ThreadedServer, but with the uvicorn settings `flowblend serve` uses (serve/server.uvicorn_config)."""
-
-    def __init__(self, config):  # noqa: D107 - ThreadedServer's start, with the production uvicorn config
-        self.service = VideoService(config, warm_toy_pipeline()).start(wait=True)
-        sock = bind_socket("127.0.0.1", 0)
-        self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn_config(create_app(self.service), config))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert self.server.started, "uvicorn did not start"
-        self.client = httpx.Client(base_url=self.url, timeout=20)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = DeadlineServer(toy_config(tmp_path_factory.mktemp("attack"), header_timeout=HEADER_TIMEOUT,
+    s = ThreadedServer(toy_config(tmp_path_factory.mktemp("attack"), header_timeout=HEADER_TIMEOUT,
                                   body_timeout=BODY_TIMEOUT))
     yield s
     s.stop()
