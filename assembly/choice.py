@@ -9,23 +9,35 @@ from dataclasses import asdict, dataclass, fields
 
 from flowblend.engines import factory
 from flowblend.errors import FlowblendError
+from flowblend.settings import setting
 
 
 @dataclass(frozen=True)
 class EngineChoice:
     """Which engines a run uses and how they are made: every caller passes these through unchanged.
 
-    A field added here is an engine option of generate, serve and bench alike (each spells it as a
-    flag or config field of the same name; tests/test_assembly.py checks that it arrives)."""
+    A field declared here with `setting` (flowblend/settings.py: help, choices, type, CLI group) is an
+    engine option of generate, serve, bench and the pipelines alike: their flags, the server's config and
+    the factory's keyword arguments are all read from it (tests/test_one_declaration.py adds one)."""
 
-    backend: str = "torch"
-    device: str = "cpu"
-    dtype: str = "fp32"  # a precision name (engines/factory.DTYPE_NAMES)
-    artifacts: str = "artifacts"  # ONNX exports and the engine store
-    compile_mode: str | None = None  # torch-compile: torch.compile's mode (None: torch's default)
-    compile: str | None = None  # PyTorch engines: none | regional | whole (None: the kind's default, engines/kinds.py)
-    attention: str = "auto"  # PyTorch engines: the SDPA kernel (engines/attention.py)
-    fp8_keep_blocks: int = 0  # --dtype fp8: the first and last N blocks stay BF16 (engines/fp8.py)
+    backend: str = setting("torch", "engine kind: torch (eager) | torch-compile | onnxruntime | tensorrt; "
+                           "onnxruntime and tensorrt run the engines `flowblend export`/`build` made",
+                           choices=lambda: factory.BACKENDS, group="backend")
+    device: str = setting("cpu", "where the models run: cpu | cuda | cuda:N", group="device")
+    dtype: str = setting("fp32", f"weights and activations: {' | '.join(factory.DTYPE_NAMES)} (fp8: the transformer "
+                         "blocks' linears in FP8 e4m3 on GPUs with compute capability >= 8.9, BF16 elsewhere; "
+                         "emulated exactly on the CPU; PyTorch engines only)", group="dtype")
+    artifacts: str = setting("artifacts", "artifact root: ONNX exports and the engine store", group="artifacts")
+    compile_mode: str | None = setting(None, "torch-compile: torch.compile's mode, e.g. max-autotune-no-cudagraphs "
+                                             "(default: torch's)", group="backend")
+    compile: str | None = setting(None, "torch.compile of each engine: regional (each repeated block once), whole, "
+                                        "or none (default: regional on CUDA, none on the CPU; whole for --backend "
+                                        "torch-compile)", choices=lambda: _compile_modes(), group="engine")
+    attention: str = setting("auto", "the attention kernel (default auto: cuDNN on Hopper and newer, flash on "
+                                     "Ampere/Ada, PyTorch's choice on the CPU)", choices=lambda: _attention_names(),
+                             group="engine")
+    fp8_keep_blocks: int = setting(0, "--dtype fp8: the first and last N transformer blocks stay BF16 (default 0)",
+                                   type=int, group="engine")
 
     def __post_init__(self):
         from flowblend.engines.attention import ATTENTION_NAMES
@@ -73,6 +85,18 @@ class EngineChoice:
         else:
             out["compile"] = out["attention"] = f"inside the {self.backend} engine"
         return out
+
+
+def _compile_modes() -> tuple[str, ...]:
+    from flowblend.engines.compile import COMPILE_MODES
+
+    return tuple(COMPILE_MODES)
+
+
+def _attention_names() -> tuple[str, ...]:
+    from flowblend.engines.attention import ATTENTION_NAMES
+
+    return tuple(ATTENTION_NAMES)
 
 
 ENGINE_OPTIONS = tuple(f.name for f in fields(EngineChoice))

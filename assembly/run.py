@@ -24,6 +24,7 @@ from .choice import EngineChoice
 if TYPE_CHECKING:
     from flowblend.engines.base import Engine
     from flowblend.families import LoadedPair
+    from flowblend.runtime.graph import GraphRunner
     from flowblend.runtime.plan import BlendPlan
     from flowblend.runtime.sampler import Sampler, SamplerOptions
     from flowblend.runtime.text_to_video import TextToVideo
@@ -102,13 +103,19 @@ def sampler_for(engines: dict[str, Engine], plan: BlendPlan, options: SamplerOpt
     return Sampler(engines, plan, options=options, device=choice.device, dtype=factory.torch_dtype(choice.dtype))
 
 
+def runner_for(sampler: Sampler, mode: str) -> GraphRunner:
+    """The sampler's loop as it runs: eagerly, or captured in CUDA graphs (`mode`: runtime/graph.py's modes)."""
+    from flowblend.runtime.graph import GraphRunner
+
+    return GraphRunner(sampler, mode=mode)
+
+
 def pipeline_for(pair: LoadedPair, engines: dict[str, Engine], plan: BlendPlan, options: SamplerOptions,
                  choice: EngineChoice, graph: str = "none") -> TextToVideo:
     """Text -> latents -> video over `engines`; `graph` is a `--graph` spelling (runtime/graph_modes.py)."""
-    from flowblend.runtime.graph import GraphRunner
     from flowblend.runtime.text_to_video import TextToVideo
 
-    runner = GraphRunner(sampler_for(engines, plan, options, choice), mode=GRAPH_FLAGS[graph])
+    runner = runner_for(sampler_for(engines, plan, options, choice), GRAPH_FLAGS[graph])
     return TextToVideo(runner, pair.encode_prompt, pair.decode)
 
 

@@ -16,14 +16,13 @@ from __future__ import annotations
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from flowblend.assembly import EngineChoice, engines_for, sampler_for
+from flowblend.assembly import EngineChoice, engines_for, load_models, runner_for, sampler_for
 from flowblend.engines.factory import BACKENDS, torch_dtype
-from flowblend.engines.iospec import dtype_name
 from flowblend.engines.kinds import REFERENCE_KIND, engine_kind
 from flowblend.errors import FlowblendError
 from flowblend.resolve.blend_request import BlendChoices
@@ -63,16 +62,23 @@ class BenchOptions:
     warmup: int = 1
     repeats: int = 3
     overhead_repeats: int = 10
-    device: str = "cpu"
-    dtype: torch.dtype = torch.float32
-    artifacts: str = "artifacts"
-    compile_mode: str | None = None
-    compile: str | None = None  # PyTorch engines (flowblend.assembly.EngineChoice)
-    attention: str = "auto"
-    fp8_keep_blocks: int = 0
-    precision: str | None = None  # the --dtype name where it is not `dtype`'s own (fp8 computes in bfloat16)
+    engine: EngineChoice = EngineChoice()  # the engine options (assembly/); each backend's choice is `choice_for`
     end_to_end: bool = True  # False where the pair has no real text encoder / VAE (scripts/gpu_bench.py)
     progress: bool = True
+
+    @property
+    def device(self) -> str:
+        return self.engine.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The torch dtype the pair loads in: the engine choice's precision's (fp8 computes in bfloat16)."""
+        return torch_dtype(self.engine.dtype)
+
+    def choice_for(self, backend: str) -> EngineChoice:
+        """The engine choice of one measured backend; the reference is eager whatever --compile says (bench
+        a compile option with --backend torch-compile)."""
+        return replace(self.engine, backend=backend, **({"compile": "none"} if backend == REFERENCE_KIND else {}))
 
     def __post_init__(self):
         unknown = [b for b in self.backends if b not in BACKENDS]
@@ -143,15 +149,6 @@ class Case:
 
 
 # -- engines per backend ---------------------------------------------------------------------------
-def engine_choice(backend: str, options: BenchOptions) -> EngineChoice:
-    """The run assembly's engine options (assembly/) for one backend of the benchmark."""
-    # The reference is eager whatever --compile says (bench a compile option with --backend torch-compile).
-    compile = "none" if backend == REFERENCE_KIND else options.compile
-    return EngineChoice(backend=backend, device=options.device, dtype=options.precision or dtype_name(options.dtype),
-                        artifacts=options.artifacts, compile_mode=options.compile_mode, compile=compile,
-                        attention=options.attention, fp8_keep_blocks=options.fp8_keep_blocks)
-
-
 def attention_of(choice: EngineChoice) -> str:
     """What the report says of a backend's attention: the kernel its PyTorch engines choose, or its compiler's."""
     from flowblend.engines.attention import choose_attention
@@ -166,7 +163,7 @@ def bench_engines(backend: str, pair, options: BenchOptions, latent_shape, guida
     if engine_kind(backend).needs_cuda and not options.device.startswith("cuda"):
         raise Unavailable("TensorRT needs a CUDA GPU (--device cuda)")
     try:
-        return engines_for(pair, engine_choice(backend, options), latent_shape, guidance, build=True,
+        return engines_for(pair, options.choice_for(backend), latent_shape, guidance, build=True,
                            progress=options.progress)
     except ImportError as exc:
         raise Unavailable(f"{backend} backend not importable here ({exc})") from None
@@ -247,11 +244,12 @@ def bench_pair_by_name(name: str, options: BenchOptions, large: str | None = Non
     """Load a registered pair and benchmark it; the RSS before loading is the memory baseline."""
     import diffusers
 
-    from flowblend.families import get_family, load_pair
+    from flowblend.families import get_family
 
     getattr(diffusers, get_family(name).transformer_class)  # import the model code before the baseline
     baseline = current_rss_bytes()
-    pair = load_pair(name, large, small, dtype=options.dtype, device=options.device, allow_download=allow_download)
+    # the transformers always: eager torch is measured as the reference, and compiled backends export from them
+    pair = load_models(name, options.engine, large, small, allow_download, with_transformers=True)
     return run_bench(pair, options, baseline_rss=baseline)
 
 
@@ -275,11 +273,11 @@ def _build_cases(pair, eager: dict, requests: list[ResolvedRequest], options: Be
                 skipped.append({"backend": backend, "mode": mode, "reason": str(exc)})
                 continue
             for request in requests:
-                choice = engine_choice(backend, options)
+                choice = options.choice_for(backend)
                 make = lambda e: sampler_for(e, request.plan, request.options, choice)  # noqa: E731
                 case = Case(backend, mode, request, make(engines), make(timed), log, attention=attention_of(choice))
                 if MODES[mode] != "eager":
-                    case.runner = GraphRunner(case.sampler, MODES[mode])
+                    case.runner = runner_for(case.sampler, MODES[mode])
                 cases.append(case)
     return cases, skipped
 
@@ -381,8 +379,8 @@ def run_bench(pair, options: BenchOptions, baseline_rss: int | None = None) -> d
                        **({"boundary_ratio": experts.boundary_ratio, "expert_switch_step": experts.switch_step,
                            "expert_guidance": scales} if experts is not None else {})},
               "blended_stages": blended_plan.label,
-              "options": {**{k: v for k, v in asdict(options).items() if k != "dtype"},
-                          "dtype": str(options.dtype).replace("torch.", "")},
+              "options": {**{k: v for k, v in asdict(options).items() if k != "engine"}, **options.engine.to_dict(),
+                          "torch_dtype": str(options.dtype).replace("torch.", "")},
               "flops": {"convention": "2 FLOPs per MAC, linear/conv layers and attention matmuls, CFG counted",
                         "per_step": per_step, "reference_plan": reference_plan.label},
               "cases": case_rows(cases, per_step, reference_plan, frames, device),

@@ -1,6 +1,9 @@
 """`flowblend bench`: speed, FLOPs, memory and runtime overhead against eager PyTorch LLL."""
 from __future__ import annotations
 
+import argparse
+
+from flowblend.assembly import EngineChoice
 from flowblend.bench.report import write_outputs
 from flowblend.bench.run import (
     BACKENDS,
@@ -11,28 +14,23 @@ from flowblend.bench.run import (
     bench_pair_by_name,
     equivalent_command,
 )
-from flowblend.engines.factory import torch_dtype
+from flowblend.engines.kinds import REFERENCE_KIND
 from flowblend.resolve.blend_request import video_of
 
 from .common import choices_of, family_of, subscribe
 
 
 def register(p) -> None:
-    subscribe(p, "pair", "video", "steps", "guidance", "device", "dtype", "engine", "threads", "artifacts", "progress")
-    p.add_argument("--backend", action="append", metavar="NAME",
-                   help=f"{' | '.join(BACKENDS)} | all (repeatable; default {' '.join(DEFAULT_BACKENDS)}; eager torch "
-                        "is always measured as the reference; onnxruntime/tensorrt export and build what is missing)")
+    subscribe(p, "pair", "video", "plan", "guidance", "boundary_ratio", "engine", "threads", "progress",
+              repeat={"backend": f"all: every one; default {' '.join(DEFAULT_BACKENDS)}; eager torch is always "
+                                 "measured as the reference; onnxruntime/tensorrt export and build what is missing",
+                      "plan": f"default {' '.join(DEFAULT_PLANS)}", "plan_file": "each plan is measured"})
     p.add_argument("--mode", action="append", metavar="MODE",
                    help=f"{' | '.join(MODES)} (repeatable; default loop; graph modes need --device cuda)")
-    p.add_argument("--plan", action="append", help=f"plan spelling (repeatable; default {' '.join(DEFAULT_PLANS)})")
-    p.add_argument("--plan-file", action="append", default=[], help="JSON plan file (repeatable)")
-    p.add_argument("--boundary-ratio", type=float, help="wan22: expert boundary (default 0.875; --guidance is the "
-                                                        "high-noise expert's scale)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per case (at least 1 where a compiler runs)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per case (medians, min, max)")
     p.add_argument("--overhead-repeats", type=int, default=10,
                    help="interleaved repeats of the runtime-overhead comparison (0 skips it)")
-    p.add_argument("--compile-mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs (default: torch's)")
     p.add_argument("--out", default="bench-out", help="folder for bench.json, bench.md, bench.png")
     p.set_defaults(func=run)
 
@@ -41,15 +39,14 @@ def options_from_args(args) -> BenchOptions:
     backends = tuple(args.backend or DEFAULT_BACKENDS)
     if "all" in backends:
         backends = BACKENDS
+    plan_files = tuple(args.plan_file or ())
+    choice = EngineChoice.of(argparse.Namespace(**{**vars(args), "backend": REFERENCE_KIND}))  # per backend: bench/run
     return BenchOptions(backends=backends, modes=tuple(args.mode or ("loop",)),
-                        plans=tuple(args.plan or (() if args.plan_file else DEFAULT_PLANS)),
-                        plan_files=tuple(args.plan_file), steps=args.steps, frames=args.frames, height=args.height,
+                        plans=tuple(args.plan or (() if plan_files else DEFAULT_PLANS)),
+                        plan_files=plan_files, steps=args.steps, frames=args.frames, height=args.height,
                         width=args.width, guidance=args.guidance, boundary_ratio=args.boundary_ratio,
-                        warmup=args.warmup, repeats=args.repeats,
-                        overhead_repeats=args.overhead_repeats, device=args.device, dtype=torch_dtype(args.dtype),
-                        artifacts=args.artifacts, compile_mode=args.compile_mode, compile=args.compile,
-                        attention=args.attention, fp8_keep_blocks=args.fp8_keep_blocks, precision=args.dtype,
-                        progress=not args.no_progress)
+                        warmup=args.warmup, repeats=args.repeats, overhead_repeats=args.overhead_repeats,
+                        engine=choice, progress=not args.no_progress)
 
 
 def run(args) -> int:

@@ -9,10 +9,11 @@ from .common import subscribe
 
 
 def register(p) -> None:
-    subscribe(p, "pair_name", "artifacts", "progress")
-    p.add_argument("--backend", default="onnxruntime", choices=BUILT_KINDS,
-                   help="engine kind: onnxruntime (offline-optimized graph) or tensorrt (a plan for this GPU)")
-    p.add_argument("--dtype", help="accepted for symmetry with export; the precision is the export's")
+    # The engine kinds that are built, not every backend; --dtype is accepted for symmetry with export (the
+    # precision is the export's).
+    subscribe(p, "pair_name", "artifacts", "progress", "backend", "dtype",
+              override={"backend": {"default": "onnxruntime", "choices": BUILT_KINDS},
+                        "dtype": {"default": None}})
     p.add_argument("--force", action="store_true", help="rebuild even if a matching engine exists")
     p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level (0-5)")
     p.add_argument("--workspace-gib", type=float, default=8.0, help="TensorRT workspace limit")

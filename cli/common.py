@@ -2,7 +2,11 @@
 
 As in Polygraphy's tools: a command lists the groups it takes (`subscribe(p, "pair", "video", ...)`)
 and each group knows its flags, their help and defaults, and the one check that runs on them
-before the command does (`check_groups`, called by cli/main.py before anything loads). What the
+before the command does (`check_groups`, called by cli/main.py before anything loads). The engine
+and blend flags are not written here: each is a field of `EngineChoice` (assembly/choice.py) or
+`BlendChoices` (resolve/blend_request.py) declared with `flowblend.settings.setting`, and
+`add_settings` makes its flag (help, choices, type, default) when a parser is built; "engine" is
+every EngineChoice field, so a field added there is a flag of generate, serve and bench at once. What the
 flags mean is checked by plain functions outside cli/ (resolve/request.py, engines/factory.py)
 that the server calls too. Nothing here imports torch.
 """
@@ -11,15 +15,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Mapping
 
-from flowblend.engines.attention import ATTENTION_NAMES
-from flowblend.engines.compile import COMPILE_MODES
-from flowblend.engines.factory import DTYPE_NAMES, check_dtype
+from flowblend.engines.factory import check_dtype
 from flowblend.engines.kinds import EXPORT_PRECISIONS, precision
 from flowblend.errors import FlowblendError
 from flowblend.families import FAMILIES, PairFamily, get_family
 from flowblend.resolve.blend_request import BlendChoices, video_of
-from flowblend.resolve.request import SOLVER_NAMES, check_device, check_guidance
+from flowblend.resolve.request import check_device, check_guidance
+from flowblend.runtime.graph_modes import GRAPH_FLAGS
+from flowblend.settings import choices_of as setting_choices
+from flowblend.settings import declared, default_of, flag_of
 
 __all__ = ["HelpFormatter", "Parser", "subscribe", "check_groups", "family_of", "choices_of", "FlowblendError"]
 
@@ -60,74 +66,56 @@ def _pair(p) -> None:
     g.add_argument("--allow-download", action="store_true", help="let diffusers download hub ids missing from the cache")
 
 
-def _plan(p) -> None:
-    g = p.add_argument_group("blend plan")
-    g.add_argument("--plan", help="which model runs each step: LSL:0.4,0.2 (paper; the default) | LLL | SSS | "
-                                  "L20,S20,L10 | LLSSL...; wan22 (letters H high, L low, S small): experts (the "
-                                  "default) | experts:4,2 (small takes the last 4 steps before the expert switch "
-                                  "and the first 2 after) | H20,S6,L14 ...")
-    g.add_argument("--plan-file", help="JSON plan as written by `flowblend calibrate plan`; overrides --plan")
-    g.add_argument("--steps", type=int, help=f"denoising steps (default: the family's; {family_defaults('steps')})")
+# The setting groups: each flag is a field of EngineChoice or BlendChoices (flowblend/settings.py), listed
+# under its declared group; a command subscribes a group by name, or one setting by its field name.
+GROUP_TITLES = {"plan": "blend plan", "video": "video size", "solver": "solver", "experts": "two experts (wan22)",
+                "backend": "backend", "engine": "PyTorch engines (--backend torch / torch-compile)"}
+BLEND_GROUPS = {"plan": ("plan",), "video": ("video",), "solver": ("solver",), "experts": ("experts",)}
+ENGINE_GROUPS = {"device": ("device",), "dtype": ("dtype",), "artifacts": ("artifacts",)}
 
 
-def _steps(p) -> None:
-    p.add_argument("--steps", type=int, help=f"denoising steps (default: the family's; {family_defaults('steps')})")
+def _setting_fields(cls, groups: tuple[str, ...] | None):
+    return [f for f in declared(cls) if groups is None or f.metadata["group"] in groups]
 
 
-def _video(p) -> None:
-    g = p.add_argument_group("video size")
-    g.add_argument("--height", type=int, help="pixels; a multiple of the VAE x patch factor (default: the family's; "
-                                              f"{family_defaults('height')})")
-    g.add_argument("--width", type=int, help=f"pixels (default: the family's; {family_defaults('width')})")
-    g.add_argument("--frames", type=int, help="frames; what the VAE and patch take, e.g. 4k+1 for wan "
-                                              f"(default: the family's; {family_defaults('frames')})")
+def add_settings(p, settings, repeat: Mapping[str, str] | None = None,
+                 override: Mapping[str, dict] | None = None) -> None:
+    """Add one flag per declared setting (help, choices, type and default from its field), each under the
+    argument group its declaration names. `repeat`: settings taken several times (action append, no argparse
+    choices: the command checks each value), with a note on what the list means; `override`: argparse keywords
+    a command changes (build: its own engine kinds and default)."""
+    repeat, override, titled = repeat or {}, override or {}, {}
+    for f in settings:
+        title = GROUP_TITLES.get(f.metadata["group"])
+        target = p if title is None else titled.setdefault(title, p.add_argument_group(title))
+        help_text = f.metadata["help"]
+        if f.metadata["family_default"]:
+            help_text += f" (default: the family's; {family_defaults(f.metadata['family_default'])})"
+        kwargs = {"help": help_text, "default": default_of(f)}
+        if f.metadata["type"] is not None:
+            kwargs["type"] = f.metadata["type"]
+        choices = setting_choices(f)
+        if f.name in repeat:
+            kwargs.update(action="append", default=None, help=f"{help_text} (repeatable; {repeat[f.name]})",
+                          metavar=f.name.upper())
+            if choices:
+                kwargs["help"] += f"; one of {' | '.join(choices)}"
+        elif choices:
+            kwargs["choices"] = choices
+        kwargs.update(override.get(f.name, {}))
+        target.add_argument(flag_of(f.name), **kwargs)
 
 
-def _guidance(p) -> None:
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale; > 1 runs two forwards a step, "
-                                                  f"<= 1 disables CFG (default: the family's; {family_defaults('guidance')})")
+def _engine_settings(groups: tuple[str, ...] | None):
+    from flowblend.assembly.choice import EngineChoice  # read when a parser is built: a field added there is a flag
+
+    return _setting_fields(EngineChoice, groups)
 
 
-def _solver(p) -> None:
-    g = p.add_argument_group("solver")
-    g.add_argument("--solver", choices=SOLVER_NAMES, help="default: the family's (toy and wan unipc, ltx euler); dpm++ is DPM-Solver++ 2M, dpm++3m order 3")
-    g.add_argument("--shift", type=float, help="flow shift > 0 (default: the family's; ltx shifts by token count)")
-
-
-def _experts(p) -> None:
-    g = p.add_argument_group("two experts (wan22)")
-    g.add_argument("--boundary-ratio", type=float,
-                   help="the high-noise expert runs t >= ratio*1000 (default 0.875, T2V; I2V uses 0.9)")
-    g.add_argument("--guidance-2", type=float, help="the low-noise expert's CFG scale (diffusers' guidance_scale_2; "
-                                                     "default 3.0); --guidance is the high-noise expert's")
-    g.add_argument("--small-guidance", type=float,
-                   help="the small model's CFG scale (default: that of the model whose step it takes)")
-
-
-def _device(p) -> None:
-    p.add_argument("--device", default="cpu", help="where the models run: cpu | cuda | cuda:N")
-
-
-def _dtype(p) -> None:
-    p.add_argument("--dtype", default="fp32", help=f"weights and activations: {' | '.join(DTYPE_NAMES)} (fp8: the "
-                   "transformer blocks' linears in FP8 e4m3 on GPUs with compute capability >= 8.9, BF16 elsewhere; "
-                   "emulated exactly on the CPU; PyTorch engines only)")
-
-
-def _engine(p) -> None:
-    g = p.add_argument_group("PyTorch engines (--backend torch / torch-compile)")
-    g.add_argument("--compile", choices=COMPILE_MODES,
-                   help="torch.compile of each engine: regional (each repeated block once), whole, or none "
-                        "(default: regional on CUDA, none on the CPU; whole for --backend torch-compile)")
-    g.add_argument("--attention", default="auto", choices=ATTENTION_NAMES,
-                   help="the attention kernel (default auto: cuDNN on Hopper and newer, flash on Ampere/Ada, "
-                        "PyTorch's choice on the CPU)")
-    g.add_argument("--fp8-keep-blocks", type=int, default=0,
-                   help="--dtype fp8: the first and last N transformer blocks stay BF16 (default 0)")
-
-
-def _artifacts(p) -> None:
-    p.add_argument("--artifacts", default="artifacts", help="artifact root: ONNX exports and the engine store")
+def _graph(p) -> None:
+    p.add_argument("--graph", default="none", choices=GRAPH_FLAGS,
+                   help="CUDA graphs (--device cuda): the whole loop in one graph, one per step, or none; with "
+                        "'whole' a served job's cancel takes effect when the loop ends")
 
 
 def _threads(p) -> None:
@@ -139,15 +127,35 @@ def _progress(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-GROUPS = {"pair": _pair, "pair_name": _pair_name, "plan": _plan, "steps": _steps, "video": _video, "guidance": _guidance,
-          "experts": _experts, "solver": _solver,
-          "device": _device, "dtype": _dtype, "engine": _engine, "artifacts": _artifacts, "threads": _threads, "progress": _progress}
+GROUPS = {"pair": _pair, "pair_name": _pair_name, "graph": _graph, "threads": _threads, "progress": _progress}
+SETTING_GROUPS = {**{name: (BlendChoices, groups) for name, groups in BLEND_GROUPS.items()},
+                  **{name: (None, groups) for name, groups in ENGINE_GROUPS.items()},
+                  "engine": (None, None)}  # "engine": every EngineChoice field, those added later too
 
 
-def subscribe(p: argparse.ArgumentParser, *groups: str) -> None:
-    """Add the named shared groups' flags to a command and remember them for `check_groups`."""
+def _settings_of(name: str):
+    """The declared fields a subscribed name stands for: a setting group, or one setting by its field name."""
+    if name in SETTING_GROUPS:
+        cls, groups = SETTING_GROUPS[name]
+        return _engine_settings(groups) if cls is None else _setting_fields(cls, groups)
+    one = [f for f in (*_engine_settings(None), *declared(BlendChoices)) if f.name == name]
+    if not one:
+        raise KeyError(f"no flag group or setting named {name!r}")
+    return one
+
+
+def subscribe(p: argparse.ArgumentParser, *groups: str, repeat: Mapping[str, str] | None = None,
+              override: Mapping[str, dict] | None = None) -> None:
+    """Add the named shared groups' flags (or single settings') to a command and remember them for
+    `check_groups`; `repeat` and `override` as in `add_settings`."""
+    settings = []
     for name in groups:
-        GROUPS[name](p)
+        if name in GROUPS:
+            GROUPS[name](p)
+        else:
+            settings += [f for f in _settings_of(name) if f not in settings]
+    settings += [f for name in (repeat or {}) for f in _settings_of(name) if f not in settings]
+    add_settings(p, settings, repeat, override)
     p.set_defaults(arg_groups=groups)
 
 
@@ -178,18 +186,19 @@ def check_groups(args: argparse.Namespace) -> None:
         family = get_family(args.pair)
         if "video" in groups:
             video_of(choices_of(args), family)
-    if "dtype" in groups and args.dtype is not None:
+    engine = "engine" in groups  # every EngineChoice flag: --device and --dtype among them
+    if (engine or "dtype" in groups) and args.dtype is not None:
         check_dtype(args.dtype)
-        if "engine" not in groups and not precision(args.dtype).exportable:
+        if not engine and not precision(args.dtype).exportable:
             raise FlowblendError(f"--dtype {args.dtype} runs only in PyTorch engines (generate, serve, bench with "
                                  f"--backend torch); ONNX exports and built engines take {' | '.join(EXPORT_PRECISIONS)}")
-    if "engine" in groups and args.fp8_keep_blocks < 0:
+    if engine and args.fp8_keep_blocks < 0:
         raise FlowblendError(f"--fp8-keep-blocks must be >= 0, got {args.fp8_keep_blocks}")
     if "guidance" in groups and args.guidance is not None:
         check_guidance(args.guidance)
     if "steps" in groups and args.steps is not None and args.steps < 1:
         raise FlowblendError(f"--steps must be >= 1, got {args.steps}")
-    if "device" in groups:
+    if engine or "device" in groups:
         check_device(args.device)  # imports torch only for a cuda device
 
 

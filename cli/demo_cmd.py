@@ -12,11 +12,10 @@ def register(p) -> None:
     p.description = ("The shipped toy pair under LLL, LSL and SSS: a side-by-side GIF, a contact "
                                    "sheet and a table of cost and probe scores. Prompts use the toy vocabulary: "
                                    f"{vocabulary_line()}.")
-    subscribe(p, "steps", "threads", "progress")
+    subscribe(p, "steps", "threads", "progress", repeat={"plan": f"plans to compare; default: {' '.join(DEMO_PLANS)}"})
     p.add_argument("--out-dir", default="demo", help="where the GIF, contact sheet and tables go")
     p.add_argument("--prompt", action="append",
                    help=f"prompt from the toy vocabulary, repeatable (default: {'; '.join(DEMO_PROMPTS)})")
-    p.add_argument("--plan", action="append", help=f"plans to compare, repeatable (default: {' '.join(DEMO_PLANS)})")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="noise seeds; every prompt runs with each")
     p.set_defaults(func=run)
 

@@ -10,11 +10,10 @@ import json
 import time
 from pathlib import Path
 
-from flowblend.engines.factory import BACKENDS
 from flowblend.errors import FlowblendError
 from flowblend.families.toy_vocab import vocabulary_line
 from flowblend.resolve.resolved import ResolvedRequest, resolve_request
-from flowblend.runtime.graph_modes import GRAPH_FLAGS, check_graph_flag
+from flowblend.runtime.graph_modes import check_graph_flag
 
 from .common import choices_of, family_of, subscribe
 
@@ -22,8 +21,7 @@ from .common import choices_of, family_of, subscribe
 def register(p) -> None:
     p.description = ("Generate one video per prompt with a blend plan. Toy pair prompts use its "
                                    f"vocabulary: {vocabulary_line()}.")
-    subscribe(p, "pair", "plan", "video", "guidance", "experts", "solver", "device", "dtype", "engine", "threads", "artifacts",
-              "progress")
+    subscribe(p, "pair", "plan", "video", "guidance", "experts", "solver", "engine", "graph", "threads", "progress")
     g = p.add_argument_group("prompts and output")
     g.add_argument("--prompt", action="append", default=[], help="text prompt (repeat for several videos)")
     g.add_argument("--prompt-file", help="file with one prompt per line")
@@ -31,13 +29,6 @@ def register(p) -> None:
     g.add_argument("--seed", type=int, default=0, help="noise seed, 0 to 2**63-1 (the same for every prompt)")
     g.add_argument("--out", default="out.mp4", help="video path (.mp4 or .gif); with several prompts an index is "
                                                      "appended (out_0.mp4, ...)")
-    r = p.add_argument_group("backend")
-    r.add_argument("--backend", default="torch", choices=BACKENDS,
-                   help="torch-compile, onnxruntime and tensorrt use the engines `flowblend export`/`build` made")
-    r.add_argument("--graph", default="none", choices=GRAPH_FLAGS,
-                   help="CUDA graphs (--device cuda): the whole loop in one graph, one per step, or none")
-    r.add_argument("--compile-mode", help="torch-compile: torch.compile's mode, e.g. max-autotune-no-cudagraphs "
-                                          "(default: torch's)")
     p.set_defaults(func=run)
 
 

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import os
 
-from flowblend.engines.factory import BACKENDS
 from flowblend.errors import FlowblendError
-from flowblend.runtime.graph_modes import GRAPH_FLAGS, check_graph_flag
+from flowblend.runtime.graph_modes import check_graph_flag
 
-from .common import subscribe
+from .common import choices_of, subscribe
 
 API_KEY_ENV = "FLOWBLEND_API_KEY"
 INSTALL_HINT = "install the extra: pip install 'flowblend[serve]'"
@@ -17,16 +16,11 @@ def register(p) -> None:
     p.description = ("Loads the pair and engines once, warms up, then serves POST /v1/videos, "
                      "GET /v1/videos/{id}[/content], DELETE /v1/videos/{id}, /health and /metrics. The shared flags "
                      "set the warm configuration and the defaults of requests that leave a value out.")
-    subscribe(p, "pair", "plan", "video", "guidance", "experts", "device", "dtype", "engine", "threads", "artifacts")
+    subscribe(p, "pair", "plan", "video", "guidance", "experts", "solver", "engine", "graph", "threads")
     r = p.add_argument_group("backend")
-    r.add_argument("--backend", default="torch", choices=BACKENDS, help="engine backend")
     r.add_argument("--build-engines", action="store_true",
                    help="build missing onnxruntime/tensorrt engines at start into --artifacts (on shared storage, "
                         "replicas build each once)")
-    r.add_argument("--graph", default="none", choices=GRAPH_FLAGS,
-                   help="CUDA graphs (--device cuda); with 'whole' a cancel takes effect when the loop ends")
-    r.add_argument("--compile-mode", help="torch-compile: torch.compile's mode, e.g. max-autotune-no-cudagraphs "
-                                          "(default: torch's)")
     s = p.add_argument_group("serving")
     s.add_argument("--dynamic-shapes", action="store_true",
                    help="accept sizes other than the warm one (their buffers are built on first use)")
@@ -70,22 +64,17 @@ def config_from_args(args):
                              ">= 1024")
     if not (args.header_timeout > 0 and args.body_timeout > 0):
         raise FlowblendError("--header-timeout and --body-timeout must be > 0 seconds (the defaults: 10 and 30)")
+    from flowblend.assembly import EngineChoice
+
     return ServeConfig(pair=args.pair, large=args.large, small=args.small, allow_download=args.allow_download,
-                       backend=args.backend, device=args.device, dtype=args.dtype, artifacts=args.artifacts,
-                       compile_mode=args.compile_mode, compile=args.compile, attention=args.attention,
-                       fp8_keep_blocks=args.fp8_keep_blocks,
-                       build_engines=args.build_engines, graph=args.graph, plan=args.plan,
-                       plan_file=args.plan_file, steps=args.steps,
-                       frames=args.frames, height=args.height, width=args.width, guidance=args.guidance,
-                       boundary_ratio=args.boundary_ratio, guidance_2=args.guidance_2,
-                       small_guidance=args.small_guidance,
+                       engine=EngineChoice.of(args), blend=choices_of(args),  # every declared setting, as parsed
+                       build_engines=args.build_engines, graph=args.graph,
                        dynamic_shapes=args.dynamic_shapes, plans_dir=args.plans_dir, results_dir=args.results_dir,
                        queue_size=args.queue_size, max_steps=args.max_steps, drain_seconds=args.drain_seconds,
                        threads=args.threads, host=args.host, api_key=args.api_key or None,
                        allowed_hosts=tuple(args.allowed_host), api_docs=args.api_docs,
                        max_body_bytes=args.max_body_bytes, header_timeout=args.header_timeout,
                        body_timeout=args.body_timeout)
-
 
 def run(args) -> int:
     try:

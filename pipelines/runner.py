@@ -83,9 +83,8 @@ def blend_runner(transformers: dict[str, torch.nn.Module], plan: BlendPlan, opti
     """
     from types import SimpleNamespace
 
-    from flowblend.assembly import engines_for, sampler_for
+    from flowblend.assembly import engines_for, runner_for, sampler_for
     from flowblend.families import get_family
-    from flowblend.runtime.graph import GraphRunner
 
     used = {name: m for name, m in transformers.items() if name in plan.models}
     # What the engines read of a pair (engines/factory.LoadedModels); the pipeline's own text encoder and VAE
@@ -93,4 +92,4 @@ def blend_runner(transformers: dict[str, torch.nn.Module], plan: BlendPlan, opti
     pair = SimpleNamespace(family=get_family(family_name), transformers=used if choice.runs_transformers else {})
     built = engines_for(pair, choice, latent_shape, max(options.guidance_for(len(plan))))
     sampler = sampler_for({name: e for name, e in built.items() if name in used}, plan, options, choice)
-    return GraphRunner(sampler, mode=graph_mode)
+    return runner_for(sampler, graph_mode)

@@ -16,6 +16,7 @@ from typing import Protocol
 
 from flowblend.errors import FlowblendError
 from flowblend.runtime.plan import BlendPlan, ExpertSchedule, ModelSet
+from flowblend.settings import setting
 
 from .request import VideoFamily, check_guidance, resolve_plan
 
@@ -34,25 +35,49 @@ class BlendFamily(VideoFamily, Protocol):
 
 @dataclass(frozen=True)
 class BlendChoices:
-    """The values that pick a plan and its guidance; None is the family's default (or no such choice)."""
+    """The values that pick a plan and its guidance; None is the family's default (or no such choice).
 
-    plan: str | None = None
-    plan_file: str | None = None
-    steps: int | None = None
-    frames: int | None = None
-    height: int | None = None
-    width: int | None = None
-    guidance: float | None = None
-    solver: str | None = None
-    shift: float | None = None
-    boundary_ratio: float | None = None
-    guidance_2: float | None = None
-    small_guidance: float | None = None
+    The one declaration of these settings (flowblend/settings.py): the CLI's flags, the server's config
+    and its request schema read their help and types from here."""
+
+    plan: str | None = setting(None, "which model runs each step: LSL:0.4,0.2 (paper; the default) | LLL | SSS | "
+                                     "L20,S20,L10 | LLSSL...; wan22 (letters H high, L low, S small): experts (the "
+                                     "default) | experts:4,2 (small takes the last 4 steps before the expert switch "
+                                     "and the first 2 after) | H20,S6,L14 ...", group="plan")
+    plan_file: str | None = setting(None, "JSON plan as written by `flowblend calibrate plan`; overrides --plan",
+                                    group="plan")
+    steps: int | None = setting(None, "denoising steps", type=int, group="plan", family_default="steps")
+    frames: int | None = setting(None, "frames; what the VAE and patch take, e.g. 4k+1 for wan", type=int,
+                                 group="video", family_default="frames")
+    height: int | None = setting(None, "pixels; a multiple of the VAE x patch factor", type=int, group="video",
+                                 family_default="height")
+    width: int | None = setting(None, "pixels", type=int, group="video", family_default="width")
+    guidance: float | None = setting(None, "classifier-free guidance scale; > 1 runs two forwards a step, <= 1 "
+                                           "disables CFG (wan22: the high-noise expert's)", type=float,
+                                     group="guidance", family_default="guidance")
+    solver: str | None = setting(None, "default: the family's (toy and wan unipc, ltx euler); dpm++ is "
+                                       "DPM-Solver++ 2M, dpm++3m order 3", choices=lambda: _solver_names(),
+                                 group="solver")
+    shift: float | None = setting(None, "flow shift > 0 (default: the family's; ltx shifts by token count)",
+                                  type=float, group="solver")
+    boundary_ratio: float | None = setting(None, "wan22: the high-noise expert runs t >= ratio*1000 (default 0.875, "
+                                                 "T2V; I2V uses 0.9)", type=float, group="experts")
+    guidance_2: float | None = setting(None, "wan22: the low-noise expert's CFG scale (diffusers' guidance_scale_2; "
+                                             "default 3.0); --guidance is the high-noise expert's", type=float,
+                                       group="experts")
+    small_guidance: float | None = setting(None, "the small model's CFG scale (default: that of the model whose "
+                                                 "step it takes)", type=float, group="experts")
 
     @classmethod
     def of(cls, source) -> "BlendChoices":
         """From any object with these attributes (an argparse Namespace); missing ones are None."""
         return cls(**{f.name: getattr(source, f.name, None) for f in fields(cls)})
+
+
+def _solver_names() -> tuple[str, ...]:
+    from .request import SOLVER_NAMES
+
+    return tuple(SOLVER_NAMES)
 
 
 def model_set_of(family: BlendFamily) -> ModelSet:

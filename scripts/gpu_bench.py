@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from flowblend.assembly import EngineChoice
 from flowblend.bench.fullsize import random_transformer
 from flowblend.bench.report import write_outputs
 from flowblend.bench.run import BenchOptions, equivalent_command, run_bench
@@ -111,7 +112,8 @@ def main(argv=None) -> int:
                                modes=tuple(args.mode or ("loop", "step-graph", "loop-graph")),
                                plans=tuple(args.plan or PLANS[args.pair]), steps=args.steps, frames=args.frames, height=args.height,
                                width=args.width, warmup=args.warmup, repeats=args.repeats, overhead_repeats=0,
-                               device=str(device), dtype=dtype, compile_mode=args.compile_mode, end_to_end=False)
+                               engine=EngineChoice(device=str(device), dtype=args.dtype, compile_mode=args.compile_mode),
+                               end_to_end=False)
         start = time.perf_counter()
         pair, depth = build_pair(args, device, dtype)
         report = run_bench(pair, options)

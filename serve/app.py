@@ -158,7 +158,7 @@ def create_app(service: VideoService) -> FastAPI:
     @get("/health")
     async def health():
         s = service
-        body = {"status": s.state, "stage": s.stage, "pair": c.pair, "backend": c.backend, "device": c.device,
+        body = {"status": s.state, "stage": s.stage, "pair": c.pair, "backend": c.engine.backend, "device": c.engine.device,
                 "pid": os.getpid(), "owner": s.store.owner}
         if s.reason:
             body["error"] = s.reason

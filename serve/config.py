@@ -1,14 +1,22 @@
 """The server's settings: one frozen object the CLI, the Ray deployment and tests all build the server from."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+from flowblend.assembly.choice import EngineChoice
+from flowblend.errors import FlowblendError
+from flowblend.resolve.blend_request import BlendChoices
+from flowblend.settings import split_settings
 
 
 @dataclass(frozen=True)
 class ServeConfig:
     """What `flowblend serve` keeps warm and how it queues; every field has a flag of the same name.
 
-    The warm shape is (frames, height, width) with the family's defaults for None; requests for other
+    The engine and blend settings are not declared here: `engine` is an `EngineChoice` and `blend` a
+    `BlendChoices`, whose fields are the flags (cli/common.py) and the keys a config file may give, flat
+    (`steps: 4`) or nested (`blend: {steps: 4}`), through `from_settings`. The warm shape is (frames, height, width) with the family's defaults for None; requests for other
     sizes are refused unless `dynamic_shapes` (then a new size builds its buffers on first use).
     """
 
@@ -16,26 +24,11 @@ class ServeConfig:
     large: str | None = None
     small: str | None = None
     allow_download: bool = False
-    backend: str = "torch"
-    device: str = "cpu"
-    dtype: str = "fp32"
-    artifacts: str = "artifacts"
-    compile_mode: str | None = None  # torch-compile: torch.compile's mode (flowblend.assembly.EngineChoice)
-    compile: str | None = None  # PyTorch engines: none | regional | whole (None: the kind's default)
-    attention: str = "auto"  # PyTorch engines: the SDPA kernel (engines/attention.py)
-    fp8_keep_blocks: int = 0  # --dtype fp8: first/last N blocks stay BF16
+    engine: EngineChoice = field(default_factory=EngineChoice)  # the engine options (assembly/choice.py)
     build_engines: bool = False  # compiled backends: build missing engines into the (shared) engine store
     graph: str = "none"  # CUDA graphs: none | whole (cancel takes effect at the end) | per-step
-    plan: str | None = None  # default plan of requests without one (None: the family's); warmed at start
-    plan_file: str | None = None  # a calibrated plan (JSON) as the default instead
-    steps: int | None = None
-    frames: int | None = None
-    height: int | None = None
-    width: int | None = None
-    guidance: float | None = None  # default guidance of requests without one (wan22: the high-noise expert's)
-    boundary_ratio: float | None = None  # wan22: the expert boundary (None: the family's, 0.875 T2V)
-    guidance_2: float | None = None  # wan22: the low-noise expert's CFG scale (None: the family's)
-    small_guidance: float | None = None  # the small model's scale (None: that of the model whose step it takes)
+    # the defaults of requests that leave a value out (None: the family's); the plan is warmed at start
+    blend: BlendChoices = field(default_factory=BlendChoices)
     dynamic_shapes: bool = False
     plans_dir: str | None = None  # calibrated plans by name: <plans_dir>/<name>.json
     results_dir: str = "results"
@@ -53,8 +46,28 @@ class ServeConfig:
     header_timeout: float = 10.0  # seconds a connection may take to send a request's headers (then 408, closed)
     body_timeout: float = 30.0  # seconds a request's body may take to arrive in all (then 408, closed)
 
+    @classmethod
+    def from_settings(cls, values: Mapping[str, Any]) -> "ServeConfig":
+        """From a config file's or `serve run`'s keys: ServeConfig's own fields, and every EngineChoice and
+        BlendChoices field flat or under `engine` / `blend`; an unknown key is refused in one line naming the
+        known ones."""
+        rest, nested = split_settings(values, {"engine": EngineChoice, "blend": BlendChoices})
+        own = {f for f in cls.__dataclass_fields__ if f not in ("engine", "blend")}
+        unknown = sorted(set(rest) - own)
+        if unknown:
+            raise FlowblendError(f"unknown setting(s) {unknown}: use ServeConfig's ({', '.join(sorted(own))}) or "
+                                 f"an engine or blend setting ({', '.join(sorted(set().union(*map(_names, nested))))})")
+        return cls(**rest, engine=EngineChoice(**nested["engine"]), blend=BlendChoices(**nested["blend"]))
+
     def to_dict(self) -> dict:
+        """Nested: `engine` and `blend` are dicts of their settings (`from_settings` reads it back)."""
         return asdict(self)
 
     def __repr__(self) -> str:  # never print the key
         return f"ServeConfig({', '.join(f'{k}={v!r}' for k, v in asdict(self).items() if k != 'api_key')})"
+
+
+def _names(section: str) -> tuple[str, ...]:
+    from dataclasses import fields
+
+    return tuple(f.name for f in fields({"engine": EngineChoice, "blend": BlendChoices}[section]))

@@ -52,7 +52,7 @@ class FlowblendReplica:
     """One replica: loads and warms up in its constructor, so Ray routes to it only once it is ready."""
 
     def __init__(self, config: dict):
-        self.service = VideoService(ServeConfig(**config)).start(wait=True)
+        self.service = VideoService(ServeConfig.from_settings(config)).start(wait=True)
 
     def __serve_build_asgi_app__(self):
         return create_app(self.service)
@@ -69,15 +69,16 @@ class FlowblendReplica:
 
 def absolute_paths(config: ServeConfig) -> ServeConfig:
     """Replicas may start in another working directory: pin every path."""
+    plan = config.blend.plan_file
     return replace(config, results_dir=str(Path(config.results_dir).resolve()),
-                   artifacts=str(Path(config.artifacts).resolve()),
+                   engine=replace(config.engine, artifacts=str(Path(config.engine.artifacts).resolve())),
                    plans_dir=str(Path(config.plans_dir).resolve()) if config.plans_dir else None,
-                   plan_file=str(Path(config.plan_file).resolve()) if config.plan_file else None)
+                   blend=replace(config.blend, plan_file=str(Path(plan).resolve()) if plan else None))
 
 
 def deployment_options(config: ServeConfig, opts: RayOptions) -> dict:
     """Ray Serve deployment options: resources per replica, replica count or autoscaling, drain time."""
-    gpus = opts.num_gpus if opts.num_gpus is not None else (1 if config.device.startswith("cuda") else 0)
+    gpus = opts.num_gpus if opts.num_gpus is not None else (1 if config.engine.device.startswith("cuda") else 0)
     env = dict(REPLICA_ENV)
     if config.threads:
         env["OMP_NUM_THREADS"] = str(config.threads)
@@ -110,14 +111,10 @@ def build_app(config: ServeConfig, opts: RayOptions = RayOptions()):
 def build(args: dict):
     """Application builder for `serve run flowblend.serve.ray_app:build key=value ...` or a config file's
     `import_path`: ServeConfig fields plus RayOptions' replicas / min_replicas / max_replicas / num_gpus."""
-    fields = set(ServeConfig.__dataclass_fields__)
     ray_fields = {"replicas", "min_replicas", "max_replicas", "target_ongoing_requests", "num_gpus", "num_cpus"}
-    unknown = sorted(set(args) - fields - ray_fields)
-    if unknown:
-        raise FlowblendError(f"unknown setting(s) {unknown}: use ServeConfig fields ({', '.join(sorted(fields))}) "
-                             f"or {', '.join(sorted(ray_fields))}")
     values = {k: _typed(v) for k, v in args.items()}
-    config = ServeConfig(**{k: v for k, v in values.items() if k in fields})
+    # ServeConfig's own keys and every EngineChoice / BlendChoices setting, flat or nested; others refused there
+    config = ServeConfig.from_settings({k: v for k, v in values.items() if k not in ray_fields})
     opts = RayOptions(**{k: v for k, v in values.items() if k in ray_fields})
     return build_app(config, opts)
 

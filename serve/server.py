@@ -106,7 +106,7 @@ def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, l
             return
         if service.state == "ready":
             print(f"flowblend serve: ready on http://{host}:{sock.getsockname()[1]} ({config.pair} pair, "
-                  f"{config.backend} on {config.device}, {time.perf_counter() - start:.1f} s to load and warm up); "
+                  f"{config.engine.backend} on {config.engine.device}, {time.perf_counter() - start:.1f} s to load and warm up); "
                   f"results in {service.store.root}", flush=True)
 
     threading.Thread(target=report_ready, name="flowblend-ready", daemon=True).start()

@@ -10,7 +10,7 @@ given the request's values and, where it has none, the server's settings.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -19,6 +19,7 @@ from flowblend.errors import FlowblendError
 from flowblend.families import PairFamily
 from flowblend.resolve.blend_request import BlendChoices
 from flowblend.resolve.resolved import ResolvedRequest, resolve_request
+from flowblend.settings import help_of
 
 from .config import ServeConfig
 
@@ -43,13 +44,15 @@ class VideoRequest(BaseModel):
     prompt: str = Field(max_length=MAX_PROMPT_CHARS)
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     model: str | None = None  # the pair this server runs (checked if given)
-    plan: str | None = Field(None, max_length=256)  # any BlendPlan spelling, or a calibrated plan's name
-    steps: int | None = None
+    # plan, steps, frames, guidance: BlendChoices' settings (their help is the schema's description)
+    plan: str | None = Field(None, max_length=256, description=help_of(BlendChoices, "plan") + "; or a calibrated "
+                             "plan's name")
+    steps: int | None = Field(None, description=help_of(BlendChoices, "steps"))
     seed: int = 0
     size: str | None = Field(None, max_length=32)  # "WIDTHxHEIGHT", e.g. "32x32"
     seconds: str | None = Field(None, max_length=16)  # OpenAI's duration: frames = seconds x FPS + 1
-    frames: int | None = None
-    guidance: float | None = None
+    frames: int | None = Field(None, description=help_of(BlendChoices, "frames"))
+    guidance: float | None = Field(None, description=help_of(BlendChoices, "guidance"))
 
 
 @dataclass(frozen=True)
@@ -128,16 +131,12 @@ def resolve(body: VideoRequest, config: ServeConfig, family: PairFamily) -> JobS
         what = f"seconds {body.seconds!r} makes {frames} frames" if body.seconds is not None else f"frames {frames}"
         raise FlowblendError(f"{what}: this server makes 1 to {MAX_FRAMES} frames per video; try "
                              f"{family.frames if 1 <= family.frames <= MAX_FRAMES else 1} frames")
-    named = plan_file(config.plans_dir, body.plan) if body.plan else config.plan_file
-    steps = body.steps if body.steps is not None else config.steps
-    # the request's values, else the server's (None: the family's default)
-    choices = BlendChoices(plan=body.plan or config.plan, plan_file=str(named) if named else None, steps=steps,
-                           frames=frames if frames is not None else config.frames,
-                           height=height if height is not None else config.height,
-                           width=width if width is not None else config.width,
-                           guidance=body.guidance if body.guidance is not None else config.guidance,
-                           boundary_ratio=config.boundary_ratio, guidance_2=config.guidance_2,
-                           small_guidance=config.small_guidance)
+    served = config.blend  # the server's settings: a request's values replace them (None: the family's default)
+    named = plan_file(config.plans_dir, body.plan) if body.plan else served.plan_file
+    asked = {"plan": body.plan, "steps": body.steps, "frames": frames, "height": height, "width": width,
+             "guidance": body.guidance}
+    choices = replace(served, plan_file=str(named) if named else None,
+                      **{k: v for k, v in asked.items() if v is not None})
     try:
         spec = resolve_request(family, choices, body.prompt, body.negative_prompt, body.seed)  # the CLI's resolver
     except FlowblendError as exc:

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from flowblend.assembly import EngineChoice, engines_for, load_models, pipeline_for, warm_up_compiled
+from flowblend.assembly import engines_for, load_models, pipeline_for, warm_up_compiled
 from flowblend.errors import FlowblendError
 from flowblend.families import PairFamily
 from flowblend.runtime.text_to_video import TextToVideo
@@ -37,7 +37,7 @@ class WarmPipeline:
 
     def __init__(self, config: ServeConfig, family: PairFamily):
         self.config, self.family = config, family
-        self.engine_choice = EngineChoice.of(config)  # assembly/: what generate and bench pass too
+        self.engine_choice = config.engine  # assembly/: what generate and bench pass too
         self.pair = None
         self.engines: dict | None = None
         self.warm_keys: set[tuple] = set()
@@ -57,7 +57,7 @@ class WarmPipeline:
         stage("loading the pair")
         self.pair = load_models(self.family.name, self.engine_choice, c.large, c.small, c.allow_download)
         t1 = time.perf_counter()
-        stage(f"loading {c.backend} engines")
+        stage(f"loading {c.engine.backend} engines")
         self.engines = engines_for(self.pair, self.engine_choice, warm_spec.request.latent_shape,
                                    max(warm_spec.guidance_per_step), build=c.build_engines)
         stage("compiling engines")  # torch.compile's first call, here and not in a user's request
@@ -102,7 +102,7 @@ class WarmPipeline:
     @property
     def syncs_per_step(self) -> bool:
         """Whether step timings need a device sync to be true (CUDA, eager: kernels run asynchronously)."""
-        return str(self.config.device).startswith("cuda")
+        return str(self.config.engine.device).startswith("cuda")
 
     @property
     def steps_report(self) -> bool:

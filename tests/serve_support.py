@@ -29,8 +29,8 @@ LONG = 150  # steps of a job meant to still be running while the test acts on it
 
 
 def toy_config(results_dir, **changes) -> ServeConfig:
-    return ServeConfig(**{"pair": "toy", "results_dir": str(results_dir), "steps": SHORT, "threads": 1,
-                          "queue_size": 2, "max_steps": 400, "drain_seconds": 30.0, **changes})
+    return ServeConfig.from_settings({"pair": "toy", "results_dir": str(results_dir), "steps": SHORT, "threads": 1,
+                                      "queue_size": 2, "max_steps": 400, "drain_seconds": 30.0, **changes})
 
 
 @functools.lru_cache(maxsize=2)

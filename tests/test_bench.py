@@ -275,13 +275,13 @@ def test_graph_modes_run_through_the_graph_runner(monkeypatch):
 
     backends = []
     monkeypatch.setattr(bench, "_check_mode", lambda mode, device: None)  # the real one asks for a CUDA device
-    real_runner = bench.GraphRunner
+    from flowblend.runtime.graph import GraphRunner
 
-    def runner_with_stand_in(sampler, mode):
+    def runner_with_stand_in(sampler, mode):  # the assembly's runner_for, over the recording stand-in
         backends.append(CountingGraphBackend())
-        return real_runner(sampler, mode, backend=backends[-1])
+        return GraphRunner(sampler, mode, backend=backends[-1])
 
-    monkeypatch.setattr(bench, "GraphRunner", runner_with_stand_in)
+    monkeypatch.setattr(bench, "runner_for", runner_with_stand_in)
     pair = load_pair("toy")
     options = BenchOptions(backends=("torch",), modes=("loop", "step-graph", "loop-graph"), plans=("LLL", "LSL:0.4,0.2"),
                            steps=5, warmup=1, repeats=2, overhead_repeats=0, progress=False)

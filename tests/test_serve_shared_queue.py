@@ -188,7 +188,7 @@ from flowblend.serve.jobs import JobRecord, JobStore, new_job_id
 from flowblend.serve.video_request import VideoRequest, resolve
 store = JobStore(sys.argv[1])
 body = {"prompt": "a green triangle moving up", "seed": 7}
-spec = resolve(VideoRequest(**body), ServeConfig(**{**__import__("json").loads(sys.argv[2])}), get_family("toy"))
+spec = resolve(VideoRequest(**body), ServeConfig.from_settings(__import__("json").loads(sys.argv[2])), get_family("toy"))
 record = JobRecord(new_job_id(), spec.to_dict(), store.owner, steps=len(spec.plan), models=list(spec.plan.models))
 store.create(record, spec)
 print(record.id, flush=True)
