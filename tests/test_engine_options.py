@@ -57,7 +57,9 @@ def test_export_refuses_fp8_in_one_line(tmp_path, capsys):
 
 
 def test_the_bench_names_the_attention_and_measures_fp8(tmp_path):
-    assert main(["bench", "--pair", "toy", "--steps", "2", "--plan", "LLL", "--repeats", "1", "--warmup", "1",
+    # --backend torch: torch-compile of the FP8 engines spends minutes failing in C++ codegen on this CPU
+    assert main(["bench", "--pair", "toy", "--backend", "torch", "--steps", "2", "--plan", "LLL", "--repeats", "1",
+                 "--warmup", "1",
                  "--overhead-repeats", "0", "--no-progress", "--dtype", "fp8", "--attention", "math",
                  "--out", str(tmp_path / "b")]) == 0
     report = json.loads((tmp_path / "b" / "bench.json").read_text())
