@@ -261,8 +261,6 @@ def test_every_size_a_refusal_suggests_is_accepted(dynamic_server, size):
     _suggested_size_is_accepted(dynamic_server.client, size)
 
 
-@pytest.mark.xfail(strict=True, reason="known defect (issue 35 item 8): a server without --dynamic-shapes suggests "
-                   "a size by the dynamic rule, then refuses it as not a warm shape; the fix is in serve/")
 @pytest.mark.parametrize("size", SIZES)
 def test_a_fixed_shape_servers_suggested_size_is_accepted(client, size):
     _suggested_size_is_accepted(client, size)
