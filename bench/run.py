@@ -167,7 +167,7 @@ def bench_engines(backend: str, pair, options: BenchOptions, latent_shape, guida
         raise Unavailable("TensorRT needs a CUDA GPU (--device cuda)")
     try:
         return engines_for(pair, engine_choice(backend, options), latent_shape, guidance, build=True,
-                           progress=options.progress)
+                           progress=options.progress, keep_originals=True)  # every backend over the same pair
     except ImportError as exc:
         raise Unavailable(f"{backend} backend not importable here ({exc})") from None
     except FlowblendError as exc:
