@@ -90,4 +90,18 @@ def run(args) -> int:
               f"{(end - start) * costs['per_step'][m] / scale:>10.3f}")
     print(f"total {format_flops(costs['total'])} vs {costs['reference']} {format_flops(costs['lll'])}: "
           f"{100 * (1 - costs['total'] / costs['lll']):.1f}% fewer, FLOP-ideal speedup {costs['ideal_speedup']:.2f}x")
+    print_planned_weights(family, plan)
     return 0
+
+
+def print_planned_weights(family, plan) -> None:
+    """The device weights of the plan's models per precision, before loading (bench/memory_plan.py): the
+    largest term of a run's memory; activations, buffers and workspaces are not planned yet."""
+    from flowblend.bench.memory_plan import GIB, planned_weights
+
+    used = tuple(m for m in family.models if m in plan.models)
+    for dtype in ("bf16", "fp8"):
+        weights = planned_weights(family, dtype, models=used)
+        terms = " + ".join(f"{m} {b / GIB:.2f}" for m, b in weights.items())
+        print(f"weights on the device, {dtype}: {terms} = {sum(weights.values()) / GIB:.2f} GiB "
+              "(activations, buffers and workspaces not included)")
