@@ -17,6 +17,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
     candidates.update({name + WITH_FP8_ATTENTION: (t, FP8_ATTENTION) for name, t in by_variant.items()})
     cosines = {name: [velocity_cosines(pair, by_variant["bf16"], t, lsl, prompt, seed, attention)
                       for prompt in prompts for seed in args.seeds] for name, (t, attention) in candidates.items()}
-    report = {"command": "python scripts/fp8_quality.py " + " ".join(argv if argv is not None else []),
+    report = {"command": "python scripts/fp8_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}", "prompts": prompts,
               "seeds": args.seeds, "steps": steps, "rows": rows,
               "velocity_cosine": {name: [sum(c[i] for c in cs) / len(cs) for i in range(steps)]
