@@ -26,9 +26,11 @@ class EngineChoice:
     compile: str | None = None  # PyTorch engines: none | regional | whole (None: the kind's default, engines/kinds.py)
     attention: str = "auto"  # PyTorch engines: the SDPA kernel (engines/attention.py)
     fp8_keep_blocks: int = 0  # --dtype fp8: the first and last N blocks stay BF16 (engines/fp8.py)
+    cfg: str = "batched"  # PyTorch engines: CFG as one batch-2 forward or two batch-1 (engines/cfg_modes.py)
 
     def __post_init__(self):
         from flowblend.engines.attention import ATTENTION_NAMES
+        from flowblend.engines.cfg_modes import check_cfg
         from flowblend.engines.compile import check_compile
         from flowblend.engines.kinds import check_kind_precision, engine_kind
 
@@ -43,6 +45,10 @@ class EngineChoice:
             check_compile(self.compile, self.compile_mode)
         if self.attention not in ATTENTION_NAMES:
             raise FlowblendError(f"unknown --attention {self.attention!r}: choose one of {', '.join(ATTENTION_NAMES)}")
+        check_cfg(self.cfg)
+        if self.cfg != "batched" and not kind.runs_transformers:
+            raise FlowblendError(f"--cfg {self.cfg} runs in PyTorch engines; --backend {self.backend} runs built "
+                                 "engines at their built batch: drop --cfg or use --backend torch")
         if self.fp8_keep_blocks < 0:
             raise FlowblendError(f"--fp8-keep-blocks must be >= 0, got {self.fp8_keep_blocks}")
 

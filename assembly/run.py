@@ -40,13 +40,15 @@ def load_models(family_name: str, choice: EngineChoice, large: str | None = None
 
 
 def engines_for(pair: LoadedPair, choice: EngineChoice, latent_shape, guidance: float, build: bool = False,
-                progress: bool = False) -> dict[str, Engine]:
+                progress: bool = False, keep_originals: bool = False) -> dict[str, Engine]:
     """The engines of `choice` at a latent shape and guidance; `build`: export (when the pair's transformers
-    are loaded) and build what the engine store lacks first, under the store's lock."""
+    are loaded) and build what the engine store lacks first, under the store's lock. FP8 replaces the pair's
+    weights it quantizes unless `keep_originals` (a caller comparing against them: bench, pipelines)."""
     if build and not choice.runs_transformers:
         _ensure_built(pair, choice, latent_shape, guidance, progress)
     options = {k: v for k, v in choice.to_dict().items() if k != "backend"}  # every engine option, unchanged
-    return factory.make_engines(choice.backend, pair, latent_shape=latent_shape, guidance=guidance, **options)
+    return factory.make_engines(choice.backend, pair, latent_shape=latent_shape, guidance=guidance,
+                                keep_originals=keep_originals, **options)
 
 
 def warm_up_compiled(pair: LoadedPair, engines: dict[str, Engine], choice: EngineChoice, latent_shape,

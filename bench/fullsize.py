@@ -57,6 +57,7 @@ class EngineOption:
     name: str
     compile: str = "none"  # engines/compile.py
     fp8: bool = False  # engines/fp8.py: block linears in FP8 (emulated off CUDA)
+    attention: str = "auto"  # engines/attention.py (fp8: torchao's FA3 FP8 SDPA, Hopper; refused elsewhere)
     first_call_factor: float = 1.0  # first calls (cold, then warm cache) / steady step, for the budget
 
     def make(self, model: torch.nn.Module, name: str):
@@ -64,13 +65,15 @@ class EngineOption:
             from flowblend.engines.fp8 import fp8_copy
 
             model = fp8_copy(model, emulate=next(model.parameters()).device.type != "cuda")
-        return TorchEngine(model, name=name, compile=self.compile)
+        return TorchEngine(model, name=name, compile=self.compile, attention=self.attention)
 
 
 # In the order they run: a stage that does not fit the budget is a TIMEOUT row, so the costliest
 # (whole-model compile: 110 s first call at 14B on the H200) goes last.
 FULLSIZE_OPTIONS = (EngineOption("eager"), EngineOption("regional", "regional", first_call_factor=4.0),
                   EngineOption("regional+fp8", "regional", fp8=True, first_call_factor=5.0),
+                  EngineOption("regional+fp8+fp8-attention", "regional", fp8=True, attention="fp8",
+                               first_call_factor=5.0),
                   EngineOption("whole", "whole", first_call_factor=24.0))
 FAST = "regional+fp8"  # the option the second blended loop runs under the whole-loop graph
 

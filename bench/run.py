@@ -70,6 +70,7 @@ class BenchOptions:
     compile: str | None = None  # PyTorch engines (flowblend.assembly.EngineChoice)
     attention: str = "auto"
     fp8_keep_blocks: int = 0
+    cfg: str = "batched"
     precision: str | None = None  # the --dtype name where it is not `dtype`'s own (fp8 computes in bfloat16)
     end_to_end: bool = True  # False where the pair has no real text encoder / VAE (scripts/gpu_bench.py)
     progress: bool = True
@@ -149,7 +150,8 @@ def engine_choice(backend: str, options: BenchOptions) -> EngineChoice:
     compile = "none" if backend == REFERENCE_KIND else options.compile
     return EngineChoice(backend=backend, device=options.device, dtype=options.precision or dtype_name(options.dtype),
                         artifacts=options.artifacts, compile_mode=options.compile_mode, compile=compile,
-                        attention=options.attention, fp8_keep_blocks=options.fp8_keep_blocks)
+                        attention=options.attention, fp8_keep_blocks=options.fp8_keep_blocks,
+                        cfg=options.cfg)
 
 
 def attention_of(choice: EngineChoice) -> str:
@@ -167,7 +169,7 @@ def bench_engines(backend: str, pair, options: BenchOptions, latent_shape, guida
         raise Unavailable("TensorRT needs a CUDA GPU (--device cuda)")
     try:
         return engines_for(pair, engine_choice(backend, options), latent_shape, guidance, build=True,
-                           progress=options.progress)
+                           progress=options.progress, keep_originals=True)  # every backend over the same pair
     except ImportError as exc:
         raise Unavailable(f"{backend} backend not importable here ({exc})") from None
     except FlowblendError as exc:

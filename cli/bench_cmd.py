@@ -48,7 +48,7 @@ def options_from_args(args) -> BenchOptions:
                         warmup=args.warmup, repeats=args.repeats,
                         overhead_repeats=args.overhead_repeats, device=args.device, dtype=torch_dtype(args.dtype),
                         artifacts=args.artifacts, compile_mode=args.compile_mode, compile=args.compile,
-                        attention=args.attention, fp8_keep_blocks=args.fp8_keep_blocks, precision=args.dtype,
+                        attention=args.attention, fp8_keep_blocks=args.fp8_keep_blocks, cfg=args.cfg, precision=args.dtype,
                         progress=not args.no_progress)
 
 

@@ -13,6 +13,7 @@ import os
 import sys
 
 from flowblend.engines.attention import ATTENTION_NAMES
+from flowblend.engines.cfg_modes import CFG_MODES
 from flowblend.engines.compile import COMPILE_MODES
 from flowblend.engines.factory import DTYPE_NAMES, check_dtype
 from flowblend.engines.kinds import EXPORT_PRECISIONS, precision
@@ -124,6 +125,9 @@ def _engine(p) -> None:
                         "PyTorch's choice on the CPU)")
     g.add_argument("--fp8-keep-blocks", type=int, default=0,
                    help="--dtype fp8: the first and last N transformer blocks stay BF16 (default 0)")
+    g.add_argument("--cfg", default="batched", choices=CFG_MODES,
+                   help="CFG as one batch-2 forward (batched, default) or two batch-1 forwards per step "
+                        "(sequential: the same numbers, half the activations)")
 
 
 def _artifacts(p) -> None:

@@ -24,7 +24,13 @@ FLOP_UNITS = ((1e15, "PFLOPs"), (1e12, "TFLOPs"), (1e9, "GFLOPs"), (1e6, "MFLOPs
 
 
 def register(p) -> None:
-    subscribe(p, "pair", "plan", "video", "guidance", "experts", "solver")
+    subscribe(p, "pair", "plan", "video", "guidance", "experts", "solver", "dtype", "engine")
+    p.add_argument("--memory", action="store_true",
+                   help="also print what the run holds on the device at its peak, term by term (planned before "
+                        "loading, on the meta device: seconds at 14B)")
+    p.add_argument("--device-memory", type=float, metavar="GIB",
+                   help="--memory, and say whether the run fits a GPU with this much memory (GiB; default: "
+                        "none, no verdict; compute capability 9.0 assumed for the BLAS workspaces)")
     p.set_defaults(func=run)
 
 
@@ -90,4 +96,21 @@ def run(args) -> int:
               f"{(end - start) * costs['per_step'][m] / scale:>10.3f}")
     print(f"total {format_flops(costs['total'])} vs {costs['reference']} {format_flops(costs['lll'])}: "
           f"{100 * (1 - costs['total'] / costs['lll']):.1f}% fewer, FLOP-ideal speedup {costs['ideal_speedup']:.2f}x")
+    if args.memory or args.device_memory is not None:
+        print_memory_plan(args, family, plan, latent_shape, solver, shift, mu, table)
     return 0
+
+
+def print_memory_plan(args, family, plan, latent_shape, solver, shift, mu, guidance) -> None:
+    """What the run holds on the device at its peak, term by term, before loading (bench/memory_plan.py)."""
+    from flowblend.bench.memory_plan import GIB, plan_for
+    from flowblend.runtime.solvers import make_solver_table
+
+    solver_table = make_solver_table(solver, len(plan), shift, mu, segments=plan.segments)
+    memory = plan_for(family, plan, latent_shape, solver_table, guidance, args.dtype, args.cfg, args.fp8_keep_blocks)
+    print(f"device memory at the peak, --dtype {args.dtype} --cfg {args.cfg} (planned before loading):")
+    for line in memory.lines():
+        print(line)
+    if args.device_memory is not None:
+        verdict = "fits" if memory.total <= args.device_memory * GIB else "does NOT fit"
+        print(f"{verdict} a {args.device_memory:g} GiB GPU")

@@ -73,7 +73,7 @@ def config_from_args(args):
     return ServeConfig(pair=args.pair, large=args.large, small=args.small, allow_download=args.allow_download,
                        backend=args.backend, device=args.device, dtype=args.dtype, artifacts=args.artifacts,
                        compile_mode=args.compile_mode, compile=args.compile, attention=args.attention,
-                       fp8_keep_blocks=args.fp8_keep_blocks,
+                       fp8_keep_blocks=args.fp8_keep_blocks, cfg=args.cfg,
                        build_engines=args.build_engines, graph=args.graph, plan=args.plan,
                        plan_file=args.plan_file, steps=args.steps,
                        frames=args.frames, height=args.height, width=args.width, guidance=args.guidance,

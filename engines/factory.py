@@ -53,12 +53,16 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def make_engines(backend: str, pair: LoadedModels, *, latent_shape, guidance: float, device: str = "cpu",
                  dtype: str = "fp32", artifacts: str = "artifacts", compile_mode: str | None = None,
-                 compile: str | None = None, attention: str = "auto", fp8_keep_blocks: int = 0) -> dict[str, Engine]:
-    """{'large': engine, 'small': engine} for `backend`; FlowblendError with the fix if it cannot run here."""
+                 compile: str | None = None, attention: str = "auto", fp8_keep_blocks: int = 0,
+                 cfg: str = "batched", keep_originals: bool = False) -> dict[str, Engine]:
+    """{'large': engine, 'small': engine} for `backend`; FlowblendError with the fix if it cannot run here.
+
+    A quantizing precision (FP8) replaces the pair's weights it quantizes, unless `keep_originals` (a
+    caller that compares against them: bench, a pipeline's own transformers) asks for a copy."""
     kind = engine_kind(backend)
     if kind.runs_transformers:
         return _torch_engines(pair, device, precision(dtype), kind.compile_for(device, compile), compile_mode,
-                              attention, fp8_keep_blocks)
+                              attention, fp8_keep_blocks, keep_originals, cfg)
     from .build import locate_pair_engines
 
     spec = pair.family.io_spec(latent_shape, guidance, dtype)
@@ -67,17 +71,19 @@ def make_engines(backend: str, pair: LoadedModels, *, latent_shape, guidance: fl
 
 
 def _torch_engines(pair: LoadedModels, device, prec, compile: str, compile_mode: str | None, attention: str,
-                   fp8_keep_blocks: int) -> dict:
-    """TorchEngines over the pair's transformers: moved to the device in the precision's dtype, quantized into
-    a copy where the precision has a quantizer (FP8), compiled as `compile` says (engines/compile.py)."""
+                   fp8_keep_blocks: int, keep_originals: bool, cfg: str = "batched") -> dict:
+    """TorchEngines over the pair's transformers: moved to the device in the precision's dtype, quantized (in
+    place, or into a copy when `keep_originals`) where the precision has a quantizer (FP8), compiled as
+    `compile` says (engines/compile.py)."""
     from .torch_engine import TorchEngine
 
     engines = {}
     for name, m in pair.transformers.items():
         model = _in_precision(m, device, prec.torch_dtype)
         if prec.quantizer:
-            model = prec.quantize_function()(model, device, fp8_keep_blocks)
-        engines[name] = TorchEngine(model, name=name, compile=compile, compile_mode=compile_mode, attention=attention)
+            model = prec.quantize_function()(model, device, fp8_keep_blocks, keep_original=keep_originals)
+        engines[name] = TorchEngine(model, name=name, compile=compile, compile_mode=compile_mode, attention=attention,
+                                    cfg=cfg)
     return engines
 
 

@@ -91,6 +91,7 @@ def blend_runner(transformers: dict[str, torch.nn.Module], plan: BlendPlan, opti
     # What the engines read of a pair (engines/factory.LoadedModels); the pipeline's own text encoder and VAE
     # encode and decode, so nothing else is loaded.
     pair = SimpleNamespace(family=get_family(family_name), transformers=used if choice.runs_transformers else {})
-    built = engines_for(pair, choice, latent_shape, max(options.guidance_for(len(plan))))
+    # keep_originals: the transformers are the user's pipeline's own, left as they were (FP8 quantizes a copy)
+    built = engines_for(pair, choice, latent_shape, max(options.guidance_for(len(plan))), keep_originals=True)
     sampler = sampler_for({name: e for name, e in built.items() if name in used}, plan, options, choice)
     return GraphRunner(sampler, mode=graph_mode)

@@ -9,7 +9,8 @@ eager vs whole-loop CUDA graph (replay == eager; loop == sum of its steps within
 LLL / LSL projection (labelled as one), the peak memory with the allocator history summarised at
 the peak, and Wan 2.2's second 14B expert beside the first (two 14B + 1.3B, ~60 GB) for one step
 each. Engine options (bench/fullsize.py FULLSIZE_OPTIONS): eager, regional compile, regional compile with
-FP8 linears (+ the attention each engine names), whole-model compile last. On CPU without --dry-run
+FP8 linears (+ the attention each engine names), the same with FP8 attention (--attention fp8, Hopper),
+whole-model compile last. On CPU without --dry-run
 every row is SKIPPED with its reason. Writes fullsize.json and
 fullsize.md into --out (bench/fullsize.py does the work).
 """

@@ -24,6 +24,7 @@ class ServeConfig:
     compile: str | None = None  # PyTorch engines: none | regional | whole (None: the kind's default)
     attention: str = "auto"  # PyTorch engines: the SDPA kernel (engines/attention.py)
     fp8_keep_blocks: int = 0  # --dtype fp8: first/last N blocks stay BF16
+    cfg: str = "batched"  # PyTorch engines: batched | sequential CFG (engines/cfg_modes.py)
     build_engines: bool = False  # compiled backends: build missing engines into the (shared) engine store
     graph: str = "none"  # CUDA graphs: none | whole (cancel takes effect at the end) | per-step
     plan: str | None = None  # default plan of requests without one (None: the family's); warmed at start
