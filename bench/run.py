@@ -352,8 +352,8 @@ def run_bench(pair, options: BenchOptions, baseline_rss: int | None = None) -> d
 
     eager = bench_engines(REFERENCE_KIND, pair, options, latent_shape, guidance)
     blended_plan = next((p for p in plans if p.count("small") and len(set(p.models)) > 1), plans[-1])
-    memory = memory_budget(pair, eager, blended_plan, sampler_kwargs, guidance, noise, options, PROMPT, baseline_rss,
-                           largest=family.models[0])
+    memory = memory_budget(pair, eager, blended_plan, sampler_kwargs, guidance, noise,
+                           engine_choice(REFERENCE_KIND, options), PROMPT, baseline_rss, largest=family.models[0])
 
     choices = BlendChoices(steps=options.steps, frames=frames, height=height, width=width, guidance=guidance,
                            boundary_ratio=options.boundary_ratio)  # each plan's request, resolved as generate's

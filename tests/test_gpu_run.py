@@ -199,7 +199,7 @@ def test_the_real_size_stage_runs_end_to_end_at_tiny_sizes(tmp_path):
     from flowblend.bench.fullsize import EngineOption
 
     fullsize = load_script("gpu_fullsize")
-    fullsize.FULLSIZE_OPTIONS = (EngineOption("eager"), EngineOption("eager+fp8", fp8=True))
+    fullsize.FULLSIZE_OPTIONS = (EngineOption("eager"), EngineOption("eager+fp8", {"dtype": "fp8"}))
     assert fullsize.main(["--out", str(tmp_path), "--dry-run", "--reps", "1"]) == 0
     stages = json.loads((tmp_path / "fullsize.json").read_text())["stages"]
     assert list(stages) == ["build", "step_large_eager", "step_small_eager", "step_large_eager+fp8",
