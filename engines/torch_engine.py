@@ -10,6 +10,7 @@ from .attention import choose_attention
 from .base import TIMESTEP, VELOCITY, check_bindings
 from .compile import CompiledStep, check_compile, inductor_options, with_compiled_blocks
 from .signature import signature_for, step_split_for
+from .step_cache import REUSE, CacheSchedule
 
 
 def _placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -59,6 +60,36 @@ class TorchEngine:
         # Bound inputs seen before -> their constants. The tensors are held, so identity means the
         # same buffers; the runtime writes a timestep table only when allocating it.
         self._constants_by_binding: list[tuple[tuple[torch.Tensor, ...], object]] = []
+        # cached steps (engines/step_cache.py): the plan's schedule for this engine, and a residual buffer per binding
+        self._cache = CacheSchedule({})
+        self._residual: torch.Tensor | None = None
+        self._residual_by_binding: list[tuple[tuple[torch.Tensor, ...], torch.Tensor]] = []
+
+    @property
+    def supports_step_cache(self) -> bool:
+        """Cached steps need the family's step split (plain Wan / LTX transformers, split_constants=True)."""
+        return self.step_split is not None and hasattr(self.step_split, "residual_buffer")
+
+    def set_cache_schedule(self, schedule: CacheSchedule) -> None:
+        """Which plan steps store / reuse the blocks' residual (the sampler sets it after binding, before the loop);
+        the residual buffer of the current binding is made here, never in a step."""
+        if schedule and not self.supports_step_cache:
+            raise ValueError(f"engine {self.name} runs the whole forward (no step split): it cannot cache steps")
+        self._cache = schedule
+        self._residual = self._residual_for(self._bound) if schedule else None
+
+    def _residual_for(self, bound: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = tuple(bound.values())
+        for seen, residual in self._residual_by_binding:
+            if all(a is b for a, b in zip(seen, inputs)):
+                return residual
+        residual = self.step_split.residual_buffer(bound)
+        self._residual_by_binding.append((inputs, residual))
+        return residual
+
+    def residual_bytes(self) -> int:
+        """Memory held by residual buffers over every binding so far (0 without cached steps)."""
+        return sum(r.numel() * r.element_size() for _, r in self._residual_by_binding)
 
     def bind(self, tensors: Mapping[str, torch.Tensor]) -> None:
         check_bindings(self.name, self.input_names + self.output_names, tensors)
@@ -69,6 +100,8 @@ class TorchEngine:
         self._velocity = tensors[VELOCITY]
         if self.step_split is not None:
             self._constants = self._constants_for(self._bound)
+        if self._cache:  # a new binding: its own residual buffer (made on the first bind of those buffers)
+            self._residual = self._residual_for(self._bound)
 
     def _constants_for(self, bound: dict[str, torch.Tensor]):
         inputs = tuple(bound.values())
@@ -87,7 +120,12 @@ class TorchEngine:
     def run(self, step: int) -> None:
         with self.attention.context():  # the attention kernel chosen for this engine (engines/attention.py)
             if self._constants is not None:
-                self._velocity.copy_(self.step_split(self._bound, self._constants, step))
+                action = self._cache.actions.get(step)  # fixed by the plan: a Python choice, never device data
+                if action is None:
+                    self._velocity.copy_(self.step_split(self._bound, self._constants, step))
+                else:
+                    self._velocity.copy_(self.step_split(self._bound, self._constants, step, self._residual,
+                                                         action == REUSE))
                 return
             args = list(self._inputs)
             args[self._timestep_pos] = self._timestep_table[step]
