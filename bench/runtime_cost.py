@@ -144,6 +144,7 @@ def memory_budget(pair, engines: dict, plan: BlendPlan, sampler_kwargs: dict, gu
     buffers = tensors_bytes([bufs.latents, bufs.model_input, bufs.text_embeds, bufs.text_mask, bufs.timestep_table,
                              bufs.velocity, bufs.guided, *bufs.state.values()])
     constants = {m: engines[m].constants_bytes() for m in pair.transformers}  # eager TorchEngines, see above
+    residuals = sum(getattr(engines[m], "residual_bytes", lambda: 0)() for m in pair.transformers)  # cached steps
     tracked = {}
     for region, run in (("forward", lambda: engines[largest].run(0)), ("blended", sampler.run_loop)):
         live = LiveTensorBytes() if device.type == "cpu" else contextlib.nullcontext()
@@ -151,15 +152,17 @@ def memory_budget(pair, engines: dict, plan: BlendPlan, sampler_kwargs: dict, gu
             run()
         tracked[region] = (peak, live)
     (forward, forward_live), (blended, blended_live) = tracked["forward"], tracked["blended"]
-    static = sum(weights.values()) + sum(constants.values()) + buffers
+    static = sum(weights.values()) + sum(constants.values()) + buffers + residuals
     if device.type == "cuda":
         activations, measured = forward.added, blended.allocated_peak
         what = "max_memory_allocated during the blended loop"
     else:
         activations, measured = forward_live.peak, static + blended_live.peak
         what = "weights + engine constants + buffers + peak live tensors created during the blended loop"
-    bound = MemoryBound(sum(weights.values()), sum(constants.values()), buffers, activations, held_before, workspace)
+    bound = MemoryBound(sum(weights.values()), sum(constants.values()), buffers, activations, held_before, workspace,
+                        residuals)
     return {"plan": plan.label, "weights_bytes": weights, "engine_constants_bytes": constants,
+            "cache_residual_bytes": residuals,
             "large_activations_bytes": activations, "held_before_bytes": held_before,
             "stream_workspace_bytes": workspace,
             "shared_buffers_bytes": buffers, "bound_bytes": bound.total, "measured_bytes": measured,

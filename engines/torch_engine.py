@@ -11,6 +11,7 @@ from .base import TIMESTEP, VELOCITY, check_bindings
 from .cfg_modes import check_cfg
 from .compile import CompiledStep, check_compile, inductor_options, with_compiled_blocks
 from .signature import signature_for, step_split_for
+from .step_cache import REUSE, CacheSchedule
 
 
 def _placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -60,12 +61,43 @@ class TorchEngine:
         # Bound inputs seen before -> their constants. The tensors are held, so identity means the
         # same buffers; the runtime writes a timestep table only when allocating it.
         self._constants_by_binding: list[tuple[tuple[torch.Tensor, ...], object]] = []
+        # cached steps (engines/step_cache.py): the plan's schedule for this engine, and a residual buffer per binding
+        self._cache = CacheSchedule({})
+        self._residual_by_binding: list[tuple[tuple[torch.Tensor, ...], torch.Tensor]] = []
+
+    @property
+    def supports_step_cache(self) -> bool:
+        """Cached steps need the family's step split (plain Wan / LTX transformers, split_constants=True)."""
+        return self.step_split is not None and hasattr(self.step_split, "residual_buffer")
+
+    def set_cache_schedule(self, schedule: CacheSchedule) -> None:
+        """Which plan steps store / reuse the blocks' residual (the sampler sets it after binding, before the loop);
+        the residual buffer of the current binding is made here, never in a step."""
+        if schedule and not self.supports_step_cache:
+            raise ValueError(f"engine {self.name} runs the whole forward (no step split): it cannot cache steps")
+        self._cache = schedule
+        self._set_residuals()
+
+    def _residual_for(self, bound: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = tuple(bound.values())
+        for seen, residual in self._residual_by_binding:
+            if all(a is b for a, b in zip(seen, inputs)):
+                return residual
+        residual = self.step_split.residual_buffer(bound)
+        self._residual_by_binding.append((inputs, residual))
+        return residual
+
+    def residual_bytes(self) -> int:
+        """Memory held by residual buffers over every binding so far (0 without cached steps)."""
+        return sum(r.numel() * r.element_size() for _, r in self._residual_by_binding)
 
     def bind(self, tensors: Mapping[str, torch.Tensor]) -> None:
         check_bindings(self.name, self.input_names + self.output_names, tensors)
         self._inputs = tuple(tensors[n] for n in self.input_names)  # the whole binding (tests, subclasses read it)
         self._velocity = tensors[VELOCITY]
         self._parts = self._parts_for(tensors)
+        if self._cache:  # a new binding: its own residual buffers (made on the first bind of those buffers)
+            self._set_residuals()
 
     def _parts_for(self, tensors: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """The bindings one run() computes: the whole batch, or (cfg sequential) one per batch row, as views
@@ -86,7 +118,11 @@ class TorchEngine:
         inputs = tuple(tensors[n] for n in self.input_names)
         bound = dict(zip(self.input_names, inputs))
         return {"inputs": inputs, "bound": bound, "timestep_table": tensors[TIMESTEP], "velocity": tensors[VELOCITY],
-                "constants": self._constants_for(bound) if self.step_split is not None else None}
+                "constants": self._constants_for(bound) if self.step_split is not None else None, "residual": None}
+
+    def _set_residuals(self) -> None:
+        for part in self._parts:  # one residual per forward: the CFG batch, or each row under cfg sequential
+            part["residual"] = self._residual_for(part["bound"]) if self._cache else None
 
     def _constants_for(self, bound: dict[str, torch.Tensor]):
         inputs = tuple(bound.values())
@@ -106,7 +142,12 @@ class TorchEngine:
         with self.attention.context():  # the attention kernel chosen for this engine (engines/attention.py)
             for part in self._parts:  # one forward, or one per CFG row (cfg sequential: half the activations)
                 if part["constants"] is not None:
-                    part["velocity"].copy_(self.step_split(part["bound"], part["constants"], step))
+                    action = self._cache.actions.get(step)  # fixed by the plan: a Python choice, never device data
+                    if action is None:
+                        part["velocity"].copy_(self.step_split(part["bound"], part["constants"], step))
+                    else:
+                        part["velocity"].copy_(self.step_split(part["bound"], part["constants"], step,
+                                                               part["residual"], action == REUSE))
                     continue
                 args = list(part["inputs"])
                 args[self._timestep_pos] = part["timestep_table"][step]
