@@ -107,7 +107,9 @@ class LtxStep(nn.Module):
                                       temb=temb, image_rotary_emb=rotary, encoder_attention_mask=encoder_attention_mask)
             return hidden_states
 
-        hidden_states = run_blocks(hidden_states, blocks, residual, reuse)
+        held = [hidden_states]
+        del hidden_states  # run_blocks holds the only reference
+        hidden_states = run_blocks(held, blocks, residual, reuse)
 
         scale_shift_values = model.scale_shift_table[None, None] + embedded_timestep[:, :, None]
         shift, scale = scale_shift_values[:, :, 0], scale_shift_values[:, :, 1]

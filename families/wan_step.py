@@ -101,7 +101,9 @@ class WanStep(nn.Module):
                 hidden_states = block(hidden_states, encoder_hidden_states, timestep_proj, rotary)
             return hidden_states
 
-        hidden_states = run_blocks(hidden_states, blocks, residual, reuse)
+        held = [hidden_states]
+        del hidden_states  # run_blocks holds the only reference
+        hidden_states = run_blocks(held, blocks, residual, reuse)
 
         shift, scale = (model.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
         shift, scale = shift.to(hidden_states.device), scale.to(hidden_states.device)
