@@ -3,8 +3,12 @@ into a ready run (run.py: pair -> engines -> Sampler -> GraphRunner -> TextToVid
 from .choice import ENGINE_OPTIONS, EngineChoice
 from .run import (
     AssembledRun,
+    TransformersOnly,
+    as_loaded,
     assemble,
+    eager_choice,
     engines_for,
+    engines_over,
     load_models,
     pipeline_for,
     runner_for,
@@ -12,5 +16,6 @@ from .run import (
     warm_up_compiled,
 )
 
-__all__ = ["ENGINE_OPTIONS", "AssembledRun", "EngineChoice", "assemble", "engines_for", "load_models", "pipeline_for",
-           "runner_for", "sampler_for", "warm_up_compiled"]
+__all__ = ["ENGINE_OPTIONS", "AssembledRun", "EngineChoice", "TransformersOnly", "as_loaded", "assemble",
+           "eager_choice", "engines_for", "engines_over", "load_models", "pipeline_for", "runner_for", "sampler_for",
+           "warm_up_compiled"]

@@ -34,13 +34,18 @@ class EngineChoice:
                                         "or none (default: regional on CUDA, none on the CPU; whole for --backend "
                                         "torch-compile)", choices=lambda: _compile_modes(), group="engine")
     attention: str = setting("auto", "the attention kernel (default auto: cuDNN on Hopper and newer, flash on "
-                                     "Ampere/Ada, PyTorch's choice on the CPU)", choices=lambda: _attention_names(),
+                                     "Ampere/Ada, PyTorch's choice on the CPU; fp8: torchao's FA3 FP8 SDPA on Hopper, "
+                                     "fp8-emulated: its arithmetic in FP32 anywhere)", choices=lambda: _attention_names(),
                              group="engine")
     fp8_keep_blocks: int = setting(0, "--dtype fp8: the first and last N transformer blocks stay BF16 (default 0)",
                                    type=int, group="engine")
+    cfg: str = setting("batched", "CFG as one batch-2 forward (batched) or two batch-1 forwards per step "
+                             "(sequential: half the activations, the same numbers; PyTorch engines only)",
+                       choices=lambda: _cfg_modes(), group="engine")
 
     def __post_init__(self):
         from flowblend.engines.attention import ATTENTION_NAMES
+        from flowblend.engines.cfg_modes import check_cfg
         from flowblend.engines.compile import check_compile
         from flowblend.engines.kinds import check_kind_precision, engine_kind
 
@@ -55,6 +60,10 @@ class EngineChoice:
             check_compile(self.compile, self.compile_mode)
         if self.attention not in ATTENTION_NAMES:
             raise FlowblendError(f"unknown --attention {self.attention!r}: choose one of {', '.join(ATTENTION_NAMES)}")
+        check_cfg(self.cfg)
+        if self.cfg != "batched" and not kind.runs_transformers:
+            raise FlowblendError(f"--cfg {self.cfg} runs in PyTorch engines; --backend {self.backend} runs built "
+                                 "engines at their built batch: drop --cfg or use --backend torch")
         if self.fp8_keep_blocks < 0:
             raise FlowblendError(f"--fp8-keep-blocks must be >= 0, got {self.fp8_keep_blocks}")
 
@@ -91,6 +100,12 @@ def _compile_modes() -> tuple[str, ...]:
     from flowblend.engines.compile import COMPILE_MODES
 
     return tuple(COMPILE_MODES)
+
+
+def _cfg_modes() -> tuple[str, ...]:
+    from flowblend.engines.cfg_modes import CFG_MODES
+
+    return tuple(CFG_MODES)
 
 
 def _attention_names() -> tuple[str, ...]:

@@ -57,6 +57,12 @@ def step_cost(transformer_class: str, config: dict, latent_shape, text_len: int,
     return forward_cost(transformer_class, config, latent_shape, text_len, convention) * (2 if cfg else 1)
 
 
+def cached_step_flops(transformer_class: str, config: dict, latent_shape, text_len: int, cfg: bool) -> float:
+    """FLOPs of a cached step (engines/step_cache.py): the forward without its repeated blocks (embeddings, head)."""
+    macs = forward_macs(transformer_class, config, latent_shape, text_len)
+    return 2.0 * (macs["projections"] + macs["attention"] - macs.get("blocks", 0.0)) * (2 if cfg else 1)
+
+
 def plan_cost(models, per_step: dict[str, float]) -> float:
     """Cost of a per-step model list (a BlendPlan's `models`): sum of the running model's step cost."""
     return float(sum(per_step[m] for m in models))

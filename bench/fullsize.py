@@ -16,9 +16,10 @@ from collections.abc import Callable
 
 import torch
 
-from flowblend.engines.torch_engine import TorchEngine
+from flowblend.assembly import EngineChoice, eager_choice, engines_over, runner_for, sampler_for
+from flowblend.errors import FlowblendError
 from flowblend.runtime.plan import EXPERTS_AND_SMALL, BlendPlan
-from flowblend.runtime.sampler import Sampler, SamplerOptions
+from flowblend.runtime.sampler import SamplerOptions
 
 from .cuda_memory import peak_attribution
 
@@ -52,26 +53,48 @@ def random_transformer(config: dict, device, dtype: torch.dtype, seed: int, fami
 
 @dataclasses.dataclass(frozen=True)
 class EngineOption:
-    """One way to run a PyTorch transformer; the stage times every model under every option."""
+    """A named engine option the stage times every model under: eager PyTorch engines on the stage's device and
+    dtype with the `EngineChoice` fields in `engine` set (assembly/choice.py declares them; "dtype": "fp8" is
+    FP8 block linears, engines/fp8.py, emulated off CUDA), made by the one assembly (assembly/run.py)."""
 
     name: str
-    compile: str = "none"  # engines/compile.py
-    fp8: bool = False  # engines/fp8.py: block linears in FP8 (emulated off CUDA)
+    engine: dict = dataclasses.field(default_factory=dict, hash=False)  # EngineChoice fields: compile, dtype
     first_call_factor: float = 1.0  # first calls (cold, then warm cache) / steady step, for the budget
 
-    def make(self, model: torch.nn.Module, name: str):
-        if self.fp8:
-            from flowblend.engines.fp8 import fp8_copy
+    @property
+    def compile(self) -> str:
+        return self.engine.get("compile", "none")
 
-            model = fp8_copy(model, emulate=next(model.parameters()).device.type != "cuda")
-        return TorchEngine(model, name=name, compile=self.compile)
+    @property
+    def fp8(self) -> bool:
+        """Whether the option quantizes (the FP8 precision's block linears): its results meet FP8's bounds."""
+        from flowblend.engines.kinds import precision
+
+        return "dtype" in self.engine and precision(self.engine["dtype"]).quantizer is not None
+
+    def choice(self, device: torch.device, dtype: torch.dtype) -> EngineChoice:
+        """The EngineChoice of this option at the stage's device and dtype; FlowblendError where it cannot run."""
+        from flowblend.engines.iospec import dtype_name
+        from flowblend.engines.kinds import precision
+
+        choice = dataclasses.replace(eager_choice(device, dtype_name(dtype)), **self.engine)
+        if precision(choice.dtype).torch_dtype != dtype:  # the factory would cast the stage's own models
+            raise FlowblendError(f"engine option {self.name} computes in {precision(choice.dtype).torch_dtype}, "
+                                 f"the stage's models are {dtype}: run the stage in that dtype")
+        return choice
+
+    def make(self, models: dict[str, torch.nn.Module], device: torch.device, dtype: torch.dtype) -> dict:
+        """This option's engines over `models` (model name -> transformer), by the one assembly."""
+        return engines_over(models, self.choice(device, dtype), keep_originals=True)  # compared with BF16
 
 
 # In the order they run: a stage that does not fit the budget is a TIMEOUT row, so the costliest
 # (whole-model compile: 110 s first call at 14B on the H200) goes last.
-FULLSIZE_OPTIONS = (EngineOption("eager"), EngineOption("regional", "regional", first_call_factor=4.0),
-                  EngineOption("regional+fp8", "regional", fp8=True, first_call_factor=5.0),
-                  EngineOption("whole", "whole", first_call_factor=24.0))
+FULLSIZE_OPTIONS = (EngineOption("eager"), EngineOption("regional", {"compile": "regional"}, first_call_factor=4.0),
+                    EngineOption("regional+fp8", {"compile": "regional", "dtype": "fp8"}, first_call_factor=5.0),
+                    EngineOption("regional+fp8+fp8-attention", {"compile": "regional", "dtype": "fp8", "attention": "fp8"},
+                                 first_call_factor=5.0),
+                    EngineOption("whole", {"compile": "whole"}, first_call_factor=24.0))
 FAST = "regional+fp8"  # the option the second blended loop runs under the whole-loop graph
 
 
@@ -188,10 +211,9 @@ class FullsizeStage:
             out["allocated_gib"] = torch.cuda.memory_allocated(self.s.device) / 2**30
         return out
 
-    def first_call(self, model: str, engine) -> tuple:
+    def first_call(self, model: str, engine, choice: EngineChoice) -> tuple:
         """(the engine's bound buffers, seconds of its first step): compilation happens here."""
-        sampler = Sampler({model: engine}, BlendPlan(tuple([model] * 2)), sampler_options(), device=self.s.device,
-                          dtype=self.s.dtype)
+        sampler = sampler_for({model: engine}, BlendPlan(tuple([model] * 2)), sampler_options(), choice)
         noise, text = request(self.s)
         bufs = sampler.load_request(noise, *text)
         begun = time.monotonic()
@@ -200,13 +222,13 @@ class FullsizeStage:
         return bufs, time.monotonic() - begun
 
     def per_step(self, model: str, option: EngineOption) -> dict:
-        from flowblend.errors import FlowblendError
-
+        make = lambda: option.make({model: self.models[model]}, self.s.device, self.s.dtype)[model]  # noqa: E731
         try:
-            engine = option.make(self.models[model], model)
+            engine = make()
         except FlowblendError as refused:  # e.g. FP8 on a GPU without FP8 tensor cores: its one line
             return {"status": "skipped", "reason": str(refused)}
-        bufs, first = self.first_call(model, engine)
+        choice = option.choice(self.s.device, self.s.dtype)
+        bufs, first = self.first_call(model, engine, choice)
         times = timed_s(lambda: engine.run(1), self.s.device, self.s.reps)
         self.step_s[model, option.name] = min(times)
         velocity = bufs.velocity.detach().float().flatten()
@@ -217,7 +239,7 @@ class FullsizeStage:
             # The same option again as a restarted process would meet it: dynamo's in-memory cache cleared
             # (it would serve the new engine without compiling), inductor's compiled graphs cached from the first.
             torch._dynamo.reset()
-            out["first_call_warm_cache_s"] = round(self.first_call(model, option.make(self.models[model], model))[1], 3)
+            out["first_call_warm_cache_s"] = round(self.first_call(model, make(), choice)[1], 3)
             out["first_call_cold_cache"] = "a fresh TORCHINDUCTOR_CACHE_DIR (scripts/gpu_fullsize.py)"
         if option.name == "eager":
             self.velocity[model] = velocity.clone()
@@ -232,16 +254,14 @@ class FullsizeStage:
     def loop(self, option: EngineOption) -> dict:
         """The 3-step blended loop eagerly vs in the whole-loop graph: replay == the same engines' eager
         loop; loop time == the sum of its steps; under FP8, final latents vs the BF16 eager loop's."""
-        from flowblend.errors import FlowblendError
-        from flowblend.runtime.graph import GraphRunner
-
         plan = BlendPlan.parse(LOOP_PLAN, 3)
         try:
-            engines = {m: option.make(self.models[m], m) for m in set(plan.models)}
+            engines = option.make({m: self.models[m] for m in set(plan.models)}, self.s.device, self.s.dtype)
         except FlowblendError as refused:
             return {"status": "skipped", "reason": str(refused)}
+        choice = option.choice(self.s.device, self.s.dtype)
         noise, text = request(self.s)
-        eager = Sampler(engines, plan, sampler_options(), device=self.s.device, dtype=self.s.dtype)
+        eager = sampler_for(engines, plan, sampler_options(), choice)
         snapshot = MemoryHistory(self.s.device)
         with snapshot:
             reference = eager.sample(noise, *text)
@@ -268,8 +288,7 @@ class FullsizeStage:
         if self.s.device.type != "cuda":
             out["graph"] = "skipped: CUDA graphs need a GPU"
             return out
-        runner = GraphRunner(Sampler(engines, plan, sampler_options(), device=self.s.device, dtype=self.s.dtype),
-                             mode="whole")
+        runner = runner_for(sampler_for(engines, plan, sampler_options(), choice), mode="whole")
         begun = time.monotonic()
         replayed = runner.sample(noise, *text)
         sync(self.s.device)
@@ -307,8 +326,9 @@ class FullsizeStage:
         low = random_transformer(configs["low"], self.s.device, self.s.dtype, seed=7)
         models = {"high": self.models["large"], "low": low, "small": self.models["small"]}
         plan = BlendPlan(("high", "small", "low"), model_set=EXPERTS_AND_SMALL)
-        engines = {m: TorchEngine(models[m], name=m) for m in plan.models}
-        sampler = Sampler(engines, plan, sampler_options(), device=self.s.device, dtype=self.s.dtype)
+        eager = EngineOption("eager")
+        engines = eager.make({m: models[m] for m in plan.models}, self.s.device, self.s.dtype)
+        sampler = sampler_for(engines, plan, sampler_options(), eager.choice(self.s.device, self.s.dtype))
         noise, text = request(self.s)
         sampler.load_request(noise, *text)
         out = {"status": "pass", "step_s": {}}

@@ -205,7 +205,9 @@ class MemoryBound:
 
     `held_before` is what was allocated when the measurement began beyond the models' weights and
     constants (the caller's request tensors, the workspaces of streams that already ran); `stream
-    workspaces` are those of the streams the loop runs on for the first time (blas_workspace_bytes).
+    workspaces` are those of the streams the loop runs on for the first time (blas_workspace_bytes);
+    `cache_residuals` the residual buffers of models with cached steps (engines/step_cache.py: one per
+    model at its CFG batch, tokens x block width).
     """
 
     weights: int
@@ -214,8 +216,9 @@ class MemoryBound:
     activations: int
     held_before: int = 0
     stream_workspaces: int = 0
+    cache_residuals: int = 0
 
     @property
     def total(self) -> int:
         return (self.weights + self.engine_constants + self.shared_buffers + self.activations + self.held_before
-                + self.stream_workspaces)
+                + self.stream_workspaces + self.cache_residuals)

@@ -26,7 +26,7 @@ def resolve_plans(specs, plan_files, steps: int, model_set: ModelSet | None = No
         plan = BlendPlan.from_json(Path(path).read_text())
         if len(plan) != steps:
             raise FlowblendError(f"plan file {path} has {len(plan)} steps but the run has {steps}: pass --steps {len(plan)}")
-        plans.append(BlendPlan(plan.models, plan.spec, model_set))
+        plans.append(BlendPlan(plan.models, plan.spec, model_set, plan.segments, plan.guidance, plan.cached))
     return plans
 
 

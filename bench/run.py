@@ -164,7 +164,7 @@ def bench_engines(backend: str, pair, options: BenchOptions, latent_shape, guida
         raise Unavailable("TensorRT needs a CUDA GPU (--device cuda)")
     try:
         return engines_for(pair, options.choice_for(backend), latent_shape, guidance, build=True,
-                           progress=options.progress)
+                           progress=options.progress, keep_originals=True)  # every backend over the same pair
     except ImportError as exc:
         raise Unavailable(f"{backend} backend not importable here ({exc})") from None
     except FlowblendError as exc:
@@ -348,8 +348,8 @@ def run_bench(pair, options: BenchOptions, baseline_rss: int | None = None) -> d
 
     eager = bench_engines(REFERENCE_KIND, pair, options, latent_shape, guidance)
     blended_plan = next((p for p in plans if p.count("small") and len(set(p.models)) > 1), plans[-1])
-    memory = memory_budget(pair, eager, blended_plan, sampler_kwargs, guidance, noise, options, PROMPT, baseline_rss,
-                           largest=family.models[0])
+    memory = memory_budget(pair, eager, blended_plan, sampler_kwargs, guidance, noise,
+                           options.choice_for(REFERENCE_KIND), PROMPT, baseline_rss, largest=family.models[0])
 
     choices = BlendChoices(steps=options.steps, frames=frames, height=height, width=width, guidance=guidance,
                            boundary_ratio=options.boundary_ratio)  # each plan's request, resolved as generate's

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from flowblend.engines.torch_engine import TorchEngine
+from flowblend.assembly import EngineChoice, as_loaded, engines_over, sampler_for
 from flowblend.runtime.plan import BlendPlan
 from flowblend.runtime.sampler import Sampler, SamplerOptions
 from flowblend.runtime.solvers import scheduler_for
@@ -44,8 +44,8 @@ def measure_overhead(modules: dict, plan: BlendPlan, sampler_kwargs: dict, guida
     the schedule constants once per binding (families/wan_step.py, ltx_step.py; what a user gets).
     """
     sampler_options = SamplerOptions(guidance_scale=guidance, **sampler_kwargs)
-    samplers = {split: Sampler({m: TorchEngine(module, name=m, split_constants=split) for m, module in modules.items()},
-                               plan, sampler_options, device=device)
+    choice = as_loaded(modules, device)  # eager engines over the modules as they are: nothing moved or cast
+    samplers = {split: sampler_for(engines_over(modules, choice, split_constants=split), plan, sampler_options)
                 for split in (False, True)}
     gen = torch.Generator("cpu").manual_seed(0)
     noise = torch.randn((1, *latent_shape), generator=gen).to(device)
@@ -116,8 +116,8 @@ def tiny_wan_overhead(repeats: int, sampler_kwargs: dict, guidance: float, steps
 
 
 @torch.no_grad()
-def memory_budget(pair, engines: dict, plan: BlendPlan, sampler_kwargs: dict, guidance: float, noise, options,
-                  prompt: str, baseline_rss: int | None, largest: str = "large") -> dict:
+def memory_budget(pair, engines: dict, plan: BlendPlan, sampler_kwargs: dict, guidance: float, noise,
+                  choice: EngineChoice, prompt: str, baseline_rss: int | None, largest: str = "large") -> dict:
     """The blended run's peak against weights of every model + the `largest` model's activations + buffers.
 
     Taken before any other backend exists (a compiler's own memory is not the runtime's), over the
@@ -128,7 +128,7 @@ def memory_budget(pair, engines: dict, plan: BlendPlan, sampler_kwargs: dict, gu
     the weights (the caller's tensors, workspaces of streams already used), and the BLAS workspace the
     loop's own stream allocates on its first matmul (blas_workspace_bytes).
     """
-    device = torch.device(options.device)
+    device = torch.device(choice.device)  # `choice`: the eager engines' (bench/run.engine_choice)
     rss_loaded = current_rss_bytes()  # models loaded, no buffers yet
     weights = {m: module_bytes(t) for m, t in pair.transformers.items()}
     held_before, workspace = 0, 0
@@ -137,14 +137,14 @@ def memory_budget(pair, engines: dict, plan: BlendPlan, sampler_kwargs: dict, gu
         held_before = (torch.cuda.memory_allocated(device) - sum(weights.values())
                        - sum(engines[m].constants_bytes() for m in pair.transformers))
         workspace = blas_workspace_bytes(torch.cuda.get_device_capability(device))  # the new Sampler's own stream
-    sampler = Sampler(engines, plan,
-                      SamplerOptions(guidance_scale=guidance, **sampler_kwargs), device=device, dtype=options.dtype)
+    sampler = sampler_for(engines, plan, SamplerOptions(guidance_scale=guidance, **sampler_kwargs), choice)
     embeds, mask = pair.encode_prompt([prompt, ""])
     masks = {} if mask is None else {"prompt_mask": mask[0:1], "negative_prompt_mask": mask[1:2]}
     bufs = sampler.load_request(noise, embeds[0:1], embeds[1:2], **masks)
     buffers = tensors_bytes([bufs.latents, bufs.model_input, bufs.text_embeds, bufs.text_mask, bufs.timestep_table,
                              bufs.velocity, bufs.guided, *bufs.state.values()])
     constants = {m: engines[m].constants_bytes() for m in pair.transformers}  # eager TorchEngines, see above
+    residuals = sum(getattr(engines[m], "residual_bytes", lambda: 0)() for m in pair.transformers)  # cached steps
     tracked = {}
     for region, run in (("forward", lambda: engines[largest].run(0)), ("blended", sampler.run_loop)):
         live = LiveTensorBytes() if device.type == "cpu" else contextlib.nullcontext()
@@ -152,15 +152,17 @@ def memory_budget(pair, engines: dict, plan: BlendPlan, sampler_kwargs: dict, gu
             run()
         tracked[region] = (peak, live)
     (forward, forward_live), (blended, blended_live) = tracked["forward"], tracked["blended"]
-    static = sum(weights.values()) + sum(constants.values()) + buffers
+    static = sum(weights.values()) + sum(constants.values()) + buffers + residuals
     if device.type == "cuda":
         activations, measured = forward.added, blended.allocated_peak
         what = "max_memory_allocated during the blended loop"
     else:
         activations, measured = forward_live.peak, static + blended_live.peak
         what = "weights + engine constants + buffers + peak live tensors created during the blended loop"
-    bound = MemoryBound(sum(weights.values()), sum(constants.values()), buffers, activations, held_before, workspace)
+    bound = MemoryBound(sum(weights.values()), sum(constants.values()), buffers, activations, held_before, workspace,
+                        residuals)
     return {"plan": plan.label, "weights_bytes": weights, "engine_constants_bytes": constants,
+            "cache_residual_bytes": residuals,
             "large_activations_bytes": activations, "held_before_bytes": held_before,
             "stream_workspace_bytes": workspace,
             "shared_buffers_bytes": buffers, "bound_bytes": bound.total, "measured_bytes": measured,

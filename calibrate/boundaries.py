@@ -295,7 +295,7 @@ def calibrate_plan(pair, prompts, seeds, setup, metrics, tolerance: float = 0.1,
                    max_rounds: int = 4, engines: dict | None = None, progress: bool = False) -> CalibrationResult:
     """Measure divergence on (prompts x seeds), seed a plan from it, search the cheapest plan within
     `tolerance` of LLL quality, then check it on held-out prompts/seeds and at `reduced_steps`."""
-    from flowblend.engines.torch_engine import TorchEngine
+    from flowblend.assembly import as_loaded, engines_over
 
     from .divergence import make_requests, measure_divergence
 
@@ -305,7 +305,7 @@ def calibrate_plan(pair, prompts, seeds, setup, metrics, tolerance: float = 0.1,
         check_stage_steps(reduced_steps)
     if radius is not None and radius < 1:
         raise FlowblendError(f"--radius {radius} must be >= 1 step: it is how far the search moves a boundary")
-    engines = engines or {name: TorchEngine(m, name=name) for name, m in pair.transformers.items()}
+    engines = engines or engines_over(pair.transformers, as_loaded(pair.transformers))  # eager, as loaded
     requests = make_requests(pair.encode_prompt, prompts, seeds, setup.latent_shape)
     heldout = make_requests(pair.encode_prompt, heldout_prompts, heldout_seeds or seeds, setup.latent_shape) \
         if heldout_prompts else []

@@ -3,7 +3,7 @@
 For a two-expert pair (wan22) the trajectory is the experts' own plan and the small model is
 compared, at every step, with whichever expert runs that step (with that expert's CFG scale).
 
-Driven on the runtime itself: one Sampler runs the large-only plan over TorchEngines bound to its
+Driven on the runtime itself: one Sampler (assembly's sampler_for) runs the large-only plan over TorchEngines bound to its
 shared buffers, and at every step, before the solver update, the small engine is run on the very
 same latent, timestep and text (`Sampler.evaluate(i, "small")`), then the large one
 (`Sampler.evaluate(i)`), whose velocity the solver then uses (`Sampler.advance(i)`). So the
@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flowblend.assembly import sampler_for
 from flowblend.atomic import write_atomic
 from flowblend.errors import FlowblendError
 from flowblend.runtime.guidance import expert_schedule_for, guidance_table
@@ -68,7 +69,7 @@ class SamplingSetup:
     def sampler(self, engines: dict, plan: BlendPlan) -> Sampler:
         table = guidance_table(plan, self.guidance, dict(self.scales), self.experts())
         options = SamplerOptions(self.solver, self.shift, self.guidance, self.mu, guidance_table=table)
-        return Sampler(engines, plan, options=options)
+        return sampler_for(engines, plan, options)  # on the engines' own device and dtype
 
     def with_steps(self, steps: int) -> "SamplingSetup":
         return replace(self, steps=steps)

@@ -97,13 +97,13 @@ def resolve_setup(args, family):
                          tuple(family.models), tuple(family.letters))
 
 
-def _load(args, family):
-    from flowblend.engines.torch_engine import TorchEngine
-    from flowblend.families import load_pair
+def _load(args, family, setup):
+    """The pair in FP32 on --device and its eager engines, through the one assembly (assembly/run.py)."""
+    from flowblend.assembly import eager_choice, engines_for, load_models
 
-    pair = load_pair(family.name, args.large, args.small, device=args.device, allow_download=args.allow_download)
-    engines = {name: TorchEngine(m, name=name) for name, m in pair.transformers.items()}
-    return pair, engines
+    choice = eager_choice(args.device)
+    pair = load_models(family.name, choice, args.large, args.small, args.allow_download)
+    return pair, engines_for(pair, choice, setup.latent_shape, setup.guidance)
 
 
 def run_divergence(args) -> int:
@@ -113,7 +113,7 @@ def run_divergence(args) -> int:
     family = family_of(args)
     setup = resolve_setup(args, family)
     prompts = resolve_prompts(args, family)
-    pair, engines = _load(args, family)
+    pair, engines = _load(args, family, setup)
     requests = make_requests(pair.encode_prompt, prompts, args.seeds, setup.latent_shape)
     curve, _ = measure_divergence(engines, requests, setup, progress=not args.no_progress)
     out = Path(args.out_dir)
@@ -157,7 +157,7 @@ def run_plan(args) -> int:
     metric = args.metric or ("toy" if family.name == "toy" else "dino")
     metrics = QualityMetrics(metric, MetricSources(args.dino, args.clip, args.inception, args.fvd_extractor),
                              toy=family.name == "toy")  # loads weights now: a missing one fails before sampling
-    pair, engines = _load(args, family)
+    pair, engines = _load(args, family, setup)
     result = calibrate_plan(pair, prompts, args.seeds, setup, metrics, args.tolerance, args.threshold, args.radius,
                             heldout, heldout_seeds, args.reduced_steps, engines=engines, progress=not args.no_progress)
     command = "flowblend " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["calibrate"] else ""

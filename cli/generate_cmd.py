@@ -59,6 +59,20 @@ def resolved_of(args) -> ResolvedRequest:
     return resolve_request(family_of(args), choices_of(args), read_prompts(args), args.negative_prompt, args.seed)
 
 
+def check_memory(request, resolved, choice) -> None:
+    """Refuse, before loading, a run of PyTorch engines on a GPU that its memory plan says cannot fit."""
+    from flowblend.bench.memory_plan import check_fits, device_capacity
+    from flowblend.runtime.solvers import make_solver_table
+
+    capacity = device_capacity(choice.device) if choice.runs_transformers else None
+    if capacity is None:
+        return
+    o = resolved.options
+    table = make_solver_table(o.solver, len(request.plan), o.shift, o.mu, segments=request.plan.segments)
+    check_fits(request.family, request.plan, request.latent_shape, table, resolved.guidance_per_step, choice.dtype,
+               choice.cfg, choice.fp8_keep_blocks, *capacity)
+
+
 def run(args) -> int:
     resolved = resolved_of(args)
     request, experts, guidance_table = resolved.request, resolved.experts, resolved.guidance_per_step
@@ -69,6 +83,7 @@ def run(args) -> int:
     from flowblend.runtime.video import save_video
 
     choice = EngineChoice.of(args)
+    check_memory(request, resolved, choice)  # before anything loads: refused in one line if it cannot fit
     assembled = assemble(request.family.name, request.latent_shape, request.plan, resolved.options, choice,
                          graph=args.graph, large=args.large, small=args.small, allow_download=args.allow_download)
     pair, pipe = assembled.pair, assembled.pipeline

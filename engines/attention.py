@@ -4,10 +4,10 @@ On the H200 (docs/gpu-runs/2026-12-04-h200/fullsize.json) SDPA at the Wan 14B at
 cuDNN attention at 572 TFLOP/s against flash attention's 367: on Hopper and newer, FP16/BF16 (and
 FP8-linear engines, whose attention stays BF16) take cuDNN; Ampere/Ada take flash; FP32 on CUDA
 takes memory-efficient attention (neither cuDNN's nor flash's kernels take FP32); the CPU keeps
-PyTorch's own choice. FP8 attention is not used yet: cuDNN's FP8 SDPA exists for Hopper (cuDNN
-frontend `sdpa_fp8`, docs.nvidia.com/deeplearning/cudnn/frontend/latest/operations/Attention.html
-support matrix) but runs outside torch's dispatcher, needs a static softmax scale calibrated per
-model, and its capture inside our whole-loop graph has not been run on a GPU (docs/STATUS.md).
+PyTorch's own choice. FP8 attention is asked for, never automatic: `fp8` (torchao's FlashAttention-3
+FP8 SDPA, Hopper only, refused in one line elsewhere) and `fp8-emulated` (its exact arithmetic in FP32,
+any device: the CPU's quality check); engines/fp8_attention.py says why that library. Its capture inside
+our whole-loop graph has not been run on a GPU (docs/STATUS.md).
 """
 from __future__ import annotations
 
@@ -18,14 +18,15 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # the names are read by argument checks before torch loads
     import torch
 
-ATTENTION_NAMES = ("auto", "cudnn", "flash", "efficient", "math", "default")
+ATTENTION_NAMES = ("auto", "cudnn", "flash", "efficient", "math", "default", "fp8", "fp8-emulated")
+FP8_NAMES = ("fp8", "fp8-emulated")  # engines/fp8_attention.py
 
 
 @dataclass(frozen=True)
 class AttentionChoice:
     """One SDPA backend (or PyTorch's default choice) and why it was taken."""
 
-    name: str  # cudnn | flash | efficient | math | default
+    name: str  # cudnn | flash | efficient | math | default | fp8 | fp8-emulated
     reason: str
 
     def backends(self):
@@ -36,6 +37,10 @@ class AttentionChoice:
 
     def context(self):
         """The context every forward of the engine runs in (a no-op for PyTorch's default)."""
+        if self.name in FP8_NAMES:
+            from .fp8_attention import Fp8AttentionMode
+
+            return Fp8AttentionMode(emulate=self.name == "fp8-emulated")
         backends = self.backends()
         if backends is None:
             return contextlib.nullcontext()
@@ -56,6 +61,13 @@ def choose_attention(device: torch.device, dtype: torch.dtype, requested: str = 
         from flowblend.errors import FlowblendError
 
         raise FlowblendError(f"unknown attention {requested!r}: choose one of {', '.join(ATTENTION_NAMES)}")
+    if requested == "fp8":
+        from .fp8_attention import check_fp8_attention
+
+        check_fp8_attention(device)  # one line where it cannot run
+        return AttentionChoice("fp8", "requested: torchao FlashAttention-3 FP8 SDPA, per-head Q/K/V scales")
+    if requested == "fp8-emulated":
+        return AttentionChoice("fp8-emulated", "requested: FP8 attention's arithmetic emulated exactly in FP32")
     if requested != "auto":
         return AttentionChoice(requested, "requested")
     if device.type != "cuda":

@@ -85,5 +85,10 @@ class CompiledStep:
         self.constants = split.constants
         self._step = torch.compile(split.run_step, **inductor_options(inductor_mode))
 
-    def __call__(self, bound, constants, step: int):
-        return self._step(bound, constants.rotary, constants.block_modulation[step], constants.output_modulation[step])
+    def residual_buffer(self, bound):
+        return self.split.residual_buffer(bound)
+
+    def __call__(self, bound, constants, step: int, residual=None, reuse: bool = False):
+        # a cached step (engines/step_cache.py) is a second graph (reuse is a Python bool), stored steps a third
+        return self._step(bound, constants.rotary, constants.block_modulation[step], constants.output_modulation[step],
+                          residual, reuse)

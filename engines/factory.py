@@ -53,12 +53,18 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def make_engines(backend: str, pair: LoadedModels, *, latent_shape, guidance: float, device: str = "cpu",
                  dtype: str = "fp32", artifacts: str = "artifacts", compile_mode: str | None = None,
-                 compile: str | None = None, attention: str = "auto", fp8_keep_blocks: int = 0) -> dict[str, Engine]:
-    """{'large': engine, 'small': engine} for `backend`; FlowblendError with the fix if it cannot run here."""
+                 compile: str | None = None, attention: str = "auto", fp8_keep_blocks: int = 0,
+                 cfg: str = "batched", keep_originals: bool = False, split_constants: bool = True) -> dict[str, Engine]:
+    """{'large': engine, 'small': engine} for `backend`; FlowblendError with the fix if it cannot run here.
+
+    A quantizing precision (FP8) replaces the pair's weights it quantizes, unless `keep_originals` (a
+    caller that compares against them: bench, a pipeline's own transformers) asks for a copy.
+    `split_constants=False` (PyTorch kinds): engines run each module's whole forward every step instead of
+    computing the schedule constants once per binding; the cost model times the two against a bare loop."""
     kind = engine_kind(backend)
     if kind.runs_transformers:
         return _torch_engines(pair, device, precision(dtype), kind.compile_for(device, compile), compile_mode,
-                              attention, fp8_keep_blocks)
+                              attention, fp8_keep_blocks, keep_originals, cfg, split_constants)
     from .build import locate_pair_engines
 
     spec = pair.family.io_spec(latent_shape, guidance, dtype)
@@ -67,17 +73,20 @@ def make_engines(backend: str, pair: LoadedModels, *, latent_shape, guidance: fl
 
 
 def _torch_engines(pair: LoadedModels, device, prec, compile: str, compile_mode: str | None, attention: str,
-                   fp8_keep_blocks: int) -> dict:
-    """TorchEngines over the pair's transformers: moved to the device in the precision's dtype, quantized into
-    a copy where the precision has a quantizer (FP8), compiled as `compile` says (engines/compile.py)."""
+                   fp8_keep_blocks: int, keep_originals: bool, cfg: str = "batched",
+                   split_constants: bool = True) -> dict:
+    """TorchEngines over the pair's transformers: moved to the device in the precision's dtype, quantized (in
+    place, or into a copy when `keep_originals`) where the precision has a quantizer (FP8), compiled as
+    `compile` says (engines/compile.py)."""
     from .torch_engine import TorchEngine
 
     engines = {}
     for name, m in pair.transformers.items():
         model = _in_precision(m, device, prec.torch_dtype)
         if prec.quantizer:
-            model = prec.quantize_function()(model, device, fp8_keep_blocks)
-        engines[name] = TorchEngine(model, name=name, compile=compile, compile_mode=compile_mode, attention=attention)
+            model = prec.quantize_function()(model, device, fp8_keep_blocks, keep_original=keep_originals)
+        engines[name] = TorchEngine(model, name=name, compile=compile, compile_mode=compile_mode, attention=attention,
+                                    cfg=cfg, split_constants=split_constants)
     return engines
 
 
@@ -85,12 +94,17 @@ def _in_precision(model, device, dtype):
     """`model` on `device` with its weights in `dtype`, cast only when its weights are in another dtype: a model
     diffusers loaded in `dtype` keeps its _keep_in_fp32_modules (Wan: time embedder, modulation, norms) in FP32
     on purpose, and a blanket .to(dtype) would cast those down in the caller's own module."""
+    model = model.to(device=device)
+    return model if weights_dtype(model, dtype) == dtype else model.to(dtype=dtype)
+
+
+def weights_dtype(model, default: torch.dtype | None = None) -> torch.dtype | None:
+    """The dtype most of `model`'s floating weights are in (`default` if it has none): the precision engines
+    over it run in without a cast (assembly/run.as_loaded)."""
     from collections import Counter
 
-    model = model.to(device=device)
     counts = Counter()
     for p in model.parameters():
         if p.is_floating_point():
             counts[p.dtype] += p.numel()
-    weights = counts.most_common(1)[0][0] if counts else dtype  # the dtype most of the weights are in
-    return model if weights == dtype else model.to(dtype=dtype)
+    return counts.most_common(1)[0][0] if counts else default

@@ -59,8 +59,14 @@ def fp8_linear_names(transformer: nn.Module, options: Fp8Options) -> list[str]:
     names = []
     for block_name, block in transformer.named_modules():
         if id(block) in chosen:
-            names += [f"{block_name}.{n}" for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+            names += [f"{block_name}.{n}" for n, m in block.named_modules() if _unquantized_linear(m)]
     return names
+
+
+def _unquantized_linear(module: nn.Module) -> bool:
+    """An nn.Linear whose weight is a plain tensor: torchao's FP8 weights are tensor subclasses, and the
+    emulation replaces the module, so a model quantized once is not quantized twice."""
+    return isinstance(module, nn.Linear) and type(module.weight) in (nn.Parameter, torch.Tensor)
 
 
 def check_fp8_device(device: torch.device) -> None:
@@ -134,21 +140,36 @@ def _scales(x: torch.Tensor, granularity: str) -> torch.Tensor:
 
 def fake_quantize(x: torch.Tensor, granularity: str) -> torch.Tensor:
     """x quantized to float8_e4m3fn with its dynamic scales and back, in FP32 (saturating at +-448)."""
+    quantized, scale = quantize_e4m3(x, granularity)
+    return quantized.float() * scale
+
+
+def quantize_e4m3(x: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x / scale as float8_e4m3fn, the FP32 scale): what an FP8 kernel stores, saturating at +-448."""
     scale = _scales(x, granularity)
-    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).float() * scale
+    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
 class EmulatedFp8Linear(nn.Module):
     """nn.Linear computed as an FP8 scaled matmul would: weights per output row and activations per
-    token (or per tensor) quantized to e4m3 with dynamic scales, products accumulated in FP32."""
+    token (or per tensor) quantized to e4m3 with dynamic scales, products accumulated in FP32.
+
+    The weight is held as a GPU kernel holds it, e4m3 (1 byte) plus its FP32 scales, so the emulated
+    run's memory is FP8's; each forward widens it to FP32 (e4m3 x FP32 scale is exact in FP32)."""
 
     def __init__(self, linear: nn.Linear, granularity: str = "row"):
         super().__init__()
         self.granularity = granularity
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        # FP32: e4m3 values times an FP32 scale are not all representable in BF16 (exactness over memory here)
-        self.register_buffer("weight", fake_quantize(linear.weight.detach(), granularity), persistent=False)
+        weight, scale = quantize_e4m3(linear.weight.detach(), granularity)
+        self.register_buffer("weight_e4m3", weight, persistent=False)
+        self.register_buffer("weight_scale", scale, persistent=False)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone(), persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight in FP32 (what the scaled matmul multiplies by)."""
+        return self.weight_e4m3.float() * self.weight_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = nn.functional.linear(fake_quantize(x, self.granularity), self.weight,
@@ -156,10 +177,18 @@ class EmulatedFp8Linear(nn.Module):
         return out.to(x.dtype)
 
 
-def fp8_for_engine(transformer: nn.Module, device, keep_blocks: int = 0) -> nn.Module:
+def fp8_for_engine(transformer: nn.Module, device, keep_blocks: int = 0, keep_original: bool = False) -> nn.Module:
     """The `fp8` precision's quantizer (engines/kinds.py): torchao on CUDA (refused in one line where it
-    cannot run), the exact emulation elsewhere: the CPU runs FP8's arithmetic for its quality, not speed."""
+    cannot run), the exact emulation elsewhere: the CPU runs FP8's arithmetic for its quality, not speed.
+
+    A run quantizes `transformer` in place, so its BF16 block linears are freed and FP8 holds less than
+    BF16; `keep_original` (bench, the real-size stage, a pipeline's own transformer) quantizes a copy and
+    keeps both. Linears already in FP8 are left as they are (a second run over the same model)."""
     device = torch.device(device)
     if device.type == "cuda":
         check_fp8_device(device)
-    return fp8_copy(transformer, Fp8Options(keep_blocks=keep_blocks), emulate=device.type != "cuda")
+    options, emulate = Fp8Options(keep_blocks=keep_blocks), device.type != "cuda"
+    if keep_original:
+        return fp8_copy(transformer, options, emulate=emulate)
+    quantize_fp8(transformer, options, emulate=emulate)
+    return transformer

@@ -34,7 +34,8 @@ class Precision:
     # evaluator: the CPU provider has no kernels for it).
     onnxruntime_cpu: str = "session"
     # A precision that quantizes parts of a PyTorch model (FP8): the function that makes an engine's copy
-    # ("module:function(transformer, device, keep_blocks) -> transformer"); `torch_name` is then the
+    # ("module:function(transformer, device, keep_blocks, keep_original=False) -> transformer", in place unless
+    # keep_original); `torch_name` is then the
     # precision of everything it leaves alone. Such a precision is never exported to ONNX.
     quantizer: str | None = None
 

@@ -45,7 +45,8 @@ def ltx_forward_macs(config: dict, latent_shape, text_len: int) -> dict[str, flo
     per_layer_attn = 2 * n * n * d + 2 * n * text_len * d
     embed = n * c * d + text_len * (caption * d + d * d) + (256 * d + d * d + d * 6 * d)
     head = n * d * config["out_channels"]
-    return {"projections": float(layers * per_layer_proj + embed + head), "attention": float(layers * per_layer_attn)}
+    return {"projections": float(layers * per_layer_proj + embed + head), "attention": float(layers * per_layer_attn),
+            "blocks": float(layers * (per_layer_proj + per_layer_attn))}  # what a cached step skips
 
 
 def encode_prompt(pipe, prompts: list[str], family, device):

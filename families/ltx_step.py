@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from flowblend.engines.base import LATENTS, TEXT_EMBEDS, TEXT_MASK, TIMESTEP, VELOCITY
+from flowblend.engines.step_cache import run_blocks
 from flowblend.engines.step_constants import StepConstants
 
 
@@ -72,13 +73,24 @@ class LtxStep(nn.Module):
             output.append(embedded_timestep.view(batch_size, -1, embedded_timestep.size(-1)))
         return StepConstants(rotary, block_modulation=torch.stack(blocks), output_modulation=torch.stack(output))
 
-    def forward(self, bound: Mapping[str, torch.Tensor], constants: StepConstants, step: int) -> torch.Tensor:
+    def forward(self, bound: Mapping[str, torch.Tensor], constants: StepConstants, step: int,
+                residual: torch.Tensor | None = None, reuse: bool = False) -> torch.Tensor:
         return self.run_step(bound, constants.rotary, constants.block_modulation[step],
-                             constants.output_modulation[step])
+                             constants.output_modulation[step], residual, reuse)
+
+    def residual_buffer(self, bound: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The blocks' residual at this binding's batch: [B, F*H*W, inner dim] in the blocks' dtype (engines/step_cache.py)."""
+        latents, weight = bound[LATENTS], self.transformer.proj_in.weight
+        b, _, f, h, w = latents.shape
+        return torch.zeros(b, f * h * w, weight.shape[0], dtype=weight.dtype, device=latents.device)
 
     def run_step(self, bound: Mapping[str, torch.Tensor], rotary, temb: torch.Tensor,
-                 embedded_timestep: torch.Tensor) -> torch.Tensor:
-        """One step from this step's rows of the constants (what engines/compile.py compiles: no step index)."""
+                 embedded_timestep: torch.Tensor, residual: torch.Tensor | None = None,
+                 reuse: bool = False) -> torch.Tensor:
+        """One step from this step's rows of the constants (what engines/compile.py compiles: no step index).
+
+        `residual` given: a full step stores its blocks' residual there, a `reuse` step adds it instead of
+        running the blocks (engines/step_cache.py); None: the plain forward."""
         model, latents = self.transformer, bound[LATENTS]
         b, c, f, h, w = latents.shape
         hidden_states = _pack(latents)
@@ -89,9 +101,15 @@ class LtxStep(nn.Module):
         encoder_hidden_states = model.caption_projection(bound[TEXT_EMBEDS])
         encoder_hidden_states = encoder_hidden_states.view(b, -1, hidden_states.size(-1))
 
-        for block in model.transformer_blocks:
-            hidden_states = block(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb,
-                                  image_rotary_emb=rotary, encoder_attention_mask=encoder_attention_mask)
+        def blocks(hidden_states):
+            for block in model.transformer_blocks:
+                hidden_states = block(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                      temb=temb, image_rotary_emb=rotary, encoder_attention_mask=encoder_attention_mask)
+            return hidden_states
+
+        held = [hidden_states]
+        del hidden_states  # run_blocks holds the only reference
+        hidden_states = run_blocks(held, blocks, residual, reuse)
 
         scale_shift_values = model.scale_shift_table[None, None] + embedded_timestep[:, :, None]
         shift, scale = scale_shift_values[:, :, 0], scale_shift_values[:, :, 1]

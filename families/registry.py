@@ -35,6 +35,7 @@ class Architecture:
     `signature(transformer, **kw)` wraps it in the positional engine signature (engines/signature.py);
     `step_split(signed)` returns its forward with the schedule constants taken out, or None;
     `forward_macs(config, latent_shape, text_len)` -> {"projections", "attention"} multiply-accumulates
+    (and "blocks", the repeated blocks' share, which a cached step skips; 0 if not given)
     of one forward at batch 1 (bench/flops.py); `encode_prompt(pipeline, prompts, family, device)` and
     `decode(vae, latents)` use its diffusers pipeline's text encoder and VAE."""
 

@@ -63,7 +63,8 @@ def wan_forward_macs(config: dict, latent_shape, text_len: int) -> dict[str, flo
              + text_len * (text_dim * d + d * d)          # text embedder (two linears)
              + freq * d + d * d + d * 6 * d)              # time embedder + modulation projection
     head = n * d * config["out_channels"] * patch_volume
-    return {"projections": float(layers * per_layer_proj + embed + head), "attention": float(layers * per_layer_attn)}
+    return {"projections": float(layers * per_layer_proj + embed + head), "attention": float(layers * per_layer_attn),
+            "blocks": float(layers * (per_layer_proj + per_layer_attn))}  # what a cached step skips
 
 
 def encode_prompt(pipe, prompts: list[str], family, device):

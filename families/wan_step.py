@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from flowblend.engines.base import LATENTS, TEXT_EMBEDS, TIMESTEP, VELOCITY
+from flowblend.engines.step_cache import run_blocks
 from flowblend.engines.step_constants import StepConstants
 
 
@@ -68,21 +69,41 @@ class WanStep(nn.Module):
             output.append(temb)
         return StepConstants(rotary, block_modulation=torch.stack(blocks), output_modulation=torch.stack(output))
 
-    def forward(self, bound: Mapping[str, torch.Tensor], constants: StepConstants, step: int) -> torch.Tensor:
+    def forward(self, bound: Mapping[str, torch.Tensor], constants: StepConstants, step: int,
+                residual: torch.Tensor | None = None, reuse: bool = False) -> torch.Tensor:
         return self.run_step(bound, constants.rotary, constants.block_modulation[step],
-                             constants.output_modulation[step])
+                             constants.output_modulation[step], residual, reuse)
+
+    def residual_buffer(self, bound: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The blocks' residual at this binding's batch: [B, tokens, inner dim] in the blocks' dtype (engines/step_cache.py)."""
+        model, latents = self.transformer, bound[LATENTS]
+        batch_size, _, num_frames, height, width = latents.shape
+        p_t, p_h, p_w = model.config.patch_size
+        tokens = (num_frames // p_t) * (height // p_h) * (width // p_w)
+        weight = model.patch_embedding.weight
+        return torch.zeros(batch_size, tokens, weight.shape[0], dtype=weight.dtype, device=latents.device)
 
     def run_step(self, bound: Mapping[str, torch.Tensor], rotary, timestep_proj: torch.Tensor,
-                 temb: torch.Tensor) -> torch.Tensor:
-        """One step from this step's rows of the constants (what engines/compile.py compiles: no step index)."""
+                 temb: torch.Tensor, residual: torch.Tensor | None = None, reuse: bool = False) -> torch.Tensor:
+        """One step from this step's rows of the constants (what engines/compile.py compiles: no step index).
+
+        `residual` given: a full step stores its blocks' residual there, a `reuse` step adds it instead of
+        running the blocks (engines/step_cache.py); None: the plain forward."""
         model, latents = self.transformer, bound[LATENTS]
         batch_size, _, num_frames, height, width = latents.shape
         p_t, p_h, p_w = model.config.patch_size
 
         hidden_states = model.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()
         encoder_hidden_states = model.condition_embedder.text_embedder(bound[TEXT_EMBEDS])
-        for block in model.blocks:
-            hidden_states = block(hidden_states, encoder_hidden_states, timestep_proj, rotary)
+
+        def blocks(hidden_states):
+            for block in model.blocks:
+                hidden_states = block(hidden_states, encoder_hidden_states, timestep_proj, rotary)
+            return hidden_states
+
+        held = [hidden_states]
+        del hidden_states  # run_blocks holds the only reference
+        hidden_states = run_blocks(held, blocks, residual, reuse)
 
         shift, scale = (model.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
         shift, scale = shift.to(hidden_states.device), scale.to(hidden_states.device)

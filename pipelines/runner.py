@@ -81,15 +81,12 @@ def blend_runner(transformers: dict[str, torch.nn.Module], plan: BlendPlan, opti
     depends on the VAE and frame rate); built kinds load what `flowblend export` / `build` made for
     `family_name` at `latent_shape`. Only the models the plan runs get engines (LLL binds no small one).
     """
-    from types import SimpleNamespace
-
-    from flowblend.assembly import engines_for, runner_for, sampler_for
-    from flowblend.families import get_family
+    from flowblend.assembly import engines_over, runner_for, sampler_for
 
     used = {name: m for name, m in transformers.items() if name in plan.models}
-    # What the engines read of a pair (engines/factory.LoadedModels); the pipeline's own text encoder and VAE
-    # encode and decode, so nothing else is loaded.
-    pair = SimpleNamespace(family=get_family(family_name), transformers=used if choice.runs_transformers else {})
-    built = engines_for(pair, choice, latent_shape, max(options.guidance_for(len(plan))))
+    # The pipeline's own text encoder and VAE encode and decode: the engines get the transformers alone.
+    # keep_originals: the transformers are the user's pipeline's own, left as they were (FP8 quantizes a copy)
+    built = engines_over(used if choice.runs_transformers else {}, choice, family_name, latent_shape,
+                         max(options.guidance_for(len(plan))), keep_originals=True)
     sampler = sampler_for({name: e for name, e in built.items() if name in used}, plan, options, choice)
     return runner_for(sampler, graph_mode)

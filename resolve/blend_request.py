@@ -119,7 +119,7 @@ def read_plan_file(path: str | Path, steps: int | None, family: BlendFamily) -> 
     if unknown:
         raise FlowblendError(f"plan file {path} names {unknown}, which pair {family.name} does not have "
                              f"({', '.join(model_set.names)})")
-    return BlendPlan(plan.models, plan.spec, model_set, plan.segments, plan.guidance)
+    return BlendPlan(plan.models, plan.spec, model_set, plan.segments, plan.guidance, plan.cached)
 
 
 def plan_of(choices: BlendChoices, family: BlendFamily, experts: ExpertSchedule | None = None) -> BlendPlan:

@@ -156,7 +156,7 @@ class GraphRunner:
     # -- cache --------------------------------------------------------------------------------
     def key(self, latent_shape, text_shape) -> tuple:
         s = self.sampler
-        return (self.mode, tuple(latent_shape), tuple(text_shape), s.plan.models, s.plan.segments, s.options,
+        return (self.mode, tuple(latent_shape), tuple(text_shape), s.plan.models, s.plan.segments, s.plan.cached, s.options,
                 s.guidance_scales, s.dtype, str(s.device), tuple((n, id(e)) for n, e in s.engines.items()))
 
     def _sampler_for_new_key(self) -> Sampler:

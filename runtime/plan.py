@@ -14,6 +14,8 @@ low in `wan22`, which has no large model. Every spelling ends as one per-step tu
   plan without spans whose stages fall short of the requested steps gives the middle stage the rest
   (`L20,D4,L10` at 40 steps is `L20,D4/10,L10`). runtime/solvers.py places each stage's steps;
 - any per-step string or list (`LLSSL`, ["large", "small", ...]);
+- cached steps: lower-case letters in a spelling that also has capitals (`LLllSSsLL`, `L2,l2,S2,s1,L2`),
+  runtime/cached_steps.py;
 - for a family with two experts, relative to the expert boundary diffusers' WanPipeline uses
   (`ExpertSchedule`): `experts` is the pipeline's own plan, `experts:4,2` gives the small model the
   last 4 steps before the switch and the first 2 after it.
@@ -24,6 +26,8 @@ import json
 import math
 import re
 from dataclasses import dataclass
+
+from .cached_steps import cached_flags, check_cached, mixed_case
 
 _PAPER_DEFAULT = (0.4, 0.2)
 MAX_PLAN_STEPS = 10_000  # steps (and base steps) any plan spelling may expand to, checked arithmetically first
@@ -114,6 +118,8 @@ class BlendPlan:
     segments: tuple[tuple[int, int], ...] = ()
     # a CFG scale per step where the plan sets one (`D4@1`), None where the family's scale applies; () if none
     guidance: tuple[float | None, ...] = ()
+    # True per step where the model reuses its last full step's block residual (a lower-case letter); () if none
+    cached: tuple[bool, ...] = ()
 
     def __post_init__(self):
         if len(self.models) == 0:
@@ -142,6 +148,11 @@ class BlendPlan:
         if any(g is not None and not g >= 0 for g in guidance):
             raise ValueError(f"a stage's guidance must be >= 0 (1 disables CFG), got {guidance}")
         object.__setattr__(self, "guidance", guidance if any(g is not None for g in guidance) else ())
+        cached = tuple(bool(c) for c in self.cached)
+        if cached and len(cached) != len(self.models):
+            raise ValueError(f"plan cached flags have {len(cached)} entries for {len(self.models)} steps")
+        check_cached(self.models, cached, self.model_set.letter_of)
+        object.__setattr__(self, "cached", cached if any(cached) else ())
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -173,7 +184,8 @@ class BlendPlan:
         `steps`, if given, is the base schedule's step count: the stages' spans must add up to it, except
         that a three-stage plan without spans gives its middle stage what the outer two leave.
         """
-        parsed = []  # [model, steps, span or None, guidance or None]
+        parsed = []  # [model, steps, span or None, guidance or None, cached]
+        mixed = mixed_case(stages)
         for part in stages.replace(" ", "").split(","):
             m = re.fullmatch(r"([A-Z])(\d+)(?:/(\d+))?(?:@(\d+(?:\.\d*)?|\.\d+))?", part.upper())
             if not m or m.group(1) not in model_set.letters:
@@ -185,26 +197,27 @@ class BlendPlan:
                 raise ValueError(f"stage {part!r}: a stage with a span needs >= 1 step over >= 1 base step")
             if k:
                 parsed.append([model_set.name_of(m.group(1)), k, span,
-                               None if m.group(4) is None else float(m.group(4))])
-        runs = sum(k for _, k, _, _ in parsed)
-        total = sum(k if span is None else span for _, k, span, _ in parsed)
+                               None if m.group(4) is None else float(m.group(4)), mixed and part[:1].islower()])
+        runs = sum(k for _, k, _, _, _ in parsed)
+        total = sum(k if span is None else span for _, k, span, _, _ in parsed)
         if max(runs, total) > MAX_PLAN_STEPS:  # counted before any per-step tuple is built (L100000000/20: 2.5 GB)
             raise ValueError(f"stages {stages!r} run {runs} steps over {total} base steps; a plan runs at most "
                              f"{MAX_PLAN_STEPS} (a server fewer: its --max-steps): give each stage fewer steps")
         if steps is not None and total != steps:
-            explicit = any(span is not None for _, _, span, _ in parsed)
+            explicit = any(span is not None for _, _, span, _, _ in parsed)
             if len(parsed) == 3 and not explicit and total < steps:
                 parsed[1][2] = parsed[1][1] + steps - total  # the middle stage spans what the outer two leave
             else:
                 example = ",".join(f"{model_set.letter_of(n)}{k}" + (f"/{k + steps - total}" if j == 1 else "")
-                                   for j, (n, k, _, _) in enumerate(parsed)) if len(parsed) == 3 and steps > total \
+                                   for j, (n, k, _, _, _) in enumerate(parsed)) if len(parsed) == 3 and steps > total \
                     else ""
                 hint = f", or give a stage the base steps it spans ({example})" if example else ""
                 raise ValueError(f"stage lengths {stages!r} sum to {total} but steps={steps}: make them add up{hint}")
-        models = tuple(n for n, k, _, _ in parsed for _ in range(k))
-        segments = tuple((k, k if span is None else span) for _, k, span, _ in parsed)
-        guidance = tuple(g for _, k, _, g in parsed for _ in range(k))
-        return cls(models, stages, model_set, segments, guidance)
+        models = tuple(n for n, k, _, _, _ in parsed for _ in range(k))
+        segments = tuple((k, k if span is None else span) for _, k, span, _, _ in parsed)
+        guidance = tuple(g for _, k, _, g, _ in parsed for _ in range(k))
+        cached = tuple(c for _, k, _, _, c in parsed for _ in range(k))
+        return cls(models, stages, model_set, segments, guidance, cached)
 
     @classmethod
     def from_steps(cls, per_step, model_set: ModelSet = LARGE_SMALL) -> "BlendPlan":
@@ -213,7 +226,8 @@ class BlendPlan:
             bad = sorted(set(per_step.upper()) - set(model_set.letters))
             if bad:
                 raise ValueError(f"unknown model letter(s) {bad} in {per_step!r}: use {model_set.describe()}")
-            return cls(tuple(model_set.name_of(c) for c in per_step.upper()), per_step, model_set)
+            cached = tuple(c.islower() for c in per_step) if mixed_case(per_step) else ()
+            return cls(tuple(model_set.name_of(c) for c in per_step.upper()), per_step, model_set, cached=cached)
         by_letter = dict(zip(model_set.letters, model_set.names))
         return cls(tuple(by_letter.get(m, m) for m in per_step), "custom", model_set)
 
@@ -254,7 +268,7 @@ class BlendPlan:
             if len(experts.timesteps) != steps:
                 raise ValueError(f"the expert schedule has {len(experts.timesteps)} steps but steps={steps}")
             return cls.from_expert_boundary(experts, int(m.group(1) or 0), int(m.group(2) or 0), model_set=model_set)
-        if re.fullmatch(rf"[{letters}]{{3}}(:[^:]*)?", upper):
+        if re.fullmatch(rf"[{letters}]{{3}}(:[^:]*)?", upper) and not mixed_case(text.partition(":")[0]):
             pattern, _, rest = upper.partition(":")
             fractions = [float(x) for x in rest.split(",") if x.strip()] if rest else []
             if len(fractions) > 2:
@@ -302,14 +316,46 @@ class BlendPlan:
         return sum(span for _, span in self.segments) if self.segments else len(self.models)
 
     def stage_table(self) -> list[tuple[str, int, int, int]]:
-        """(model, first_step, end_step, span) per stage: the spans' segments, else runs of one model."""
+        """(model, first_step, end_step, span) per stage: the spans' segments, else runs of one model
+        (a run of cached steps is a stage of its own)."""
         if not self.segments:
-            return [(m, start, end, end - start) for m, start, end in self.stages()]
+            out: list[tuple[str, int, int, int]] = []
+            for i, m in enumerate(self.models):
+                if out and out[-1][0] == m and self.is_cached(out[-1][1]) == self.is_cached(i):
+                    out[-1] = (m, out[-1][1], i + 1, i + 1 - out[-1][1])
+                else:
+                    out.append((m, i, i + 1, 1))
+            return out
         out, start = [], 0
         for k, span in self.segments:
             out.append((self.models[start], start, start + k, span))
             start += k
         return out
+
+    def is_cached(self, step: int) -> bool:
+        """Whether `step` reuses its model's last residual instead of running the blocks."""
+        return bool(self.cached) and self.cached[step]
+
+    def cached_steps(self) -> tuple[int, ...]:
+        return tuple(i for i, c in enumerate(self.cached) if c)
+
+    def full(self) -> "BlendPlan":
+        """The same plan with every step full (the cache's reference)."""
+        return BlendPlan(self.models, self.spec, self.model_set, self.segments, self.guidance)
+
+    def with_cached(self, steps) -> "BlendPlan":
+        """This plan with `steps` (indices) cached, spelled per step (`LLllSSsLL`) or as stages when it has spans."""
+        steps = set(steps)
+        cached = tuple(i in steps for i in range(len(self)))
+        plan = BlendPlan(self.models, self.spec, self.model_set, self.segments, self.guidance, cached)
+        return BlendPlan(plan.models, plan.label if plan.segments or plan.guidance else plan.per_step,
+                         plan.model_set, plan.segments, plan.guidance, plan.cached)
+
+    @property
+    def per_step(self) -> str:
+        """One letter per step, lower case where cached (`LLllSSsLL`)."""
+        return "".join(self.model_set.letter_of(m).lower() if self.is_cached(i) else self.model_set.letter_of(m)
+                       for i, m in enumerate(self.models))
 
     @property
     def label(self) -> str:
@@ -319,12 +365,17 @@ class BlendPlan:
             g = self.guidance[start] if self.guidance else None
             same = not self.guidance or all(x == g for x in self.guidance[start:end])
             scale = f"@{g:g}" if g is not None and same else ""
-            parts.append(f"{self.model_set.letter_of(m)}{end - start}{f'/{span}' if span != end - start else ''}{scale}")
+            letter = self.model_set.letter_of(m)
+            letter = letter.lower() if self.is_cached(start) else letter
+            parts.append(f"{letter}{end - start}{f'/{span}' if span != end - start else ''}{scale}")
         return ",".join(parts)
 
-    def flops(self, per_step_flops: dict[str, float]) -> float:
-        """Cost of the plan: sum over steps of the running model's per-step FLOPs."""
-        return float(sum(per_step_flops[m] for m in self.models))
+    def flops(self, per_step_flops: dict[str, float], cached_step_flops: dict[str, float] | None = None) -> float:
+        """Cost of the plan: sum over steps of the running model's per-step FLOPs (`cached_step_flops`,
+        what a cached step of each model still costs, for cached steps; the full step's if not given)."""
+        cached_step_flops = cached_step_flops or per_step_flops
+        return float(sum((cached_step_flops if self.is_cached(i) else per_step_flops)[m]
+                         for i, m in enumerate(self.models)))
 
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -335,6 +386,9 @@ class BlendPlan:
             out["segments"] = [list(seg) for seg in self.segments]
         if self.guidance:
             out["guidance"] = list(self.guidance)
+        if self.cached:
+            out["cached"] = list(self.cached_steps())
+            out["per_step"] = self.per_step
         return out
 
     def to_json(self) -> str:
@@ -347,7 +401,8 @@ class BlendPlan:
         ms = data.get("model_set")
         model_set = LARGE_SMALL if ms is None else ModelSet(tuple(ms["names"]), tuple(ms["letters"]))
         plan = cls(tuple(data["models"]), data.get("spec", ""), model_set,
-                   tuple(tuple(seg) for seg in data.get("segments", ())), tuple(data.get("guidance", ())))
+                   tuple(tuple(seg) for seg in data.get("segments", ())), tuple(data.get("guidance", ())),
+                   cached_flags(data.get("cached", ()), len(data["models"])))
         if "steps" in data and int(data["steps"]) != len(plan):
             raise ValueError(f"plan JSON says steps={data['steps']} but lists {len(plan)} models")
         return plan

@@ -12,6 +12,7 @@ from typing import Callable, Protocol, runtime_checkable
 import torch
 
 from flowblend.engines.base import TIMESTEP, Engine
+from flowblend.engines.step_cache import CacheSchedule
 from flowblend.engines.streams import new_stream, use_stream
 from flowblend.errors import FlowblendError
 
@@ -132,6 +133,7 @@ class Sampler:
         self.dtype = dtype if dtype is not None else first.dtype
         self.needs_mask = any("text_mask" in e.input_names for e in engines.values())
         self._step_engines = [engines[m] for m in plan.models]
+        self.cache_schedules = cache_schedules(engines, plan)
         self.buffers: SamplerBuffers | None = None
         self._shape_key = None
         self._fused = None
@@ -167,6 +169,8 @@ class Sampler:
     def _bind_engines(self) -> None:
         for name, engine in self.engines.items():
             engine.bind(self._bindings[self.rows[name]])
+            if hasattr(engine, "set_cache_schedule"):  # engines are shared: every sampler sets its own (maybe none)
+                engine.set_cache_schedule(self.cache_schedules.get(name, CacheSchedule({})))
 
     def load_request(self, noise, prompt_embeds, negative_prompt_embeds=None, prompt_mask=None,
                      negative_prompt_mask=None) -> SamplerBuffers:
@@ -283,3 +287,17 @@ class Sampler:
         self.load_request(noise, prompt_embeds, negative_prompt_embeds, prompt_mask, negative_prompt_mask)
         self.run_loop(progress, on_step)
         return self.buffers.latents.clone()
+
+
+def cache_schedules(engines: dict[str, Engine], plan: BlendPlan) -> dict[str, CacheSchedule]:
+    """Per model with cached steps in the plan, its store/reuse schedule (engines/step_cache.py); refused in one line
+    where that model's engine runs the whole forward (ONNX Runtime, TensorRT, a module without the step split)."""
+    out = {}
+    for name in dict.fromkeys(m for i, m in enumerate(plan.models) if plan.is_cached(i)):
+        engine = engines[name]
+        if not getattr(engine, "supports_step_cache", False):
+            raise FlowblendError(f"plan {plan.label} caches steps of {name}, whose engine ({type(engine).__name__}) "
+                                 "runs the whole forward and cannot skip its blocks: run it on a PyTorch engine "
+                                 "(--backend torch) or spell the plan in capitals (no cached steps)")
+        out[name] = CacheSchedule.for_model(plan.models, plan.cached, name)
+    return out

@@ -9,7 +9,8 @@ eager vs whole-loop CUDA graph (replay == eager; loop == sum of its steps within
 LLL / LSL projection (labelled as one), the peak memory with the allocator history summarised at
 the peak, and Wan 2.2's second 14B expert beside the first (two 14B + 1.3B, ~60 GB) for one step
 each. Engine options (bench/fullsize.py FULLSIZE_OPTIONS): eager, regional compile, regional compile with
-FP8 linears (+ the attention each engine names), whole-model compile last. On CPU without --dry-run
+FP8 linears (+ the attention each engine names), the same with FP8 attention (--attention fp8, Hopper),
+whole-model compile last. On CPU without --dry-run
 every row is SKIPPED with its reason. Writes fullsize.json and
 fullsize.md into --out (bench/fullsize.py does the work).
 """
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="folder for fullsize.json and fullsize.md")
     p.add_argument("--budget", type=float, default=210.0, help="seconds for the whole stage (default 210)")
     p.add_argument("--reps", type=int, default=2, help="timed steps per model and option after one warm-up")
-    p.add_argument("--dry-run", action="store_true", help="tiny Wan configs on CPU in FP32: checks the stage end to end")
+    p.add_argument("--dry-run", action="store_true", help="tiny Wan configs on CPU in BF16: checks the stage end to end")
     p.add_argument("--no-wan22", action="store_true", help="skip Wan 2.2's second 14B expert (~29 GB more)")
     p.add_argument("--options", nargs="+", choices=[o.name for o in FULLSIZE_OPTIONS],
                    default=[o.name for o in FULLSIZE_OPTIONS], help="engine options to time (default: all, in this order)")
@@ -93,7 +94,8 @@ def main(argv=None) -> int:
             from flowblend.bench.tiny import TEXT, WAN_LATENT, WAN_TINY
 
             configs = {m: dict(c) for m, c in WAN_TINY.items()}
-            settings = FullsizeSettings(configs=configs, device=torch.device("cpu"), dtype=torch.float32,
+            # BF16 as on the GPU: the FP8 option computes in BF16 (engines/precisions.py) beside the eager one.
+            settings = FullsizeSettings(configs=configs, device=torch.device("cpu"), dtype=torch.bfloat16,
                                         latent=WAN_LATENT, text=TEXT, options=options, fast=fast,
                                         reps=args.reps, budget_s=args.budget,
                                         wan22_configs=None if args.no_wan22 else {"low": configs["large"]})

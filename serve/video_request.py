@@ -68,19 +68,30 @@ class JobSpec(ResolvedRequest):
                    if self.experts is not None else {})}
 
 
-def parse_size(size: str | None, family: PairFamily) -> tuple[int | None, int | None]:
-    """'WIDTHxHEIGHT' -> (height, width); sides above MAX_SIDE are refused with a size that is accepted."""
+def warm_size(config: ServeConfig, family: PairFamily) -> str | None:
+    """The one size ("WIDTHxHEIGHT") a server without --dynamic-shapes runs (its warm shape: the configured size, else
+    the family's); None when any size may build its buffers on first use. A fixed-shape server's size refusals suggest
+    this, since a size fitted by the dynamic rule would next be refused as not a warm shape."""
+    if config.dynamic_shapes:
+        return None
+    return f"{config.width if config.width is not None else family.width}x" \
+           f"{config.height if config.height is not None else family.height}"
+
+
+def parse_size(size: str | None, family: PairFamily, warm: str | None = None) -> tuple[int | None, int | None]:
+    """'WIDTHxHEIGHT' -> (height, width); sides above MAX_SIDE are refused with a size that is accepted (`warm`, the
+    fixed-shape server's one size, where given)."""
     if size is None:
         return None, None
     m = SIZE.fullmatch(size.strip())
     if not m:
-        raise FlowblendError(f"size {size!r} is not WIDTHxHEIGHT, e.g. \"{family.width}x{family.height}\"")
+        raise FlowblendError(f"size {size!r} is not WIDTHxHEIGHT, e.g. \"{warm or f'{family.width}x{family.height}'}\"")
     width, height = int(m.group(1)), int(m.group(2))
     if width > MAX_SIDE or height > MAX_SIDE:
         step = family.pixel_multiple
         fit = [max(step, min(v, MAX_SIDE) // step * step) for v in (width, height)]
         raise FlowblendError(f"size {size!r}: this server makes sides of at most {MAX_SIDE} pixels; try "
-                             f"\"{fit[0]}x{fit[1]}\"")
+                             f"\"{warm or f'{fit[0]}x{fit[1]}'}\"")
     return height, width
 
 
@@ -125,7 +136,8 @@ def resolve(body: VideoRequest, config: ServeConfig, family: PairFamily) -> JobS
         raise FlowblendError(f"guidance must be at most {MAX_GUIDANCE:g} on this server, got {body.guidance!r}")
     if body.seconds is not None and body.frames is not None:
         raise FlowblendError("give seconds or frames, not both")
-    height, width = parse_size(body.size, family)
+    warm = warm_size(config, family)
+    height, width = parse_size(body.size, family, warm)
     frames = frames_of(body.seconds, family) if body.seconds is not None else body.frames
     if frames is not None and not 1 <= frames <= MAX_FRAMES:
         what = f"seconds {body.seconds!r} makes {frames} frames" if body.seconds is not None else f"frames {frames}"
@@ -143,6 +155,8 @@ def resolve(body: VideoRequest, config: ServeConfig, family: PairFamily) -> JobS
         if body.size is not None and str(exc).startswith(f"{family.name}: height and width"):
             step = family.pixel_multiple  # the family speaks HEIGHTxWIDTH; a size is WIDTHxHEIGHT
             fit = [max(step, round(v / step) * step) for v in (width, height)]
+            if warm is not None:
+                raise FlowblendError(f"{exc}; this server runs one size (no --dynamic-shapes): \"{warm}\"") from None
             raise FlowblendError(f"{exc} (as a size, WIDTHxHEIGHT: \"{fit[0]}x{fit[1]}\")") from None
         known = sorted(p.stem for p in Path(config.plans_dir).glob("*.json")) if config.plans_dir else []
         if known and choices.plan and str(exc).startswith(f"plan {choices.plan!r}"):

@@ -9,8 +9,15 @@ covered without a line of its own.
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
+
+# Before any test module loads torch (libgomp reads it once): the suite runs servers, replicas and CLI children
+# beside its own process on 2 cores, and OpenMP's default busy-waiting makes each of them tens of times slower
+# (DEVELOPERS.md: a toy generate loop ~27 s instead of ~0.7 s). The CLI sets the same default (cli/main.py);
+# a user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 EXTRAS = {  # what a test module imports -> (the extra that installs it, the modules it needs)
     "serve": ("serve", ("fastapi", "uvicorn", "httpx", "prometheus_client")),

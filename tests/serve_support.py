@@ -25,7 +25,8 @@ from flowblend.serve.warm import WarmPipeline
 ROOT = Path(__file__).resolve().parents[1]
 QUIET_ENV = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 SHORT = 4  # steps of the quick test jobs
-LONG = 150  # steps of a job meant to still be running while the test acts on it
+LONG = 150  # steps of an open-ended job: on the shared toy pipelines it never ends by itself (see open_ended)
+HELD_STEP = 1  # the step boundary an open-ended job stays at (its record says step HELD_STEP + 1 meanwhile)
 
 
 def toy_config(results_dir, **changes) -> ServeConfig:
@@ -33,13 +34,33 @@ def toy_config(results_dir, **changes) -> ServeConfig:
                                       "queue_size": 2, "max_steps": 400, "drain_seconds": 30.0, **changes})
 
 
+def open_ended(generate):
+    """`WarmPipeline.generate` whose jobs of LONG steps never end by themselves: at step boundary HELD_STEP the
+    worker's `on_step` runs again and again (it raises to end the job: a cancel, a drain's stop, a progress save
+    that fails) until it raises. A test acting on a running job then races nothing on a loaded machine; before,
+    150 real toy steps had to outlast whatever the test did."""
+    def generate_open_ended(spec, on_step=None):
+        if on_step is None or len(spec.plan) != LONG:
+            return generate(spec, on_step)
+
+        def held(i: int) -> None:
+            on_step(i)
+            while i == HELD_STEP:  # left only by on_step raising
+                time.sleep(0.01)  # a poll interval, not a bound: nothing here ends by time
+                on_step(i)
+        return generate(spec, held)
+    return generate_open_ended
+
+
 @functools.lru_cache(maxsize=2)
 def warm_toy_pipeline(copy: int = 0) -> WarmPipeline:
     """The toy pair loaded and warmed up once per test process (what `flowblend serve` does at start); `copy=1`
-    is a second one, for a second server that works at the same time (a pipeline runs one request at a time)."""
+    is a second one, for a second server that works at the same time (a pipeline runs one request at a time).
+    Its jobs of LONG steps are open-ended (open_ended): they end only when cancelled or stopped."""
     config = toy_config("unused")
     pipeline = WarmPipeline(config, get_family("toy"))
     pipeline.load(VideoService.check_config(toy_config(os.environ.get("TMPDIR", "/tmp"))))
+    pipeline.generate = open_ended(pipeline.generate)
     return pipeline
 
 

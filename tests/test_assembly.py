@@ -73,7 +73,7 @@ def test_an_onnxruntime_server_never_creates_the_pytorch_transformers(toy_onnx_e
 # One value per engine option, none of them the default, in each caller's own spelling (its flags).
 CHOSEN = {"backend": "torch-compile", "device": "cpu", "dtype": "bf16", "artifacts": None,
           "compile_mode": "max-autotune-no-cudagraphs", "compile": "regional", "attention": "math",
-          "fp8_keep_blocks": 1}
+          "fp8_keep_blocks": 1, "cfg": "sequential"}
 
 
 def _flags(choice: dict) -> list[str]:

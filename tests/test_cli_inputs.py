@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import imageio.v3 as iio
 import numpy as np
@@ -116,26 +115,45 @@ def test_ctrl_c_in_the_wired_function_is_one_line_exit_130(tmp_path, capsys, mon
     assert list(tmp_path.iterdir()) == []
 
 
+BLOCKED = "test hook: blocked inside the sampling loop"
+# The child is `flowblend generate` with one step patched to block until a signal arrives (a sleep loop that never
+# ends by itself: time.sleep returns early to run a signal's handler, which raises KeyboardInterrupt). It says so on
+# stderr first, so the SIGINT is sent at a state that cannot finish before it, however loaded the machine is.
+BLOCKING_GENERATE = f"""
+import sys, time
+from flowblend.runtime.sampler import Sampler
+step = Sampler.step
+def blocking_step(self, i):
+    if i == 1:  # step 0 ran and the progress bar is open (run_loop's `with tqdm`)
+        print({BLOCKED!r}, file=sys.stderr, flush=True)
+        while True:
+            time.sleep(1)
+    return step(self, i)
+Sampler.step = blocking_step
+from flowblend.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_sigint_to_a_running_generate_is_one_line_exit_130(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "flowblend.cli.main", "generate", "--prompt", PROMPT,
-                             "--steps", "1000", "--out", str(tmp_path / "x.gif")],
+    proc = subprocess.Popen([sys.executable, "-c", BLOCKING_GENERATE, "generate", "--prompt", PROMPT,
+                             "--steps", "4", "--out", str(tmp_path / "x.gif")],
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     try:
         seen = ""
-        deadline = time.monotonic() + 240
-        # wait until the sampling bar's first line is whole ("... 0/1000 [00:00<?, ?step/s, large]"): a SIGINT
-        # that lands while tqdm's constructor draws it is a race of the test, not a path a user meets twice
-        # (the constructor's own draw ends "?step/s]", without the model: waiting for that let the SIGINT land
-        # inside tqdm's constructor on a loaded machine, the race this comment names)
-        while not ("step/s, " in seen and seen.rstrip().endswith("]")) and time.monotonic() < deadline:
-            seen += proc.stderr.read(1)
+        while BLOCKED not in seen:  # no deadline: the child either blocks (and says so) or exits (read ends)
+            char = proc.stderr.read(1)
+            if not char:
+                break
+            seen += char
+        assert BLOCKED in seen, f"the child exited before the sampling loop: {seen[-2000:]}"
         proc.send_signal(signal.SIGINT)
-        rest = proc.communicate(timeout=120)[1]
+        rest = proc.communicate(timeout=300)[1]  # a bound on a hang only; the child exits at once
     finally:
         proc.kill()
-    lines = [line for line in (seen + rest).replace("\r", "\n").splitlines() if line.strip()]
-    assert proc.returncode == 130 and lines[-1] == "flowblend generate: interrupted"
+    lines = [line for line in rest.replace("\r", "\n").splitlines() if line.strip()]
+    assert proc.returncode == 130 and lines[-1] == "flowblend generate: interrupted", seen + rest
     assert "Traceback" not in seen + rest
     assert list(tmp_path.iterdir()) == []
 

@@ -31,13 +31,25 @@ def test_generate_in_fp8_tracks_bf16_on_the_toy_pair(tmp_path):
     assert record["engines"]["dtype"] == "fp8"
 
 
-def test_fp8_engines_quantize_a_copy_and_keep_the_split():
+def test_fp8_engines_quantize_a_copy_when_asked_and_keep_the_split():
     pair = load_pair("toy")
-    engines = factory.make_engines("torch", pair, latent_shape=None, guidance=4.0, dtype="fp8")
+    engines = factory.make_engines("torch", pair, latent_shape=None, guidance=4.0, dtype="fp8", keep_originals=True)
     for name, engine in engines.items():
         linears = [m for m in engine.step_split.transformer.modules() if isinstance(m, EmulatedFp8Linear)]
         assert linears and not any(isinstance(m, EmulatedFp8Linear) for m in pair.transformers[name].modules())
         assert engine.dtype == torch.bfloat16 and type(engine.step_split).__name__ == "WanStep"
+
+
+def test_fp8_engines_replace_the_pairs_block_linears_by_default_and_only_once():
+    pair = load_pair("toy")
+    engines = factory.make_engines("torch", pair, latent_shape=None, guidance=4.0, dtype="fp8")
+    for name, engine in engines.items():
+        assert engine.step_split.transformer is pair.transformers[name]  # no BF16 copy left beside the FP8 one
+        assert any(isinstance(m, EmulatedFp8Linear) for m in pair.transformers[name].modules())
+    quantized = {n: m for n, m in pair.transformers["large"].named_modules() if isinstance(m, EmulatedFp8Linear)}
+    factory.make_engines("torch", pair, latent_shape=None, guidance=4.0, dtype="fp8")  # a second run, same models
+    again = {n: m for n, m in pair.transformers["large"].named_modules() if isinstance(m, EmulatedFp8Linear)}
+    assert again.keys() == quantized.keys() and all(again[n] is quantized[n] for n in again)
 
 
 def test_torch_compile_keeps_the_step_split_it_used_to_lose():
@@ -57,7 +69,9 @@ def test_export_refuses_fp8_in_one_line(tmp_path, capsys):
 
 
 def test_the_bench_names_the_attention_and_measures_fp8(tmp_path):
-    assert main(["bench", "--pair", "toy", "--steps", "2", "--plan", "LLL", "--repeats", "1", "--warmup", "1",
+    # --backend torch: torch-compile of the FP8 engines spends minutes failing in C++ codegen on this CPU
+    assert main(["bench", "--pair", "toy", "--backend", "torch", "--steps", "2", "--plan", "LLL", "--repeats", "1",
+                 "--warmup", "1",
                  "--overhead-repeats", "0", "--no-progress", "--dtype", "fp8", "--attention", "math",
                  "--out", str(tmp_path / "b")]) == 0
     report = json.loads((tmp_path / "b" / "bench.json").read_text())

@@ -5,7 +5,7 @@ from tiny_models import TEXT, latent_shape, tiny_pair
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from flowblend.bench.flops import forward_flops, step_cost, step_flops
+from flowblend.bench.flops import cached_step_flops, forward_flops, step_cost, step_flops
 from flowblend.engines.signature import signature_for
 from flowblend.families import get_family, reference_configs
 from flowblend.families.toy_model import build_toy_transformer
@@ -42,6 +42,27 @@ def test_analytic_count_matches_flop_counter_on_toy_configs(size):
     measured = counted_flops(model, latent, toy.text_len, toy.text_dim)
     analytic = forward_flops(toy.transformer_class, reference_configs("toy")[size], latent, toy.text_len)
     assert analytic == pytest.approx(measured, rel=0.02)
+
+
+@pytest.mark.parametrize("family", ["wan", "ltx"])
+def test_a_cached_step_costs_the_forward_without_its_blocks(family):
+    """Issue 34: counted on diffusers' forward with its block list swapped for one residual add (no FLOPs)."""
+    model = tiny_pair(family)["large"]
+    attr = "blocks" if hasattr(model, "blocks") else "transformer_blocks"
+    blocks = getattr(model, attr)
+
+    class AddResidual(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            return (args[0] if args else kwargs["hidden_states"]) + 1.0
+
+    setattr(model, attr, torch.nn.ModuleList([AddResidual()]))
+    try:
+        measured = counted_flops(model, latent_shape(family), *TEXT, batch=2, mask=family == "ltx")
+    finally:
+        setattr(model, attr, blocks)
+    analytic = cached_step_flops(CLASSES[family], dict(model.config), latent_shape(family), TEXT[0], cfg=True)
+    assert analytic == pytest.approx(measured, rel=0.02)
+    assert analytic < 0.5 * step_flops(CLASSES[family], dict(model.config), latent_shape(family), TEXT[0], cfg=True)
 
 
 def test_cfg_step_is_a_batch_two_forward():

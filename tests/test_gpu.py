@@ -91,6 +91,40 @@ def test_compiled_engines_inside_the_whole_loop_graph_equal_the_eager_loop(compi
 
 
 @needs_gpu
+def test_fp8_attention_tracks_its_emulation_and_replays_in_the_whole_loop_graph():
+    """--attention fp8 (torchao's FA3 FP8 SDPA, Hopper): one forward against the exact emulation and BF16
+    attention, then the whole loop captured in one CUDA graph (no host sync, no allocation outside its pool)
+    replays equal to the eager FP8 loop. Head dim 64 (FA3's kernels take multiples of 8 up to 256)."""
+    from diffusers import WanTransformer3DModel
+
+    from flowblend.engines.fp8_attention import check_fp8_attention
+
+    try:
+        check_fp8_attention(torch.device("cuda"))
+    except Exception as exc:  # noqa: BLE001 - the refusal is the documented behaviour off Hopper
+        pytest.skip(str(exc))
+    torch.manual_seed(0)
+    config = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=4, out_channels=4,
+                  text_dim=16, freq_dim=32, ffn_dim=256, num_layers=2, rope_max_seq_len=32)
+    model = WanTransformer3DModel(**config).to("cuda", torch.bfloat16).eval()
+    outputs = {}
+    for attention in ("cudnn", "fp8", "fp8-emulated"):
+        engine = TorchEngine(model, name=attention, attention=attention)
+        sampler = Sampler({"large": engine}, BlendPlan(("large",)), no_fused(guidance_scale=4.0), device="cuda",
+                          dtype=torch.bfloat16)
+        bufs = sampler.load_request(*request(3))
+        engine.run(0)
+        outputs[attention] = bufs.velocity.clone()
+    assert cosine(outputs["fp8"], outputs["cudnn"]) >= 0.99
+    assert cosine(outputs["fp8"], outputs["fp8-emulated"]) >= 0.999
+    engines = {"large": TorchEngine(model, name="large", attention="fp8")}
+    plan, opts = BlendPlan(("large",) * 4), no_fused(guidance_scale=4.0)
+    eager = Sampler(engines, plan, options=opts, device="cuda", dtype=torch.bfloat16).sample(*request(4))
+    runner = GraphRunner(Sampler(engines, plan, options=opts, device="cuda", dtype=torch.bfloat16), mode="whole")
+    assert rel(runner.sample(*request(4)), eager) <= 1e-2  # FA3 FP8 is deterministic per input; BF16 buffers
+
+
+@needs_gpu
 def test_fp8_linears_track_bf16_where_the_gpu_has_them():
     """torchao's FP8 path (compute capability >= 8.9) against the BF16 engine and the exact emulation."""
     from flowblend.engines.fp8 import check_fp8_device, fp8_copy

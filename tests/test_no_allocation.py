@@ -164,3 +164,22 @@ def test_buffer_addresses_never_change_across_requests():
     assert engines["large"]._inputs[0] is engines["small"]._inputs[0] is sampler.buffers.model_input
     sampler.sample(torch.randn(1, *WAN_LATENT), text, torch.randn(1, *TEXT))
     assert sampler.buffers.addresses() == before
+
+
+def test_a_cached_loop_allocates_nothing_outside_the_forward_and_keeps_its_residual_buffers():
+    """Issue 34: cached steps (lower-case letters) on the tiny Wan pair; the residual buffers are made at binding."""
+    engines = {n: TorchEngine(m) for n, m in tiny_pair("wan").items()}
+    sampler = Sampler(engines, BlendPlan.parse("LLllSsLl", 8), SamplerOptions(guidance_scale=4.0))
+    noise, text = torch.randn(1, *WAN_LATENT), torch.randn(1, *TEXT)
+    sampler.load_request(noise, text, text)
+    residuals = {n: e._parts[0]["residual"] for n, e in engines.items()}
+    assert all(r is not None and r.shape[0] == 2 for r in residuals.values())  # at the CFG batch
+    rec = AllocationRecorder()
+    for engine in engines.values():
+        engine.step_split = rec.pause_inside(engine.step_split)
+    before = sampler.buffers.addresses()
+    with rec:
+        sampler.run_loop()
+    assert rec.ops >= 8 and rec.allocating == [], rec.allocating
+    assert sampler.buffers.addresses() == before
+    assert all(engines[n]._parts[0]["residual"] is r for n, r in residuals.items())

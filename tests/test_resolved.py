@@ -22,6 +22,7 @@ from flowblend.serve.video_request import VideoRequest, resolve
     ("toy", BlendChoices(plan="LSL:0.4,0.2", steps=10)),
     ("wan22", BlendChoices(plan="experts:2,1", steps=12, guidance=5.0, guidance_2=2.5, frames=5, height=64, width=64)),
     ("ltx", BlendChoices(plan="L4,S2,L2", steps=8, frames=9, height=64, width=96)),  # dynamic shift: mu
+    ("toy", BlendChoices(plan="LLllSSsLL", steps=9)),  # cached steps (issue 34)
 ])
 def test_a_resolved_request_round_trips_through_json(pair, choices):
     family = get_family(pair)
@@ -34,6 +35,8 @@ def test_a_resolved_request_round_trips_through_json(pair, choices):
         assert set(resolved.guidance_per_step) == {5.0, 2.5} and loaded.experts.switch_step == resolved.experts.switch_step
     if pair == "ltx":
         assert loaded.request.mu is not None
+    if choices.plan == "LLllSSsLL":
+        assert loaded.request.plan.cached_steps() == (2, 3, 6) and resolved.to_json()["plan"]["per_step"] == "LLllSSsLL"
 
 
 def test_a_value_of_one_family_is_not_loaded_for_another():

@@ -148,6 +148,7 @@ GENERATE = ["generate", "--pair", "toy", "--out", "never-written.mp4"]
     ({"plan": "LXL"}, ["plan", "--pair", "toy", "--plan", "LXL"]),
     ({"plan": "LSL:0.9,0.9"}, ["plan", "--pair", "toy", "--plan", "LSL:0.9,0.9"]),
     ({"plan": "L2,S2", "steps": 5}, ["plan", "--pair", "toy", "--plan", "L2,S2", "--steps", "5"]),
+    ({"plan": "LsLL", "steps": 4}, ["plan", "--pair", "toy", "--plan", "LsLL", "--steps", "4"]),  # cached, no full step
     ({"size": "30x32"}, ["plan", "--pair", "toy", "--width", "30", "--height", "32"]),
     ({"frames": 8}, ["plan", "--pair", "toy", "--frames", "8"]),
     ({"prompt": "a purple cat jumping"}, GENERATE + ["--prompt", "a purple cat jumping"]),
@@ -368,3 +369,13 @@ def test_the_warm_up_is_a_job_through_the_workers_path_and_leaves_nothing(tmp_pa
         assert fresh.service.pipeline.load_seconds["warmup"] > 0
     finally:
         fresh.stop()
+
+
+def test_a_plan_with_cached_steps_runs_and_its_record_names_them(client, server):
+    """Issue 34: lower-case letters are cached steps; the job's record keeps them (the resolved request's plan)."""
+    r = client.post("/v1/videos", json={"prompt": PROMPT, "seed": 3, "plan": "LLlSsL", "steps": 6})
+    assert r.status_code == 202, r.text
+    done = wait_final(client, r.json()["id"])
+    assert done["status"] == "completed", done
+    plan = server.service.store.load(done["id"]).request["plan"]
+    assert plan["cached"] == [2, 4] and plan["per_step"] == "LLlSsL" and plan["stages"] == "L2,l1,S1,s1,L1"

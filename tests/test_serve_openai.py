@@ -15,13 +15,12 @@ import httpx
 import imageio.v3 as iio
 import numpy as np
 import pytest
-from serve_support import ROOT, ThreadedServer, toy_config, wait_running
+from serve_support import LONG, ROOT, ThreadedServer, toy_config, wait_running
 
 openai = pytest.importorskip("openai")
 from openai.types import Video, VideoDeleteResponse  # noqa: E402
 
 PROMPT = "a blue square moving up"
-LONG = 150
 pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")  # the SDK marks videos.*
 
 

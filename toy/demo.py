@@ -1,7 +1,8 @@
 """The toy demo: the same prompts and seeds under LLL, LSL and SSS, scored by the exact probes.
 
-It drives the runtime from above (one set of engines shared by one Sampler per plan) and writes
-what a person looks at: a side-by-side GIF, a PNG contact sheet and a table of cost and quality.
+It drives the runtime from above through the one assembly (assembly/run.py: eager engines over the
+toy pair, shared by one sampler per plan) and writes what a person looks at: a side-by-side GIF, a
+PNG contact sheet and a table of cost and quality.
 """
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flowblend.assembly import as_loaded, eager_choice, engines_for, load_models, sampler_for
 from flowblend.bench.flops import step_flops
-from flowblend.engines.torch_engine import TorchEngine
-from flowblend.families import LoadedPair, load_pair
+from flowblend.families import LoadedPair
 from flowblend.families.toy_vocab import DEMO_PLANS, DEMO_PROMPTS
 from flowblend.runtime.plan import BlendPlan
-from flowblend.runtime.sampler import Sampler, SamplerOptions
+from flowblend.runtime.sampler import SamplerOptions
 from flowblend.runtime.video import save_video, to_frames
 
 __all__ = ["DEMO_PLANS", "DEMO_PROMPTS", "run_demo", "generate_plans", "format_table"]
@@ -64,7 +65,7 @@ def generate_plans(pair: LoadedPair, plans: list[BlendPlan], prompts: list[str],
     kwargs = family.sampler_kwargs(latent_shape)
     if solver:
         kwargs["solver"] = solver
-    engines = {name: TorchEngine(m, name=name) for name, m in pair.transformers.items()}
+    engines = engines_for(pair, as_loaded(pair.transformers), latent_shape, guidance)  # eager, as loaded
     configs = {name: dict(m.config) for name, m in pair.transformers.items()}
     per_step = {name: step_flops(family.transformer_class, cfg, latent_shape, family.text_len, guidance > 1)
                 for name, cfg in configs.items()}
@@ -72,7 +73,7 @@ def generate_plans(pair: LoadedPair, plans: list[BlendPlan], prompts: list[str],
     bar = tqdm(total=len(plans) * len(prompts) * len(seeds), desc="demo", unit="video", disable=not progress)
     for plan in plans:
         bar.set_postfix_str(plan.label)
-        sampler = Sampler(engines, plan, SamplerOptions(guidance_scale=guidance, **kwargs))
+        sampler = sampler_for(engines, plan, SamplerOptions(guidance_scale=guidance, **kwargs))
         loop_time, videos = 0.0, []
         start = time.perf_counter()
         for prompt in prompts:
@@ -158,7 +159,7 @@ def run_demo(out_dir: str | Path = "demo", prompts=DEMO_PROMPTS, plans=DEMO_PLAN
     """Generate, score and write the demo outputs; returns the table rows."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pair = load_pair("toy")
+    pair = load_models("toy", eager_choice())  # FP32 on the CPU
     steps = steps or pair.family.steps
     blend_plans = [BlendPlan.parse(p, steps) for p in plans]
     results = generate_plans(pair, blend_plans, list(prompts), list(seeds), progress=progress)
