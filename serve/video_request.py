@@ -74,8 +74,9 @@ def warm_size(config: ServeConfig, family: PairFamily) -> str | None:
     this, since a size fitted by the dynamic rule would next be refused as not a warm shape."""
     if config.dynamic_shapes:
         return None
-    return f"{config.width if config.width is not None else family.width}x" \
-           f"{config.height if config.height is not None else family.height}"
+    blend = config.blend
+    return f"{blend.width if blend.width is not None else family.width}x" \
+           f"{blend.height if blend.height is not None else family.height}"
 
 
 def parse_size(size: str | None, family: PairFamily, warm: str | None = None) -> tuple[int | None, int | None]:

@@ -76,5 +76,5 @@ def test_the_bench_names_the_attention_and_measures_fp8(tmp_path):
                  "--out", str(tmp_path / "b")]) == 0
     report = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert {c["attention"] for c in report["cases"]} == {"math (requested)"}
-    assert report["options"]["precision"] == "fp8"
+    assert report["options"]["dtype"] == "fp8"  # the precision name (its torch dtype: options.torch_dtype)
     assert "Attention: torch: math (requested)" in (tmp_path / "b" / "bench.md").read_text()
