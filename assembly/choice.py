@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from flowblend.engines import factory
 from flowblend.errors import FlowblendError
 from flowblend.settings import setting
+
+from ..engines import factory
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,10 @@ class EngineChoice:
                        choices=lambda: _cfg_modes(), group="engine")
 
     def __post_init__(self):
-        from flowblend.engines.attention import ATTENTION_NAMES
-        from flowblend.engines.cfg_modes import check_cfg
-        from flowblend.engines.compile import check_compile
-        from flowblend.engines.kinds import check_kind_precision, engine_kind
+        from ..engines.attention import ATTENTION_NAMES
+        from ..engines.cfg_modes import check_cfg
+        from ..engines.compile import check_compile
+        from ..engines.kinds import check_kind_precision, engine_kind
 
         factory.check_backend(self.backend)
         factory.check_dtype(self.dtype)
@@ -83,11 +84,11 @@ class EngineChoice:
     def resolved(self) -> dict:
         """What the engines run with, defaults filled in (records and reports): compile and attention
         as PyTorch engines of this kind choose them on this device, or the built engine's own."""
-        from flowblend.engines.kinds import engine_kind
+        from ..engines.kinds import engine_kind
 
         out = {k: v for k, v in self.to_dict().items() if k != "artifacts"}
         if self.runs_transformers:
-            from flowblend.engines.attention import choose_attention
+            from ..engines.attention import choose_attention
 
             out["compile"] = engine_kind(self.backend).compile_for(self.device, self.compile)
             out["attention"] = choose_attention(self.device, factory.torch_dtype(self.dtype), self.attention).describe()
@@ -97,19 +98,19 @@ class EngineChoice:
 
 
 def _compile_modes() -> tuple[str, ...]:
-    from flowblend.engines.compile import COMPILE_MODES
+    from ..engines.compile import COMPILE_MODES
 
     return tuple(COMPILE_MODES)
 
 
 def _cfg_modes() -> tuple[str, ...]:
-    from flowblend.engines.cfg_modes import CFG_MODES
+    from ..engines.cfg_modes import CFG_MODES
 
     return tuple(CFG_MODES)
 
 
 def _attention_names() -> tuple[str, ...]:
-    from flowblend.engines.attention import ATTENTION_NAMES
+    from ..engines.attention import ATTENTION_NAMES
 
     return tuple(ATTENTION_NAMES)
 

@@ -21,28 +21,28 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from flowblend.engines import factory
-from flowblend.engines.kinds import REFERENCE_KIND
 from flowblend.errors import FlowblendError
-from flowblend.runtime.graph_modes import GRAPH_FLAGS
 
+from ..engines import factory
+from ..engines.kinds import REFERENCE_KIND
+from ..runtime.graph_modes import GRAPH_FLAGS
 from .choice import EngineChoice
 
 if TYPE_CHECKING:
     import torch
 
-    from flowblend.engines.base import Engine
-    from flowblend.families import LoadedPair, PairFamily
-    from flowblend.runtime.graph import GraphRunner
-    from flowblend.runtime.plan import BlendPlan
-    from flowblend.runtime.sampler import Sampler, SamplerOptions
-    from flowblend.runtime.text_to_video import TextToVideo
+    from ..engines.base import Engine
+    from ..families import LoadedPair, PairFamily
+    from ..runtime.graph import GraphRunner
+    from ..runtime.plan import BlendPlan
+    from ..runtime.sampler import Sampler, SamplerOptions
+    from ..runtime.text_to_video import TextToVideo
 
 
 def load_models(family_name: str, choice: EngineChoice, large: str | None = None, small: str | None = None,
                 allow_download: bool = False, with_transformers: bool | None = None) -> LoadedPair:
     """The pair for `choice`: the PyTorch transformers only where its engines run them (or `with_transformers`)."""
-    from flowblend.families import load_pair
+    from ..families import load_pair
 
     load = choice.runs_transformers if with_transformers is None else with_transformers
     return load_pair(family_name, large, small, dtype=factory.torch_dtype(choice.dtype), device=choice.device,
@@ -79,7 +79,7 @@ def engines_over(transformers: dict, choice: EngineChoice, family_name: str | No
                  keep_originals: bool = False) -> dict[str, Engine]:
     """The engines of `choice` over transformers a caller holds (`engines_for` on a TransformersOnly pair);
     built kinds need `family_name` and `latent_shape` to find their engines (and then take `{}`)."""
-    from flowblend.families import get_family
+    from ..families import get_family
 
     family = get_family(family_name) if family_name is not None else None
     return engines_for(TransformersOnly(family, dict(transformers)), choice, latent_shape, guidance,
@@ -96,7 +96,7 @@ def eager_choice(device="cpu", dtype: str = "fp32") -> EngineChoice:
 def as_loaded(transformers: dict[str, torch.nn.Module], device=None) -> EngineChoice:
     """The eager choice that runs `transformers` as they are: their device (or `device`) and the dtype most of
     their weights are in, so the factory neither moves nor casts them (engines/factory._in_precision)."""
-    from flowblend.engines.iospec import dtype_name
+    from ..engines.iospec import dtype_name
 
     first = next(iter(transformers.values()))
     weights = factory.weights_dtype(first)
@@ -115,8 +115,8 @@ def warm_up_compiled(pair: LoadedPair, engines: dict[str, Engine], choice: Engin
 
     import torch
 
-    from flowblend.runtime.plan import BlendPlan, ModelSet
-    from flowblend.runtime.sampler import SamplerOptions
+    from ..runtime.plan import BlendPlan, ModelSet
+    from ..runtime.sampler import SamplerOptions
 
     if not choice.runs_transformers or choice.resolved()["compile"] == "none":
         return 0.0
@@ -136,12 +136,12 @@ def warm_up_compiled(pair: LoadedPair, engines: dict[str, Engine], choice: Engin
 
 
 def _ensure_built(pair: LoadedPair, choice: EngineChoice, latent_shape, guidance: float, progress: bool) -> None:
-    from flowblend.engines.build import build_pair_engines, export_record_path, locate_pair_engines
+    from ..engines.build import build_pair_engines, export_record_path, locate_pair_engines
 
     family = pair.family
     spec = family.io_spec(latent_shape, guidance, choice.dtype)
     if pair.transformers and not export_record_path(choice.artifacts, family.name).is_file():
-        from flowblend.export.onnx import export_pair
+        from ..export.onnx import export_pair
 
         export_pair(pair, spec, choice.artifacts, progress=progress)
     try:
@@ -155,7 +155,7 @@ def sampler_for(engines: dict[str, Engine], plan: BlendPlan, options: SamplerOpt
                 choice: EngineChoice | None = None) -> Sampler:
     """The sampler over `engines` on the choice's device and dtype (None: the engines' own, e.g. engines a
     test or a caller's Python code made)."""
-    from flowblend.runtime.sampler import Sampler
+    from ..runtime.sampler import Sampler
 
     if choice is None:
         return Sampler(engines, plan, options=options)
@@ -164,7 +164,7 @@ def sampler_for(engines: dict[str, Engine], plan: BlendPlan, options: SamplerOpt
 
 def runner_for(sampler: Sampler, mode: str = "eager") -> GraphRunner:
     """`sampler` in a runtime graph mode (runtime/graph_modes.MODES: whole | per_step | eager)."""
-    from flowblend.runtime.graph import GraphRunner
+    from ..runtime.graph import GraphRunner
 
     return GraphRunner(sampler, mode=mode)
 
@@ -172,7 +172,7 @@ def runner_for(sampler: Sampler, mode: str = "eager") -> GraphRunner:
 def pipeline_for(pair: LoadedPair, engines: dict[str, Engine], plan: BlendPlan, options: SamplerOptions,
                  choice: EngineChoice, graph: str = "none") -> TextToVideo:
     """Text -> latents -> video over `engines`; `graph` is a `--graph` spelling (runtime/graph_modes.py)."""
-    from flowblend.runtime.text_to_video import TextToVideo
+    from ..runtime.text_to_video import TextToVideo
 
     runner = runner_for(sampler_for(engines, plan, options, choice), GRAPH_FLAGS[graph])
     return TextToVideo(runner, pair.encode_prompt, pair.decode)

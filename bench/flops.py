@@ -20,7 +20,7 @@ CONVENTIONS = ("flops", "paper")
 def forward_macs(transformer_class: str, config: dict, latent_shape, text_len: int) -> dict[str, float]:
     """MACs of one forward at batch 1, split into `projections` (linear/conv) and `attention` (matmuls): the FLOP
     model of the class's family module (families/)."""
-    from flowblend.families import ARCHITECTURES
+    from ..families import ARCHITECTURES
 
     arch = ARCHITECTURES.get(transformer_class)
     model = arch.forward_macs if arch is not None else None

@@ -16,11 +16,11 @@ from collections.abc import Callable
 
 import torch
 
-from flowblend.assembly import EngineChoice, eager_choice, engines_over, runner_for, sampler_for
 from flowblend.errors import FlowblendError
-from flowblend.runtime.plan import EXPERTS_AND_SMALL, BlendPlan
-from flowblend.runtime.sampler import SamplerOptions
 
+from ..assembly import EngineChoice, eager_choice, engines_over, runner_for, sampler_for
+from ..runtime.plan import EXPERTS_AND_SMALL, BlendPlan
+from ..runtime.sampler import SamplerOptions
 from .cuda_memory import peak_attribution
 
 FULL_LATENT = (16, 21, 60, 104)  # 480x832, 81 frames: Wan's VAE 4x temporal, 8x spatial
@@ -39,7 +39,7 @@ def random_transformer(config: dict, device, dtype: torch.dtype, seed: int, fami
     """The family's transformer with N(0, 0.02) weights created on `device` in `dtype` (no fp32 copy on the host)."""
     from accelerate import init_empty_weights
 
-    from flowblend.families import get_family
+    from ..families import get_family
 
     with init_empty_weights(include_buffers=False):  # parameters on meta; RoPE tables stay real
         model = get_family(family).architecture.model_class()(**config)
@@ -68,14 +68,14 @@ class EngineOption:
     @property
     def fp8(self) -> bool:
         """Whether the option quantizes (the FP8 precision's block linears): its results meet FP8's bounds."""
-        from flowblend.engines.kinds import precision
+        from ..engines.kinds import precision
 
         return "dtype" in self.engine and precision(self.engine["dtype"]).quantizer is not None
 
     def choice(self, device: torch.device, dtype: torch.dtype) -> EngineChoice:
         """The EngineChoice of this option at the stage's device and dtype; FlowblendError where it cannot run."""
-        from flowblend.engines.iospec import dtype_name
-        from flowblend.engines.kinds import precision
+        from ..engines.iospec import dtype_name
+        from ..engines.kinds import precision
 
         choice = dataclasses.replace(eager_choice(device, dtype_name(dtype)), **self.engine)
         if precision(choice.dtype).torch_dtype != dtype:  # the factory would cast the stage's own models

@@ -18,7 +18,7 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 
-from flowblend.bench.memory import MemoryBound, blas_workspace_bytes, tensors_bytes
+from .memory import MemoryBound, blas_workspace_bytes, tensors_bytes
 
 GIB = 2**30
 
@@ -34,8 +34,8 @@ def planned_weight_bytes(family, model: str, dtype: str, fp8_keep_blocks: int = 
     """Bytes of `model`'s weights (parameters and buffers) on the device in precision `dtype`."""
     import torch
 
-    from flowblend.engines.fp8 import Fp8Options, fp8_linear_names
-    from flowblend.engines.kinds import precision
+    from ..engines.fp8 import Fp8Options, fp8_linear_names
+    from ..engines.kinds import precision
 
     prec = precision(dtype)
     transformer = _meta_model(family, config or family.reference_configs[model])
@@ -68,9 +68,9 @@ def planned_activation_bytes(family, model: str, dtype: str, latent_shape, rows:
     """Peak bytes of the tensors one forward of `model` creates, at `rows` batch rows (meta device, see above)."""
     import torch
 
-    from flowblend.engines.base import LATENTS, TEXT_EMBEDS, TEXT_MASK, TIMESTEP
-    from flowblend.engines.kinds import precision
-    from flowblend.engines.signature import signature_for
+    from ..engines.base import LATENTS, TEXT_EMBEDS, TEXT_MASK, TIMESTEP
+    from ..engines.kinds import precision
+    from ..engines.signature import signature_for
 
     compute = precision(dtype).torch_dtype
     transformer = _meta_model(family, config or family.reference_configs[model])
@@ -172,8 +172,8 @@ def planned_buffer_bytes(latent_shape, text_shape, timesteps, cfg: bool, dtype: 
     """Bytes of the run's shared buffers: runtime/buffers.py allocates them here on the CPU (a few MB)."""
     import torch
 
-    from flowblend.engines.kinds import precision
-    from flowblend.runtime.buffers import SamplerBuffers
+    from ..engines.kinds import precision
+    from ..runtime.buffers import SamplerBuffers
 
     b = SamplerBuffers.allocate(latent_shape, text_shape, timesteps, cfg, precision(dtype).torch_dtype,
                                 torch.device("cpu"), state_names, with_mask, guidance)
@@ -232,7 +232,7 @@ def plan_memory(family, models, latent_shape, dtype: str, rows: int, timesteps, 
 def compute_precision(dtype: str) -> str:
     """The unquantized precision a precision computes in: itself, or for a quantizer (FP8) the exportable
     precision of the same torch dtype (BF16), read from engines/kinds.py's table."""
-    from flowblend.engines.kinds import PRECISIONS, precision
+    from ..engines.kinds import PRECISIONS, precision
 
     chosen = precision(dtype)
     if chosen.exportable:
@@ -242,7 +242,7 @@ def compute_precision(dtype: str) -> str:
 
 def cfg_rows(guidance, cfg: str) -> int:
     """Rows the largest forward computes at once: 2 with CFG batched, 1 sequential or without CFG."""
-    from flowblend.engines.cfg_modes import cfg_rows as rows_of
+    from ..engines.cfg_modes import cfg_rows as rows_of
 
     return rows_of(cfg, 2 if max(guidance) > 1 else 1)
 
@@ -276,8 +276,8 @@ def check_fits(family, plan, latent_shape, solver_table, guidance, dtype: str, c
     chosen = planned(dtype, cfg)
     if chosen.total <= capacity:
         return chosen
-    from flowblend.engines.fp8 import MIN_CAPABILITY
-    from flowblend.engines.kinds import PRECISIONS
+    from ..engines.fp8 import MIN_CAPABILITY
+    from ..engines.kinds import PRECISIONS
 
     # FP8 linears need Ada or newer (engines/fp8.py); sequential CFG first (same numbers), then quantizing
     quantized = [n for n, p in PRECISIONS.items() if p.quantizer] if tuple(capability or (0, 0)) >= MIN_CAPABILITY \

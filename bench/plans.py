@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from flowblend.errors import FlowblendError
-from flowblend.runtime.guidance import expert_schedule_for
-from flowblend.runtime.plan import BlendPlan, ExpertSchedule, ModelSet
+
+from ..runtime.guidance import expert_schedule_for
+from ..runtime.plan import BlendPlan, ExpertSchedule, ModelSet
 
 DEFAULT_PLANS = ("LLL", "LSL:0.4,0.2", "SSS")
 EXPERT_PLANS = ("experts", "experts:4,4")  # two-expert pairs (wan22): their own plan, small around the switch

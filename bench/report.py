@@ -10,9 +10,9 @@ import statistics
 from pathlib import Path
 
 from flowblend.atomic import write_atomic
-from flowblend.engines.kinds import REFERENCE_KIND
-from flowblend.runtime.plan import BlendPlan
 
+from ..engines.kinds import REFERENCE_KIND
+from ..runtime.plan import BlendPlan
 from .pairing import paired_ratios, paired_speedup
 
 TARGETS = {"realized_fraction": 0.95, "overhead_percent": 2.0}

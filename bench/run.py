@@ -21,18 +21,18 @@ from pathlib import Path
 
 import torch
 
-from flowblend.assembly import EngineChoice, engines_for, load_models, runner_for, sampler_for
-from flowblend.engines.factory import BACKENDS, torch_dtype
-from flowblend.engines.kinds import REFERENCE_KIND, engine_kind
 from flowblend.errors import FlowblendError
-from flowblend.resolve.blend_request import BlendChoices
-from flowblend.resolve.resolved import ResolvedRequest, resolve_request
-from flowblend.runtime.graph import GraphRunner
-from flowblend.runtime.graph_modes import BENCH_MODES
-from flowblend.runtime.guidance import guidance_table
-from flowblend.runtime.plan import BlendPlan
-from flowblend.runtime.sampler import Sampler
 
+from ..assembly import EngineChoice, engines_for, load_models, runner_for, sampler_for
+from ..engines.factory import BACKENDS, torch_dtype
+from ..engines.kinds import REFERENCE_KIND, engine_kind
+from ..resolve.blend_request import BlendChoices
+from ..resolve.resolved import ResolvedRequest, resolve_request
+from ..runtime.graph import GraphRunner
+from ..runtime.graph_modes import BENCH_MODES
+from ..runtime.guidance import guidance_table
+from ..runtime.plan import BlendPlan
+from ..runtime.sampler import Sampler
 from .flops import step_flops
 from .memory import PeakMemory, current_rss_bytes
 from .pairing import round_order
@@ -151,7 +151,7 @@ class Case:
 # -- engines per backend ---------------------------------------------------------------------------
 def attention_of(choice: EngineChoice) -> str:
     """What the report says of a backend's attention: the kernel its PyTorch engines choose, or its compiler's."""
-    from flowblend.engines.attention import choose_attention
+    from ..engines.attention import choose_attention
 
     if not choice.runs_transformers:
         return f"chosen inside the {choice.backend} engine"
@@ -231,7 +231,7 @@ def machine_info(device: torch.device) -> dict:
         except ImportError:
             pass
     if device.type == "cuda":
-        from flowblend.runtime.fused import load_library
+        from ..runtime.fused import load_library
 
         info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
                     capability=".".join(map(str, torch.cuda.get_device_capability(device))),
@@ -244,7 +244,7 @@ def bench_pair_by_name(name: str, options: BenchOptions, large: str | None = Non
     """Load a registered pair and benchmark it; the RSS before loading is the memory baseline."""
     import diffusers
 
-    from flowblend.families import get_family
+    from ..families import get_family
 
     getattr(diffusers, get_family(name).transformer_class)  # import the model code before the baseline
     baseline = current_rss_bytes()

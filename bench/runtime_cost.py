@@ -11,11 +11,10 @@ import time
 
 import torch
 
-from flowblend.assembly import EngineChoice, as_loaded, engines_over, sampler_for
-from flowblend.runtime.plan import BlendPlan
-from flowblend.runtime.sampler import Sampler, SamplerOptions
-from flowblend.runtime.solvers import scheduler_for
-
+from ..assembly import EngineChoice, as_loaded, engines_over, sampler_for
+from ..runtime.plan import BlendPlan
+from ..runtime.sampler import Sampler, SamplerOptions
+from ..runtime.solvers import scheduler_for
 from .memory import (
     LiveTensorBytes,
     MemoryBound,
@@ -106,7 +105,7 @@ def measure_overhead(modules: dict, plan: BlendPlan, sampler_kwargs: dict, guida
 
 
 def tiny_wan_overhead(repeats: int, sampler_kwargs: dict, guidance: float, steps: int, device) -> dict:
-    from flowblend.engines.signature import signature_for
+    from ..engines.signature import signature_for
 
     modules = {m: signature_for(module).to(device) for m, module in tiny_pair("wan").items()}
     plan = BlendPlan.parse("LSL:0.4,0.2", steps)

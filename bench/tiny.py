@@ -26,7 +26,7 @@ TEXT = (7, 16)              # L, D
 
 def tiny_pair(family: str, seed: int = 0) -> dict:
     """Both transformers of a tiny random pair, seeded; zero-initialised output layers lifted so they differ."""
-    from flowblend.families import get_family
+    from ..families import get_family
 
     configs = WAN_TINY if family == "wan" else LTX_TINY
     cls = get_family(family).architecture.model_class()

@@ -22,8 +22,8 @@ from typing import Callable
 import numpy as np
 
 from flowblend.errors import FlowblendError
-from flowblend.runtime.plan import LARGE_SMALL, BlendPlan
 
+from ..runtime.plan import LARGE_SMALL, BlendPlan
 from .divergence import DivergenceCurve, SamplingSetup
 
 PAPER_DEFAULT = "LSL:0.4,0.2"
@@ -265,7 +265,7 @@ class PlanScorer:
 
 
 def per_step_flops(pair, setup, text_len: int) -> dict[str, float]:
-    from flowblend.bench.flops import step_flops
+    from ..bench.flops import step_flops
 
     return {name: step_flops(pair.family.transformer_class, dict(m.config), setup.latent_shape, text_len,
                              setup.guidance > 1.0) for name, m in pair.transformers.items()}
@@ -295,8 +295,7 @@ def calibrate_plan(pair, prompts, seeds, setup, metrics, tolerance: float = 0.1,
                    max_rounds: int = 4, engines: dict | None = None, progress: bool = False) -> CalibrationResult:
     """Measure divergence on (prompts x seeds), seed a plan from it, search the cheapest plan within
     `tolerance` of LLL quality, then check it on held-out prompts/seeds and at `reduced_steps`."""
-    from flowblend.assembly import as_loaded, engines_over
-
+    from ..assembly import as_loaded, engines_over
     from .divergence import make_requests, measure_divergence
 
     tolerance = check_tolerance(tolerance)

@@ -24,12 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowblend.assembly import sampler_for
 from flowblend.atomic import write_atomic
 from flowblend.errors import FlowblendError
-from flowblend.runtime.guidance import expert_schedule_for, guidance_table
-from flowblend.runtime.plan import BlendPlan, ExpertSchedule, ModelSet
-from flowblend.runtime.sampler import Sampler, SamplerOptions
+
+from ..assembly import sampler_for
+from ..runtime.guidance import expert_schedule_for, guidance_table
+from ..runtime.plan import BlendPlan, ExpertSchedule, ModelSet
+from ..runtime.sampler import Sampler, SamplerOptions
 
 CURVES = ("cosine_guided", "rel_l2_guided", "cosine_cond", "rel_l2_cond")
 

@@ -115,7 +115,7 @@ class ToyMaskIoU:
     name = "toy"
 
     def score(self, videos, references, prompts=()) -> list[float]:
-        from flowblend.toy.probes import foreground_masks
+        from ..toy.probes import foreground_masks
 
         out = []
         for video, ref in zip(videos, references, strict=True):
@@ -254,8 +254,8 @@ class QualityMetrics:
 
 def toy_probe_scores(videos, prompts) -> dict:
     """The toy probes (colour/shape/direction accuracy, coherence, Frechet to procedural videos)."""
-    from flowblend.toy.data import PromptSpec
-    from flowblend.toy.probes import score_set, score_video
+    from ..toy.data import PromptSpec
+    from ..toy.probes import score_set, score_video
 
     specs = [PromptSpec.parse(p) for p in prompts]
     if len(videos) >= 2:

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from flowblend.assembly import EngineChoice
-from flowblend.bench.report import write_outputs
-from flowblend.bench.run import (
+from ..assembly import EngineChoice
+from ..bench.report import write_outputs
+from ..bench.run import (
     BACKENDS,
     DEFAULT_BACKENDS,
     DEFAULT_PLANS,
@@ -14,9 +14,8 @@ from flowblend.bench.run import (
     bench_pair_by_name,
     equivalent_command,
 )
-from flowblend.engines.kinds import REFERENCE_KIND
-from flowblend.resolve.blend_request import video_of
-
+from ..engines.kinds import REFERENCE_KIND
+from ..resolve.blend_request import video_of
 from .common import choices_of, family_of, subscribe
 
 

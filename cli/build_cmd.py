@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flowblend.engines.kinds import BUILT_KINDS, engine_kind
-
+from ..engines.kinds import BUILT_KINDS, engine_kind
 from .common import subscribe
 
 
@@ -23,7 +22,7 @@ def register(p) -> None:
 
 
 def run(args) -> int:
-    from flowblend.engines.build import build_pair_engines
+    from ..engines.build import build_pair_engines
 
     trt = {}
     if engine_kind(args.backend).keyed_by_gpu:  # TensorRT: built for this GPU, with its own options
@@ -49,11 +48,11 @@ def tensorrt_check(artifacts: str, pair: str):
     def verify(onnx_path: Path, plan_path: Path):
         import torch
 
-        from flowblend.engines.iospec import IOSpec
-        from flowblend.engines.trt_engine import run_plan
-        from flowblend.export.record import read_export_record
-        from flowblend.export.verify import THRESHOLDS, TIMESTEPS, Comparison, VerifyReport, reference_module
-        from flowblend.families import load_pair
+        from ..engines.iospec import IOSpec
+        from ..engines.trt_engine import run_plan
+        from ..export.record import read_export_record
+        from ..export.verify import THRESHOLDS, TIMESTEPS, Comparison, VerifyReport, reference_module
+        from ..families import load_pair
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if not loaded:

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from flowblend.errors import FlowblendError
-from flowblend.resolve.blend_request import resolve_experts, resolve_scales, solver_of, video_of
 
+from ..resolve.blend_request import resolve_experts, resolve_scales, solver_of, video_of
 from .common import choices_of, family_of, subscribe
 
 DEFAULT_TOLERANCE = 0.5
@@ -69,7 +69,7 @@ def _read(prompts: list[str], path: str | None, what: str) -> list[str]:
 
 
 def _toy_default_prompts(offset: int) -> list[str]:
-    from flowblend.toy.data import all_prompts
+    from ..toy.data import all_prompts
 
     return [s.text for s in all_prompts()[offset::6]]
 
@@ -84,7 +84,7 @@ def resolve_prompts(args, family) -> list[str]:
 
 
 def resolve_setup(args, family):
-    from flowblend.calibrate.divergence import SamplingSetup
+    from ..calibrate.divergence import SamplingSetup
 
     choices = choices_of(args)
     steps = args.steps if args.steps is not None else family.steps
@@ -99,7 +99,7 @@ def resolve_setup(args, family):
 
 def _load(args, family, setup):
     """The pair in FP32 on --device and its eager engines, through the one assembly (assembly/run.py)."""
-    from flowblend.assembly import eager_choice, engines_for, load_models
+    from ..assembly import eager_choice, engines_for, load_models
 
     choice = eager_choice(args.device)
     pair = load_models(family.name, choice, args.large, args.small, args.allow_download)
@@ -107,8 +107,8 @@ def _load(args, family, setup):
 
 
 def run_divergence(args) -> int:
-    from flowblend.calibrate.boundaries import default_threshold, plan_from_divergence
-    from flowblend.calibrate.divergence import make_requests, measure_divergence, plot_divergence, save_curve
+    from ..calibrate.boundaries import default_threshold, plan_from_divergence
+    from ..calibrate.divergence import make_requests, measure_divergence, plot_divergence, save_curve
 
     family = family_of(args)
     setup = resolve_setup(args, family)
@@ -134,9 +134,9 @@ def run_divergence(args) -> int:
 
 
 def run_plan(args) -> int:
-    from flowblend.calibrate.boundaries import calibrate_plan, check_stage_steps, check_tolerance
-    from flowblend.calibrate.metrics import MetricSources, QualityMetrics
-    from flowblend.calibrate.report import write_outputs
+    from ..calibrate.boundaries import calibrate_plan, check_stage_steps, check_tolerance
+    from ..calibrate.metrics import MetricSources, QualityMetrics
+    from ..calibrate.report import write_outputs
 
     family = family_of(args)
     check_tolerance(args.tolerance)

@@ -17,15 +17,16 @@ import os
 import sys
 from typing import Mapping
 
-from flowblend.engines.factory import check_dtype
-from flowblend.engines.kinds import EXPORT_PRECISIONS, precision
 from flowblend.errors import FlowblendError
-from flowblend.families import FAMILIES, PairFamily, get_family
-from flowblend.resolve.blend_request import BlendChoices, video_of
-from flowblend.resolve.request import check_device, check_guidance
-from flowblend.runtime.graph_modes import GRAPH_FLAGS
 from flowblend.settings import choices_of as setting_choices
 from flowblend.settings import declared, default_of, flag_of
+
+from ..engines.factory import check_dtype
+from ..engines.kinds import EXPORT_PRECISIONS, precision
+from ..families import FAMILIES, PairFamily, get_family
+from ..resolve.blend_request import BlendChoices, video_of
+from ..resolve.request import check_device, check_guidance
+from ..runtime.graph_modes import GRAPH_FLAGS
 
 __all__ = ["HelpFormatter", "Parser", "subscribe", "check_groups", "family_of", "choices_of", "FlowblendError"]
 
@@ -107,7 +108,7 @@ def add_settings(p, settings, repeat: Mapping[str, str] | None = None,
 
 
 def _engine_settings(groups: tuple[str, ...] | None):
-    from flowblend.assembly.choice import EngineChoice  # read when a parser is built: a field added there is a flag
+    from ..assembly.choice import EngineChoice  # read when a parser is built: a field added there is a flag
 
     return _setting_fields(EngineChoice, groups)
 

@@ -1,10 +1,9 @@
 """`flowblend demo`: the toy pair under LLL, LSL and SSS on CPU, with a table of cost and probe scores."""
 from __future__ import annotations
 
-from flowblend.families import get_family
-from flowblend.families.toy_vocab import DEMO_PLANS, DEMO_PROMPTS, vocabulary_line
-from flowblend.resolve.request import MAX_SEED, resolve_plan
-
+from ..families import get_family
+from ..families.toy_vocab import DEMO_PLANS, DEMO_PROMPTS, vocabulary_line
+from ..resolve.request import MAX_SEED, resolve_plan
 from .common import FlowblendError, subscribe
 
 
@@ -30,7 +29,7 @@ def run(args) -> int:
     if bad:
         raise FlowblendError(f"--seeds must be between 0 and {MAX_SEED}, got {bad[0]}")
 
-    from flowblend.toy.demo import format_table, run_demo
+    from ..toy.demo import format_table, run_demo
 
     rows = run_demo(args.out_dir, tuple(prompts), tuple(args.plan or DEMO_PLANS), args.steps, tuple(args.seeds),
                     progress=not args.no_progress)

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from flowblend.errors import FlowblendError
-from flowblend.resolve.blend_request import guidance_of, video_of
 
+from ..resolve.blend_request import guidance_of, video_of
 from .common import choices_of, family_of, subscribe
 
 DYNAMIC_DIMS = ("frames", "height", "width")
@@ -44,9 +44,9 @@ def run(args) -> int:
     dynamic = parse_dynamic(args.dynamic)
     frames, height, width = video_of(choices_of(args), family)
 
-    from flowblend.export.onnx import EXTERNAL_DATA_THRESHOLD, export_pair
-    from flowblend.export.record import EXPORT_RECORD, onnx_dir
-    from flowblend.families import load_pair
+    from ..export.onnx import EXTERNAL_DATA_THRESHOLD, export_pair
+    from ..export.record import EXPORT_RECORD, onnx_dir
+    from ..families import load_pair
 
     spec = family.io_spec(family.latent_shape(frames, height, width), guidance_of(choices_of(args), family), args.dtype, dynamic)
     pair = load_pair(family.name, args.large, args.small, dtype=spec.torch_dtype, allow_download=args.allow_download,

@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 from flowblend.errors import FlowblendError
-from flowblend.families.toy_vocab import vocabulary_line
-from flowblend.resolve.resolved import ResolvedRequest, resolve_request
-from flowblend.runtime.graph_modes import check_graph_flag
 
+from ..families.toy_vocab import vocabulary_line
+from ..resolve.resolved import ResolvedRequest, resolve_request
+from ..runtime.graph_modes import check_graph_flag
 from .common import choices_of, family_of, subscribe
 
 
@@ -61,8 +61,8 @@ def resolved_of(args) -> ResolvedRequest:
 
 def check_memory(request, resolved, choice) -> None:
     """Refuse, before loading, a run of PyTorch engines on a GPU that its memory plan says cannot fit."""
-    from flowblend.bench.memory_plan import check_fits, device_capacity
-    from flowblend.runtime.solvers import make_solver_table
+    from ..bench.memory_plan import check_fits, device_capacity
+    from ..runtime.solvers import make_solver_table
 
     capacity = device_capacity(choice.device) if choice.runs_transformers else None
     if capacity is None:
@@ -79,8 +79,8 @@ def run(args) -> int:
     check_graph_flag(args.graph, args.device)
     outs = output_paths(args.out, len(request.prompts))
 
-    from flowblend.assembly import EngineChoice, assemble
-    from flowblend.runtime.video import save_video
+    from ..assembly import EngineChoice, assemble
+    from ..runtime.video import save_video
 
     choice = EngineChoice.of(args)
     check_memory(request, resolved, choice)  # before anything loads: refused in one line if it cannot fit

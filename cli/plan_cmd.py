@@ -5,9 +5,9 @@ two-expert pair (wan22: what diffusers' WanPipeline runs), whose switch step is 
 """
 from __future__ import annotations
 
-from flowblend.bench.flops import cached_step_flops, step_flops
-from flowblend.families import reference_configs
-from flowblend.resolve.blend_request import (
+from ..bench.flops import cached_step_flops, step_flops
+from ..families import reference_configs
+from ..resolve.blend_request import (
     model_set_of,
     plan_of,
     resolve_experts,
@@ -16,8 +16,7 @@ from flowblend.resolve.blend_request import (
     steps_of,
     video_of,
 )
-from flowblend.runtime.plan import BlendPlan
-
+from ..runtime.plan import BlendPlan
 from .common import choices_of, family_of, subscribe
 
 FLOP_UNITS = ((1e15, "PFLOPs"), (1e12, "TFLOPs"), (1e9, "GFLOPs"), (1e6, "MFLOPs"))
@@ -112,8 +111,8 @@ def run(args) -> int:
 
 def print_memory_plan(args, family, plan, latent_shape, solver, shift, mu, guidance) -> None:
     """What the run holds on the device at its peak, term by term, before loading (bench/memory_plan.py)."""
-    from flowblend.bench.memory_plan import GIB, plan_for
-    from flowblend.runtime.solvers import make_solver_table
+    from ..bench.memory_plan import GIB, plan_for
+    from ..runtime.solvers import make_solver_table
 
     solver_table = make_solver_table(solver, len(plan), shift, mu, segments=plan.segments)
     memory = plan_for(family, plan, latent_shape, solver_table, guidance, args.dtype, args.cfg, args.fp8_keep_blocks)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 
 from flowblend.errors import FlowblendError
-from flowblend.runtime.graph_modes import check_graph_flag
 
+from ..runtime.graph_modes import check_graph_flag
 from .common import choices_of, subscribe
 
 API_KEY_ENV = "FLOWBLEND_API_KEY"
@@ -57,14 +57,14 @@ def register(p) -> None:
 
 
 def config_from_args(args):
-    from flowblend.serve.config import ServeConfig
+    from ..serve.config import ServeConfig
 
     if args.queue_size < 1 or args.max_steps < 1 or args.drain_seconds < 0 or args.max_body_bytes < 1024:
         raise FlowblendError("--queue-size and --max-steps must be >= 1, --drain-seconds >= 0 and --max-body-bytes "
                              ">= 1024")
     if not (args.header_timeout > 0 and args.body_timeout > 0):
         raise FlowblendError("--header-timeout and --body-timeout must be > 0 seconds (the defaults: 10 and 30)")
-    from flowblend.assembly import EngineChoice
+    from ..assembly import EngineChoice
 
     return ServeConfig(pair=args.pair, large=args.large, small=args.small, allow_download=args.allow_download,
                        engine=EngineChoice.of(args), blend=choices_of(args),  # every declared setting, as parsed
@@ -85,13 +85,13 @@ def run(args) -> int:
     check_graph_flag(args.graph, args.device)
     config = config_from_args(args)
     if args.ray:
-        from flowblend.serve.ray_app import RayOptions, run_ray
+        from ..serve.ray_app import RayOptions, run_ray
 
         return run_ray(config, RayOptions(replicas=args.replicas, min_replicas=args.min_replicas,
                                           max_replicas=args.max_replicas,
                                           target_ongoing_requests=args.target_ongoing_requests,
                                           address=args.ray_address, num_gpus=args.num_gpus, num_cpus=args.num_cpus,
                                           host=args.host, port=args.port))
-    from flowblend.serve.server import run_server
+    from ..serve.server import run_server
 
     return run_server(config, args.host, args.port, args.log_level)

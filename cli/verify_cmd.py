@@ -12,9 +12,9 @@ def register(p) -> None:
 
 
 def run(args) -> int:
-    from flowblend.export.record import checked_export
-    from flowblend.export.verify import THRESHOLDS, verify_export
-    from flowblend.families import load_pair
+    from ..export.record import checked_export
+    from ..export.verify import THRESHOLDS, verify_export
+    from ..families import load_pair
 
     family = family_of(args)
     checked = checked_export(args.artifacts, family.name)  # a missing or damaged export fails before models load

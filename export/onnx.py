@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from flowblend.engines.iospec import IOSpec
-from flowblend.engines.kinds import precision
-from flowblend.engines.store import sidecars, write_json_atomic
 from flowblend.errors import FlowblendError
 
+from ..engines.iospec import IOSpec
+from ..engines.kinds import precision
+from ..engines.store import sidecars, write_json_atomic
 from .precision import islands_of
 from .record import EXPORT_RECORD, graph_files, onnx_dir
 from .trace import EXTERNAL_DATA_THRESHOLD, OPSET, export_transformer, float64_values  # noqa: F401 - re-exported

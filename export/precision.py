@@ -24,9 +24,10 @@ from unittest import mock
 import torch
 from torch import nn
 
-from flowblend.engines.architectures import entry_for, registered_classes
-from flowblend.engines.kinds import PRECISIONS
 from flowblend.errors import FlowblendError
+
+from ..engines.architectures import entry_for, registered_classes
+from ..engines.kinds import PRECISIONS
 
 LOW_PRECISION = tuple(p.torch_dtype for p in PRECISIONS.values() if p.fp32_islands and p.exportable)  # engines/kinds.py
 

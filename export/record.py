@@ -7,10 +7,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from flowblend.engines.build import EXPORT_RECORD, onnx_dir  # noqa: F401 - re-exported
-from flowblend.engines.iospec import IOSpec
-from flowblend.engines.store import check_files, file_sha256, sidecars
 from flowblend.errors import FlowblendError
+
+from ..engines.build import EXPORT_RECORD, onnx_dir  # noqa: F401 - re-exported
+from ..engines.iospec import IOSpec
+from ..engines.store import check_files, file_sha256, sidecars
 
 
 def graph_files(path: Path) -> dict[str, dict]:

@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowblend.engines.base import LATENTS, TEXT_EMBEDS, TEXT_MASK, TIMESTEP
-from flowblend.engines.iospec import IOSpec
-from flowblend.engines.signature import signature_for
 from flowblend.errors import FlowblendError
 
+from ..engines.base import LATENTS, TEXT_EMBEDS, TEXT_MASK, TIMESTEP
+from ..engines.iospec import IOSpec
+from ..engines.signature import signature_for
 from .precision import layout_dtype, region_precision, to_layout
 
 OPSET = 18

@@ -20,12 +20,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from flowblend.engines.base import TIMESTEP, VELOCITY
-from flowblend.engines.iospec import IOSpec
-from flowblend.engines.kinds import PRECISIONS, precision
-from flowblend.engines.signature import signature_for
 from flowblend.errors import FlowblendError
 
+from ..engines.base import TIMESTEP, VELOCITY
+from ..engines.iospec import IOSpec
+from ..engines.kinds import PRECISIONS, precision
+from ..engines.signature import signature_for
 from .precision import layout_dtype
 from .record import check_external_data, checked_export
 from .trace import TWIN_UNSHARED, traceable
@@ -131,7 +131,7 @@ def graph_runner(path: str | Path, spec: IOSpec, device: str = "cpu") -> tuple[s
                 _reference_evaluator(path, spec))
     if on_cpu == "unoptimized":
         return f"onnxruntime ({UNOPTIMIZED})", _unoptimized_session(path, spec)
-    from flowblend.engines.ort_engine import OrtEngine
+    from ..engines.ort_engine import OrtEngine
 
     engine = OrtEngine(path, device=device, name=Path(path).stem)
 

@@ -103,7 +103,7 @@ def load_transformer(family: PairFamily, source: str, dtype, allow_download: boo
     """One transformer; `subfolder` None means transformer/ when the folder has one (or for a hub id).
 
     export_layout=True reads it straight into the export layout of `dtype` (export/precision.py)."""
-    from flowblend.export.checkpoint import load_transformer_in_layout
+    from ..export.checkpoint import load_transformer_in_layout
 
     _check_source(source, allow_download, family)
     cls = family.architecture.model_class()

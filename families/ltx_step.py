@@ -15,9 +15,9 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from flowblend.engines.base import LATENTS, TEXT_EMBEDS, TEXT_MASK, TIMESTEP, VELOCITY
-from flowblend.engines.step_cache import run_blocks
-from flowblend.engines.step_constants import StepConstants
+from ..engines.base import LATENTS, TEXT_EMBEDS, TEXT_MASK, TIMESTEP, VELOCITY
+from ..engines.step_cache import run_blocks
+from ..engines.step_constants import StepConstants
 
 
 class LtxSignature(nn.Module):

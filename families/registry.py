@@ -17,15 +17,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from flowblend.engines.architectures import ClassEntry, register_class
 from flowblend.errors import FlowblendError
+
+from ..engines.architectures import ClassEntry, register_class
 
 if TYPE_CHECKING:  # torch loads when a pair does: `flowblend --help` and argument checks stay fast
     from types import ModuleType
 
     import torch
 
-    from flowblend.engines.iospec import IOSpec
+    from ..engines.iospec import IOSpec
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,7 @@ class PairFamily:
         """The I/O spec of this family's transformers at a latent shape (C, F, H, W): the one place a
         family's text size, mask and patch become a spec (export, engine builds and engine lookup).
         Batch 2 with CFG (guidance > 1, the sampler's rule), else 1."""
-        from flowblend.engines.iospec import IOSpec, dtype_name
+        from ..engines.iospec import IOSpec, dtype_name
 
         return IOSpec(batch=2 if guidance > 1 else 1, latent=tuple(latent_shape), text_len=self.text_len,
                       text_dim=self.text_dim, dtype=dtype_name(dtype), with_mask=self.takes_text_mask,

@@ -13,12 +13,13 @@ from typing import Callable
 
 import torch
 
-from flowblend.assembly import EngineChoice
 from flowblend.errors import FlowblendError
-from flowblend.runtime.plan import BlendPlan, ExpertSchedule, ModelSet
-from flowblend.runtime.sampler import SamplerOptions
-from flowblend.runtime.solvers import check_dpmpp_config, check_unipc_config, dpmpp_solver_of_order, schedule_of
 
+from ..assembly import EngineChoice
+from ..resolve.request import resolve_plan
+from ..runtime.plan import BlendPlan, ModelSet
+from ..runtime.sampler import SamplerOptions
+from ..runtime.solvers import check_dpmpp_config, check_unipc_config, dpmpp_solver_of_order, schedule_of
 from .runner import blend_runner, check_cuda_graph, engine_choice
 
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
@@ -81,20 +82,6 @@ def scheduler_schedule(scheduler, steps: int, **set_timesteps_kwargs) -> tuple[s
     return solver, schedule_of(copy), copy.timesteps
 
 
-def parse_plan(plan, steps: int, model_set: ModelSet, experts: ExpertSchedule | None) -> BlendPlan:
-    """`plan` as any spelling BlendPlan.parse takes (or a BlendPlan) at `steps` steps; ValueError naming `plan`."""
-    if isinstance(plan, BlendPlan):
-        if len(plan) != steps:
-            raise ValueError(f"`plan` has {len(plan)} steps but `num_inference_steps` is {steps}: make them agree")
-        return plan
-    if not isinstance(plan, str):
-        raise ValueError(f"`plan` has to be a plan spelling such as 'LSL:0.4,0.2' or a BlendPlan but is {plan!r}")
-    try:
-        return BlendPlan.parse(plan, steps, model_set, experts)
-    except ValueError as exc:
-        raise ValueError(f"`plan` {plan!r}: {exc}") from None
-
-
 class BlendCall:
     """Mixin of the FlowBlend pipelines (before the diffusers pipeline class in the bases)."""
 
@@ -105,8 +92,7 @@ class BlendCall:
     def from_pretrained(cls, pretrained_model_name_or_path, small: str | None = None, **kwargs):
         """The diffusers pipeline's from_pretrained of the large checkpoint, plus the small model's transformer
         (`small`: a diffusers checkpoint folder or hub id; or pass `small_transformer=` a loaded one)."""
-        from flowblend.families import get_family
-
+        from ..families import get_family
         from .loading import load_small_transformer
 
         if small is not None and kwargs.get("small_transformer") is None:
@@ -129,7 +115,7 @@ class BlendCall:
 
     def check_models(self) -> None:
         """Refuse a small transformer that cannot share the latents and text conditioning (ValueError naming it)."""
-        from flowblend.families import check_models_compatible, get_family
+        from ..families import check_models_compatible, get_family
 
         models = {n: m for n, m in self.blend_transformers().items() if m is not None}
         try:
@@ -146,7 +132,14 @@ class BlendCall:
                        solver: str, schedule: tuple, timesteps: torch.Tensor, engines, cuda_graph,
                        with_callback: bool) -> BlendSettings:
         """The checked plan, options, engine kind and graph mode of one call (ValueErrors name the argument)."""
-        blend_plan = parse_plan(plan, steps, model_set, experts)
+        if not isinstance(plan, (str, BlendPlan)):
+            raise ValueError(f"`plan` has to be a plan spelling such as 'LSL:0.4,0.2' or a BlendPlan but is {plan!r}")
+        if isinstance(plan, BlendPlan) and plan.base_steps != steps:
+            raise ValueError(f"`plan` has {plan.base_steps} steps but `num_inference_steps` is {steps}: make them agree")
+        try:  # the CLI's and the server's plan resolution (resolve/request.py), named as the argument is
+            blend_plan = resolve_plan(plan, steps, steps, model_set, experts)
+        except FlowblendError as exc:
+            raise ValueError(f"`{exc}".replace("`plan ", "`plan` ", 1)) from None
         if any(k != span for k, span in blend_plan.segments):
             raise ValueError(f"`plan` {blend_plan.label}: stages with their own step counts are placed on flowblend's "
                              "own schedule, not yet on the pipeline's scheduler: use `flowblend generate`, or a plan "
@@ -169,7 +162,7 @@ class BlendCall:
 
         `signature`: the transformers' call options (LTX: rope_interpolation_scale), bound by wrapping each in
         its family's signature (engines/signature.py), which every engine kind then runs as it is."""
-        from flowblend.engines.signature import signature_for
+        from ..engines.signature import signature_for
 
         found = {n: m for n, m in self.blend_transformers().items() if m is not None}
         key = (settings.plan, settings.options, settings.engines, settings.graph_mode, tuple(latent_shape),

@@ -32,8 +32,8 @@ def toy_parts(torch_dtype, small: str | None):
     """The toy pair (shipped weights; `small` overrides the small model's folder) and its solver as a scheduler."""
     import torch
 
-    from flowblend.families import load_pair
-    from flowblend.runtime.solvers import scheduler_for
+    from ..families import load_pair
+    from ..runtime.solvers import scheduler_for
 
     try:
         pair = load_pair("toy", small=small, dtype=torch_dtype or torch.float32)

@@ -17,9 +17,8 @@ from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift
 from diffusers.pipelines.ltx.pipeline_output import LTXPipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from flowblend.runtime.guidance import guidance_table
-from flowblend.runtime.plan import LARGE_SMALL
-
+from ..runtime.guidance import guidance_table
+from ..runtime.plan import LARGE_SMALL
 from .blending import BlendCall, check_call_arguments, scheduler_schedule
 
 LTX_DEFAULTS = dict(height=512, width=704, num_frames=161, num_inference_steps=50, guidance_scale=3.0)
@@ -79,7 +78,7 @@ class FlowBlendLTXPipeline(BlendCall, LTXPipeline):
                  output_type: str = "pil", return_dict: bool = True, attention_kwargs: dict[str, Any] | None = None,
                  callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
                  callback_on_step_end_tensor_inputs: list[str] = ["latents"], max_sequence_length: int = 128,  # noqa: B006
-                 *, plan=None, engines="eager", cuda_graph: bool | str = False) -> LTXPipelineOutput | tuple:
+                 *, plan=None, engines="torch", cuda_graph: bool | str = False) -> LTXPipelineOutput | tuple:
         """LTXPipeline.__call__ with flowblend's runtime as the loop; see the class docstring for the extra arguments."""
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs

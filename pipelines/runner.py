@@ -4,6 +4,8 @@ The diffusers-style pipelines (pipelines/wan.py, ltx.py) hand over named transfo
 sampler options and an `EngineChoice`; `blend_runner` passes them to assembly/
 (engines_for -> sampler_for) and wraps the sampler in a GraphRunner, the same steps `flowblend
 generate`, the server and bench take, so an engine option added there reaches the pipelines too.
+`engines=` is spelled as `flowblend generate --backend` is (a kind of engines/kinds.py, the precision
+the transformers' own) or as the EngineChoice itself (FP8: EngineChoice(dtype="fp8")): no names of its own.
 `engine_choice` and `check_cuda_graph` refuse a bad `engines` / `cuda_graph` argument with a
 ValueError naming it, as diffusers' `check_inputs` does, before anything is built.
 """
@@ -17,41 +19,32 @@ from flowblend.errors import FlowblendError
 if TYPE_CHECKING:
     import torch
 
-    from flowblend.assembly import EngineChoice
-    from flowblend.runtime.plan import BlendPlan
-    from flowblend.runtime.sampler import LatentSampler, SamplerOptions
+    from ..assembly import EngineChoice
+    from ..runtime.plan import BlendPlan
+    from ..runtime.sampler import LatentSampler, SamplerOptions
 
-# `engines=` names besides the engine kinds of engines/kinds.py: (kind, precision; None: the transformers' own).
-ENGINE_ALIASES = {"eager": ("torch", None), "compiled": ("torch-compile", None), "fp8": ("torch", "fp8")}
 # `cuda_graph=` -> runtime/graph.py's modes: False none, True the whole loop in one graph, or one per step.
 CUDA_GRAPH_OPTIONS = {False: "eager", True: "whole", "whole": "whole", "per_step": "per_step"}
 
 
-def engine_options() -> list[str]:
-    """Every `engines=` spelling: the aliases, then the kinds of engines/kinds.py."""
-    from flowblend.engines.kinds import ENGINE_KINDS
-
-    return list(ENGINE_ALIASES) + list(ENGINE_KINDS)
-
-
 def engine_choice(engines, device: torch.device, dtype: torch.dtype, artifacts: str) -> EngineChoice:
-    """The EngineChoice of an `engines=` value (a spelling, or an EngineChoice whose device becomes the pipeline's);
+    """The EngineChoice of an `engines=` value (a --backend name, or an EngineChoice whose device becomes the
+    pipeline's);
     its precision must be the transformers' dtype: the pipeline's modules are not converted behind its back."""
-    from flowblend.assembly import EngineChoice
-    from flowblend.engines.iospec import dtype_name
-    from flowblend.engines.kinds import ENGINE_KINDS, precision
+    from ..assembly import EngineChoice
+    from ..engines.iospec import dtype_name
+    from ..engines.kinds import ENGINE_KINDS, precision
 
     if isinstance(engines, EngineChoice):
         choice = replace(engines, device=str(device))
-    elif isinstance(engines, str) and (engines in ENGINE_ALIASES or engines in ENGINE_KINDS):
-        kind, precision_name = ENGINE_ALIASES.get(engines, (engines, None))
+    elif isinstance(engines, str) and engines in ENGINE_KINDS:
         try:
-            choice = EngineChoice(backend=kind, device=str(device), dtype=precision_name or dtype_name(dtype),
-                                  artifacts=artifacts)
+            choice = EngineChoice(backend=engines, device=str(device), dtype=dtype_name(dtype), artifacts=artifacts)
         except FlowblendError as exc:
             raise ValueError(f"`engines` {engines!r}: {exc}") from None
     else:
-        raise ValueError(f"`engines` has to be one of {engine_options()} or an EngineChoice but is {engines!r}")
+        raise ValueError(f"`engines` has to be one of {list(ENGINE_KINDS)} (flowblend generate's --backend) or a "
+                         f"flowblend.assembly.EngineChoice (FP8: EngineChoice(dtype='fp8')) but is {engines!r}")
     wanted = precision(choice.dtype).torch_dtype
     if wanted != dtype:
         raise ValueError(f"`engines` runs {choice.dtype}, whose weights are {wanted}, but the pipeline's transformers "
@@ -81,7 +74,7 @@ def blend_runner(transformers: dict[str, torch.nn.Module], plan: BlendPlan, opti
     depends on the VAE and frame rate); built kinds load what `flowblend export` / `build` made for
     `family_name` at `latent_shape`. Only the models the plan runs get engines (LLL binds no small one).
     """
-    from flowblend.assembly import engines_over, runner_for, sampler_for
+    from ..assembly import engines_over, runner_for, sampler_for
 
     used = {name: m for name, m in transformers.items() if name in plan.models}
     # The pipeline's own text encoder and VAE encode and decode: the engines get the transformers alone.

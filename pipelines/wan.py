@@ -18,9 +18,9 @@ from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 from diffusers.video_processor import VideoProcessor
 
 from flowblend.errors import FlowblendError
-from flowblend.runtime.guidance import guidance_table
-from flowblend.runtime.plan import EXPERTS_AND_SMALL, LARGE_SMALL, ExpertSchedule
 
+from ..runtime.guidance import guidance_table
+from ..runtime.plan import EXPERTS_AND_SMALL, LARGE_SMALL, ExpertSchedule
 from .blending import BlendCall, check_call_arguments, scheduler_schedule
 from .loading import toy_parts
 
@@ -33,8 +33,8 @@ class FlowBlendWanPipeline(BlendCall, WanPipeline):
 
     Called with WanPipeline's arguments (None: WanPipeline's default) plus `plan` (any BlendPlan
     spelling; default the paper's LSL:0.4,0.2, Wan 2.2 its experts' own plan), `engines` (an engine kind
-    of engines/kinds.py, 'eager', 'compiled', 'fp8' (FP8 block linears of a BF16 pipeline), or a
-    flowblend.assembly.EngineChoice for every engine option), `cuda_graph` (False, True: the whole loop in one
+    of engines/kinds.py as `flowblend generate --backend` names it, or a flowblend.assembly.EngineChoice for
+    every engine option: EngineChoice(dtype="fp8") for FP8 block linears of a BF16 pipeline), `cuda_graph` (False, True: the whole loop in one
     graph, 'per_step') and, for Wan 2.2, `small_guidance_scale` (default: the scale of the expert whose
     steps the small model takes).
     """
@@ -160,7 +160,7 @@ class FlowBlendWanPipeline(BlendCall, WanPipeline):
                  return_dict: bool = True, attention_kwargs: dict[str, Any] | None = None,
                  callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
                  callback_on_step_end_tensor_inputs: list[str] = ["latents"], max_sequence_length: int = 512,  # noqa: B006 - diffusers' default
-                 *, plan=None, engines="eager", cuda_graph: bool | str = False,
+                 *, plan=None, engines="torch", cuda_graph: bool | str = False,
                  small_guidance_scale: float | None = None) -> WanPipelineOutput | tuple:
         """WanPipeline.__call__ with flowblend's runtime as the loop; see the class docstring for the extra arguments."""
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):

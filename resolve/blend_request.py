@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Protocol
 
 from flowblend.errors import FlowblendError
-from flowblend.runtime.plan import BlendPlan, ExpertSchedule, ModelSet
 from flowblend.settings import setting
 
+from ..runtime.plan import BlendPlan, ExpertSchedule, ModelSet
 from .request import VideoFamily, check_guidance, resolve_plan
 
 
@@ -144,7 +144,7 @@ def steps_of(choices: BlendChoices, family: BlendFamily) -> int:
 def resolve_experts(choices: BlendChoices, family: BlendFamily, steps: int, solver: str, shift: float,
                     mu: float | None = None) -> ExpertSchedule | None:
     """The expert of every step for a two-expert family (None otherwise), on the solver's own timesteps."""
-    from flowblend.runtime.guidance import expert_schedule_for  # imports torch: only once a command runs
+    from ..runtime.guidance import expert_schedule_for  # imports torch: only once a command runs
 
     ratio = choices.boundary_ratio
     if family.experts is None:
@@ -187,7 +187,7 @@ def resolve_scales(choices: BlendChoices, family: BlendFamily, experts: ExpertSc
 def resolve_guidance(choices: BlendChoices, family: BlendFamily, plan: BlendPlan, experts: ExpertSchedule | None
                      ) -> tuple[float, tuple[float, ...]]:
     """(the guidance scale, the per-step table): each model's scale, the small one's by the step it takes."""
-    from flowblend.runtime.guidance import guidance_table
+    from ..runtime.guidance import guidance_table
 
     default, scales = resolve_scales(choices, family, experts)
     return default, guidance_table(plan, default, scales, experts)

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from flowblend.errors import FlowblendError
-from flowblend.runtime.plan import LARGE_SMALL, BlendPlan, ExpertSchedule, ModelSet
+
+from ..runtime.plan import LARGE_SMALL, BlendPlan, ExpertSchedule, ModelSet
 
 SOLVER_NAMES = ("unipc", "euler", "dpm++", "dpm++3m")  # runtime/solvers.SOLVERS, spelled here without torch
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes any int up to here

@@ -12,13 +12,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from flowblend.runtime.plan import BlendPlan, ExpertSchedule
-
+from ..runtime.plan import BlendPlan, ExpertSchedule
 from .blend_request import BlendChoices, BlendFamily, experts_of, plan_of, resolve_guidance
 from .request import GenerationRequest, validate_request
 
 if TYPE_CHECKING:  # runtime/sampler.py imports torch: loaded once a request has passed every check
-    from flowblend.runtime.sampler import SamplerOptions
+    from ..runtime.sampler import SamplerOptions
 
 
 @dataclass(frozen=True)
@@ -66,7 +65,7 @@ class ResolvedRequest:
                                     BlendPlan.from_dict(data["plan"]), data["seed"], data["frames"], data["height"],
                                     data["width"], data["guidance"], data["solver"], data["shift"], data["mu"],
                                     tuple(data["latent_shape"]))
-        from flowblend.runtime.sampler import SamplerOptions
+        from ..runtime.sampler import SamplerOptions
 
         experts = None if data["experts"] is None else ExpertSchedule(
             **{**data["experts"], "timesteps": tuple(data["experts"]["timesteps"])})
@@ -81,7 +80,7 @@ def resolve_request(family: BlendFamily, choices: BlendChoices, prompts: str | l
     plan = plan_of(choices, family, experts) if plan is None else plan
     request = validate_request(family, prompts, negative_prompt, plan, choices.steps, seed, choices.height,
                                choices.width, choices.frames, choices.guidance, choices.solver, choices.shift)
-    from flowblend.runtime.sampler import SamplerOptions
+    from ..runtime.sampler import SamplerOptions
 
     _, table = resolve_guidance(choices, family, request.plan, experts)
     uniform = all(g == request.guidance for g in table)  # one scale: no table (the sampler repeats guidance_scale)

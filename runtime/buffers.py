@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flowblend.engines.base import LATENTS, TEXT_EMBEDS, TEXT_MASK, TIMESTEP, VELOCITY, aligned_zeros
+from ..engines.base import LATENTS, TEXT_EMBEDS, TEXT_MASK, TIMESTEP, VELOCITY, aligned_zeros
 
 
 @dataclass

@@ -11,11 +11,11 @@ from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
-from flowblend.engines.base import TIMESTEP, Engine
-from flowblend.engines.step_cache import CacheSchedule
-from flowblend.engines.streams import new_stream, use_stream
 from flowblend.errors import FlowblendError
 
+from ..engines.base import TIMESTEP, Engine
+from ..engines.step_cache import CacheSchedule
+from ..engines.streams import new_stream, use_stream
 from .buffers import SamplerBuffers
 from .fused import fused_steps_for
 from .plan import BlendPlan

@@ -4,10 +4,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
-from flowblend.assembly.choice import EngineChoice
 from flowblend.errors import FlowblendError
-from flowblend.resolve.blend_request import BlendChoices
 from flowblend.settings import split_settings
+
+from ..assembly.choice import EngineChoice
+from ..resolve.blend_request import BlendChoices
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,8 @@ from typing import Callable
 
 from flowblend.atomic import write_atomic
 from flowblend.errors import FlowblendError
-from flowblend.resolve.resolved import ResolvedRequest
 
+from ..resolve.resolved import ResolvedRequest
 from .records import JOB_ID, check_record, open_result, valid_owner
 from .shared_queue import SharedQueue
 

@@ -11,8 +11,8 @@ import torch
 
 from flowblend.atomic import write_atomic
 from flowblend.errors import FlowblendError
-from flowblend.runtime.video import save_video, to_frames
 
+from ..runtime.video import save_video, to_frames
 from .jobs import FILE_MODE
 from .video_request import FPS
 

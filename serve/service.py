@@ -20,8 +20,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from flowblend.errors import FlowblendError
-from flowblend.families import get_family
 
+from ..families import get_family
 from .config import ServeConfig
 from .guard import check_access
 from .jobs import (

@@ -33,9 +33,9 @@ from pathlib import Path
 
 from flowblend.atomic import write_atomic
 from flowblend.errors import FlowblendError
-from flowblend.resolve.blend_request import BlendFamily
-from flowblend.resolve.resolved import ResolvedRequest
 
+from ..resolve.blend_request import BlendFamily
+from ..resolve.resolved import ResolvedRequest
 from .records import JOB_ID, valid_owner
 
 CLAIM = "claim"

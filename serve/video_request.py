@@ -16,11 +16,11 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from flowblend.errors import FlowblendError
-from flowblend.families import PairFamily
-from flowblend.resolve.blend_request import BlendChoices
-from flowblend.resolve.resolved import ResolvedRequest, resolve_request
 from flowblend.settings import help_of
 
+from ..families import PairFamily
+from ..resolve.blend_request import BlendChoices
+from ..resolve.resolved import ResolvedRequest, resolve_request
 from .config import ServeConfig
 
 MAX_PROMPT_CHARS = 2000  # the longest text encoder (UMT5, 512 tokens) reads far less than this

@@ -19,12 +19,12 @@ from typing import Callable
 
 import torch
 
-from flowblend.assembly import engines_for, load_models, pipeline_for, warm_up_compiled
 from flowblend.errors import FlowblendError
-from flowblend.families import PairFamily
-from flowblend.runtime.text_to_video import TextToVideo
-from flowblend.runtime.video import save_video
 
+from ..assembly import engines_for, load_models, pipeline_for, warm_up_compiled
+from ..families import PairFamily
+from ..runtime.text_to_video import TextToVideo
+from ..runtime.video import save_video
 from .config import ServeConfig
 from .video_request import JobSpec
 

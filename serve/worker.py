@@ -24,8 +24,8 @@ from collections import OrderedDict, deque
 from typing import Callable
 
 from flowblend.errors import FlowblendError
-from flowblend.families import PairFamily
 
+from ..families import PairFamily
 from .config import ServeConfig
 from .jobs import (
     CANCELLED,

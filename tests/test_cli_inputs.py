@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import imageio.v3 as iio
 import numpy as np
@@ -120,7 +121,8 @@ BLOCKED = "test hook: blocked inside the sampling loop"
 # ends by itself: time.sleep returns early to run a signal's handler, which raises KeyboardInterrupt). It says so on
 # stderr first, so the SIGINT is sent at a state that cannot finish before it, however loaded the machine is.
 BLOCKING_GENERATE = f"""
-import sys, time
+import faulthandler, signal, sys, time
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for every thread's stack if it hangs
 from flowblend.runtime.sampler import Sampler
 step = Sampler.step
 def blocking_step(self, i):
@@ -135,11 +137,19 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def _sigint_as_a_terminal_leaves_it() -> None:
+    """The child's SIGINT at its default, as for a command in a terminal's foreground. A suite started in the
+    background of a non-interactive shell (as CI runs it) inherits SIGINT ignored, and a Python started so keeps
+    ignoring it (no KeyboardInterrupt handler): the child never sees the Ctrl-C this test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigint_to_a_running_generate_is_one_line_exit_130(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-c", BLOCKING_GENERATE, "generate", "--prompt", PROMPT,
                              "--steps", "4", "--out", str(tmp_path / "x.gif")],
-                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=_sigint_as_a_terminal_leaves_it)
     try:
         seen = ""
         while BLOCKED not in seen:  # no deadline: the child either blocks (and says so) or exits (read ends)
@@ -149,7 +159,14 @@ def test_sigint_to_a_running_generate_is_one_line_exit_130(tmp_path):
             seen += char
         assert BLOCKED in seen, f"the child exited before the sampling loop: {seen[-2000:]}"
         proc.send_signal(signal.SIGINT)
-        rest = proc.communicate(timeout=300)[1]  # a bound on a hang only; the child exits at once
+        try:
+            rest = proc.communicate(timeout=120)[1]  # a bound on a hang only; the child exits at once
+        except subprocess.TimeoutExpired:  # say where it hangs: every thread's stack, from faulthandler
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(5)
+            proc.kill()
+            rest = proc.communicate()[1]
+            pytest.fail(f"the child did not exit within 120 s of SIGINT; its output and stacks:\n{seen}{rest}")
     finally:
         proc.kill()
     lines = [line for line in rest.replace("\r", "\n").splitlines() if line.strip()]

@@ -103,6 +103,23 @@ def test_every_package_is_the_folder_of_its_name():
     assert top == set(PACKAGES), f"top-level packages not in the layout (or listed but missing): {top ^ set(PACKAGES)}"
 
 
+def test_packages_import_each_other_as_their_folders_stand():
+    """A reader that knows no package-dir (a folder tool, an editor) resolves an import by path: `..engines`
+    from runtime/ is engines/ once the checkout root stands for `flowblend` (its __init__.py), and
+    `flowblend.engines` would be flowblend/engines/, which does not exist. So between packages the imports are
+    relative, and absolute `flowblend.` imports inside a package name only the root modules in flowblend/."""
+    assert (ROOT / "__init__.py").is_file(), "the checkout root needs its __init__.py (it stands for flowblend)"
+    absolute = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+                absolute += [f"{path.relative_to(ROOT)}:{node.lineno} imports {n}" for n in names
+                             if n.split(".")[:2][-1] in PACKAGES and n.startswith("flowblend.")]
+    assert not absolute, "import these relatively (from ..<package> import ...):\n" + "\n".join(absolute)
+
+
 def test_no_package_imports_one_above_it():
     modules = _modules()
     wrong = []

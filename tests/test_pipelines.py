@@ -209,6 +209,7 @@ def test_callback_on_step_end_equals_diffusers_and_is_refused_inside_a_whole_loo
     (dict(plan="LXL"), "`plan` 'LXL'"),
     (dict(plan=7), "`plan` has to be a plan spelling"),
     (dict(engines="fp9"), "`engines` has to be one of"),
+    (dict(engines="compiled"), r"`engines` has to be one of \['torch', 'torch-compile'"),  # no second spelling
     (dict(cuda_graph="sometimes"), "`cuda_graph` has to be"),
     (dict(cuda_graph=True), "captures CUDA graphs, but the pipeline runs on cpu"),
     (dict(num_inference_steps=0), "`num_inference_steps` has to be a positive integer"),
@@ -299,7 +300,7 @@ def test_engine_options_reach_the_engine_factory(checkpoints, tmp_path):
     ours = quiet(FlowBlendWanPipeline.from_pretrained(checkpoints["wan"], small=checkpoints["wan_small"]))
     call = dict(WAN_CALL, num_inference_steps=3, output_type="latent", plan="LLL")
     eager = ours(**call, generator=generator()).frames
-    compiled = ours(**call, generator=generator(), engines="compiled").frames  # torch.compile of the same modules
+    compiled = ours(**call, generator=generator(), engines="torch-compile").frames  # torch.compile of the same modules
     assert rel(compiled, eager) <= 1e-4
     ours.artifacts = str(tmp_path / "artifacts")
     with pytest.raises(ValueError, match="flowblend export"):  # nothing exported: the store says what to run
@@ -412,7 +413,7 @@ def test_wan22_small_steps_around_the_switch_equal_wan_pipeline_swapping_its_exp
 
 
 def test_fp8_and_engine_choices_through_the_assembly(checkpoints):
-    """engines='fp8': the FP8 precision of engines/kinds.py (its exact emulation on the CPU) over a BF16 pipeline,
+    """engines=EngineChoice(dtype='fp8'): the FP8 precision of engines/kinds.py (its exact emulation on the CPU) over a BF16 pipeline,
     close to BF16 eager and not equal to it, the pipeline's own transformer untouched; an fp32 pipeline is
     refused rather than converted; an EngineChoice passes every engine option (its device becomes the pipeline's)."""
     from flowblend.assembly import EngineChoice
@@ -422,7 +423,7 @@ def test_fp8_and_engine_choices_through_the_assembly(checkpoints):
     weights = {n: p.clone() for n, p in ours.transformer.named_parameters()}
     call = dict(WAN_CALL, output_type="latent", plan="LLL")
     bf16 = ours(**call, generator=generator()).frames
-    fp8 = ours(**call, generator=generator(), engines="fp8").frames
+    fp8 = ours(**call, generator=generator(), engines=EngineChoice(dtype="fp8")).frames
     assert 0 < rel(fp8, bf16) <= 0.1
     assert all(torch.equal(p, weights[n]) for n, p in ours.transformer.named_parameters())
     chosen = ours(**call, generator=generator(), engines=EngineChoice(backend="torch", dtype="fp8", device="cuda:7")
@@ -432,7 +433,7 @@ def test_fp8_and_engine_choices_through_the_assembly(checkpoints):
         ours(**call, engines=EngineChoice(backend="torch", dtype="fp8", fp8_keep_blocks=1))
     fp32 = quiet(FlowBlendWanPipeline.from_pretrained(checkpoints["wan"], small=checkpoints["wan_small"]))
     with pytest.raises(ValueError, match="`engines` runs fp8.*torch_dtype=torch.bfloat16"):
-        fp32(**call, engines="fp8")
+        fp32(**call, engines=EngineChoice(dtype="fp8"))
 
 
 def test_dpm_solver_scheduler_is_followed_and_per_stage_steps_refused(checkpoints):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flowblend.families.toy_vocab import COLOURS, DIRECTIONS, SHAPES, words
+from ..families.toy_vocab import COLOURS, DIRECTIONS, SHAPES, words
 
 # RGB in [0, 1]; pixels are 2 * rgb - 1
 COLOUR_RGB = {

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowblend.assembly import as_loaded, eager_choice, engines_for, load_models, sampler_for
-from flowblend.bench.flops import step_flops
-from flowblend.families import LoadedPair
-from flowblend.families.toy_vocab import DEMO_PLANS, DEMO_PROMPTS
-from flowblend.runtime.plan import BlendPlan
-from flowblend.runtime.sampler import SamplerOptions
-from flowblend.runtime.video import save_video, to_frames
+from ..assembly import as_loaded, eager_choice, engines_for, load_models, sampler_for
+from ..bench.flops import step_flops
+from ..families import LoadedPair
+from ..families.toy_vocab import DEMO_PLANS, DEMO_PROMPTS
+from ..runtime.plan import BlendPlan
+from ..runtime.sampler import SamplerOptions
+from ..runtime.video import save_video, to_frames
 
 __all__ = ["DEMO_PLANS", "DEMO_PROMPTS", "run_demo", "generate_plans", "format_table"]
 

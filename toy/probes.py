@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from flowblend.families.toy_vocab import COLOURS, SHAPES
-
+from ..families.toy_vocab import COLOURS, SHAPES
 from .data import COLOUR_RGB, PromptSpec, render, shape_mask
 
 FOREGROUND_THRESHOLD = 0.0  # pixel value in [-1, 1]; the background is -1, every colour has a channel at +1

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowblend.families.toy_model import TOY_FRAMES, WEIGHTS_DIR, ToyTextEncoder, build_toy_transformer
-from flowblend.toy.data import GEOMETRIES, sample_batch
+from ..families.toy_model import TOY_FRAMES, WEIGHTS_DIR, ToyTextEncoder, build_toy_transformer
+from .data import GEOMETRIES, sample_batch
 
 
 def parse_args():
@@ -128,9 +128,9 @@ def sample_videos(model, prompts: list[str], seeds: list[int], steps: int = 20, 
 
 
 def run_eval(args):
-    from flowblend.families.toy_model import load_toy_transformer
-    from flowblend.toy.data import all_prompts
-    from flowblend.toy.probes import score_set
+    from ..families.toy_model import load_toy_transformer
+    from .data import all_prompts
+    from .probes import score_set
 
     specs = [s for s in all_prompts() for _ in range(args.seeds)]
     seeds = [1000 + i for i in range(len(specs))]
