@@ -38,6 +38,10 @@ def deployment(tmp_path_factory):
     ray.init(num_cpus=4, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": QUIET_ENV}, _node_ip_address="127.0.0.1")  # loopback only
     port = free_port()
+    # Ray waits 60 s (ray.serve._private.constants.HTTP_PROXY_TIMEOUT, no setting of its own) for its proxy actor
+    # to start; beside other load on 2 cores it took longer and the fixture errored: give it what a loaded CI needs
+    import ray.serve._private.api as serve_api
+    serve_api.HTTP_PROXY_TIMEOUT = max(getattr(serve_api, "HTTP_PROXY_TIMEOUT", 60), 300)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(toy_config(results, queue_size=16), RayOptions(replicas=2, num_cpus=1)),
               name="flowblend", route_prefix="/")
