@@ -384,7 +384,10 @@ def run_bench(pair, options: BenchOptions, baseline_rss: int | None = None) -> d
               "flops": {"convention": "2 FLOPs per MAC, linear/conv layers and attention matmuls, CFG counted",
                         "per_step": per_step, "reference_plan": reference_plan.label},
               "cases": case_rows(cases, per_step, reference_plan, frames, device),
-              "skipped": skipped, "memory": memory, "overhead": overhead}
+              "skipped": skipped, "memory": memory, "overhead": overhead,
+              # how the engines hold the pair's tensors (bench/memory_terms.py predicts the weights from it): as
+              # loaded since f0a6aa0; before, the engine factory cast every floating tensor to the run's dtype
+              "weights_layout": "as loaded"}
     report["targets"] = targets(report)
     return report
 

@@ -141,7 +141,7 @@ def memory_budget(pair, engines: dict, plan: BlendPlan, sampler_kwargs: dict, gu
     masks = {} if mask is None else {"prompt_mask": mask[0:1], "negative_prompt_mask": mask[1:2]}
     bufs = sampler.load_request(noise, embeds[0:1], embeds[1:2], **masks)
     buffers = tensors_bytes([bufs.latents, bufs.model_input, bufs.text_embeds, bufs.text_mask, bufs.timestep_table,
-                             bufs.velocity, bufs.guided, *bufs.state.values()])
+                             bufs.guidance_table, bufs.velocity, bufs.guided, *bufs.state.values()])
     constants = {m: engines[m].constants_bytes() for m in pair.transformers}  # eager TorchEngines, see above
     residuals = sum(getattr(engines[m], "residual_bytes", lambda: 0)() for m in pair.transformers)  # cached steps
     tracked = {}
