@@ -6,10 +6,12 @@ around the expert switch) against the experts' own plan, each step with its expe
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from flowblend.errors import FlowblendError
 
+from ..resolve.blend_request import check_calibration
 from ..runtime.guidance import expert_schedule_for
 from ..runtime.plan import BlendPlan, ExpertSchedule, ModelSet
 
@@ -49,6 +51,9 @@ def bench_plans(family, specs, plan_files, steps: int, sampler_kwargs: dict, gui
                                       sampler_kwargs.get("mu"))
         scales = {**dict(family.expert_guidance), experts.high: guidance}
     plans = resolve_plans(specs, plan_files, steps, ModelSet(tuple(family.models), tuple(family.letters)), experts)
+    for path in plan_files:  # a calibrated plan file holds for its pair and solver only (calibrate/cache_steps.py)
+        check_calibration(json.loads(Path(path).read_text()).get("calibration"), path, family.name,
+                          sampler_kwargs["solver"], sampler_kwargs["shift"], guidance)
     reference = reference_plan_for(family, steps, experts)
     if not any(p.models == reference.models for p in plans):
         plans.insert(0, reference)  # the reference is always measured

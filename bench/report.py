@@ -26,7 +26,10 @@ def _quartiles(values: list[float]) -> list[float] | None:
     return [q for i, q in enumerate(statistics.quantiles(values, n=4)) if i != 1] if len(values) >= 2 else None
 
 
-def case_rows(cases: list, per_step: dict, reference_plan: BlendPlan, frames: int, device) -> list[dict]:
+def case_rows(cases: list, per_step: dict, reference_plan: BlendPlan, frames: int, device,
+              per_cached_step: dict | None = None) -> list[dict]:
+    """One row per case; a cached step counts what it still runs (`per_cached_step`), so the FLOP-ideal speedup
+    and the realized fraction of a plan with cached steps are against the blocks it really skips."""
     ref = next(c for c in cases if (c.backend, c.mode, c.plan) == (REFERENCE_KIND, "loop", reference_plan))
     ref_loop = statistics.median(ref.times["loop"])
     lll_flops = reference_plan.flops(per_step)
@@ -35,12 +38,12 @@ def case_rows(cases: list, per_step: dict, reference_plan: BlendPlan, frames: in
         loop, e2e = statistics.median(c.times["loop"]), statistics.median(c.times["e2e"])
         ratios = paired_ratios(ref.times["loop"], c.times["loop"])
         speedup_loop = statistics.median(ratios)  # = paired_speedup: the ratios are kept for their quartiles
-        flops = c.plan.flops(per_step)
+        flops = c.plan.flops(per_step, per_cached_step)
         ideal = lll_flops / flops
         row = {"backend": c.backend, "mode": c.mode, "plan": c.plan.spec or c.plan.label, "stages": c.plan.label,
                "reference": c is ref, "large_steps": c.plan.count("large"), "small_steps": c.plan.count("small"),
                "steps_per_model": {m: c.plan.count(m) for m in c.plan.model_set.names},
-               "flops": flops, "ideal_speedup": ideal,
+               "cached_steps": list(c.plan.cached_steps()), "flops": flops, "ideal_speedup": ideal,
                "loop_s": stats(c.times["loop"]), "e2e_s": stats(c.times["e2e"]),
                "loop_rounds_s": list(c.times["loop"]),  # in round order: pairs with the reference's rounds
                "encode_s": statistics.median(c.times["encode"]), "decode_s": statistics.median(c.times["decode"]),

@@ -33,7 +33,7 @@ from ..runtime.graph_modes import BENCH_MODES
 from ..runtime.guidance import guidance_table
 from ..runtime.plan import BlendPlan
 from ..runtime.sampler import Sampler
-from .flops import step_flops
+from .flops import cached_step_flops, step_flops
 from .memory import PeakMemory, current_rss_bytes
 from .pairing import round_order
 from .plans import DEFAULT_PLANS, bench_plans
@@ -343,6 +343,8 @@ def run_bench(pair, options: BenchOptions, baseline_rss: int | None = None) -> d
     cfg = max(max(guidance_table(p, guidance, scales, experts)) for p in plans) > 1
     per_step = {m: step_flops(family.transformer_class, dict(t.config), latent_shape, family.text_len, cfg)
                 for m, t in pair.transformers.items()}
+    per_cached = {m: cached_step_flops(family.transformer_class, dict(t.config), latent_shape, family.text_len, cfg)
+                  for m, t in pair.transformers.items()}  # what a cached step still runs (engines/step_cache.py)
     noise = torch.randn((1, *latent_shape), generator=torch.Generator("cpu").manual_seed(0)).to(device)
     load_start = os.getloadavg()
 
@@ -383,7 +385,7 @@ def run_bench(pair, options: BenchOptions, baseline_rss: int | None = None) -> d
                           "torch_dtype": str(options.dtype).replace("torch.", "")},
               "flops": {"convention": "2 FLOPs per MAC, linear/conv layers and attention matmuls, CFG counted",
                         "per_step": per_step, "reference_plan": reference_plan.label},
-              "cases": case_rows(cases, per_step, reference_plan, frames, device),
+              "cases": case_rows(cases, per_step, reference_plan, frames, device, per_cached),
               "skipped": skipped, "memory": memory, "overhead": overhead,
               # how the engines hold the pair's tensors (bench/memory_terms.py predicts the weights from it): as
               # loaded since f0a6aa0; before, the engine factory cast every floating tensor to the run's dtype

@@ -1,14 +1,17 @@
-"""`flowblend calibrate divergence|plan`: measure where the small model can stand in, pick the boundaries.
+"""`flowblend calibrate divergence|plan|cache`: where the small model can stand in, the boundaries, the cached steps.
 
-Thin layers over calibrate.divergence.measure_divergence and calibrate.boundaries.calibrate_plan.
+Thin layers over calibrate.divergence.measure_divergence, calibrate.boundaries.calibrate_plan and
+calibrate.cache_steps.calibrate_cache.
 Every argument is checked (and every metric's weights loaded) before a model runs.
 """
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from pathlib import Path
 
+from flowblend.atomic import write_atomic
 from flowblend.errors import FlowblendError
 
 from ..resolve.blend_request import resolve_experts, resolve_scales, solver_of, video_of
@@ -47,6 +50,16 @@ def register(p) -> None:
     plan.add_argument("--report", help="markdown report path (default OUT_DIR/calibration.md); PNGs go beside it")
     plan.add_argument("--title", default="", help="report title")
     plan.set_defaults(func=run_plan)
+    cache = cal.add_parser("cache", help="pick a plan's cached steps from measured residual magnitude ratios "
+                                         "(MagCache's rule, fixed in the plan) within an error budget")
+    _add_common(cache)
+    cache.add_argument("--plan", default=None, help="the plan whose steps may be cached: LLL, LSL:0.4,0.2 (the "
+                                                    "default), L8,S8,L4 ... (in capitals: every step full)")
+    cache.add_argument("--budget", type=float, default=0.12,
+                       help="MagCache's accumulated-error threshold: more caches more steps (diffusers' default 0.06)")
+    cache.add_argument("--max-skip", type=int, default=3, help="most cached steps in a row (MagCache's K)")
+    cache.add_argument("--retention", type=float, default=0.2, help="fraction of the first steps kept full")
+    cache.set_defaults(func=run_cache)
 
 
 def _add_common(p) -> None:
@@ -169,4 +182,34 @@ def run_plan(args) -> int:
     print(f"chosen plan {c.plan.label} ({c.plan.spec}): {c.flops / lll:.1%} of {reference.spec} FLOPs, {metric} quality "
           f"{c.quality:.4f}, retained {c.retained:.3f} (tolerance {result.tolerance:g})")
     print(f"wrote {paths['plan']}, {paths['report']} (+ {paths['divergence_png'].name}, {paths['quality_png'].name})")
+    return 0
+
+
+def run_cache(args) -> int:
+    from ..calibrate.cache_steps import CacheBudget, calibrate_cache, calibration_record
+    from ..calibrate.divergence import make_requests
+    from ..resolve.blend_request import model_set_of
+    from ..resolve.request import resolve_plan
+
+    family = family_of(args)
+    budget = CacheBudget(args.budget, args.max_skip, args.retention)
+    setup = resolve_setup(args, family)
+    base = resolve_plan(args.plan or ("experts" if family.experts is not None else "LSL:0.4,0.2"), setup.steps,
+                        family.steps, model_set_of(family), setup.experts())
+    prompts = resolve_prompts(args, family)
+    pair, engines = _load(args, family, setup)
+    requests = make_requests(pair.encode_prompt, prompts, args.seeds, setup.latent_shape)
+    result = calibrate_cache(pair, engines, requests, setup, base, budget, progress=not args.no_progress)
+    models = {"large": args.large or "default", "small": args.small or "default"}
+    record = calibration_record(family.name, models, setup, base, budget, result.measurement, result.errors,
+                                prompts, args.seeds)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = write_atomic(out / "plan.json", json.dumps({**result.plan.to_dict(), "calibration": record}, indent=1))
+    steps = ", ".join(map(str, result.plan.cached_steps())) or "none"
+    print(f"cached plan {result.plan.per_step} (cached steps {steps}): {result.flops / result.full_flops:.1%} of "
+          f"{base.label}'s FLOPs, final latents {record['final_rel_l2']['mean']:.4f} relative L2 from it (mean over "
+          f"{len(requests)} requests, max {record['final_rel_l2']['max']:.4f}); budget {budget.threshold:g}")
+    print(f"wrote {path}: valid for pair {family.name}, {setup.solver} solver, {setup.steps} steps "
+          f"(`flowblend generate --plan-file {path}`)")
     return 0

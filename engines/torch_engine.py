@@ -87,6 +87,10 @@ class TorchEngine:
         self._residual_by_binding.append((inputs, residual))
         return residual
 
+    def residuals(self) -> tuple[torch.Tensor, ...]:
+        """The current binding's residual buffers, one per forward (what the last storing step wrote; () uncached)."""
+        return tuple(part["residual"] for part in self._parts if part["residual"] is not None)
+
     def residual_bytes(self) -> int:
         """Memory held by residual buffers over every binding so far (0 without cached steps)."""
         return sum(r.numel() * r.element_size() for _, r in self._residual_by_binding)

@@ -10,6 +10,8 @@ supplies beyond `VideoFamily` is written down in `BlendFamily`.
 """
 from __future__ import annotations
 
+import json
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Protocol
@@ -44,7 +46,8 @@ class BlendChoices:
                                      "L20,S20,L10 | LLSSL...; wan22 (letters H high, L low, S small): experts (the "
                                      "default) | experts:4,2 (small takes the last 4 steps before the expert switch "
                                      "and the first 2 after) | H20,S6,L14 ...", group="plan")
-    plan_file: str | None = setting(None, "JSON plan as written by `flowblend calibrate plan`; overrides --plan",
+    plan_file: str | None = setting(None, "JSON plan as written by `flowblend calibrate plan` or `calibrate cache`; "
+                                          "overrides --plan",
                                     group="plan")
     steps: int | None = setting(None, "denoising steps", type=int, group="plan", family_default="steps")
     frames: int | None = setting(None, "frames; what the VAE and patch take, e.g. 4k+1 for wan", type=int,
@@ -104,13 +107,15 @@ def solver_of(choices: BlendChoices, family: BlendFamily, latent_shape) -> tuple
     return choices.solver or settings["solver"], shift, mu
 
 
-def read_plan_file(path: str | Path, steps: int | None, family: BlendFamily) -> BlendPlan:
-    """A plan written by `flowblend calibrate plan`, in the family's model names."""
+def read_plan_file(path: str | Path, steps: int | None, family: BlendFamily, solver: str | None = None) -> BlendPlan:
+    """A plan written by `flowblend calibrate plan|cache`, in the family's model names; a plan file that records
+    its calibration (cached steps) is refused for another pair, solver (`solver`, if given) or step count."""
     path, model_set = Path(path), model_set_of(family)
     if not path.is_file():
         raise FlowblendError(f"plan file {path} does not exist: write one with `flowblend calibrate plan`")
     try:
-        plan = BlendPlan.from_json(path.read_text())
+        data = json.loads(path.read_text())
+        plan = BlendPlan.from_dict(data)
     except ValueError as exc:
         raise FlowblendError(f"plan file {path}: {exc}") from None
     if steps is not None and steps != plan.base_steps:
@@ -119,14 +124,42 @@ def read_plan_file(path: str | Path, steps: int | None, family: BlendFamily) -> 
     if unknown:
         raise FlowblendError(f"plan file {path} names {unknown}, which pair {family.name} does not have "
                              f"({', '.join(model_set.names)})")
+    check_calibration(data.get("calibration"), path, family.name, solver)
     return BlendPlan(plan.models, plan.spec, model_set, plan.segments, plan.guidance, plan.cached)
+
+
+def check_calibration(record: dict | None, path, pair: str, solver: str | None = None, shift: float | None = None,
+                      guidance: float | None = None, latent_shape=None) -> None:
+    """Refuse (one line) a calibrated plan file used with another pair or solver; warn on another shift, guidance
+    or video size (the cached steps were measured there: calibrate/cache_steps.py)."""
+    if not record:
+        return
+    if record.get("pair") not in (None, pair):
+        raise FlowblendError(f"plan file {path} was calibrated for pair {record['pair']}, not {pair}: run "
+                             f"`flowblend calibrate cache --pair {pair}` for this pair")
+    if solver is not None and record.get("solver") not in (None, solver):
+        raise FlowblendError(f"plan file {path} was calibrated with --solver {record['solver']}, not {solver}: pass "
+                             f"--solver {record['solver']} or recalibrate with --solver {solver}")
+    for name, value, recorded in (("shift", shift, record.get("shift")), ("guidance", guidance, record.get("guidance")),
+                                  ("video latents", None if latent_shape is None else list(latent_shape),
+                                   record.get("latent_shape"))):
+        if value is not None and recorded is not None and value != recorded:
+            print(f"warning: plan file {path} was calibrated at {name} {recorded}, this run uses {value}: its cached "
+                  "steps may cost more quality than measured (recalibrate)", file=sys.stderr)
 
 
 def plan_of(choices: BlendChoices, family: BlendFamily, experts: ExpertSchedule | None = None) -> BlendPlan:
     """The plan file, else the plan spelling (default: experts for wan22, the paper's LSL:0.4,0.2) at the step
     count; `experts` (wan22) for the `experts[:before,after]` spelling."""
     if choices.plan_file:
-        return read_plan_file(choices.plan_file, choices.steps, family)
+        plan = read_plan_file(choices.plan_file, choices.steps, family)
+        if plan.cached:  # its calibration: the solver, shift, guidance and video size this request resolves to
+            record = json.loads(Path(choices.plan_file).read_text()).get("calibration")
+            latent_shape = family.latent_shape(*video_of(choices, family))
+            solver, shift, _ = solver_of(choices, family, latent_shape)
+            check_calibration(record, choices.plan_file, family.name, solver, shift, guidance_of(choices, family),
+                              latent_shape)
+        return plan
     spec = choices.plan or ("experts" if family.experts is not None else "LSL:0.4,0.2")
     return resolve_plan(spec, choices.steps, family.steps, model_set_of(family), experts)
 
@@ -134,7 +167,7 @@ def plan_of(choices: BlendChoices, family: BlendFamily, experts: ExpertSchedule 
 def steps_of(choices: BlendChoices, family: BlendFamily) -> int:
     """The step count a plan will have (the plan file's, the chosen one, or the family's)."""
     if choices.plan_file:
-        return len(plan_of(choices, family))
+        return len(read_plan_file(choices.plan_file, choices.steps, family))
     steps = choices.steps if choices.steps is not None else family.steps
     if steps < 1:
         raise FlowblendError(f"--steps must be a positive integer, got {steps}")
