@@ -43,12 +43,18 @@ class EngineChoice:
     cfg: str = setting("batched", "CFG as one batch-2 forward (batched) or two batch-1 forwards per step "
                              "(sequential: half the activations, the same numbers; PyTorch engines only)",
                        choices=lambda: _cfg_modes(), group="engine")
+    offload: str = setting("none", "where the text encoder and VAE sit during the loop: none (on --device all "
+                                   "the run) | swap (each on --device only while it runs: the text encoder to "
+                                   "encode, the VAE to decode; on the CPU during the loop) | cpu (as swap, and the "
+                                   "text encoder encodes on the CPU: never on --device)",
+                           choices=lambda: _offload_modes(), group="engine")
 
     def __post_init__(self):
         from ..engines.attention import ATTENTION_NAMES
         from ..engines.cfg_modes import check_cfg
         from ..engines.compile import check_compile
         from ..engines.kinds import check_kind_precision, engine_kind
+        from ..families.offload import check_offload
 
         factory.check_backend(self.backend)
         factory.check_dtype(self.dtype)
@@ -62,6 +68,7 @@ class EngineChoice:
         if self.attention not in ATTENTION_NAMES:
             raise FlowblendError(f"unknown --attention {self.attention!r}: choose one of {', '.join(ATTENTION_NAMES)}")
         check_cfg(self.cfg)
+        check_offload(self.offload)
         if self.cfg != "batched" and not kind.runs_transformers:
             raise FlowblendError(f"--cfg {self.cfg} runs in PyTorch engines; --backend {self.backend} runs built "
                                  "engines at their built batch: drop --cfg or use --backend torch")
@@ -107,6 +114,12 @@ def _cfg_modes() -> tuple[str, ...]:
     from ..engines.cfg_modes import CFG_MODES
 
     return tuple(CFG_MODES)
+
+
+def _offload_modes() -> tuple[str, ...]:
+    from ..families.offload import OFFLOAD_MODES
+
+    return tuple(OFFLOAD_MODES)
 
 
 def _attention_names() -> tuple[str, ...]:

@@ -28,6 +28,8 @@ from ..engines.kinds import REFERENCE_KIND
 from ..runtime.graph_modes import GRAPH_FLAGS
 from .choice import EngineChoice
 
+NOT_ENGINE_KWARGS = ("backend", "offload")  # backend: make_engines' first argument; offload: the loader's
+
 if TYPE_CHECKING:
     import torch
 
@@ -46,7 +48,7 @@ def load_models(family_name: str, choice: EngineChoice, large: str | None = None
 
     load = choice.runs_transformers if with_transformers is None else with_transformers
     return load_pair(family_name, large, small, dtype=factory.torch_dtype(choice.dtype), device=choice.device,
-                     allow_download=allow_download, load_transformers=load)
+                     allow_download=allow_download, load_transformers=load, offload=choice.offload)
 
 
 def engines_for(pair: LoadedPair | TransformersOnly, choice: EngineChoice, latent_shape, guidance: float,
@@ -59,7 +61,8 @@ def engines_for(pair: LoadedPair | TransformersOnly, choice: EngineChoice, laten
     the whole forward)."""
     if build and not choice.runs_transformers:
         _ensure_built(pair, choice, latent_shape, guidance, progress)
-    options = {k: v for k, v in choice.to_dict().items() if k != "backend"}  # every engine option, unchanged
+    # every engine option, unchanged; `offload` places the text encoder and VAE: the loader's (load_models)
+    options = {k: v for k, v in choice.to_dict().items() if k not in NOT_ENGINE_KWARGS}
     return factory.make_engines(choice.backend, pair, latent_shape=latent_shape, guidance=guidance,
                                 keep_originals=keep_originals, split_constants=split_constants, **options)
 

@@ -70,7 +70,7 @@ def check_memory(request, resolved, choice) -> None:
     o = resolved.options
     table = make_solver_table(o.solver, len(request.plan), o.shift, o.mu, segments=request.plan.segments)
     check_fits(request.family, request.plan, request.latent_shape, table, resolved.guidance_per_step, choice.dtype,
-               choice.cfg, choice.fp8_keep_blocks, *capacity)
+               choice.cfg, choice.fp8_keep_blocks, *capacity, offload=choice.offload)
 
 
 def run(args) -> int:

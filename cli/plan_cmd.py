@@ -115,8 +115,10 @@ def print_memory_plan(args, family, plan, latent_shape, solver, shift, mu, guida
     from ..runtime.solvers import make_solver_table
 
     solver_table = make_solver_table(solver, len(plan), shift, mu, segments=plan.segments)
-    memory = plan_for(family, plan, latent_shape, solver_table, guidance, args.dtype, args.cfg, args.fp8_keep_blocks)
-    print(f"device memory at the peak, --dtype {args.dtype} --cfg {args.cfg} (planned before loading):")
+    memory = plan_for(family, plan, latent_shape, solver_table, guidance, args.dtype, args.cfg, args.fp8_keep_blocks,
+                      offload=args.offload)
+    print(f"device memory at the peak, --dtype {args.dtype} --cfg {args.cfg} --offload {args.offload} (planned "
+          "before loading):")
     for line in memory.lines():
         print(line)
     if args.device_memory is not None:

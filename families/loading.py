@@ -42,7 +42,7 @@ class LoadedPair:
 
 def load_pair(name: str, large: str | None = None, small: str | None = None, dtype: torch.dtype | None = None,
               device: str | torch.device = "cpu", allow_download: bool = False,
-              load_transformers: bool = True, export_layout: bool = False) -> LoadedPair:
+              load_transformers: bool = True, export_layout: bool = False, offload: str = "none") -> LoadedPair:
     """Load a pair from local paths or hub ids (the user's cache; no download unless allowed); dtype default fp32.
 
     `load_transformers=False` loads only the shared parts (text encoder, VAE): compiled backends run
@@ -53,6 +53,9 @@ def load_pair(name: str, large: str | None = None, small: str | None = None, dty
     export layout of `dtype` (export/precision.py: FP16/BF16 regions, FP32 islands from the source
     weights), one tensor at a time, never as an FP32 model first; they then run through
     precision.region_precision, not on their own. In-memory families (the toy pair) load as usual.
+
+    `offload` (families/offload.py): where the text encoder and VAE sit during the loop; "none" keeps
+    them on `device`. A provider's in-memory parts (the toy's) stay where the provider puts them.
     """
     import torch
 
@@ -62,7 +65,7 @@ def load_pair(name: str, large: str | None = None, small: str | None = None, dty
         return _provider(family).load_pair(family, large, small, torch.float32 if export_layout else dtype, device,
                                            load_transformers=load_transformers)
     sources = {"large": large or family.large, "small": small or family.small, **dict(family.optional_checkpoints)}
-    shared = _SharedComponents(family, sources["small"], dtype, device, allow_download)
+    shared = _SharedComponents(family, sources["small"], dtype, device, allow_download, offload)
     if not load_transformers:
         _check_source(sources["small"], allow_download)  # the shared parts come from the small model's checkpoint
         return LoadedPair(family, {}, shared.encode, shared.decode, sources)
@@ -127,10 +130,15 @@ def load_transformer(family: PairFamily, source: str, dtype, allow_download: boo
 
 
 class _SharedComponents:
-    """Text encoder + VAE of a real pair, loaded lazily from the small model's checkpoint."""
+    """Text encoder + VAE of a real pair, loaded lazily from the small model's checkpoint, placed as `offload`
+    says (families/offload.py): on the device throughout, or each there only while it runs (swap), or the
+    text encoder on the CPU (cpu). A part off the device waits on the CPU (offload.PARK)."""
 
-    def __init__(self, family, source, dtype, device, allow_download):
+    def __init__(self, family, source, dtype, device, allow_download, offload: str = "none"):
+        from .offload import check_offload
+
         self.family, self.source, self.dtype, self.device = family, source, dtype, device
+        self.placement = check_offload(offload)
         self.local_only = not allow_download
         self._pipe = None
 
@@ -140,10 +148,13 @@ class _SharedComponents:
 
             cls = getattr(diffusers, self.family.pipeline_class)
             try:
-                self._pipe = cls.from_pretrained(self.source, transformer=None, torch_dtype=self.dtype,
-                                                 local_files_only=self.local_only).to(self.device)
+                pipe = cls.from_pretrained(self.source, transformer=None, torch_dtype=self.dtype,
+                                           local_files_only=self.local_only)
             except (OSError, ValueError) as exc:
                 raise FlowblendError(f"cannot load the text encoder and VAE of {self.source!r}: {exc}") from exc
+            if self.placement.text_encoder_in_loop:
+                pipe.to(self.device)  # both stay on the device (placement "none": its loop holds both)
+            self._pipe = pipe  # else both wait on the CPU, where from_pretrained put them
         return self._pipe
 
     def encode(self, prompts: list[str]):
@@ -153,7 +164,19 @@ class _SharedComponents:
             return self._encode(prompts)
 
     def _encode(self, prompts: list[str]):
-        return self.family.architecture.encode_prompt(self._pipeline(), prompts, self.family, self.device)
+        from .offload import PARK
+
+        pipe, placement = self._pipeline(), self.placement
+        where = self.device if placement.encode_on_device else PARK
+        moved = placement.encode_on_device and not placement.text_encoder_in_loop
+        if moved:
+            pipe.text_encoder.to(self.device)
+        try:
+            embeds, mask = self.family.architecture.encode_prompt(pipe, prompts, self.family, where)
+        finally:
+            if moved:  # back to the CPU before the loop starts (swap)
+                pipe.text_encoder.to(PARK)
+        return embeds.to(self.device), (mask.to(self.device) if mask is not None else None)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         import torch
@@ -162,5 +185,13 @@ class _SharedComponents:
             return self._decode(latents)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self._pipeline().vae
-        return self.family.architecture.decode(vae, latents.to(vae.dtype))
+        from .offload import PARK
+
+        vae, moved = self._pipeline().vae, not self.placement.vae_in_loop
+        if moved:  # the VAE comes to the device for decoding only
+            vae.to(self.device)
+        try:
+            return self.family.architecture.decode(vae, latents.to(self.device, vae.dtype))
+        finally:
+            if moved:
+                vae.to(PARK)

@@ -103,6 +103,10 @@ class PairFamily:
     # configs of the default models, for cost estimates without weights (`flowblend plan`, scripts).
     architecture: Architecture | None = None
     reference: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()
+    # The shared parts' published architectures, built with no arguments (the memory plan builds them on
+    # the meta device: bench/memory_plan.py): the text encoder and the VAE its pipeline loads. None: not planned.
+    text_encoder_reference: Callable[[], torch.nn.Module] | None = None
+    vae_reference: Callable[[], torch.nn.Module] | None = None
 
     @property
     def reference_configs(self) -> dict[str, dict]:

@@ -102,6 +102,24 @@ def frozen(config: dict) -> tuple:
     return tuple(config.items())
 
 
+# UMT5-XXL's encoder (google/umt5-xxl, the Wan checkpoints' text_encoder/config.json) and the Wan 2.1 VAE
+# (diffusers' AutoencoderKLWan defaults are its config): what the memory plan counts for the shared parts.
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                feed_forward_proj="gated-gelu")
+
+
+def umt5_xxl():
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    return UMT5EncoderModel(UMT5Config(**UMT5_XXL))
+
+
+def wan21_vae():
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan()
+
+
 WAN_FAMILY = register_family(PairFamily(
     name="wan", transformer_class=CLASS,
     large="Wan-AI/Wan2.1-T2V-14B-Diffusers", small="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
@@ -110,4 +128,5 @@ WAN_FAMILY = register_family(PairFamily(
     text_len=512, text_dim=4096,
     compat_fields=("in_channels", "out_channels", "text_dim", "patch_size"),
     description="Wan 2.1 T2V 14B + 1.3B, shared UMT5-XXL and Wan VAE",
-    architecture=WAN, reference=(("large", frozen(WAN_14B)), ("small", frozen(WAN_1B)))))
+    architecture=WAN, reference=(("large", frozen(WAN_14B)), ("small", frozen(WAN_1B))),
+    text_encoder_reference=umt5_xxl, vae_reference=wan21_vae))

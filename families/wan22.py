@@ -7,7 +7,7 @@ diffusers' WanPipeline, each expert with its CFG scale (guidance_scale / guidanc
 from __future__ import annotations
 
 from .registry import PairFamily, register_family
-from .wan import CLASS, WAN, WAN_1B, WAN_14B, frozen
+from .wan import CLASS, WAN, WAN_1B, WAN_14B, frozen, umt5_xxl, wan21_vae
 
 WAN22_FAMILY = register_family(PairFamily(
     name="wan22", transformer_class=CLASS,
@@ -23,4 +23,5 @@ WAN22_FAMILY = register_family(PairFamily(
     expert_guidance=(("high", 4.0), ("low", 3.0)),
     compat_hint="only Wan2.2-T2V-A14B's experts share Wan 2.1's 16-channel latents and UMT5 with Wan 2.1 1.3B "
                 "(TI2V-5B has a 48-channel VAE, the I2V experts take 36 input channels)",
-    architecture=WAN, reference=(("high", frozen(WAN_14B)), ("low", frozen(WAN_14B)), ("small", frozen(WAN_1B)))))
+    architecture=WAN, reference=(("high", frozen(WAN_14B)), ("low", frozen(WAN_14B)), ("small", frozen(WAN_1B))),
+    text_encoder_reference=umt5_xxl, vae_reference=wan21_vae))
