@@ -35,6 +35,19 @@ from .parallel_layout import ParallelLayout, check_launch
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+def _collective(call, group_name: str, timeout_s: float, *args, group=None) -> None:
+    """One c10d collective; a failed one (a peer died, or hung past the timeout) says so on this rank."""
+    from flowblend.errors import FlowblendError
+
+    try:
+        call(*args, group=group)
+    except (RuntimeError, dist.DistBackendError) as error:
+        rank = dist.get_rank() if dist.is_initialized() else "?"
+        raise FlowblendError(f"rank {rank}: the {group_name} collective failed: another rank died or hung past "
+                             f"--parallel-timeout {timeout_s:g} s ({str(error).splitlines()[0][:300]}); the job "
+                             "stops on every rank") from error
+
+
 @dataclass
 class CommCounter:
     """Bytes this rank sends to other ranks, per collective kind (the tests hold them to the analytic formula)."""
@@ -59,12 +72,13 @@ class SequenceShard:
     index: int
     degree: int
     counter: CommCounter
+    timeout_s: float
 
     def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
         """x [degree, ...] -> [degree, ...]: slice j goes to rank j, slice j of the result came from rank j."""
         x = x.contiguous()
         out = torch.empty_like(x)
-        dist.all_to_all_single(out, x, group=self.group)
+        _collective(dist.all_to_all_single, "Ulysses all-to-all", self.timeout_s, out, x, group=self.group)
         self.counter.add("ulysses_all_to_all", x.numel() * x.element_size() * (self.degree - 1) // self.degree)
         return out
 
@@ -72,7 +86,7 @@ class SequenceShard:
         """Every rank's x stacked along a new first dim [degree, *x.shape], in shard order."""
         x = x.contiguous()
         out = x.new_empty((self.degree * x.shape[0], *x.shape[1:]))  # the c10d form: concatenated along dim 0
-        _all_gather(out, x, group=self.group)
+        _collective(_all_gather, "Ulysses gather", self.timeout_s, out, x, group=self.group)
         self.counter.add("ulysses_gather", x.numel() * x.element_size() * (self.degree - 1))
         return out.view(self.degree, *x.shape)
 
@@ -86,6 +100,7 @@ class ParallelGroups:
     cfg_group: object | None       # ranks holding the same sequence shard of each CFG row (None at CFG degree 1)
     sequence: SequenceShard | None  # this rank's Ulysses group (None at Ulysses degree 1)
     counter: CommCounter
+    timeout_s: float
 
     @property
     def cfg_row(self) -> int:
@@ -125,9 +140,9 @@ def join(layout: ParallelLayout, device: str, timeout_s: float, env: Mapping[str
         members = layout.ulysses_group(row * layout.ulysses)
         group = dist.new_group(list(members), timeout=timeout)
         if rank in members:
-            sequence = SequenceShard(group, layout.shard(rank), layout.ulysses, counter)
+            sequence = SequenceShard(group, layout.shard(rank), layout.ulysses, counter, timeout_s)
     assert world == len(ranks)
-    groups = ParallelGroups(layout, rank, cfg_group, sequence, counter)
+    groups = ParallelGroups(layout, rank, cfg_group, sequence, counter, float(timeout_s))
     _JOINED[layout.spelling] = groups
     return groups
 
@@ -176,5 +191,5 @@ class CfgParallelEngine:
         if self._exchange is not None:
             velocity, own = self._exchange
             # in place: own is this rank's slot of velocity, the layout the all-gather gathers into
-            _all_gather(velocity, own, group=self.groups.cfg_group)
+            _collective(_all_gather, "CFG exchange", self.groups.timeout_s, velocity, own, group=self.groups.cfg_group)
             self.groups.counter.add("cfg_exchange", own.numel() * own.element_size())

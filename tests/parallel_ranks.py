@@ -6,7 +6,9 @@ layout and writes each rank's final latents and sent bytes to OUT_DIR. `case_run
 single-process reference (layout 1x1, a fresh process: no process group, no Ulysses processors).
 """
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -58,7 +60,7 @@ def case_run(case: dict, parallel: str = "1x1") -> tuple[torch.Tensor, dict, lis
                                                                          for m in plan.models])
     else:
         options = SamplerOptions(solver=case["solver"], guidance_scale=float(case["guidance"]))
-    choice = EngineChoice(parallel=parallel, parallel_timeout=60.0, compile="none")
+    choice = EngineChoice(parallel=parallel, parallel_timeout=case.get("timeout", 60.0), compile="none")
     engines = engines_over(models, choice, guidance=max(options.guidance_for(len(plan))))
     g = torch.Generator().manual_seed(case.get("seed", 0))
     noise, cond, uncond = (torch.randn(1, *shape, generator=g) for shape in (latent, text, text))
@@ -67,7 +69,13 @@ def case_run(case: dict, parallel: str = "1x1") -> tuple[torch.Tensor, dict, lis
     if parallel != "1x1":
         from flowblend.engines.parallel import join
 
-        counter = join(choice.layout, "cpu", 60.0).counter
+        groups = join(choice.layout, "cpu", choice.parallel_timeout)
+        if case.get("fault") and groups.rank == case["fault_rank"]:  # the fault tests: this rank dies or hangs
+            if case["fault"] == "die":
+                os._exit(3)
+            time.sleep(30)
+            os._exit(4)
+        counter = groups.counter
         counter.reset()
         out = sampler.sample(noise, cond, uncond)
         sent = dict(counter.sent)
@@ -77,8 +85,6 @@ def case_run(case: dict, parallel: str = "1x1") -> tuple[torch.Tensor, dict, lis
 
 
 def main(cases_json: str, out_dir: str) -> None:
-    import os
-
     torch.set_num_threads(1)
     cases = json.loads(Path(cases_json).read_text())
     rank = int(os.environ["RANK"])
