@@ -11,6 +11,7 @@ from flowblend.errors import FlowblendError
 from flowblend.settings import setting
 
 from ..engines import factory
+from ..engines.parallel_layout import ParallelLayout, parse_layout
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,13 @@ class EngineChoice:
                                    "encode, the VAE to decode; on the CPU during the loop) | cpu (as swap, and the "
                                    "text encoder encodes on the CPU: never on --device)",
                            choices=lambda: _offload_modes(), group="engine")
+    parallel: str = setting("1x1", "one video over several processes: CFGxULYSSES ranks, e.g. 2x4 = the CFG halves on "
+                                   "2 ranks x each sequence over 4 (8 ranks); launch with torchrun --nproc-per-node "
+                                   "<C*U>; the Ulysses degree divides every model's head count (default 1x1: one "
+                                   "process; PyTorch engines only)", group="parallel")
+    parallel_timeout: float = setting(300.0, "--parallel: seconds any collective may wait for another rank before "
+                                             "the job fails on every rank (a dead or hung rank)", type=float,
+                                      group="parallel")
 
     def __post_init__(self):
         from ..engines.attention import ATTENTION_NAMES
@@ -72,8 +80,22 @@ class EngineChoice:
         if self.cfg != "batched" and not kind.runs_transformers:
             raise FlowblendError(f"--cfg {self.cfg} runs in PyTorch engines; --backend {self.backend} runs built "
                                  "engines at their built batch: drop --cfg or use --backend torch")
+        layout = parse_layout(self.parallel)
+        if not layout.is_single and not kind.runs_transformers:
+            raise FlowblendError(f"--parallel {self.parallel} splits PyTorch engines' forwards; --backend {self.backend} "
+                                 "runs built engines whole: drop --parallel or use --backend torch")
+        if layout.cfg == 2 and self.cfg == "sequential":
+            raise FlowblendError(f"--parallel {self.parallel} already runs one CFG row per rank: drop --cfg sequential")
+        if not self.parallel_timeout > 0:
+            raise FlowblendError(f"--parallel-timeout must be > 0 seconds, got {self.parallel_timeout}")
+        object.__setattr__(self, "parallel", layout.spelling)  # one spelling in records and store keys
         if self.fp8_keep_blocks < 0:
             raise FlowblendError(f"--fp8-keep-blocks must be >= 0, got {self.fp8_keep_blocks}")
+
+    @property
+    def layout(self) -> ParallelLayout:
+        """The parallel layout (engines/parallel_layout.py): CFG degree x Ulysses degree."""
+        return parse_layout(self.parallel)
 
     @property
     def runs_transformers(self) -> bool:

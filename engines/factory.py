@@ -54,17 +54,21 @@ def torch_dtype(name: str) -> torch.dtype:
 def make_engines(backend: str, pair: LoadedModels, *, latent_shape, guidance: float, device: str = "cpu",
                  dtype: str = "fp32", artifacts: str = "artifacts", compile_mode: str | None = None,
                  compile: str | None = None, attention: str = "auto", fp8_keep_blocks: int = 0,
-                 cfg: str = "batched", keep_originals: bool = False, split_constants: bool = True) -> dict[str, Engine]:
+                 cfg: str = "batched", parallel: str = "1x1", parallel_timeout: float = 300.0,
+                 keep_originals: bool = False, split_constants: bool = True) -> dict[str, Engine]:
     """{'large': engine, 'small': engine} for `backend`; FlowblendError with the fix if it cannot run here.
 
     A quantizing precision (FP8) replaces the pair's weights it quantizes, unless `keep_originals` (a
     caller that compares against them: bench, a pipeline's own transformers) asks for a copy.
     `split_constants=False` (PyTorch kinds): engines run each module's whole forward every step instead of
-    computing the schedule constants once per binding; the cost model times the two against a bare loop."""
+    computing the schedule constants once per binding; the cost model times the two against a bare loop.
+    `parallel` (engines/parallel_layout.py): joins torchrun's world and splits each forward over it."""
     kind = engine_kind(backend)
     if kind.runs_transformers:
-        return _torch_engines(pair, device, precision(dtype), kind.compile_for(device, compile), compile_mode,
-                              attention, fp8_keep_blocks, keep_originals, cfg, split_constants)
+        engines = _torch_engines(pair, device, precision(dtype), kind.compile_for(device, compile), compile_mode,
+                                 attention, fp8_keep_blocks, keep_originals, cfg, split_constants, parallel,
+                                 parallel_timeout)
+        return engines
     from .build import locate_pair_engines
 
     spec = pair.family.io_spec(latent_shape, guidance, dtype)
@@ -74,20 +78,35 @@ def make_engines(backend: str, pair: LoadedModels, *, latent_shape, guidance: fl
 
 def _torch_engines(pair: LoadedModels, device, prec, compile: str, compile_mode: str | None, attention: str,
                    fp8_keep_blocks: int, keep_originals: bool, cfg: str = "batched",
-                   split_constants: bool = True) -> dict:
+                   split_constants: bool = True, parallel: str = "1x1", parallel_timeout: float = 300.0) -> dict:
     """TorchEngines over the pair's transformers: moved to the device in the precision's dtype, quantized (in
     place, or into a copy when `keep_originals`) where the precision has a quantizer (FP8), compiled as
     `compile` says (engines/compile.py)."""
+    from .parallel_layout import check_heads, parse_layout
     from .torch_engine import TorchEngine
 
+    layout = parse_layout(parallel)
+    groups = None
+    if not layout.is_single:  # refused before any model moves: heads first, then the launch
+        check_heads(layout, {n: _heads(m) for n, m in pair.transformers.items()})
+        from .parallel import CfgParallelEngine, join
+
+        groups = join(layout, device, parallel_timeout)
     engines = {}
     for name, m in pair.transformers.items():
         model = _in_precision(m, device, prec.torch_dtype)
         if prec.quantizer:
             model = prec.quantize_function()(model, device, fp8_keep_blocks, keep_original=keep_originals)
-        engines[name] = TorchEngine(model, name=name, compile=compile, compile_mode=compile_mode, attention=attention,
-                                    cfg=cfg, split_constants=split_constants)
+        engine = TorchEngine(model, name=name, compile=compile, compile_mode=compile_mode, attention=attention,
+                             cfg=cfg, split_constants=split_constants,
+                             sequence=groups.sequence if groups is not None else None)
+        engines[name] = CfgParallelEngine(engine, groups) if groups is not None and layout.cfg > 1 else engine
     return engines
+
+
+def _heads(model) -> int:
+    """The attention head count of a diffusers transformer (its config's num_attention_heads)."""
+    return int(model.config.num_attention_heads)
 
 
 def _in_precision(model, device, dtype):

@@ -6,6 +6,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from flowblend.errors import FlowblendError
+
 from .attention import choose_attention
 from .base import TIMESTEP, VELOCITY, check_bindings
 from .cfg_modes import check_cfg
@@ -33,7 +35,7 @@ class TorchEngine:
     def __init__(self, transformer: nn.Module, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None, name: str = "torch", split_constants: bool = True,
                  compile: str = "none", compile_mode: str | None = None, attention: str = "auto",
-                 cfg: str = "batched", **signature_kwargs):
+                 cfg: str = "batched", sequence=None, **signature_kwargs):
         check_compile(compile, compile_mode)
         check_cfg(cfg)
         if device is not None or dtype is not None:
@@ -46,6 +48,12 @@ class TorchEngine:
         self.input_names = tuple(module.input_names)
         self.output_names = tuple(module.output_names)
         self.step_split = step_split_for(transformer, module) if split_constants else None
+        if sequence is not None:  # Ulysses (engines/parallel.py): the family's step split shards the tokens
+            if self.step_split is None or not hasattr(self.step_split, "shard_sequence"):
+                raise FlowblendError(f"--parallel with a Ulysses degree > 1 runs inside a family's step split "
+                                     f"(Wan, Wan 2.2); {type(transformer).__name__} has none here: use a CFG-only "
+                                     "layout (2x1)")
+            self.step_split.shard_sequence(sequence)
         if compile == "whole":
             if self.step_split is not None:
                 self.step_split = CompiledStep(self.step_split, compile_mode)

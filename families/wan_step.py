@@ -52,6 +52,28 @@ class WanStep(nn.Module):
     def __init__(self, transformer: nn.Module):
         super().__init__()
         self.transformer = transformer
+        self.sequence = None  # engines/parallel.SequenceShard once Ulysses shards the tokens (shard_sequence)
+
+    def shard_sequence(self, sequence) -> None:
+        """Ulysses: this rank keeps 1/degree of the tokens through the blocks; only self-attention, which needs
+        every token, trades tokens for heads around it (families/wan_ulysses.py). Cross-attention needs none:
+        each query token attends to the whole text on its own."""
+        from .wan_ulysses import UlyssesSelfAttention
+
+        self.sequence = sequence
+        for block in self.transformer.blocks:
+            block.attn1.set_processor(UlyssesSelfAttention(sequence))
+
+    def _tokens(self, latents: torch.Tensor) -> int:
+        _, _, num_frames, height, width = latents.shape
+        p_t, p_h, p_w = self.transformer.config.patch_size
+        return (num_frames // p_t) * (height // p_h) * (width // p_w)
+
+    def _own(self, tokens_first: torch.Tensor) -> torch.Tensor:
+        """This rank's equal share of a [B, tokens, ...] tensor (the whole of it without Ulysses)."""
+        if self.sequence is None:
+            return tokens_first
+        return tokens_first.chunk(self.sequence.degree, dim=1)[self.sequence.index].contiguous()
 
     @torch.no_grad()
     def constants(self, bound: Mapping[str, torch.Tensor]) -> StepConstants:
@@ -61,7 +83,12 @@ class WanStep(nn.Module):
         are not used.
         """
         model, text_embeds = self.transformer, bound[TEXT_EMBEDS]
-        rotary = model.rope(bound[LATENTS])
+        if self.sequence is not None:
+            from ..engines.parallel_layout import ParallelLayout, check_tokens
+
+            check_tokens(ParallelLayout(1, self.sequence.degree), self._tokens(bound[LATENTS]),
+                         f"latents {list(bound[LATENTS].shape[1:])}")
+        rotary = tuple(self._own(r) for r in model.rope(bound[LATENTS]))  # [1, tokens, 1, D]: this rank's rows
         blocks, output = [], []
         for row in bound[TIMESTEP]:
             temb, timestep_proj, _, _ = model.condition_embedder(row, text_embeds[:, :1], None)
@@ -77,11 +104,9 @@ class WanStep(nn.Module):
     def residual_buffer(self, bound: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The blocks' residual at this binding's batch: [B, tokens, inner dim] in the blocks' dtype (engines/step_cache.py)."""
         model, latents = self.transformer, bound[LATENTS]
-        batch_size, _, num_frames, height, width = latents.shape
-        p_t, p_h, p_w = model.config.patch_size
-        tokens = (num_frames // p_t) * (height // p_h) * (width // p_w)
+        tokens = self._tokens(latents) // (self.sequence.degree if self.sequence is not None else 1)
         weight = model.patch_embedding.weight
-        return torch.zeros(batch_size, tokens, weight.shape[0], dtype=weight.dtype, device=latents.device)
+        return torch.zeros(latents.shape[0], tokens, weight.shape[0], dtype=weight.dtype, device=latents.device)
 
     def run_step(self, bound: Mapping[str, torch.Tensor], rotary, timestep_proj: torch.Tensor,
                  temb: torch.Tensor, residual: torch.Tensor | None = None, reuse: bool = False) -> torch.Tensor:
@@ -93,7 +118,7 @@ class WanStep(nn.Module):
         batch_size, _, num_frames, height, width = latents.shape
         p_t, p_h, p_w = model.config.patch_size
 
-        hidden_states = model.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()
+        hidden_states = self._own(model.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous())
         encoder_hidden_states = model.condition_embedder.text_embedder(bound[TEXT_EMBEDS])
 
         def blocks(hidden_states):
@@ -109,6 +134,8 @@ class WanStep(nn.Module):
         shift, scale = shift.to(hidden_states.device), scale.to(hidden_states.device)
         hidden_states = (model.norm_out(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)
         hidden_states = model.proj_out(hidden_states)
+        if self.sequence is not None:  # every rank's tokens back in order: [degree, B, s, out] -> [B, degree * s, out]
+            hidden_states = self.sequence.gather(hidden_states).transpose(0, 1).flatten(1, 2)
 
         hidden_states = hidden_states.reshape(batch_size, num_frames // p_t, height // p_h, width // p_w,
                                               p_t, p_h, p_w, -1)
