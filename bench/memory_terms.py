@@ -98,7 +98,9 @@ def predicted_terms(settings: RunSettings, largest: str | None = None) -> dict[s
     from ..families import get_family
     from ..runtime.solvers import make_solver_table
     from .memory import blas_workspace_bytes
-    from .memory_plan import _FusedAttention, _LiveStorages, planned_buffer_bytes
+    from .memory_plan import planned_buffer_bytes
+    from .meta_count import FusedAttention as _FusedAttention
+    from .meta_count import LiveStorages as _LiveStorages
 
     family = get_family(settings.family)
     largest = largest or family.models[0]

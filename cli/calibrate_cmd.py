@@ -13,9 +13,10 @@ from pathlib import Path
 
 from flowblend.atomic import write_atomic
 from flowblend.errors import FlowblendError
+from flowblend.settings import declared
 
-from ..resolve.blend_request import resolve_experts, resolve_scales, solver_of, video_of
-from .common import choices_of, family_of, subscribe
+from ..resolve.blend_request import BlendChoices, resolve_experts, resolve_scales, solver_of, video_of
+from .common import add_settings, choices_of, family_of, subscribe
 
 DEFAULT_TOLERANCE = 0.5
 
@@ -53,8 +54,9 @@ def register(p) -> None:
     cache = cal.add_parser("cache", help="pick a plan's cached steps from measured residual magnitude ratios "
                                          "(MagCache's rule, fixed in the plan) within an error budget")
     _add_common(cache)
-    cache.add_argument("--plan", default=None, help="the plan whose steps may be cached: LLL, LSL:0.4,0.2 (the "
-                                                    "default), L8,S8,L4 ... (in capitals: every step full)")
+    add_settings(cache, [f for f in declared(BlendChoices) if f.name == "plan"],  # BlendChoices' one --plan
+                 override={"plan": {"help": "the plan whose steps may be cached: LLL, LSL:0.4,0.2 (the default), "
+                                            "L8,S8,L4 ... (in capitals: every step full)"}})
     cache.add_argument("--budget", type=float, default=0.12,
                        help="MagCache's accumulated-error threshold: more caches more steps (diffusers' default 0.06)")
     cache.add_argument("--max-skip", type=int, default=3, help="most cached steps in a row (MagCache's K)")
