@@ -26,9 +26,14 @@ TEXT = (7, 16)              # L, D
 
 def tiny_pair(family: str, seed: int = 0) -> dict:
     """Both transformers of a tiny random pair, seeded; zero-initialised output layers lifted so they differ."""
+
+    return tiny_models(family, WAN_TINY if family == "wan" else LTX_TINY, seed)
+
+
+def tiny_models(family: str, configs: dict[str, dict], seed: int = 0) -> dict:
+    """One seeded random transformer of `family`'s class per named config (model i seeded seed + i)."""
     from ..families import get_family
 
-    configs = WAN_TINY if family == "wan" else LTX_TINY
     cls = get_family(family).architecture.model_class()
     out = {}
     for i, (name, cfg) in enumerate(configs.items()):

@@ -1,9 +1,10 @@
 """One video over several processes: the process groups of a layout, the collectives, and CFG-parallel engines.
 
 Layout and its checks: engines/parallel_layout.py. Collectives are torch.distributed's (gloo on the CPU, NCCL on
-GPUs), always the in-place c10d forms into tensors that exist before the call (the velocity buffer, an
-activation the forward already made), so a CUDA graph captures them with no host sync: NCCL enqueues on the
-capturing stream, and nothing here reads a device value on the host. diffusers' own context parallelism
+GPUs): the CFG exchange gathers in place into the shared velocity buffer; the Ulysses all-to-all and gather
+write into an output made per call beside the forward's own activations (inside a CUDA graph they come from
+the graph's pool, like every activation; they are not yet preallocated buffers). A CUDA graph captures them with
+no host sync: NCCL enqueues on the capturing stream, and nothing here reads a device value on the host. diffusers' own context parallelism
 (`enable_parallelism`, 0.42) was the first choice; it builds its device mesh from `torch.accelerator` and
 divides by its device count, which is 0 on a CPU (ZeroDivisionError in `_resolve_parallel_config`), and it
 hooks `forward`s the family's step split never calls, so the gloo tests could not run it; these few
@@ -130,7 +131,6 @@ def join(layout: ParallelLayout, device: str, timeout_s: float, env: Mapping[str
         dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world, timeout=timeout)
     counter = CommCounter()
     cfg_group = sequence = None
-    ranks = range(layout.world_size)
     for shard in range(layout.ulysses) if layout.cfg > 1 else ():
         members = layout.cfg_group(shard)
         group = dist.new_group(list(members), timeout=timeout)
@@ -141,7 +141,6 @@ def join(layout: ParallelLayout, device: str, timeout_s: float, env: Mapping[str
         group = dist.new_group(list(members), timeout=timeout)
         if rank in members:
             sequence = SequenceShard(group, layout.shard(rank), layout.ulysses, counter, timeout_s)
-    assert world == len(ranks)
     groups = ParallelGroups(layout, rank, cfg_group, sequence, counter, float(timeout_s))
     _JOINED[layout.spelling] = groups
     return groups

@@ -32,17 +32,9 @@ def models_of(family: str) -> tuple[dict, tuple, tuple]:
         fam = get_family("toy")
         return (load_pair("toy").transformers, fam.latent_shape(fam.frames, fam.height, fam.width),
                 (fam.text_len, fam.text_dim))
-    cls = get_family("wan").architecture.model_class()
-    out = {}
-    for i, (name, cfg) in enumerate(WAN_PAR.items()):
-        torch.manual_seed(i)
-        model = cls(**cfg).eval()
-        with torch.no_grad():  # lift zero-initialised output layers so the two models differ
-            for p in model.parameters():
-                if p.abs().sum() == 0:
-                    p.normal_(0, 0.02)
-        out[name] = model
-    return out, WAN_PAR_LATENT, TEXT
+    from flowblend.bench.tiny import tiny_models
+
+    return tiny_models("wan", WAN_PAR), WAN_PAR_LATENT, TEXT
 
 
 def case_run(case: dict, parallel: str = "1x1") -> tuple[torch.Tensor, dict, list]:

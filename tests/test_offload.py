@@ -103,3 +103,14 @@ def test_an_assembled_run_holds_the_text_encoder_off_the_device_during_the_loop(
         assert encoder == ["runs"] and vae_before == [] and vae_after == ["to", "runs", "to"]
     else:
         assert encoder == ["to", "runs"] and vae_before == ["to"] and vae_after == ["runs"]
+
+
+def test_an_unknown_offload_mode_is_one_line_naming_the_modes(capsys):
+    from flowblend.cli.main import main
+    from flowblend.errors import FlowblendError
+
+    with pytest.raises(FlowblendError, match=r"^unknown --offload 'gpu': choose one of none, swap, cpu$"):
+        EngineChoice(offload="gpu")
+    with pytest.raises(SystemExit):  # the flag's declared choices: argparse's usage error, before anything loads
+        main(["generate", "--prompt", "a red circle moving left", "--offload", "gpu", "--out", "never.gif"])
+    assert "--offload: invalid choice: 'gpu'" in capsys.readouterr().err
